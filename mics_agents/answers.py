@@ -1,0 +1,163 @@
+"""Reading model output: reasoning steps, final answers, option letters and judge verdicts.
+
+Models format loosely (``**Step 1:**``, ``###Step1``, ``### The Final Answer is: **B**``), so the
+patterns accept case, bold and missing spaces; the judge's verdict, on the other hand, is read
+strictly: only a reply that *starts* with yes or no counts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import MalformedReplyError
+
+__all__ = [
+    "Solution",
+    "parse_solution",
+    "extract_final_answer",
+    "render_steps",
+    "normalize_answer",
+    "parse_options",
+    "answer_letter",
+    "quick_verdict",
+    "parse_verdict",
+]
+
+_STEP_HEADER = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*step[ \t]*(\d+)[ \t]*(?:\*\*|__)?[ \t]*[:：.)\-–]?[ \t]*(?:\*\*|__)?",
+    re.IGNORECASE | re.MULTILINE,
+)
+_FINAL_ANSWER = re.compile(
+    r"(?:#{1,6}[ \t]*)?(?:\*\*|__)?[ \t]*the[ \t]*final[ \t]*answer[ \t]*is[ \t]*(?:\*\*|__)?[ \t]*[:：]?[ \t]*(?:\*\*|__)?",
+    re.IGNORECASE,
+)
+_BOXED = re.compile(r"\\boxed\{(.*)\}")
+_OPTION_LINE = re.compile(r"^[ \t]*\(?([A-J])[\.\):：][ \t]*(\S.*)$", re.MULTILINE)
+_LETTER_ANSWER = re.compile(r"^\(?([A-J])\)?(?:[\.\):：,]|$)")
+_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option)(?:\s+is)?\s*[:：]?\s*", re.IGNORECASE)
+_VERDICT = re.compile(r"^(yes|no)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A parsed mentor (or intern) reply: the reasoning steps and the final answer, if any."""
+
+    steps: list[str] = field(default_factory=list)
+    final_answer: str | None = None
+
+
+def _clean_answer(text: str) -> str:
+    text = text.strip()
+    # The answer is the first non-empty line after the marker.
+    for line in text.splitlines():
+        if line.strip():
+            text = line.strip()
+            break
+    boxed = _BOXED.search(text)
+    if boxed:
+        text = boxed.group(1)
+    return text.strip().strip("*_`$ ").strip()
+
+
+def parse_solution(text: str) -> Solution:
+    """Split a reply into ``### Step k:`` bodies and the ``### The final answer is:`` answer.
+
+    Everything from the final-answer marker on is the answer, never part of a step, so a candidate
+    step can never carry the final-answer line. Text before the first step header is ignored.
+    """
+    markers = list(_FINAL_ANSWER.finditer(text))
+    final_answer = None
+    reasoning = text
+    if markers:
+        last = markers[-1]
+        final_answer = _clean_answer(text[last.end() :]) or None
+        reasoning = text[: markers[0].start()]
+    headers = list(_STEP_HEADER.finditer(reasoning))
+    steps = []
+    for index, header in enumerate(headers):
+        end = headers[index + 1].start() if index + 1 < len(headers) else len(reasoning)
+        body = reasoning[header.end() : end].strip().strip("#").strip()
+        if body:
+            steps.append(body)
+    return Solution(steps=steps, final_answer=final_answer)
+
+
+def extract_final_answer(text: str) -> str | None:
+    return parse_solution(text).final_answer
+
+
+def render_steps(steps: list[str], start: int = 1) -> str:
+    """Steps as ``### Step k: ...`` blocks, numbered from ``start`` whatever the model numbered."""
+    return "\n\n".join(f"### Step {start + offset}: {step}" for offset, step in enumerate(steps))
+
+
+def normalize_answer(text: str) -> str:
+    text = _BOXED.sub(r"\1", text)
+    text = re.sub(r"[*_`$]", "", text).strip()
+    text = _ANSWER_PREFIX.sub("", text)
+    text = re.sub(r"\s+", " ", text).strip().lower()
+    return text.strip(" .,;:!\"'“”‘’")
+
+
+def parse_options(question: str) -> dict[str, str]:
+    """Options of a multiple-choice question written one per line (``A. ...``, ``(B) ...``, ``C) ...``).
+
+    Needs at least two consecutive letters starting at A, so a stray ``A.`` in prose is not an option list.
+    """
+    options: dict[str, str] = {}
+    for match in _OPTION_LINE.finditer(question):
+        letter = match.group(1).upper()
+        options.setdefault(letter, match.group(2).strip())
+    letters = sorted(options)
+    if len(letters) < 2 or letters[0] != "A":
+        return {}
+    expected = [chr(ord("A") + i) for i in range(len(letters))]
+    return options if letters == expected else {}
+
+
+def answer_letter(answer: str, options: dict[str, str]) -> str | None:
+    """The option letter an answer names: ``B``, ``(B)``, ``B.``, ``B) Pneumonia`` or the option's text."""
+    text = re.sub(r"[*_`$]", "", _BOXED.sub(r"\1", answer)).strip()
+    text = _ANSWER_PREFIX.sub("", text).strip()
+    match = _LETTER_ANSWER.match(text)
+    if match and (not options or match.group(1) in options):
+        return match.group(1)
+    if options:
+        normalized = normalize_answer(text)
+        for letter, option_text in options.items():
+            if normalized and normalized == normalize_answer(option_text):
+                return letter
+    return None
+
+
+JudgedBy = Literal["exact", "option", "judge"]
+
+
+def quick_verdict(question: str, candidate: str, reference: str) -> tuple[bool, JudgedBy] | None:
+    """Decide without a judge call when the answer is unambiguous, else return None.
+
+    Correct: an exact normalized match, or the same option letter. Wrong: a different option letter
+    in a question whose options were parsed. Everything else goes to the judge.
+    """
+    if normalize_answer(candidate) and normalize_answer(candidate) == normalize_answer(reference):
+        return True, "exact"
+    options = parse_options(question)
+    candidate_letter = answer_letter(candidate, options)
+    reference_letter = answer_letter(reference, options)
+    if candidate_letter and reference_letter:
+        if candidate_letter == reference_letter:
+            return True, "option"
+        if options:
+            return False, "option"
+    return None
+
+
+def parse_verdict(reply: str) -> bool:
+    """A judge reply must start with yes or no (markdown and quotes aside); anything else is malformed."""
+    text = reply.strip().lstrip("*_#`>\"'“‘ \t\n").strip()
+    match = _VERDICT.match(text)
+    if not match:
+        raise MalformedReplyError(f"judge reply does not start with Yes or No: {reply[:80]!r}")
+    return match.group(1).lower() == "yes"

@@ -1,0 +1,163 @@
+"""Settings, read in one place: ``MICS_*`` environment variables and a ``.env`` file.
+
+Provider credentials and base URLs are *not* settings of ours: they stay in LiteLLM's own variables
+(``OPENAI_API_KEY``, ``OPENAI_API_BASE``, ``GEMINI_API_KEY``, ``HOSTED_VLLM_API_BASE`` ...), so nothing
+here ever holds a secret and nothing secret reaches the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+ENV_PREFIX = "MICS_"
+
+
+def _split_names(value: Any) -> Any:
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value
+
+
+def _split_floats(value: Any) -> Any:
+    if isinstance(value, str):
+        return [float(part) for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of a search. Each field is also the environment variable ``MICS_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    mentors: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Mentor models (at least two), comma-separated LiteLLM names, e.g. "
+        "'openai/gpt-4o,gemini/gemini-2.5-pro'.",
+    )
+    interns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Intern models (at least one), comma-separated LiteLLM names, e.g. "
+        "'hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct'.",
+    )
+    judge: str = Field(default="", description="Judge model, a LiteLLM name, e.g. 'openai/gpt-4o-mini'.")
+
+    max_depth: int = Field(default=3, ge=1, le=32, description="Search iterations (tree depth).")
+    initial_steps: int = Field(default=2, ge=1, le=8, description="Steps the first candidate takes.")
+    intern_temperatures: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [1.2, 0.3],
+        description="Temperatures every intern samples at, comma-separated.",
+    )
+    samples_per_temperature: int = Field(default=1, ge=1, le=64, description="Intern samples per temperature.")
+    mentor_temperature: float = Field(default=0.7, ge=0, le=2, description="Mentor sampling temperature.")
+    judge_temperature: float = Field(default=0.0, ge=0, le=2, description="Judge sampling temperature.")
+    mentor_max_tokens: int = Field(default=2048, ge=16, description="Reply budget of a mentor call.")
+    intern_max_tokens: int = Field(default=1024, ge=16, description="Reply budget of an intern call.")
+    judge_max_tokens: int = Field(default=16, ge=1, description="Reply budget of a judge call.")
+    judge_attempts: int = Field(
+        default=3, ge=1, le=10, description="Judge calls to try before an unparsable verdict is an error."
+    )
+    seed: int = Field(default=0, description="Run seed; with the item id it fixes every random choice.")
+
+    image_max_side: int = Field(
+        default=1536, ge=64, description="Images with a longer side are downscaled to this many pixels."
+    )
+    image_max_pixels: int = Field(
+        default=80_000_000, ge=1, description="Images with more pixels than this are refused."
+    )
+
+    cache_path: Path | None = Field(
+        default=Path("mics_cache.sqlite"),
+        description="SQLite file of the call cache and run state; empty to disable caching.",
+    )
+    prompt_dir: Path | None = Field(
+        default=None, description="A folder of one's own mentor.md, intern.md and judge.md templates."
+    )
+    router_config: Path | None = Field(
+        default=None, description="A LiteLLM Router config (YAML with a model_list) to route model names."
+    )
+    request_timeout: float = Field(default=180.0, gt=0, description="Seconds before one model call times out.")
+    max_retries: int = Field(default=6, ge=0, le=50, description="Retries of a failing model call.")
+    retry_initial_wait: float = Field(default=1.0, ge=0, description="First backoff wait in seconds.")
+    retry_max_wait: float = Field(default=60.0, ge=0, description="Longest backoff wait in seconds.")
+    model_concurrency: int = Field(default=32, ge=1, description="Calls in flight per model.")
+    model_concurrency_overrides: dict[str, int] = Field(
+        default_factory=dict,
+        description='Per-model limits as JSON, e.g. {"openai/gpt-4o": 8}.',
+    )
+
+    @field_validator("mentors", "interns", mode="before")
+    @classmethod
+    def _parse_names(cls, value: Any) -> Any:
+        return _split_names(value)
+
+    @field_validator("intern_temperatures", mode="before")
+    @classmethod
+    def _parse_temperatures(cls, value: Any) -> Any:
+        return _split_floats(value)
+
+    @field_validator("cache_path", "router_config", "prompt_dir", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _check_temperatures(self) -> "Settings":
+        if not self.intern_temperatures:
+            raise ValueError("intern_temperatures: give at least one temperature")
+        if any(t < 0 or t > 2 for t in self.intern_temperatures):
+            raise ValueError("intern_temperatures: each must be between 0 and 2")
+        return self
+
+    def check_roles(self) -> "Settings":
+        """Fail with a message naming the variable when the model roles cannot run a search."""
+        if len(self.mentors) < 2:
+            raise ConfigError(
+                f"{ENV_PREFIX}MENTORS needs at least two mentor models (got {len(self.mentors)}). "
+                "Set it to comma-separated LiteLLM names, e.g. "
+                "MICS_MENTORS=openai/gpt-4o,gemini/gemini-2.5-pro"
+            )
+        if not self.interns:
+            raise ConfigError(
+                f"{ENV_PREFIX}INTERNS needs at least one intern model, e.g. "
+                "MICS_INTERNS=hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct"
+            )
+        if not self.judge:
+            raise ConfigError(f"{ENV_PREFIX}JUDGE is not set; give a LiteLLM name, e.g. MICS_JUDGE=openai/gpt-4o-mini")
+        if len(set(self.mentors)) != len(self.mentors):
+            raise ConfigError(f"{ENV_PREFIX}MENTORS lists a model twice: {','.join(self.mentors)}")
+        return self
+
+    def concurrency_for(self, model_name: str) -> int:
+        return self.model_concurrency_overrides.get(model_name, self.model_concurrency)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment (and ``.env``), with keyword overrides on top.
+
+    A bad value raises :class:`ConfigError` naming the ``MICS_*`` variable at fault.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}" if field else message)
+        raise ConfigError("Invalid settings: " + "; ".join(problems)) from None

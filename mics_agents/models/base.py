@@ -1,0 +1,197 @@
+"""The model boundary: one request type, one response type, one abstract async method.
+
+Everything that talks to a model (the LiteLLM adapter, the cache, the test doubles) implements
+:class:`Model`; wrappers such as the cache take a model and are a model.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from ..errors import ModelRequestsForbidden
+
+__all__ = [
+    "ImagePart",
+    "TextPart",
+    "ChatMessage",
+    "ModelRequest",
+    "ModelResponse",
+    "Model",
+    "RequestPolicy",
+    "set_request_policy",
+    "request_policy",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ImagePart:
+    """An encoded image. Equality and the cache key use the sha256 of its bytes, never the bytes.
+
+    ``label`` says where it came from (a path as given, or ``<bytes>``) for records and messages.
+    """
+
+    data: bytes = field(repr=False)
+    mime: str
+    sha256: str
+    label: str = ""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImagePart) and other.sha256 == self.sha256
+
+    def __hash__(self) -> int:
+        return hash(self.sha256)
+
+    def data_url(self) -> str:
+        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+
+
+Part = Union[TextPart, ImagePart]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    parts: tuple[Part, ...]
+
+    @classmethod
+    def text(cls, role: Literal["system", "user", "assistant"], text: str) -> "ChatMessage":
+        return cls(role, (TextPart(text),))
+
+    def plain_text(self) -> str:
+        return "\n".join(part.text for part in self.parts if isinstance(part, TextPart))
+
+    def images(self) -> list[ImagePart]:
+        return [part for part in self.parts if isinstance(part, ImagePart)]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    """One call. ``sample_index`` tells identical sampled calls apart; ``attempt`` counts re-asks after
+    an unparsable reply; ``prompt_version`` changes when a template changes. All are part of the cache key."""
+
+    messages: tuple[ChatMessage, ...]
+    temperature: float
+    max_tokens: int | None = None
+    sample_index: int = 0
+    attempt: int = 0
+    prompt_version: str = ""
+
+    def key_payload(self, model_name: str) -> dict[str, Any]:
+        """What identifies this call: images by content hash, no credentials, no base URL."""
+        return {
+            "model": model_name,
+            "messages": [
+                {
+                    "role": message.role,
+                    "content": [
+                        {"text": part.text} if isinstance(part, TextPart) else {"image_sha256": part.sha256}
+                        for part in message.parts
+                    ],
+                }
+                for message in self.messages
+            ],
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "sample_index": self.sample_index,
+            "attempt": self.attempt,
+            "prompt_version": self.prompt_version,
+        }
+
+    def cache_key(self, model_name: str) -> str:
+        canonical = json.dumps(self.key_payload(model_name), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def openai_messages(self) -> list[dict[str, Any]]:
+        """The OpenAI chat format LiteLLM takes; images as base64 data URLs."""
+        converted: list[dict[str, Any]] = []
+        for message in self.messages:
+            if all(isinstance(part, TextPart) for part in message.parts):
+                converted.append({"role": message.role, "content": message.plain_text()})
+                continue
+            content = [
+                {"type": "text", "text": part.text}
+                if isinstance(part, TextPart)
+                else {"type": "image_url", "image_url": {"url": part.data_url()}}
+                for part in message.parts
+            ]
+            converted.append({"role": message.role, "content": content})
+        return converted
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResponse:
+    text: str
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    cached: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Model(ABC):
+    """A named model that answers :class:`ModelRequest`s."""
+
+    name: str
+
+    @abstractmethod
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        """Answer one request, or raise :class:`~mics_agents.errors.ModelCallError`."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (clients, connections). Most models hold none."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+RequestPolicy = Literal["allow", "local-only", "deny"]
+_policy: RequestPolicy = "allow"
+
+
+def set_request_policy(policy: RequestPolicy) -> RequestPolicy:
+    """Switch real model requests on (``allow``), to 127.0.0.1/localhost only (``local-only``), or off.
+
+    The test suite sets ``local-only`` so that no test can reach a real provider. Returns the old policy.
+    """
+    global _policy
+    if policy not in ("allow", "local-only", "deny"):
+        raise ValueError(f"unknown request policy {policy!r}")
+    previous, _policy = _policy, policy
+    return previous
+
+
+def request_policy() -> RequestPolicy:
+    return _policy
+
+
+def check_request_allowed(model_name: str, api_bases: list[str | None]) -> None:
+    """Raise :class:`ModelRequestsForbidden` when the policy does not allow reaching these endpoints."""
+    if _policy == "allow":
+        return
+    if _policy == "deny":
+        raise ModelRequestsForbidden(
+            f"Real model requests are switched off, but {model_name!r} was called. "
+            "Use a test model, or call set_request_policy('allow').",
+            model=model_name,
+        )
+    from urllib.parse import urlparse
+
+    for base in api_bases:
+        host = urlparse(base).hostname if base else None
+        if host not in {"127.0.0.1", "localhost", "::1"}:
+            raise ModelRequestsForbidden(
+                f"Only local model servers may be called now, but {model_name!r} would go to "
+                f"{base or 'its provider default (a remote API)'}. Point its *_API_BASE at 127.0.0.1.",
+                model=model_name,
+            )

@@ -1,0 +1,280 @@
+"""The LiteLLM adapter: any provider string (``openai/gpt-4o``, ``gemini/...``, ``hosted_vllm/...``) behind
+:class:`~mics_agents.models.base.Model`, with retries, a per-model concurrency limit and usage.
+
+LiteLLM takes seconds to import, so it is imported on first use; ``mics --help`` never pays for it.
+Its own retries are switched off: tenacity does them here, once, with backoff, jitter and Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import weakref
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from ..errors import ConfigError, MalformedReplyError, ModelCallError, ModelError
+from .base import Model, ModelRequest, ModelResponse, check_request_allowed
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = ["LiteLLMModel", "import_litellm", "load_router"]
+
+# Longest Retry-After we honour; a server asking for more is treated as down.
+_MAX_RETRY_AFTER = 900.0
+
+
+def import_litellm() -> Any:
+    """Import LiteLLM once, offline (local cost map) and quiet."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+def load_router(config_path: Path) -> Any:
+    """A ``litellm.Router`` from a YAML/JSON file with a ``model_list`` (and optional ``router_settings``)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"MICS_ROUTER_CONFIG: cannot read {str(config_path)!r}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"MICS_ROUTER_CONFIG: {str(config_path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model_list"), list) or not config["model_list"]:
+        raise ConfigError(f"MICS_ROUTER_CONFIG: {str(config_path)!r} needs a non-empty 'model_list'")
+    litellm = import_litellm()
+    settings = dict(config.get("router_settings") or {})
+    # Retries happen once, in LiteLLMModel; the Router only picks the deployment.
+    settings["num_retries"] = 0
+    return litellm.Router(model_list=config["model_list"], **settings)
+
+
+def _router_model_names(router: Any) -> set[str]:
+    return {deployment["model_name"] for deployment in router.model_list}
+
+
+class _Limits:
+    """Per-model semaphores, one set per event loop, shared by every adapter of the same model name."""
+
+    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]]" = (
+        weakref.WeakKeyDictionary()
+    )
+
+    @classmethod
+    def semaphore(cls, model_name: str, limit: int) -> asyncio.Semaphore:
+        per_loop = cls._by_loop.setdefault(asyncio.get_running_loop(), {})
+        if model_name not in per_loop:
+            per_loop[model_name] = asyncio.Semaphore(limit)
+        return per_loop[model_name]
+
+
+def _status_code(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, MalformedReplyError):
+        return True
+    if isinstance(exc, ModelError):
+        return False
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError, json.JSONDecodeError)):
+        return True
+    litellm = import_litellm()
+    if isinstance(exc, (litellm.ContextWindowExceededError, litellm.ContentPolicyViolationError)):
+        return False
+    if isinstance(
+        exc,
+        (
+            litellm.RateLimitError,
+            litellm.Timeout,
+            litellm.APIConnectionError,
+            litellm.InternalServerError,
+            litellm.ServiceUnavailableError,
+            litellm.BadGatewayError,
+            litellm.APIResponseValidationError,
+        ),
+    ):
+        return True
+    status = _status_code(exc)
+    if status is not None:
+        return status in (408, 409, 425, 429) or status >= 500
+    import httpx
+
+    return isinstance(exc, (httpx.TransportError, httpx.DecodingError))
+
+
+def _retry_after_seconds(exc: BaseException | None) -> float | None:
+    """The server's Retry-After (seconds or an HTTP date), from wherever LiteLLM kept the headers."""
+    if exc is None:
+        return None
+    header_sets = []
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "headers", None) is not None:
+        header_sets.append(response.headers)
+    for attribute in ("headers", "litellm_response_headers"):
+        headers = getattr(exc, attribute, None)
+        if headers:
+            header_sets.append(headers)
+    for headers in header_sets:
+        try:
+            value = headers.get("retry-after") or headers.get("Retry-After")
+        except AttributeError:
+            continue
+        if not value:
+            continue
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            pass
+        try:
+            from datetime import datetime, timezone
+
+            return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    status = _status_code(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}{f' (HTTP {status})' if status else ''}: {text[:300]}"
+
+
+def _hint(exc: BaseException) -> str:
+    status = _status_code(exc)
+    if status in (401, 403):
+        return "Check the provider's API key variable (e.g. OPENAI_API_KEY, GEMINI_API_KEY)."
+    if status == 404:
+        return "Check the model name (a LiteLLM name like 'openai/gpt-4o') and the provider's *_API_BASE."
+    if status == 400:
+        return "The provider refused the request; check the model supports images and the prompt size."
+    return "Check the provider or server is up and reachable (its *_API_BASE) and rerun: the run resumes."
+
+
+class LiteLLMModel(Model):
+    """A model reached through ``litellm.acompletion``, or through a ``litellm.Router`` when the router's
+    ``model_list`` has this name."""
+
+    def __init__(self, name: str, settings: "Settings", *, router: Any | None = None) -> None:
+        self.name = name
+        self.settings = settings
+        self.router = router if router is not None and name in _router_model_names(router) else None
+        self._api_bases: list[str | None] | None = None
+
+    def _endpoint_bases(self) -> list[str | None]:
+        """Where calls of this model go, for the request policy (tests allow 127.0.0.1 only)."""
+        if self._api_bases is None:
+            if self.router is not None:
+                self._api_bases = [
+                    (deployment.get("litellm_params") or {}).get("api_base")
+                    for deployment in self.router.model_list
+                    if deployment["model_name"] == self.name
+                ]
+            else:
+                litellm = import_litellm()
+                try:
+                    _, provider, _, api_base = litellm.get_llm_provider(self.name)
+                except Exception as exc:  # LiteLLM raises its own BadRequestError for unknown providers
+                    raise ConfigError(
+                        f"{self.name!r} is not a LiteLLM model name ({exc}). Use 'provider/model', "
+                        "e.g. 'openai/gpt-4o' or 'hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct'."
+                    ) from None
+                prefix = provider.upper()
+                api_base = api_base or os.environ.get(f"{prefix}_API_BASE") or os.environ.get(f"{prefix}_BASE_URL")
+                if provider == "openai":
+                    api_base = api_base or os.environ.get("OPENAI_BASE_URL")
+                self._api_bases = [api_base]
+        return self._api_bases
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = _retry_after_seconds(exc)
+        if retry_after is not None:
+            return min(retry_after, _MAX_RETRY_AFTER)
+        # Exponential backoff with full jitter, capped.
+        ceiling = min(self.settings.retry_max_wait, self.settings.retry_initial_wait * 2 ** (state.attempt_number - 1))
+        return random.uniform(0, ceiling)
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        check_request_allowed(self.name, self._endpoint_bases())
+        semaphore = _Limits.semaphore(self.name, self.settings.concurrency_for(self.name))
+        attempts = self.settings.max_retries + 1
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=self._wait,
+            retry=retry_if_exception(_is_retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    # The slot is held for the call only, not while backing off.
+                    async with semaphore:
+                        return await self._send(request)
+        except ModelError as exc:
+            if isinstance(exc, MalformedReplyError):
+                raise ModelCallError(
+                    f"{self.name}: gave up after {attempts} attempts; last reply was malformed: {exc}. "
+                    "Check the model serves chat completions.",
+                    model=self.name,
+                ) from exc
+            raise
+        except Exception as exc:
+            if _is_retryable(exc):
+                message = f"{self.name}: gave up after {attempts} attempts; last error {_describe(exc)}. {_hint(exc)}"
+            else:
+                message = f"{self.name}: {_describe(exc)}. {_hint(exc)}"
+            raise ModelCallError(message, model=self.name) from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _send(self, request: ModelRequest) -> ModelResponse:
+        litellm = import_litellm()
+        arguments: dict[str, Any] = {
+            "model": self.name,
+            "messages": request.openai_messages(),
+            "temperature": request.temperature,
+            "timeout": self.settings.request_timeout,
+            "num_retries": 0,
+            "max_retries": 0,
+        }
+        if request.max_tokens is not None:
+            arguments["max_tokens"] = request.max_tokens
+        if self.router is not None:
+            response = await self.router.acompletion(**arguments)
+        else:
+            response = await litellm.acompletion(**arguments)
+        choices = getattr(response, "choices", None) or []
+        message = getattr(choices[0], "message", None) if choices else None
+        text = getattr(message, "content", None) if message is not None else None
+        if not isinstance(text, str) or not text.strip():
+            raise MalformedReplyError(f"{self.name}: reply has no text (choices={len(choices)})", model=self.name)
+        usage = getattr(response, "usage", None)
+        return ModelResponse(
+            text=text,
+            model=self.name,
+            input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            cost_usd=_cost_of(litellm, response),
+        )
+
+
+def _cost_of(litellm: Any, response: Any) -> float:
+    hidden = getattr(response, "_hidden_params", None) or {}
+    cost = hidden.get("response_cost") if isinstance(hidden, dict) else None
+    if cost is None:
+        try:
+            cost = litellm.completion_cost(completion_response=response)
+        except Exception:  # models without a price (local vLLM) cost nothing we can know
+            cost = 0.0
+    return float(cost or 0.0)

@@ -1,0 +1,101 @@
+"""What a search returns: the whole tree, the selected path, usage, and the Chiron-o1 record."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from .models.base import ModelResponse
+from .scoring import Trend
+
+__all__ = ["Usage", "InternSample", "Node", "SearchResult", "SearchStatus"]
+
+SearchStatus = Literal["success", "no_path", "model_error"]
+
+
+class Usage(BaseModel):
+    """Model calls of one search. Tokens and cost count every call, cached ones at what they first cost;
+    ``cached_calls`` says how many were answered from the cache rather than sent."""
+
+    calls: int = 0
+    cached_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, response: ModelResponse) -> None:
+        self.calls += 1
+        self.cached_calls += int(response.cached)
+        self.input_tokens += response.input_tokens
+        self.output_tokens += response.output_tokens
+        self.cost_usd += response.cost_usd
+
+
+class InternSample(BaseModel):
+    intern: str
+    temperature: float
+    sample_index: int
+    answer: str
+    format_ok: bool = Field(description="The reply had a '### The final answer is:' line.")
+    correct: bool
+    judged_by: Literal["exact", "option", "judge"]
+
+
+class Node(BaseModel):
+    """One candidate: a mentor's next reasoning step(s) after its parent's path."""
+
+    id: int
+    parent: int | None
+    depth: int
+    mentor: str
+    steps: list[str]
+    step: str = Field(description="The candidate's steps as '### Step k:' text, numbered along the path.")
+    reused: bool = Field(default=False, description="Taken from the mentor's earlier solution, no new call.")
+    score: float | None = None
+    selected: bool = False
+    samples: list[InternSample] = Field(default_factory=list)
+    rest: list[str] = Field(default_factory=list, description="The mentor's steps after this candidate.")
+    final_answer: str | None = Field(default=None, description="The mentor's final answer for this solution.")
+
+
+class SearchResult(BaseModel):
+    rid: str
+    question: str
+    gt_answer: str
+    images: list[str] = Field(default_factory=list)
+    status: SearchStatus
+    message: str = ""
+    reasoning: str = ""
+    mics_score: float | None = None
+    path_scores: list[float] = Field(default_factory=list)
+    trend: Trend | None = None
+    scores: dict[str, list[float]] = Field(default_factory=dict)
+    generated_by: list[str] = Field(default_factory=list)
+    final_depth: int = 0
+    search_id: Literal["0", "1"] | None = None
+    tree: list[Node] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "success"
+
+    def to_record(self) -> dict[str, Any]:
+        """The Chiron-o1 output line (``rid, images, question, gt_answer, reasoning, scores, final_depth,
+        generated_by, search_id``) plus ``mics_score``, ``trend``, ``tree`` and ``usage``."""
+        return {
+            "rid": self.rid,
+            "images": self.images,
+            "question": self.question,
+            "gt_answer": self.gt_answer,
+            "reasoning": self.reasoning,
+            "scores": self.scores,
+            "final_depth": str(self.final_depth),
+            "generated_by": self.generated_by,
+            "search_id": self.search_id,
+            "mics_score": self.mics_score,
+            "trend": self.trend,
+            "tree": [node.model_dump(exclude={"rest", "final_answer"}) for node in self.tree],
+            "usage": self.usage.model_dump(),
+        }

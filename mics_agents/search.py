@@ -1,0 +1,335 @@
+"""Mentor-Intern Collaborative Search (MICS), as DESIGN §3 states it, with every independent call in flight.
+
+Per iteration: all mentors propose at once; every candidate is scored by all interns at all temperatures
+at once, each intern answer going to the judge the moment it arrives. MICS-Score = correct / samples.
+A full score stops with success; all zeros stop with failure; otherwise the search continues from a
+top-scoring candidate. All random choices come from a generator seeded by the run seed and item id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .agents import Case, Intern, Judge, Mentor, render_case_info
+from .answers import render_steps
+from .config import Settings, load_settings
+from .errors import ConfigError, InputError, ModelCallError
+from .images import ImageSource, load_images
+from .models.base import Model
+from .models.cached import CachedModel
+from .results import InternSample, Node, SearchResult, Usage
+from .scoring import item_rng, mics_score, path_trend, pick_full_score, pick_to_continue
+from .store import Store
+
+__all__ = ["Searcher", "search"]
+
+T = TypeVar("T")
+
+
+async def _gather_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """Run all at once and let all finish, then raise the first error.
+
+    Letting siblings of a failed call finish means their (paid) replies reach the cache and are not
+    bought again when the item is retried.
+    """
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
+
+
+@dataclass
+class _Proposal:
+    mentor: str
+    steps: list[str]
+    rest: list[str]
+    final_answer: str | None
+    reused: bool
+
+
+class _Run:
+    """The state of one item's search; kept apart so a model error can still report the partial tree."""
+
+    def __init__(self, searcher: "Searcher", case: Case) -> None:
+        self.searcher = searcher
+        self.settings = searcher.settings
+        self.case = case
+        self.rng = item_rng(self.settings.seed, case.rid)
+        self.tree: list[Node] = []
+        self.path: list[Node] = []
+        self.usage = Usage()
+        self.history: dict[str, list[float]] = {mentor.name: [] for mentor in searcher.mentors}
+        self.selected_before: set[str] = set()
+        self.depth = 0
+
+    def prefix(self) -> list[str]:
+        return [step for node in self.path for step in node.steps]
+
+    async def execute(self) -> SearchResult:
+        for depth in range(1, self.settings.max_depth + 1):
+            self.depth = depth
+            take = self.settings.initial_steps if depth == 1 else 1
+            prefix = self.prefix()
+            parent = self.path[-1] if self.path else None
+            proposals = await _gather_all([self._propose(mentor, prefix, take, parent) for mentor in self.searcher.mentors])
+            candidates = [self._add_node(proposal, parent, depth, len(prefix)) for proposal in proposals if proposal]
+            if not candidates:
+                for mentor_scores in self.history.values():
+                    mentor_scores.append(0.0)
+                if not self.path:
+                    return self._failure("no_path", "no mentor wrote a reasoning step for this case")
+                return self._success("0")  # the mentors have nothing left to add: the path ends here
+
+            await _gather_all([self._score(node, prefix) for node in candidates])
+            by_mentor = {node.mentor: node for node in candidates}
+            for mentor, mentor_scores in self.history.items():
+                mentor_scores.append(by_mentor[mentor].score if mentor in by_mentor else 0.0)  # type: ignore[arg-type]
+
+            full_score = [node.mentor for node in candidates if node.score == 1.0]
+            if full_score:
+                earlier = {mentor: self.history[mentor][:-1] for mentor in full_score}
+                self._select(by_mentor[pick_full_score(full_score, earlier, self.rng)])
+                return self._success("1")
+            if all(node.score == 0.0 for node in candidates):
+                return self._failure("no_path", "no mentor step led any intern to the answer")
+            scores = {node.mentor: float(node.score or 0.0) for node in candidates}
+            self._select(by_mentor[pick_to_continue(scores, self.selected_before, self.rng)])
+        return self._success("0")
+
+    async def _propose(self, mentor: Mentor, prefix: list[str], take: int, parent: Node | None) -> _Proposal | None:
+        if parent is not None and parent.mentor == mentor.name and parent.rest:
+            # This mentor wrote the selected step and its solution goes on: reuse it, no call.
+            return _Proposal(mentor.name, parent.rest[:take], parent.rest[take:], parent.final_answer, reused=True)
+        solution, response = await mentor.propose(self.case, prefix)
+        self.usage.add(response)
+        if not solution.steps:
+            return None
+        return _Proposal(mentor.name, solution.steps[:take], solution.steps[take:], solution.final_answer, reused=False)
+
+    def _add_node(self, proposal: _Proposal, parent: Node | None, depth: int, steps_before: int) -> Node:
+        node = Node(
+            id=len(self.tree),
+            parent=parent.id if parent else None,
+            depth=depth,
+            mentor=proposal.mentor,
+            steps=proposal.steps,
+            step=render_steps(proposal.steps, start=steps_before + 1),
+            reused=proposal.reused,
+            rest=proposal.rest,
+            final_answer=proposal.final_answer,
+        )
+        self.tree.append(node)
+        return node
+
+    async def _score(self, node: Node, prefix: list[str]) -> None:
+        path = prefix + node.steps
+        samples = await _gather_all(
+            [
+                self._sample(intern, path, temperature, sample_index)
+                for intern in self.searcher.interns
+                for temperature in self.settings.intern_temperatures
+                for sample_index in range(self.settings.samples_per_temperature)
+            ]
+        )
+        node.samples = samples
+        node.score = mics_score(sample.correct for sample in samples)
+
+    async def _sample(self, intern: Intern, path: list[str], temperature: float, sample_index: int) -> InternSample:
+        reply = await intern.finish(self.case, path, temperature, sample_index)
+        self.usage.add(reply.response)
+        verdict = await self.searcher.judge.grade(self.case, reply.answer)
+        for response in verdict.responses:
+            self.usage.add(response)
+        return InternSample(
+            intern=intern.name,
+            temperature=temperature,
+            sample_index=sample_index,
+            answer=reply.answer,
+            format_ok=reply.format_ok,
+            correct=verdict.correct,
+            judged_by=verdict.judged_by,
+        )
+
+    def _select(self, node: Node) -> None:
+        node.selected = True
+        self.path.append(node)
+        self.selected_before.add(node.mentor)
+
+    def _base(self) -> dict[str, Any]:
+        path_scores = [float(node.score) for node in self.path if node.score is not None]
+        return {
+            "rid": self.case.rid,
+            "question": self.case.question,
+            "gt_answer": self.case.answer,
+            "images": [image.label for image in self.case.images],
+            "path_scores": path_scores,
+            "trend": path_trend(path_scores) if path_scores else None,
+            "scores": self.history,
+            "generated_by": [node.mentor for node in self.path],
+            "final_depth": self.depth,
+            "tree": self.tree,
+            "usage": self.usage,
+        }
+
+    def _success(self, search_id: str) -> SearchResult:
+        last = self.path[-1]
+        reasoning = render_steps(self.prefix() + last.rest)
+        if last.final_answer:
+            reasoning += f"\n\n### The final answer is: {last.final_answer}"
+        return SearchResult(
+            status="success", reasoning=reasoning, mics_score=last.score, search_id=search_id, **self._base()  # type: ignore[arg-type]
+        )
+
+    def _failure(self, status: str, message: str) -> SearchResult:
+        return SearchResult(status=status, message=message, **self._base())  # type: ignore[arg-type]
+
+
+class Searcher:
+    """Mentors, interns and a judge, ready to search many cases; the models are shared, so their
+    concurrency limits and the cache hold across all searches of this searcher.
+
+    Build one from settings with ``await Searcher.open()``, or from models directly (tests, custom models).
+    """
+
+    def __init__(
+        self,
+        *,
+        mentors: Sequence[Model],
+        interns: Sequence[Model],
+        judge: Model,
+        settings: Settings | None = None,
+        store: Store | None = None,
+        owns_store: bool = False,
+    ) -> None:
+        self.settings = settings or load_settings()
+        if len(mentors) < 2:
+            raise ConfigError(f"MICS needs at least two mentors (got {len(mentors)}): set MICS_MENTORS")
+        if not interns:
+            raise ConfigError("MICS needs at least one intern: set MICS_INTERNS")
+        names = [model.name for model in mentors]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"mentor names must differ (got {names}): set MICS_MENTORS")
+        self.store = store
+        self._owns_store = owns_store
+
+        def wrap(model: Model) -> Model:
+            return CachedModel(model, store) if store is not None else model
+
+        self.mentors = [Mentor(wrap(model), self.settings) for model in mentors]
+        self.interns = [Intern(wrap(model), self.settings) for model in interns]
+        self.judge = Judge(wrap(judge), self.settings)
+
+    @classmethod
+    async def open(cls, settings: Settings | None = None) -> "Searcher":
+        """Models from ``MICS_MENTORS`` / ``MICS_INTERNS`` / ``MICS_JUDGE`` via LiteLLM (and the Router
+        config if one is set), cached in ``MICS_CACHE_PATH`` unless that is empty."""
+        from .models.litellm_model import LiteLLMModel, load_router
+
+        settings = (settings or load_settings()).check_roles()
+        router = load_router(settings.router_config) if settings.router_config else None
+
+        def model(name: str) -> Model:
+            return LiteLLMModel(name, settings, router=router)
+
+        store = await Store.open(settings.cache_path) if settings.cache_path else None
+        return cls(
+            mentors=[model(name) for name in settings.mentors],
+            interns=[model(name) for name in settings.interns],
+            judge=model(settings.judge),
+            settings=settings,
+            store=store,
+            owns_store=True,
+        )
+
+    async def search(
+        self,
+        question: str,
+        images: ImageSource | Sequence[ImageSource] | None = None,
+        *,
+        answer: str,
+        case_info: str | Mapping[str, Any] | None = None,
+        rid: str | None = None,
+    ) -> SearchResult:
+        """Search one case. Bad input raises :class:`InputError`; a model that keeps failing gives a
+        result with status ``model_error`` (retry it later), never a wrong answer."""
+        case = await self.prepare_case(question, images, answer=answer, case_info=case_info, rid=rid)
+        return await self.search_case(case)
+
+    async def prepare_case(
+        self,
+        question: str,
+        images: ImageSource | Sequence[ImageSource] | None = None,
+        *,
+        answer: str,
+        case_info: str | Mapping[str, Any] | None = None,
+        rid: str | None = None,
+        image_dir: Any = None,
+    ) -> Case:
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty; give the case's question text")
+        if not isinstance(answer, str) or not answer.strip():
+            raise InputError("the answer is empty; MICS needs the ground-truth answer to verify reasoning")
+        loaded = await load_images(
+            images,
+            max_side=self.settings.image_max_side,
+            max_pixels=self.settings.image_max_pixels,
+            base_dir=image_dir,
+        )
+        if rid is None:
+            digest = hashlib.sha256("\x00".join([question, answer, *(image.sha256 for image in loaded)]).encode())
+            rid = digest.hexdigest()[:16]
+        return Case(
+            rid=str(rid),
+            question=question.strip(),
+            answer=answer.strip(),
+            images=tuple(loaded),
+            case_info=render_case_info(case_info),
+        )
+
+    async def search_case(self, case: Case) -> SearchResult:
+        run = _Run(self, case)
+        try:
+            return await run.execute()
+        except ModelCallError as exc:
+            return run._failure("model_error", str(exc))
+
+    async def aclose(self) -> None:
+        models = {id(role.model): role.model for role in [*self.mentors, *self.interns, self.judge]}
+        for model in models.values():
+            await model.aclose()
+        if self.store is not None and self._owns_store:
+            await self.store.close()
+
+    async def __aenter__(self) -> "Searcher":
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+async def search(
+    question: str,
+    images: ImageSource | Sequence[ImageSource] | None = None,
+    *,
+    answer: str,
+    case_info: str | Mapping[str, Any] | None = None,
+    rid: str | None = None,
+    settings: Settings | None = None,
+) -> SearchResult:
+    """Run MICS on one case with the models configured in the environment (``MICS_MENTORS``,
+    ``MICS_INTERNS``, ``MICS_JUDGE`` and LiteLLM's provider variables).
+
+    ``images`` takes a path, bytes, a PIL image or a list of them; ``case_info`` a string or a dict of
+    the Chiron-o1 case fields. Calls are cached in ``MICS_CACHE_PATH``, so repeating a search is free.
+    For many cases, open one :class:`Searcher` and reuse it.
+    """
+    async with await Searcher.open(settings) as searcher:
+        return await searcher.search(question, images, answer=answer, case_info=case_info, rid=rid)

@@ -1,0 +1,149 @@
+"""The SQLite store (aiosqlite, WAL): the model-call cache, and later the run state.
+
+The schema grows by append-only migrations: each entry of :data:`MIGRATIONS` runs once, in order, and
+``PRAGMA user_version`` records how many have run. Never edit a migration that has shipped; add one.
+
+What is stored is what identifies a call (its key: a hash of the model name as configured, the messages
+with images replaced by their sha256, sampling parameters, sample index and prompt version) and what the
+model answered. Credentials and base URLs are never part of either.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import TracebackType
+
+import aiosqlite
+
+from .errors import StoreError
+from .models.base import ModelResponse
+
+__all__ = ["Store", "MIGRATIONS"]
+
+MIGRATIONS: list[str] = [
+    # 1: the call cache
+    """
+    CREATE TABLE calls (
+        key TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        text TEXT NOT NULL,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        extra TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX calls_by_model ON calls (model);
+    """,
+]
+
+
+class Store:
+    """One connection to the SQLite file. Use ``async with await Store.open(path)`` or call ``close()``."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: str) -> None:
+        self._db = connection
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: str | Path) -> "Store":
+        location = str(path)
+        if location != ":memory:":
+            Path(location).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        try:
+            connection = await aiosqlite.connect(location, timeout=60.0)
+            # Several processes (shards) may share one file: WAL lets readers run beside the writer and
+            # busy_timeout makes a writer wait for the lock instead of failing with "database is locked".
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute("PRAGMA synchronous=NORMAL")
+            await connection.execute("PRAGMA busy_timeout=60000")
+            store = cls(connection, location)
+            await store._migrate()
+        except aiosqlite.Error as exc:
+            raise StoreError(f"cannot open the cache database {location!r}: {exc}. Check the path (MICS_CACHE_PATH).") from exc
+        return store
+
+    async def _migrate(self) -> None:
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = row[0] if row else 0
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path!r} has schema version {version}, newer than this mics-agents knows "
+                f"({len(MIGRATIONS)}); upgrade mics-agents or use another MICS_CACHE_PATH"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have migrated while we waited for the lock.
+                async with self._db.execute("PRAGMA user_version") as cursor:
+                    row = await cursor.fetchone()
+                if row and row[0] > number:
+                    await self._db.rollback()
+                    continue
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        await self._db.execute(statement)
+                await self._db.execute(f"PRAGMA user_version = {number + 1}")
+                await self._db.commit()
+            except BaseException:
+                await self._db.rollback()
+                raise
+
+    async def schema_version(self) -> int:
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def get_call(self, key: str) -> ModelResponse | None:
+        async with self._db.execute(
+            "SELECT model, text, input_tokens, output_tokens, cost_usd, extra FROM calls WHERE key = ?", (key,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        model, text, input_tokens, output_tokens, cost_usd, extra = row
+        return ModelResponse(
+            text=text,
+            model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost_usd,
+            cached=True,
+            extra=json.loads(extra),
+        )
+
+    async def put_call(self, key: str, model_name: str, response: ModelResponse) -> None:
+        await self._db.execute(
+            "INSERT OR IGNORE INTO calls (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                model_name,
+                response.text,
+                response.input_tokens,
+                response.output_tokens,
+                response.cost_usd,
+                json.dumps(response.extra, sort_keys=True),
+                time.time(),
+            ),
+        )
+        await self._db.commit()
+
+    async def count_calls(self) -> int:
+        async with self._db.execute("SELECT COUNT(*) FROM calls") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def __aenter__(self) -> "Store":
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
