@@ -1,0 +1,83 @@
+"""Image loading: sources, hashing, downscaling, refusals with actionable messages."""
+
+import hashlib
+import io
+import threading
+
+import pytest
+from PIL import Image
+
+from mics_agents.errors import ImageError
+from mics_agents.images import load_images
+
+
+def png_bytes(size=(32, 24), colour=(200, 10, 10)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_path_bytes_and_pil_give_hashed_images(tmp_path):
+    data = png_bytes()
+    (tmp_path / "a.png").write_bytes(data)
+    images = await load_images(
+        [tmp_path / "a.png", data, Image.new("L", (8, 8))], max_side=1024, max_pixels=10**6
+    )
+    assert [image.mime for image in images] == ["image/png"] * 3
+    assert images[0].sha256 == hashlib.sha256(data).hexdigest() == images[1].sha256
+    assert images[0].label.endswith("a.png") and images[1].label == "<bytes>"
+    assert images[0].data_url().startswith("data:image/png;base64,")
+
+
+async def test_single_source_and_none():
+    assert await load_images(None, max_side=64, max_pixels=10**6) == []
+    assert len(await load_images(png_bytes(), max_side=64, max_pixels=10**6)) == 1
+
+
+async def test_large_images_are_downscaled_and_odd_formats_reencoded():
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 100)).save(buffer, format="BMP")
+    [image] = await load_images(buffer.getvalue(), max_side=200, max_pixels=10**6)
+    decoded = Image.open(io.BytesIO(image.data))
+    assert decoded.size == (200, 50) and decoded.format == "PNG"
+
+
+async def test_decoding_runs_off_the_event_loop(monkeypatch):
+    import mics_agents.images as images_module
+
+    threads = []
+    original = images_module.load_image_sync
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(images_module, "load_image_sync", spy)
+    await load_images([png_bytes()], max_side=64, max_pixels=10**6)
+    assert threads and threads[0] is not threading.main_thread()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.png", "not found"),
+        (lambda d: (d / "bad.png").write_bytes(b"not an image") and d / "bad.png", "not a supported image"),
+        (lambda d: (d / "cut.png").write_bytes(png_bytes((300, 300))[:200]) and d / "cut.png", "corrupt"),
+    ],
+)
+async def test_bad_images_are_refused_with_the_reason(tmp_path, make, message):
+    with pytest.raises(ImageError, match=message):
+        await load_images(make(tmp_path), max_side=64, max_pixels=10**6)
+
+
+async def test_too_many_pixels_is_refused_naming_the_setting():
+    with pytest.raises(ImageError, match="MICS_IMAGE_MAX_PIXELS"):
+        await load_images(png_bytes((100, 100)), max_side=64, max_pixels=5_000)
+
+
+async def test_paths_may_not_escape_the_image_dir(tmp_path):
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    inside = tmp_path / "images"
+    inside.mkdir()
+    with pytest.raises(ImageError, match="outside the image folder"):
+        await load_images("../secret.png", max_side=64, max_pixels=10**6, base_dir=inside)

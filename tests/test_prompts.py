@@ -1,0 +1,71 @@
+"""Prompt templates: rendering, versioning, message order, and shipping inside the wheel."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mics_agents.agents import Case, Intern, Mentor
+from mics_agents.config import load_settings
+from mics_agents.errors import PromptError
+from mics_agents.models import FunctionModel, ImagePart, TextPart
+from mics_agents.prompts import load_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_templates_render_every_field():
+    system, user = load_prompt("mentor").render(case_info="CI", question="Q?", answer="ANS", prefix="P")
+    assert system and "Q?" in user and "ANS" in user and "CI" in user and "{{" not in user
+
+
+def test_missing_or_unknown_fields_are_errors():
+    with pytest.raises(PromptError, match="missing"):
+        load_prompt("judge").render(question="q", reference="r")
+    with pytest.raises(PromptError, match="unexpected"):
+        load_prompt("intern").render(question="q", prefix="p", answer="leak")
+
+
+def test_own_prompt_dir_changes_the_version(tmp_path):
+    for name in ("mentor", "intern", "judge"):
+        shutil.copy(ROOT / "prompts" / f"{name}.md", tmp_path / f"{name}.md")
+    (tmp_path / "judge.md").write_text((tmp_path / "judge.md").read_text() + "\nBe brief.\n")
+    assert load_prompt("judge", tmp_path).version != load_prompt("judge").version
+    assert load_prompt("mentor", tmp_path).version == load_prompt("mentor").version
+
+
+async def test_intern_prompt_puts_images_and_question_before_the_prefix():
+    """Sibling candidates share everything up to the prefix, so vLLM's prefix cache can reuse it."""
+    image = ImagePart(b"png", "image/png", "abc")
+    model = FunctionModel("i", lambda request: "### The final answer is: x")
+    case = Case(rid="r", question="QUESTION-TEXT", answer="ANSWER-TEXT", images=(image,), case_info="INFO")
+    await Intern(model, load_settings(cache_path=None)).finish(case, ["PREFIX-STEP"], 0.3, 0)
+    user = model.requests[0].messages[-1]
+    assert isinstance(user.parts[0], ImagePart) and isinstance(user.parts[-1], TextPart)
+    text = user.plain_text()
+    assert text.index("QUESTION-TEXT") < text.index("PREFIX-STEP")
+    assert "ANSWER-TEXT" not in text and "INFO" not in text
+
+
+async def test_mentor_sees_case_info_answer_and_images():
+    image = ImagePart(b"png", "image/png", "abc")
+    model = FunctionModel("m", lambda request: "### Step 1: s\n### The final answer is: x")
+    case = Case(rid="r", question="QUESTION-TEXT", answer="ANSWER-TEXT", images=(image,), case_info="INFO")
+    solution, _ = await Mentor(model, load_settings(cache_path=None)).propose(case, [])
+    text = model.requests[0].messages[-1].plain_text()
+    assert "ANSWER-TEXT" in text and "INFO" in text and model.requests[0].messages[-1].images() == [image]
+    assert solution.steps == ["s"]
+
+
+def test_prompts_ship_inside_the_wheel(tmp_path):
+    # hatchling comes with the dev extra, so the wheel builds without reaching an index.
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    [wheel] = tmp_path.glob("mics_agents-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in ("mentor", "intern", "judge"):
+        assert f"mics_agents/prompts/{name}.md" in names
+    assert "mics_agents/examples/cases.jsonl" in names
