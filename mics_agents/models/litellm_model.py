@@ -58,8 +58,36 @@ def load_router(config_path: Path) -> Any:
     return litellm.Router(model_list=config["model_list"], **settings)
 
 
+def _router_deployments(router: Any) -> list[dict[str, Any]]:
+    """The Router's deployments: ``router.registry().all()`` in recent LiteLLM (1.110 deprecates the
+    ``model_list`` attribute), ``router.model_list`` in older ones."""
+    registry = getattr(router, "registry", None)
+    if callable(registry):
+        return list(registry().all())
+    return list(router.model_list)
+
+
 def _router_model_names(router: Any) -> set[str]:
-    return {deployment["model_name"] for deployment in router.model_list}
+    return {deployment["model_name"] for deployment in _router_deployments(router)}
+
+
+def _resolve_api_base(model: str, api_base: str | None) -> str | None:
+    """The base URL LiteLLM will use for ``model``: the explicit one, else the provider's variable."""
+    if api_base:
+        return api_base
+    litellm = import_litellm()
+    try:
+        _, provider, _, resolved = litellm.get_llm_provider(model)
+    except Exception as exc:  # LiteLLM raises its own BadRequestError for unknown providers
+        raise ConfigError(
+            f"{model!r} is not a LiteLLM model name ({exc}). Use 'provider/model', "
+            "e.g. 'openai/gpt-4o' or 'hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct'."
+        ) from None
+    prefix = provider.upper()
+    resolved = resolved or os.environ.get(f"{prefix}_API_BASE") or os.environ.get(f"{prefix}_BASE_URL")
+    if provider == "openai":
+        resolved = resolved or os.environ.get("OPENAI_BASE_URL")
+    return resolved
 
 
 class _Limits:
@@ -142,6 +170,11 @@ def _retry_after_seconds(exc: BaseException | None) -> float | None:
             return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
         except (TypeError, ValueError):
             continue
+    # A litellm.Router whose deployments are all cooling down raises RouterRateLimitError (HTTP 429, no
+    # headers) with the cooldown it applies: the Router's own "try again in N seconds".
+    cooldown = getattr(exc, "cooldown_time", None)
+    if isinstance(cooldown, (int, float)) and not isinstance(cooldown, bool) and cooldown > 0:
+        return float(cooldown)
     return None
 
 
@@ -177,24 +210,13 @@ class LiteLLMModel(Model):
         if self._api_bases is None:
             if self.router is not None:
                 self._api_bases = [
-                    (deployment.get("litellm_params") or {}).get("api_base")
-                    for deployment in self.router.model_list
+                    _resolve_api_base(params.get("model", self.name), params.get("api_base"))
+                    for deployment in _router_deployments(self.router)
                     if deployment["model_name"] == self.name
+                    for params in [deployment.get("litellm_params") or {}]
                 ]
             else:
-                litellm = import_litellm()
-                try:
-                    _, provider, _, api_base = litellm.get_llm_provider(self.name)
-                except Exception as exc:  # LiteLLM raises its own BadRequestError for unknown providers
-                    raise ConfigError(
-                        f"{self.name!r} is not a LiteLLM model name ({exc}). Use 'provider/model', "
-                        "e.g. 'openai/gpt-4o' or 'hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct'."
-                    ) from None
-                prefix = provider.upper()
-                api_base = api_base or os.environ.get(f"{prefix}_API_BASE") or os.environ.get(f"{prefix}_BASE_URL")
-                if provider == "openai":
-                    api_base = api_base or os.environ.get("OPENAI_BASE_URL")
-                self._api_bases = [api_base]
+                self._api_bases = [_resolve_api_base(self.name, None)]
         return self._api_bases
 
     def _wait(self, state: RetryCallState) -> float:

@@ -1,0 +1,339 @@
+"""A small OpenAI-compatible chat-completions server for the integration tests (DESIGN §8).
+
+It runs on 127.0.0.1 (a free port) in a background thread with its own event loop, so it does not care
+which loop the test runs on, and it stops when its context ends (or, as a safety net, after ``lifetime``
+seconds). What it answers is decided by a *brain*, a function of (model name, request JSON); the default
+brain turns the OpenAI messages back into a :class:`~mics_agents.models.base.ModelRequest` and answers
+with the package's simulated mentor, intern or judge (chosen by the model name). Every request is
+recorded (path, model, body, headers, arrival time, fault applied), and a fault script makes the next
+requests fail on purpose: ``429`` (with ``Retry-After``), ``500``, ``401``, ``timeout`` (answers late),
+``malformed`` (HTTP 200, invalid JSON), ``empty`` (``choices: []``) and ``empty_content``.
+
+    with OpenAIServer() as server:
+        server.inject("429", model="intern-1", retry_after=1)
+        ... point OPENAI_API_BASE at server.base_url ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from mics_agents.models.base import ChatMessage, ImagePart, ModelRequest, TextPart
+from mics_agents.models.simulated import simulated_reply
+
+__all__ = ["Brain", "Fault", "OpenAIServer", "RecordedRequest", "simulated_brain", "request_from_openai"]
+
+Brain = Callable[[str, dict[str, Any]], str]
+
+FAULT_KINDS = ("429", "500", "401", "timeout", "malformed", "empty", "empty_content")
+# However long a test asks a "timeout" reply to take, the server never holds a request longer.
+MAX_TIMEOUT_DELAY = 5.0
+
+
+@dataclass
+class Fault:
+    """What to do to the next matching request(s). ``model`` matches the name the server sees
+    (``intern-1``) or the LiteLLM name (``openai/intern-1``); ``None`` matches any request.
+    ``times=None`` repeats the fault forever."""
+
+    kind: str
+    model: str | None = None
+    times: int | None = 1
+    retry_after: float | str = 1
+    delay: float = 3.0
+
+    def matches(self, model: str) -> bool:
+        return self.model is None or self.model == model or self.model.rsplit("/", 1)[-1] == model
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    model: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    received_at: float  # time.monotonic() on arrival
+    fault: str | None = None
+    status: int = 200
+
+    def text(self) -> str:
+        """All text of the messages, in order (images left out)."""
+        return "\n".join(_message_text(message) for message in self.body.get("messages", []))
+
+    def same_call(self, other: "RecordedRequest") -> bool:
+        """The same request body: a retry of a failed call looks exactly like the call."""
+        return self.path == other.path and self.body == other.body
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
+
+
+def _image_part(url: str) -> ImagePart:
+    header, _, payload = url.partition(",")
+    if not header.startswith("data:") or ";base64" not in header:
+        raise ValueError(f"image is not a base64 data URL: {url[:40]!r}")
+    data = base64.b64decode(payload, validate=True)
+    mime = header[len("data:") :].split(";", 1)[0]
+    return ImagePart(data, mime, hashlib.sha256(data).hexdigest())
+
+
+def request_from_openai(body: dict[str, Any]) -> ModelRequest:
+    """The :class:`ModelRequest` a chat-completions body was made from (sample index and prompt version
+    are not sent over the wire, so they stay at their defaults)."""
+    messages = []
+    for message in body["messages"]:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts: tuple[Any, ...] = (TextPart(content),)
+        else:
+            parts = tuple(
+                TextPart(part["text"]) if part["type"] == "text" else _image_part(part["image_url"]["url"])
+                for part in content
+            )
+        messages.append(ChatMessage(message["role"], parts))
+    return ModelRequest(
+        messages=tuple(messages),
+        temperature=float(body.get("temperature", 1.0)),
+        max_tokens=body.get("max_tokens"),
+    )
+
+
+def role_of(model: str) -> str:
+    for role in ("mentor", "intern", "judge"):
+        if role in model:
+            return role
+    raise ValueError(f"cannot tell the role of model {model!r}: its name must contain mentor, intern or judge")
+
+
+def simulated_brain(model: str, body: dict[str, Any]) -> str:
+    """Answer like the package's simulated models, deterministically from the request."""
+    return simulated_reply(role_of(model), model, request_from_openai(body))
+
+
+class OpenAIServer:
+    """An OpenAI-compatible server on 127.0.0.1 in its own thread. Use as a context manager."""
+
+    def __init__(self, brain: Brain = simulated_brain, *, lifetime: float = 300.0) -> None:
+        self.brain = brain
+        self.lifetime = lifetime
+        self.port: int | None = None
+        self.requests: list[RecordedRequest] = []
+        self.errors: list[str] = []  # brain failures, answered with HTTP 400; a test should see none
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+
+    # -- control (called from the test's thread) ------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, as OPENAI_API_BASE wants it."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def inject(
+        self,
+        kind: str,
+        *,
+        model: str | None = None,
+        times: int | None = 1,
+        retry_after: float | str = 1,
+        delay: float = 3.0,
+    ) -> Fault:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; one of {FAULT_KINDS}")
+        fault = Fault(kind, model, times, retry_after, min(delay, MAX_TIMEOUT_DELAY))
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def pending_faults(self) -> list[Fault]:
+        with self._lock:
+            return list(self._faults)
+
+    def reset(self) -> None:
+        """Forget recorded requests and faults."""
+        with self._lock:
+            self._faults.clear()
+            self.requests.clear()
+            self.errors.clear()
+
+    def recorded(self, model: str | None = None) -> list[RecordedRequest]:
+        with self._lock:
+            requests = list(self.requests)
+        if model is None:
+            return requests
+        short = model.rsplit("/", 1)[-1]
+        return [request for request in requests if request.model in (model, short)]
+
+    def count(self, model: str | None = None) -> int:
+        return len(self.recorded(model))
+
+    def start(self) -> "OpenAIServer":
+        self._thread = threading.Thread(target=self._run, name="openai-test-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout=10):
+            raise RuntimeError("the test OpenAI server did not start within 10 s")
+        if self._startup_error is not None:
+            raise RuntimeError(f"the test OpenAI server failed to start: {self._startup_error}")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopped is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                raise RuntimeError("the test OpenAI server did not stop within 10 s")
+            self._thread = None
+
+    def __enter__(self) -> "OpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- the server (runs in its own thread and loop) --------------------------------------------------
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        self._stopped = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/chat/completions", self._handle)
+        # Extra prefixes let one server stand for several deployments (e.g. /replica-2/v1).
+        app.router.add_post("/{prefix}/v1/chat/completions", self._handle)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        try:
+            await runner.setup()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+            await web.SockSite(runner, sock).start()
+        except BaseException as exc:  # reported to start()
+            self._startup_error = exc
+            self._ready.set()
+            await runner.cleanup()
+            return
+        self._ready.set()
+        try:
+            # Stops when told to, or by itself after ``lifetime`` seconds so a forgotten server never hangs.
+            await asyncio.wait_for(self._stopped.wait(), timeout=self.lifetime)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._stopped.set()  # wakes handlers sleeping in a "timeout" fault
+            await runner.cleanup()
+
+    def _take_fault(self, model: str) -> Fault | None:
+        with self._lock:
+            for index, fault in enumerate(self._faults):
+                if fault.matches(model):
+                    if fault.times is not None:
+                        fault.times -= 1
+                        if fault.times <= 0:
+                            del self._faults[index]
+                    return fault
+        return None
+
+    async def _handle(self, http_request: web.Request) -> web.StreamResponse:
+        received_at = time.monotonic()
+        raw = await http_request.read()
+        try:
+            body = json.loads(raw)
+            model = str(body["model"])
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": {"message": "request body is not a chat completion"}}, status=400)
+        record = RecordedRequest(http_request.path, model, body, dict(http_request.headers), received_at)
+        fault = self._take_fault(model)
+        record.fault = fault.kind if fault else None
+        with self._lock:
+            self.requests.append(record)
+
+        if fault is not None and fault.kind in ("429", "500", "401"):
+            record.status = int(fault.kind)
+            messages = {429: "Rate limit reached, slow down", 500: "Internal server error", 401: "Invalid API key"}
+            kinds = {429: "rate_limit_error", 500: "server_error", 401: "invalid_request_error"}
+            headers = {"Retry-After": str(fault.retry_after)} if fault.kind == "429" else {}
+            return web.json_response(
+                {"error": {"message": messages[record.status], "type": kinds[record.status], "code": None}},
+                status=record.status,
+                headers=headers,
+            )
+        if fault is not None and fault.kind == "timeout":
+            # Late, but never longer than MAX_TIMEOUT_DELAY, and cut short when the server stops.
+            assert self._stopped is not None
+            try:
+                await asyncio.wait_for(self._stopped.wait(), timeout=min(fault.delay, MAX_TIMEOUT_DELAY))
+            except asyncio.TimeoutError:
+                pass
+        if fault is not None and fault.kind == "malformed":
+            return web.Response(
+                text='{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"index": 0, "mess',
+                content_type="application/json",
+            )
+        if fault is not None and fault.kind == "empty":
+            return web.json_response(self._completion(model, None, body, empty=True))
+
+        try:
+            text = "" if fault is not None and fault.kind == "empty_content" else self.brain(model, body)
+        except Exception as exc:  # a brain bug should be loud in the test, not a hang
+            message = f"brain failed for {model}: {type(exc).__name__}: {exc}"
+            with self._lock:
+                self.errors.append(message)
+            record.status = 400
+            return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=400)
+        return web.json_response(self._completion(model, text, body))
+
+    def _completion(self, model: str, text: str | None, body: dict[str, Any], *, empty: bool = False) -> dict:
+        prompt_tokens = sum(len(_message_text(message).split()) for message in body.get("messages", []))
+        completion_tokens = len((text or "").split())
+        choices = (
+            []
+            if empty
+            else [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}]
+        )
+        return {
+            "id": f"chatcmpl-test-{next(self._ids)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
