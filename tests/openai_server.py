@@ -129,9 +129,12 @@ def simulated_brain(model: str, body: dict[str, Any]) -> str:
 class OpenAIServer:
     """An OpenAI-compatible server on 127.0.0.1 in its own thread. Use as a context manager."""
 
-    def __init__(self, brain: Brain = simulated_brain, *, lifetime: float = 300.0) -> None:
+    def __init__(self, brain: Brain = simulated_brain, *, lifetime: float = 300.0, latency: float = 0.0) -> None:
         self.brain = brain
         self.lifetime = lifetime
+        self.latency = latency  # seconds every successful reply takes, like a model generating
+        self.in_flight: dict[str, int] = {}
+        self.peak_in_flight: dict[str, int] = {}
         self.port: int | None = None
         self.requests: list[RecordedRequest] = []
         self.errors: list[str] = []  # brain failures, answered with HTTP 400; a test should see none
@@ -307,6 +310,15 @@ class OpenAIServer:
         if fault is not None and fault.kind == "empty":
             return web.json_response(self._completion(model, None, body, empty=True))
 
+        if self.latency:
+            with self._lock:
+                self.in_flight[model] = self.in_flight.get(model, 0) + 1
+                self.peak_in_flight[model] = max(self.peak_in_flight.get(model, 0), self.in_flight[model])
+            try:
+                await asyncio.sleep(self.latency)
+            finally:
+                with self._lock:
+                    self.in_flight[model] -= 1
         try:
             text = "" if fault is not None and fault.kind == "empty_content" else self.brain(model, body)
         except Exception as exc:  # a brain bug should be loud in the test, not a hang

@@ -402,3 +402,18 @@ async def test_local_only_policy_checks_router_deployments(server, png, tmp_path
     assert caught.value.model == "intern-pool" and "api.example.invalid" in str(caught.value)
     # The mentors (local) ran; the pool was refused before it sent anything.
     assert server.count() > 0 and server.count("intern-1") == 0
+
+
+async def test_per_model_concurrency_limit_holds_over_http(png, tmp_path, monkeypatch):
+    """intern-1 is limited to 2 calls in flight; intern-2 keeps the default and runs all its calls at once."""
+    with OpenAIServer(latency=0.15) as slow:
+        monkeypatch.setenv("OPENAI_API_BASE", slow.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+        settings = make_settings(
+            None, samples_per_temperature=2, model_concurrency_overrides={"openai/intern-1": 2}
+        )
+        result = await run_search(settings)
+    assert result.status == "success"
+    assert slow.peak_in_flight["intern-1"] == 2
+    # 2 candidates x 2 temperatures x 2 samples were ready at once for the unlimited intern.
+    assert slow.peak_in_flight["intern-2"] >= 4
