@@ -12,7 +12,12 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from .config import Settings
     from .results import SearchResult
+    from .runner import RunOptions, RunStats
+    from .search import Searcher
 
 app = typer.Typer(
     name="mics",
@@ -25,6 +30,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_CONFIG_ERROR = 2
+EXIT_BUDGET = 3
+EXIT_INTERRUPTED = 130
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 
 
@@ -60,9 +67,10 @@ def demo(
     ] = Path("mics_demo_cache.sqlite"),
     seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
 ) -> None:
-    """Run MICS offline on the example cases that ship with mics-agents, with SIMULATED models."""
+    """Run the whole pipeline offline on the example cases that ship with mics-agents, with SIMULATED models."""
     from .config import load_settings
     from .models.simulated import simulated_intern, simulated_judge, simulated_mentor
+    from .runner import RunOptions, run_id_for
     from .search import Searcher
     from .store import Store
 
@@ -70,49 +78,179 @@ def demo(
         "[bold yellow]SIMULATED MODELS[/]: the mentors, interns and judge below are offline stand-ins "
         "that imitate model behaviour. Their reasoning is a template, not medicine."
     )
-    cases = [json.loads(line) for line in (EXAMPLES_DIR / "cases.jsonl").read_text().splitlines() if line.strip()]
     settings = load_settings(seed=seed, cache_path=cache, mentors=[], interns=[], judge="")
+    options = RunOptions(data=EXAMPLES_DIR / "cases.jsonl", output=output, image_dir=EXAMPLES_DIR / "images")
+    # The demo starts its output afresh each time; its calls replay from the cache.
+    from .outputs import default_failed_path
 
-    async def run() -> list["SearchResult"]:
-        store = await Store.open(cache) if cache else None
-        searcher = Searcher(
+    for path in (output, default_failed_path(output)):
+        path.unlink(missing_ok=True)
+
+    async def open_searcher() -> Searcher:
+        return Searcher(
             mentors=[simulated_mentor("simulated/mentor-a"), simulated_mentor("simulated/mentor-b")],
             interns=[simulated_intern("simulated/intern-1"), simulated_intern("simulated/intern-2")],
             judge=simulated_judge(),
             settings=settings,
-            store=store,
+            store=await Store.open(cache) if cache else None,
             owns_store=True,
+            run_id=run_id_for(output),
         )
-        async with searcher:
-            return list(
-                await asyncio.gather(
-                    *(
-                        searcher.search(
-                            case["question"],
-                            [EXAMPLES_DIR / "images" / name for name in case["images"]],
-                            answer=case["answer"],
-                            case_info=case["case_info"],
-                            rid=case["id"],
-                        )
-                        for case in cases
-                    )
-                )
-            )
 
-    results = asyncio.run(run())
-    with output.open("w", encoding="utf-8") as handle:
-        for result in results:
-            handle.write(json.dumps(result.to_record(), ensure_ascii=False) + "\n")
-    for index, result in enumerate(results):
-        _print_result(result, show_reasoning=index == 0)
-    console.print(f"\nWrote {len(results)} records to {output}.")
+    stats = _run_batch(open_searcher, options, settings)
+    first = output.read_text(encoding="utf-8").splitlines()[:1] if output.exists() else []
+    if first:
+        record = json.loads(first[0])
+        console.print(f"\n[bold]{record['rid']}[/] (mentors {' -> '.join(record['generated_by'])}):")
+        console.print(record["reasoning"], markup=False, highlight=False)
     console.print(
-        "To use real models, set e.g.\n"
+        "\nTo use real models, set e.g.\n"
         "  export MICS_MENTORS=openai/gpt-4o,gemini/gemini-2.5-pro MICS_INTERNS=hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct\n"
         "  export MICS_JUDGE=openai/gpt-4o-mini OPENAI_API_KEY=... GEMINI_API_KEY=... HOSTED_VLLM_API_BASE=http://localhost:8000/v1\n"
-        "and run: mics search 'QUESTION' --answer 'ANSWER' --image scan.png",
+        "and run: mics run cases.jsonl --image-dir images/ --output mics.jsonl",
         soft_wrap=True,
     )
+    raise typer.Exit(_exit_code(stats))
+
+
+def _exit_code(stats: "RunStats") -> int:
+    return {"completed": 0, "budget": EXIT_BUDGET, "interrupted": EXIT_INTERRUPTED}[stats.stop_reason]
+
+
+def _search_settings(settings: "Settings") -> dict:
+    """The settings that shape search results, recorded per run to warn when a resume changes them."""
+    keys = ("mentors", "interns", "judge", "max_depth", "initial_steps", "intern_temperatures",
+            "samples_per_temperature", "mentor_temperature", "judge_temperature", "seed")
+    return {key: getattr(settings, key) for key in keys}
+
+
+def _run_batch(open_searcher: "Callable[[], Awaitable[Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None) -> "RunStats":
+    """Run a batch with progress, Ctrl-C handling (first: finish items in flight; second: abort) and a summary."""
+    import signal
+
+    from .progress import ProgressReporter, summary_table
+    from .runner import BatchRun
+
+    reporter = ProgressReporter(err_console, log_every=log_every)
+
+    async def execute() -> "RunStats":
+        async with await open_searcher() as searcher:
+            batch = BatchRun(searcher, options, on_update=reporter)
+            if searcher.store is not None:
+                current = _search_settings(settings)
+                previous = await searcher.store.record_run(batch.run_id, str(options.data), str(options.output), current)
+                changed = {k: (previous[k], v) for k, v in current.items() if previous and previous.get(k) != v}
+                if changed:
+                    details = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+                    err_console.print(f"[yellow]Note:[/] this run's search settings changed since its last session ({details}); items already done keep the old ones.")
+            loop = asyncio.get_running_loop()
+            main_task = asyncio.current_task()
+
+            def on_signal() -> None:
+                if batch.stopping:
+                    err_console.print("[red]Second interrupt: aborting. Rerun the same command to resume.[/]")
+                    main_task.cancel()
+                else:
+                    err_console.print("[yellow]Stopping: no new items start; items in flight finish. Interrupt again to abort.[/]")
+                    batch.stop("interrupted")
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, on_signal)
+            try:
+                return await batch.run()
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+    try:
+        stats = asyncio.run(execute())
+    except asyncio.CancelledError:
+        reporter.close()
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        reporter.close()
+    from .outputs import default_failed_path
+
+    failed = options.failed or default_failed_path(options.output)
+    err_console.print(summary_table(stats, output=str(options.output), failed=str(failed)))
+    if stats.stop_reason == "budget":
+        err_console.print(f"[yellow]Budget of ${options.budget_usd} reached: no new items started. Rerun with a larger --budget-usd to continue.[/]")
+    elif stats.stop_reason == "interrupted":
+        err_console.print("[yellow]Interrupted. Rerun the same command to resume.[/]")
+    if json_summary is not None:
+        json_summary.write_text(json.dumps(stats.as_dict(), indent=2) + "\n", encoding="utf-8")
+    return stats
+
+
+@app.command()
+def run(
+    data: Annotated[Path, typer.Argument(help="Cases, one JSON object per line (Chiron-o1 or plain layout).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Successes, one Chiron-o1 record per line.")],
+    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to [default: the data file's folder].")] = None,
+    failed: Annotated[Optional[Path], typer.Option(help="Failures [default: OUTPUT with _failed.jsonl].")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file [default: MICS_CACHE_PATH].")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Items in flight.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N items (of this shard).")] = None,
+    shard: Annotated[str, typer.Option(help="I/N: take shard I of N, by a hash of the item id.")] = "0/1",
+    max_depth: Annotated[Optional[int], typer.Option(min=1, help="Search iterations [default: MICS_MAX_DEPTH].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Run seed [default: MICS_SEED].")] = None,
+    budget_usd: Annotated[Optional[float], typer.Option(min=0, help="Start no new item once this run has spent this much.")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Also redo no_path and bad_input items.")] = False,
+    router_config: Annotated[Optional[Path], typer.Option(help="LiteLLM Router config [default: MICS_ROUTER_CONFIG].")] = None,
+    json_summary: Annotated[Optional[Path], typer.Option(help="Also write the summary as JSON here.")] = None,
+    log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
+) -> None:
+    """Run MICS over a JSONL dataset. Rerun the same command to resume; exit 0 when every item ended,
+    2 on a configuration error, 3 when the budget stopped it, 130 when interrupted."""
+    from .config import load_settings
+    from .data import parse_shard
+    from .errors import ConfigError, MicsError
+    from .runner import RunOptions, run_id_for
+    from .search import Searcher
+
+    overrides = {"max_depth": max_depth, "seed": seed, "cache_path": cache, "router_config": router_config}
+    try:
+        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None}).check_roles()
+        shard_index = parse_shard(shard)
+    except (ConfigError, ValueError) as exc:
+        raise _fail_config(str(exc)) from None
+    if not data.is_file():
+        raise _fail_config(f"input file {str(data)!r} not found")
+    options = RunOptions(
+        data=data, output=output, image_dir=image_dir, failed=failed, concurrency=concurrency, limit=limit,
+        shard=shard_index, retry_failed=retry_failed, budget_usd=budget_usd,
+    )
+
+    async def open_searcher() -> Searcher:
+        return await Searcher.open(settings, run_id=run_id_for(output))
+
+    try:
+        stats = _run_batch(open_searcher, options, settings, log_every=log_every, json_summary=json_summary)
+    except ConfigError as exc:
+        raise _fail_config(str(exc)) from None
+    except MicsError as exc:
+        err_console.print(f"[bold red]Run stopped:[/] {exc}")
+        raise typer.Exit(1) from None
+    raise typer.Exit(_exit_code(stats))
+
+
+@app.command()
+def merge(
+    inputs: Annotated[list[Path], typer.Argument(help="Shard outputs (their _failed files are joined too).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Merged successes (failures beside it).")],
+    dedupe: Annotated[bool, typer.Option(help="Keep one line per item when shards overlap.")] = False,
+) -> None:
+    """Join the outputs of shards; refuses overlapping items unless --dedupe."""
+    from .errors import MicsError
+    from .outputs import merge_outputs
+
+    try:
+        report = merge_outputs(inputs, output, dedupe=dedupe)
+    except MicsError as exc:
+        err_console.print(f"[bold red]Merge refused:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"Merged {report.successes} successes and {report.failures} failures into {output}"
+                  + (f" ({report.overlaps} overlapping lines dropped)" if report.overlaps else ""))
 
 
 @app.command("search")

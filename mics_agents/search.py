@@ -206,6 +206,7 @@ class Searcher:
         settings: Settings | None = None,
         store: Store | None = None,
         owns_store: bool = False,
+        run_id: str | None = None,
     ) -> None:
         self.settings = settings or load_settings()
         if len(mentors) < 2:
@@ -219,14 +220,14 @@ class Searcher:
         self._owns_store = owns_store
 
         def wrap(model: Model) -> Model:
-            return CachedModel(model, store) if store is not None else model
+            return CachedModel(model, store, run_id=run_id) if store is not None else model
 
         self.mentors = [Mentor(wrap(model), self.settings) for model in mentors]
         self.interns = [Intern(wrap(model), self.settings) for model in interns]
         self.judge = Judge(wrap(judge), self.settings)
 
     @classmethod
-    async def open(cls, settings: Settings | None = None) -> "Searcher":
+    async def open(cls, settings: Settings | None = None, *, run_id: str | None = None) -> "Searcher":
         """Models from ``MICS_MENTORS`` / ``MICS_INTERNS`` / ``MICS_JUDGE`` via LiteLLM (and the Router
         config if one is set), cached in ``MICS_CACHE_PATH`` unless that is empty."""
         from .models.litellm_model import LiteLLMModel, load_router
@@ -245,6 +246,7 @@ class Searcher:
             settings=settings,
             store=store,
             owns_store=True,
+            run_id=run_id,
         )
 
     async def search(

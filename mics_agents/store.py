@@ -37,6 +37,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX calls_by_model ON calls (model);
     """,
+    # 2: batch runs, and which run paid for each call (for --budget-usd)
+    """
+    ALTER TABLE calls ADD COLUMN run_id TEXT;
+    CREATE INDEX calls_by_run ON calls (run_id);
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY,
+        input TEXT NOT NULL,
+        output TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -46,6 +59,8 @@ class Store:
     def __init__(self, connection: aiosqlite.Connection, path: str) -> None:
         self._db = connection
         self.path = path
+        # Cost of the calls sent (not cached) through this connection, per run id.
+        self.new_cost_usd: dict[str, float] = {}
 
     @classmethod
     async def open(cls, path: str | Path) -> "Store":
@@ -115,10 +130,13 @@ class Store:
             extra=json.loads(extra),
         )
 
-    async def put_call(self, key: str, model_name: str, response: ModelResponse) -> None:
+    async def put_call(self, key: str, model_name: str, response: ModelResponse, run_id: str | None = None) -> None:
+        if run_id is not None:
+            self.new_cost_usd[run_id] = self.new_cost_usd.get(run_id, 0.0) + response.cost_usd
         await self._db.execute(
-            "INSERT OR IGNORE INTO calls (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO calls"
+            " (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key,
                 model_name,
@@ -128,9 +146,31 @@ class Store:
                 response.cost_usd,
                 json.dumps(response.extra, sort_keys=True),
                 time.time(),
+                run_id,
             ),
         )
         await self._db.commit()
+
+    async def run_cost(self, run_id: str) -> float:
+        """What the calls first sent by this run cost, over all its sessions."""
+        async with self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM calls WHERE run_id = ?", (run_id,)) as cursor:
+            row = await cursor.fetchone()
+        return float(row[0]) if row else 0.0
+
+    async def record_run(self, run_id: str, input_path: str, output_path: str, settings: dict) -> dict | None:
+        """Remember a run's input, output and search settings; returns the settings of its last session."""
+        async with self._db.execute("SELECT settings FROM runs WHERE run_id = ?", (run_id,)) as cursor:
+            row = await cursor.fetchone()
+        now = time.time()
+        encoded = json.dumps(settings, sort_keys=True, default=str)
+        await self._db.execute(
+            "INSERT INTO runs (run_id, input, output, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(run_id) DO UPDATE SET input = excluded.input, settings = excluded.settings,"
+            " updated_at = excluded.updated_at",
+            (run_id, input_path, output_path, encoded, now, now),
+        )
+        await self._db.commit()
+        return json.loads(row[0]) if row else None
 
     async def count_calls(self) -> int:
         async with self._db.execute("SELECT COUNT(*) FROM calls") as cursor:

@@ -14,6 +14,11 @@ def run(*args, env=None, cwd=None):
     return subprocess.run([*MICS, *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
 
 
+def read_sorted(path: Path) -> list[dict]:
+    """Records by id: a run writes them in the order items end."""
+    return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda r: r["rid"])
+
+
 def test_help_is_fast():
     started = time.perf_counter()
     result = run("--help")
@@ -26,11 +31,12 @@ def test_demo_runs_offline_and_resumes_from_cache(tmp_path):
     first = run("demo", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "SIMULATED" in first.stdout and "MICS_MENTORS" in first.stdout
-    records = [json.loads(line) for line in (tmp_path / "mics_demo_output.jsonl").read_text().splitlines()]
-    assert [r["rid"] for r in records] == ["demo-chest-001", "demo-brain-002", "demo-liver-003"]
+    records = read_sorted(tmp_path / "mics_demo_output.jsonl")
+    assert [r["rid"] for r in records] == ["demo-brain-002", "demo-chest-001", "demo-liver-003"]
     assert all(r["reasoning"].startswith("### Step 1:") for r in records if r["search_id"] is not None)
     second = run("demo", cwd=tmp_path)
-    again = [json.loads(line) for line in (tmp_path / "mics_demo_output.jsonl").read_text().splitlines()]
+    assert second.returncode == 0, second.stderr
+    again = read_sorted(tmp_path / "mics_demo_output.jsonl")
     assert [r["usage"]["cached_calls"] for r in again] == [r["usage"]["calls"] for r in again]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "usage"} for r in rs]  # noqa: E731
     assert strip(again) == strip(records)

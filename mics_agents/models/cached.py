@@ -14,13 +14,15 @@ class CachedModel(Model):
     """Look a call up by its key; on a miss ask the wrapped model and store the reply.
 
     Identical calls already in flight (two mentors proposing the same step, say) share one request.
+    Calls sent from here are recorded as paid by ``run_id`` (for a run's budget).
     Only successful replies are stored: a failure is never cached, so it is retried on the next run.
     """
 
-    def __init__(self, inner: Model, store: Store) -> None:
+    def __init__(self, inner: Model, store: Store, *, run_id: str | None = None) -> None:
         self.inner = inner
         self.name = inner.name
         self.store = store
+        self.run_id = run_id  # the batch run that pays for the calls sent from here
         self._in_flight: dict[str, asyncio.Future[ModelResponse]] = {}
 
     async def request(self, request: ModelRequest) -> ModelResponse:
@@ -36,7 +38,7 @@ class CachedModel(Model):
             response = await self.store.get_call(key)
             if response is None:
                 response = await self.inner.request(request)
-                await self.store.put_call(key, self.name, response)
+                await self.store.put_call(key, self.name, response, self.run_id)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters (if any) re-raise it themselves

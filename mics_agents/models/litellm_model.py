@@ -91,18 +91,20 @@ def _resolve_api_base(model: str, api_base: str | None) -> str | None:
 
 
 class _Limits:
-    """Per-model semaphores, one set per event loop, shared by every adapter of the same model name."""
+    """Per-model semaphores, one set per event loop, shared by every adapter of the same model name and
+    limit (so concurrent searchers in one process respect one limit per model)."""
 
-    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]]" = (
+    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], asyncio.Semaphore]]" = (
         weakref.WeakKeyDictionary()
     )
 
     @classmethod
     def semaphore(cls, model_name: str, limit: int) -> asyncio.Semaphore:
         per_loop = cls._by_loop.setdefault(asyncio.get_running_loop(), {})
-        if model_name not in per_loop:
-            per_loop[model_name] = asyncio.Semaphore(limit)
-        return per_loop[model_name]
+        key = (model_name, limit)
+        if key not in per_loop:
+            per_loop[key] = asyncio.Semaphore(limit)
+        return per_loop[key]
 
 
 def _status_code(exc: BaseException) -> int | None:

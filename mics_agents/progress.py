@@ -1,0 +1,105 @@
+"""Showing a run's progress: a rich progress bar on a terminal, a plain log line every few seconds
+otherwise, and a summary table at the end."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from .runner import RunStats
+
+__all__ = ["ProgressReporter", "summary_table"]
+
+
+def _counts(stats: "RunStats") -> str:
+    rate = f"{100 * stats.success / stats.ended:.0f}%" if stats.ended else "-"
+    return (
+        f"success {stats.success} ({rate}), no_path {stats.no_path}, model_error {stats.model_error}, "
+        f"bad_input {stats.bad_input} | calls {stats.calls} ({stats.cached_calls} cached), "
+        f"{stats.tokens:,} tokens, ${stats.spent_usd:.4f} spent"
+    )
+
+
+class ProgressReporter:
+    """Call it with the stats after every change; ``close()`` when the run ends."""
+
+    def __init__(self, console: Console, *, log_every: float = 10.0) -> None:
+        self.console = console
+        self.log_every = log_every
+        self._progress = None
+        self._task = None
+        self._last_log = 0.0
+        self._last_logged: tuple[int, int] | None = None
+        self._started = time.monotonic()
+
+    def __call__(self, stats: "RunStats") -> None:
+        todo = max(0, stats.total - stats.already_done)
+        if self.console.is_terminal:
+            self._update_bar(stats, todo)
+        else:
+            now = time.monotonic()
+            state = (stats.ended, stats.total)
+            due = now - self._last_log >= self.log_every or stats.ended == todo
+            if due and state != self._last_logged:
+                self._last_log, self._last_logged = now, state
+                self.console.print(
+                    f"[mics] {stats.ended}/{todo} items ({stats.already_done} done before) | {_counts(stats)}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
+
+    def _update_bar(self, stats: "RunStats", todo: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[bold]MICS"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("", total=todo)
+        self._progress.update(self._task, completed=stats.ended, total=todo, description=_counts(stats))
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def summary_table(stats: "RunStats", *, output: str, failed: str) -> Table:
+    table = Table(title="MICS run", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    rows = [
+        ("stopped because", stats.stop_reason),
+        ("items in scope", str(stats.total)),
+        ("done before this session", str(stats.already_done)),
+        ("success", str(stats.success)),
+        ("no_path", str(stats.no_path)),
+        ("model_error (retried next run)", str(stats.model_error)),
+        ("bad_input", str(stats.bad_input)),
+        ("not started", str(stats.remaining)),
+        ("model calls", f"{stats.calls} ({stats.cached_calls} from cache)"),
+        ("tokens", f"{stats.tokens:,}"),
+        ("spent by this run", f"${stats.spent_usd:.4f}"),
+        ("elapsed", f"{time.monotonic() - stats.started_at:.1f} s"),
+        ("successes", output),
+        ("failures", failed),
+    ]
+    if stats.repaired_lines:
+        rows.append(("torn lines repaired", str(stats.repaired_lines)))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

@@ -1,0 +1,269 @@
+"""Batch runs: MICS over a JSONL dataset, resumable after any crash, sharded, under a budget.
+
+Items are read as a stream and searched concurrently (``concurrency`` items in flight, on top of the
+per-model call limits). Each ended item is one fsynced line in the output or failed file; a rerun
+skips those and replays the calls of unfinished items from the cache, so nothing is paid twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .data import InputItem, read_items, shard_of
+from .errors import InputError, MicsError
+from .outputs import OutputFiles
+from .results import SearchResult
+from .search import Searcher
+
+__all__ = ["RunOptions", "RunStats", "BatchRun", "run_id_for"]
+
+StopReason = Literal["completed", "budget", "interrupted"]
+_READ_BATCH = 256
+
+
+def run_id_for(output: Path) -> str:
+    """A run is named by its output file: the same command from the same place resumes the same run."""
+    return hashlib.sha256(str(Path(output).resolve()).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class RunOptions:
+    data: Path
+    output: Path
+    image_dir: Path | None = None
+    failed: Path | None = None
+    concurrency: int = 8
+    limit: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    retry_failed: bool = False
+    budget_usd: float | None = None
+
+
+@dataclass
+class RunStats:
+    total: int = 0
+    already_done: int = 0
+    success: int = 0
+    no_path: int = 0
+    model_error: int = 0
+    bad_input: int = 0
+    in_flight: int = 0
+    calls: int = 0
+    cached_calls: int = 0
+    tokens: int = 0
+    cost_usd: float = 0.0
+    spent_usd: float = 0.0
+    repaired_lines: int = 0
+    retried_failures: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    stop_reason: StopReason = "completed"
+
+    @property
+    def ended(self) -> int:
+        return self.success + self.no_path + self.model_error + self.bad_input
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.already_done - self.ended)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "already_done": self.already_done,
+            "ended_now": self.ended,
+            "success": self.success,
+            "no_path": self.no_path,
+            "model_error": self.model_error,
+            "bad_input": self.bad_input,
+            "not_started": self.remaining,
+            "calls": self.calls,
+            "cached_calls": self.cached_calls,
+            "tokens": self.tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "spent_usd": round(self.spent_usd, 6),
+            "repaired_lines": self.repaired_lines,
+            "retried_failures": self.retried_failures,
+            "elapsed_s": round(time.monotonic() - self.started_at, 3),
+            "stop_reason": self.stop_reason,
+        }
+
+
+class BatchRun:
+    """One session of a run. ``on_update`` is called after each ended item (progress display)."""
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        options: RunOptions,
+        *,
+        on_update: Callable[[RunStats], None] | None = None,
+    ) -> None:
+        self.searcher = searcher
+        self.options = options
+        self.files = OutputFiles(options.output, options.failed)
+        self.run_id = run_id_for(options.output)
+        self.stats = RunStats()
+        self.on_update = on_update or (lambda stats: None)
+        self._stop: StopReason | None = None
+        self._fatal: BaseException | None = None
+        self._spent_before = 0.0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop is not None
+
+    def stop(self, reason: StopReason = "interrupted") -> None:
+        """Start no new item; items in flight finish and are written."""
+        if self._stop is None:
+            self._stop = reason
+
+    def _in_scope(self, item: InputItem) -> bool:
+        index, shards = self.options.shard
+        return shards == 1 or shard_of(item.key, shards) == index
+
+    def _count_scope(self) -> int:
+        count = 0
+        for item in read_items(self.options.data):
+            if self._in_scope(item):
+                count += 1
+                if self.options.limit is not None and count >= self.options.limit:
+                    break
+        return count
+
+    async def _items(self) -> AsyncIterator[InputItem]:
+        """The items of this shard (up to ``limit``), read in a thread a batch at a time."""
+        iterator = read_items(self.options.data)
+
+        def next_batch() -> list[InputItem]:
+            return [item for _, item in zip(range(_READ_BATCH), iterator)]
+
+        taken = 0
+        while True:
+            batch = await asyncio.to_thread(next_batch)
+            if not batch:
+                return
+            for item in batch:
+                if not self._in_scope(item):
+                    continue
+                if self.options.limit is not None and taken >= self.options.limit:
+                    return
+                taken += 1
+                yield item
+
+    def _over_budget(self) -> bool:
+        budget = self.options.budget_usd
+        if budget is None:
+            return False
+        store = self.searcher.store
+        new = store.new_cost_usd.get(self.run_id, 0.0) if store is not None else 0.0
+        self.stats.spent_usd = self._spent_before + new
+        return self.stats.spent_usd >= budget
+
+    async def run(self) -> RunStats:
+        if not self.options.data.is_file():
+            raise MicsError(f"input file {str(self.options.data)!r} not found")
+        resume = await asyncio.to_thread(self.files.prepare, retry_failed=self.options.retry_failed)
+        self.stats.total = await asyncio.to_thread(self._count_scope)
+        self.stats.repaired_lines = resume.repaired_lines
+        self.stats.retried_failures = resume.retried_failures
+        if self.searcher.store is not None:
+            self._spent_before = await self.searcher.store.run_cost(self.run_id)
+            self.stats.spent_usd = self._spent_before
+        self.on_update(self.stats)
+
+        slots = asyncio.Semaphore(self.options.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() is not None and self._fatal is None:
+                self._fatal = task.exception()
+                self.stop("interrupted")
+
+        try:
+            async for item in self._items():
+                if item.key in resume.done:
+                    self.stats.already_done += 1
+                    continue
+                await slots.acquire()
+                if self._stop is None and self._over_budget():
+                    self.stop("budget")
+                if self._stop is not None:
+                    slots.release()
+                    break
+                task = asyncio.create_task(self._process(item))
+                tasks.add(task)
+                task.add_done_callback(finished)
+            if tasks:
+                await asyncio.wait(set(tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(set(tasks))
+            self.files.close()
+        self._over_budget()
+        if self._fatal is not None:
+            raise self._fatal
+        self.stats.stop_reason = self._stop or "completed"
+        self.on_update(self.stats)
+        return self.stats
+
+    async def _process(self, item: InputItem) -> None:
+        self.stats.in_flight += 1
+        try:
+            if item.error:
+                await self._fail(item, "bad_input", item.error)
+                return
+            try:
+                case = await self.searcher.prepare_case(
+                    item.question,
+                    item.images,
+                    answer=item.answer,
+                    case_info=item.case_info,
+                    rid=item.rid,
+                    image_dir=self.options.image_dir or self.options.data.parent,
+                )
+            except InputError as exc:
+                await self._fail(item, "bad_input", f"line {item.line}: {exc}")
+                return
+            result = await self.searcher.search_case(case)
+            self._count_usage(result)
+            if result.ok:
+                await self.files.append_success(result.to_record())
+                self.stats.success += 1
+            else:
+                message = result.message
+                if result.status == "model_error":
+                    message += " (retried on the next run)"
+                await self._fail(item, result.status, message, result)
+        finally:
+            self.stats.in_flight -= 1
+            self.on_update(self.stats)
+
+    def _count_usage(self, result: SearchResult) -> None:
+        usage = result.usage
+        self.stats.calls += usage.calls
+        self.stats.cached_calls += usage.cached_calls
+        self.stats.tokens += usage.input_tokens + usage.output_tokens
+        self.stats.cost_usd += usage.cost_usd
+
+    async def _fail(self, item: InputItem, kind: str, message: str, result: SearchResult | None = None) -> None:
+        record: dict[str, Any] = {
+            "rid": item.rid,
+            "key": item.key,
+            "line": item.line,
+            "error": {"kind": kind, "message": message},
+            "input": item.raw,
+        }
+        if result is not None:
+            record["search"] = result.to_record()
+        await self.files.append_failure(record)
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
