@@ -295,5 +295,54 @@ def config() -> None:
         console.print(f"[bold]MICS_{name.upper()}[/] = {getattr(settings, name)!r}  [dim]{field.description}[/]")
 
 
+dataset_app = typer.Typer(help="Build the MMRP-style curriculum from MICS output.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+def _named_paths(values: list[str] | None, option: str) -> dict[str, Path]:
+    named = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise _fail_config(f"{option} takes NAME=FILE, got {value!r}")
+        named[name] = Path(path)
+    return named
+
+
+@dataset_app.command("build")
+def dataset_build(
+    mics: Annotated[list[Path], typer.Option(help="MICS output (mics run --output); repeat for several.")],
+    cases: Annotated[Path, typer.Option(help="The cases (mics run input): case ids and captions for Part 2.")],
+    image_dir: Annotated[Path, typer.Option(help="Folder the image paths of cases and MICS output are relative to.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Curriculum folder to write.")],
+    text_qa: Annotated[Optional[Path], typer.Option(help="Part 1 text QA (mics generate qa output).")] = None,
+    vqa: Annotated[Optional[list[str]], typer.Option(help="A general VQA set as NAME=FILE (plain layout); repeat.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe YAML [default: the paper's Table 4 proportions].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of sampling, shuffling and the split.")] = 0,
+) -> None:
+    """Quality-control MICS output, make alignment pairs, assemble stages 1-3 and a test split, export them
+    (LLaVA, InternVL, TRL messages, HF datasets) and write stats.json + stats.png."""
+    from .dataset import BuildOptions, build_dataset, load_recipe
+    from .errors import ConfigError, InputError
+
+    try:
+        options = BuildOptions(
+            mics=mics, cases=cases, image_dir=image_dir, output=output, recipe=load_recipe(recipe),
+            text_qa=text_qa, vqa=_named_paths(vqa, "--vqa"), seed=seed,
+        )
+        report = build_dataset(options)
+    except ConfigError as exc:
+        raise _fail_config(str(exc)) from None
+    except InputError as exc:
+        err_console.print(f"[bold red]Bad input:[/] {exc}")
+        raise typer.Exit(1) from None
+    for stage, count in report.stages.items():
+        console.print(f"{stage}: {count} samples -> {output / stage}")
+    console.print(f"test: {report.test} samples -> {output / 'test'}")
+    for step, reasons in report.drops.items():
+        console.print(f"dropped in {step}: " + ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items())))
+    console.print(f"stats: {output / 'stats.json'}, {output / 'stats.png'}")
+
+
 def main() -> None:
     app()

@@ -1,0 +1,19 @@
+"""MMRP-style dataset building: quality control of MICS output, image-text alignment pairs, the
+three-stage curriculum, exports for training frameworks, and a stats report."""
+
+from .build import BuildOptions, BuildReport, build_dataset
+from .curriculum import Recipe, default_recipe, load_recipe
+from .qc import QcOptions, quality_control
+from .samples import Sample
+
+__all__ = [
+    "BuildOptions",
+    "BuildReport",
+    "QcOptions",
+    "Recipe",
+    "Sample",
+    "build_dataset",
+    "default_recipe",
+    "load_recipe",
+    "quality_control",
+]

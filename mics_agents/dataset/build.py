@@ -1,0 +1,174 @@
+"""``mics dataset build``: MICS output + cases (+ text QA + general VQA sets) -> the curriculum folders."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .alignment import AlignmentOptions, alignment_samples
+from .curriculum import Recipe, assemble_stage, split_by_case
+from .exports import export_samples, place_images
+from .images import ImageCatalog
+from .qc import QcOptions, quality_control
+from .samples import PART1, PART3, Sample, detect_modality
+from .stats import dataset_stats, write_stats
+
+__all__ = ["BuildOptions", "BuildReport", "build_dataset"]
+
+
+@dataclass
+class BuildOptions:
+    mics: list[Path]
+    cases: Path
+    image_dir: Path
+    output: Path
+    recipe: Recipe
+    text_qa: Path | None = None
+    vqa: dict[str, Path] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class BuildReport:
+    stages: dict[str, int]
+    test: int
+    drops: dict[str, dict[str, int]]
+    output: Path
+
+
+def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise InputError(f"{what} file {str(path)!r} not found")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: invalid JSON in the {what} file ({exc.msg})") from None
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _case_view(record: dict[str, Any]) -> dict[str, Any]:
+    """A case record of any accepted layout as {case_id, images, caption, text}."""
+    info = record.get("case_info") if isinstance(record.get("case_info"), dict) else {}
+    captions = record.get("caption", info.get("caption")) or []
+    if isinstance(captions, str):
+        captions = [captions]
+    text_parts = [str(record.get("presentation") or info.get("presentation") or ""), *map(str, captions)]
+    if isinstance(record.get("case_info"), str):
+        text_parts.append(record["case_info"])
+    return {
+        "case_id": str(record.get("case_id") or record.get("rid") or record.get("id")),
+        "images": [image for image in record.get("images") or [] if isinstance(image, str)],
+        "caption": captions,
+        "text": " ".join(part for part in text_parts if part),
+    }
+
+
+def build_dataset(options: BuildOptions) -> BuildReport:
+    recipe = options.recipe
+    catalog = ImageCatalog()
+    drops: dict[str, Counter] = {"qc": Counter(), "part1": Counter(), "part2": Counter(), "part3": Counter(), "vqa": Counter()}
+
+    # Cases: the case id behind each item id, and the captions Part 2 is made from.
+    case_of: dict[str, str] = {}
+    cases: dict[str, dict[str, Any]] = {}
+    for record in _read_jsonl(options.cases, "cases"):
+        view = _case_view(record)
+        item_id = str(record.get("rid") or record.get("id") or view["case_id"])
+        case_of[item_id] = view["case_id"]
+        cases.setdefault(view["case_id"], view)
+
+    samples: list[Sample] = []
+
+    # Part 3: MICS chain-of-thought that passes quality control.
+    mics_records = [record for path in options.mics for record in _read_jsonl(path, "MICS output")]
+    qc = quality_control(
+        mics_records,
+        QcOptions(tuple(recipe.keep_trends), recipe.keep_single_step, recipe.keep_search_id_zero),
+    )
+    drops["qc"] = qc.dropped
+    for record in qc.kept:
+        rid = str(record["rid"])
+        infos = [catalog.lookup(image, options.image_dir) for image in record.get("images") or []]
+        if any(info is None for info in infos):
+            drops["part3"]["image_missing_or_unreadable"] += 1
+            continue
+        case_id = case_of.get(rid, rid)
+        samples.append(
+            Sample(
+                id=f"{rid}-cot",
+                case_id=case_id,
+                source=PART3,
+                prompt=record["question"],
+                response=record["reasoning"],
+                images=[info.path for info in infos],
+                modality=detect_modality(record["question"], cases.get(case_id, {}).get("text", "")),
+            )
+        )
+
+    # Part 1: text multiple-choice QA made from case text (mics generate qa).
+    if options.text_qa is not None:
+        for record in _read_jsonl(options.text_qa, "text QA"):
+            question, answer = str(record.get("question") or "").strip(), str(record.get("answer") or "").strip()
+            if not question or not answer:
+                drops["part1"]["missing_question_or_answer"] += 1
+                continue
+            rationale = str(record.get("rationale") or "").strip()
+            response = (f"{rationale}\n\n" if rationale else "") + f"### The final answer is: {answer}"
+            case_id = str(record.get("case_id") or record.get("id"))
+            samples.append(
+                Sample(f"{record.get('id')}-qa", case_id, PART1, question, response, [], "none")
+            )
+
+    # Part 2: image-text alignment from captions.
+    part2, drops["part2"] = alignment_samples(
+        [cases[key] for key in sorted(cases)],
+        catalog,
+        options.image_dir,
+        AlignmentOptions(recipe.alignment_min_side, recipe.alignment_max_images),
+        options.seed,
+    )
+    samples.extend(part2)
+
+    # General medical VQA sets, images relative to their own file.
+    for name, path in sorted(options.vqa.items()):
+        for record in _read_jsonl(path, f"VQA set {name!r}"):
+            question, answer = str(record.get("question") or "").strip(), str(record.get("answer") or "").strip()
+            images = record.get("images") or []
+            if isinstance(images, str):
+                images = [images]
+            infos = [catalog.lookup(image, path.parent) for image in images]
+            if not question or not answer or any(info is None for info in infos):
+                drops["vqa"][f"{name}:unusable"] += 1
+                continue
+            item_id = str(record.get("id") or record.get("qid") or len(samples))
+            samples.append(
+                Sample(f"{name}-{item_id}", f"vqa:{name}:{item_id}", f"vqa:{name}", question, answer,
+                       [info.path for info in infos], detect_modality(question))
+            )
+
+    train, test = split_by_case(samples, recipe.test_fraction, options.seed)
+    stages = {stage: assemble_stage(stage, sources, train, options.seed) for stage, sources in recipe.stages.items()}
+
+    options.output.mkdir(parents=True, exist_ok=True)
+    image_paths = place_images([*train, *test], catalog, options.output / "images")
+    for stage, stage_samples in stages.items():
+        export_samples(stage_samples, options.output / stage, name=f"mmrp_{stage}", image_paths=image_paths)
+    export_samples(test, options.output / "test", name="mmrp_test", image_paths=image_paths)
+    write_stats(dataset_stats(stages, test, mics_records, drops), options.output)
+    return BuildReport(
+        stages={stage: len(items) for stage, items in stages.items()},
+        test=len(test),
+        drops={step: dict(counter) for step, counter in drops.items() if counter},
+        output=options.output,
+    )

@@ -1,0 +1,132 @@
+"""The three-stage curriculum: a recipe of sources and sampling ratios, the train/test split by case id,
+and stage assembly.
+
+Ratios repeat or subsample a source: 10 means ten copies, 0.2 a seeded fifth, 2.5 two copies and half.
+The default recipe follows the proportions of Chiron-o1's Table 4: general VQA at about a fifth in
+stages 1-2 and whole in stage 3, Part 1 in every stage, Part 2 ten times in stage 2 and five times in
+stage 3, Part 3 in stage 3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+from .samples import PART1, PART2, PART3, Sample
+
+__all__ = ["Recipe", "default_recipe", "load_recipe", "split_by_case", "assemble_stage", "source_weight"]
+
+VQA = "vqa"
+KNOWN_SOURCES = {VQA, PART1, PART2, PART3}
+
+
+class Recipe(BaseModel):
+    """What goes into each stage, and the knobs of quality control and alignment."""
+
+    stages: dict[str, dict[str, float]] = Field(
+        description="stage name -> {source: ratio}; sources: vqa (every --vqa set), vqa:NAME (one set), "
+        f"{PART1}, {PART2}, {PART3}"
+    )
+    test_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of case ids held out for test/.")
+    keep_trends: list[str] = Field(default_factory=lambda: ["increasing"], description="MICS trends kept by QC.")
+    keep_single_step: bool = Field(default=True, description="Keep paths decided in one iteration (no trend).")
+    keep_search_id_zero: bool = Field(default=False, description="Keep paths that never reached a full score.")
+    alignment_min_side: int = Field(default=32, ge=1, description="Smallest image side (pixels) for Part 2.")
+    alignment_max_images: int = Field(default=4, ge=1, description="Most images in one Part 2 unit.")
+
+    @field_validator("stages")
+    @classmethod
+    def _check_sources(cls, stages: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        if not stages:
+            raise ValueError("a recipe needs at least one stage")
+        for stage, sources in stages.items():
+            for source, ratio in sources.items():
+                if source not in KNOWN_SOURCES and not source.startswith(f"{VQA}:"):
+                    raise ValueError(f"stage {stage!r}: unknown source {source!r} (known: {sorted(KNOWN_SOURCES)}, vqa:NAME)")
+                if ratio < 0:
+                    raise ValueError(f"stage {stage!r}: ratio of {source!r} must be >= 0")
+        return stages
+
+
+def default_recipe() -> Recipe:
+    return Recipe(
+        stages={
+            "stage1": {VQA: 0.2, PART1: 1.0},
+            "stage2": {VQA: 0.2, PART1: 1.0, PART2: 10.0},
+            "stage3": {VQA: 1.0, PART1: 1.0, PART2: 5.0, PART3: 1.0},
+        }
+    )
+
+
+def load_recipe(path: Path | None) -> Recipe:
+    if path is None:
+        return default_recipe()
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return Recipe.model_validate(data)
+    except OSError as exc:
+        raise ConfigError(f"--recipe {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"--recipe {str(path)!r} is not a valid recipe: {exc}") from exc
+
+
+def _unit_hash(seed: int, text: str) -> float:
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_by_case(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, test): a case id is on one side only. External VQA sets stay in train."""
+    train, test = [], []
+    for sample in samples:
+        held_out = not sample.source.startswith(VQA) and _unit_hash(seed, sample.case_id) < fraction
+        (test if held_out else train).append(sample)
+    return train, test
+
+
+def source_weight(source: str, stage_sources: dict[str, float]) -> float | None:
+    """A sample source's ratio in a stage: an exact ``vqa:NAME`` entry wins over ``vqa``."""
+    if source in stage_sources:
+        return stage_sources[source]
+    if source.startswith(f"{VQA}:") and VQA in stage_sources:
+        return stage_sources[VQA]
+    return None
+
+
+def _apply_ratio(samples: list[Sample], ratio: float, rng: random.Random) -> list[Sample]:
+    copies = math.floor(ratio)
+    chosen: list[Sample] = []
+    for copy in range(copies):
+        chosen.extend(_copy(sample, copy) for sample in samples)
+    remainder = round((ratio - copies) * len(samples))
+    if remainder:
+        chosen.extend(_copy(sample, copies) for sample in rng.sample(samples, remainder))
+    return chosen
+
+
+def _copy(sample: Sample, index: int) -> Sample:
+    if index == 0:
+        return sample
+    return Sample(sample.id + f"#{index}", sample.case_id, sample.source, sample.prompt, sample.response,
+                  list(sample.images), sample.modality)
+
+
+def assemble_stage(stage: str, stage_sources: dict[str, float], train: list[Sample], seed: int) -> list[Sample]:
+    """The samples of one stage, each source at its ratio, shuffled with a seed of its own."""
+    by_source: dict[str, list[Sample]] = {}
+    for sample in train:
+        by_source.setdefault(sample.source, []).append(sample)
+    chosen: list[Sample] = []
+    for source in sorted(by_source):
+        ratio = source_weight(source, stage_sources)
+        if ratio:
+            rng = random.Random(f"{seed}:{stage}:{source}")
+            chosen.extend(_apply_ratio(by_source[source], ratio, rng))
+    random.Random(f"{seed}:{stage}:order").shuffle(chosen)
+    return chosen

@@ -1,0 +1,84 @@
+"""The dataset's numbers (JSON) and a chart of them (PNG)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .samples import Sample
+
+__all__ = ["dataset_stats", "write_stats"]
+
+
+def _summary(samples: list[Sample]) -> dict[str, Any]:
+    return {
+        "total": len(samples),
+        "by_source": dict(sorted(Counter(s.source for s in samples).items())),
+        "modality": dict(sorted(Counter(s.modality for s in samples).items())),
+        "cases": len({s.case_id for s in samples}),
+    }
+
+
+def dataset_stats(
+    stages: dict[str, list[Sample]],
+    test: list[Sample],
+    mics_records: list[dict[str, Any]],
+    drops: dict[str, Counter],
+) -> dict[str, Any]:
+    return {
+        "stages": {name: _summary(samples) for name, samples in stages.items()},
+        "test": _summary(test),
+        "mics": {
+            "records": len(mics_records),
+            "final_depth": dict(sorted(Counter(str(r.get("final_depth")) for r in mics_records).items())),
+            "trend": dict(sorted(Counter(str(r.get("trend")) for r in mics_records).items())),
+            "search_id": dict(sorted(Counter(str(r.get("search_id")) for r in mics_records).items())),
+        },
+        "drops": {step: dict(sorted(counter.items())) for step, counter in sorted(drops.items())},
+    }
+
+
+def write_stats(stats: dict[str, Any], folder: Path) -> None:
+    (folder / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _plot(stats, folder / "stats.png")
+
+
+def _bar(axis, counts: dict[str, int], title: str) -> None:
+    labels = list(counts) or ["(none)"]
+    values = list(counts.values()) or [0]
+    axis.bar(range(len(labels)), values, color="#4c72b0")
+    axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    axis.set_title(title, fontsize=10)
+
+
+def _plot(stats: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 3, figsize=(14, 8))
+    stages = list(stats["stages"])
+    sources = sorted({source for stage in stats["stages"].values() for source in stage["by_source"]})
+    bottoms = [0] * len(stages)
+    for source in sources:
+        heights = [stats["stages"][stage]["by_source"].get(source, 0) for stage in stages]
+        axes[0][0].bar(stages, heights, bottom=bottoms, label=source)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    axes[0][0].set_title("samples per stage and part", fontsize=10)
+    if sources:
+        axes[0][0].legend(fontsize=7)
+    modality: Counter = Counter()
+    for stage in stats["stages"].values():
+        modality.update(stage["modality"])
+    _bar(axes[0][1], dict(sorted(modality.items())), "modality mix (all stages)")
+    _bar(axes[0][2], stats["mics"]["final_depth"], "MICS final depth")
+    _bar(axes[1][0], stats["mics"]["trend"], "MICS path trend")
+    drops = {f"{step}:{reason}": count for step, reasons in stats["drops"].items() for reason, count in reasons.items()}
+    _bar(axes[1][1], drops, "dropped, by reason")
+    _bar(axes[1][2], {"test": stats["test"]["total"], **{k: v["total"] for k, v in stats["stages"].items()}}, "split sizes")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(figure)
