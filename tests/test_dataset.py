@@ -1,0 +1,244 @@
+"""The dataset builder, end to end on synthetic cases: run -> QC -> stages -> exports -> stats."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mics_agents.config import load_settings
+from mics_agents.dataset import BuildOptions, QcOptions, Recipe, build_dataset, default_recipe, quality_control
+from mics_agents.dataset.alignment import AlignmentOptions, alignment_samples
+from mics_agents.dataset.images import ImageCatalog
+from mics_agents.models.simulated import simulated_intern, simulated_judge, simulated_mentor
+from mics_agents.runner import BatchRun, RunOptions
+from mics_agents.search import Searcher
+
+N_CASES = 24
+
+
+def png(path: Path, size=(48, 40), shade=0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (shade % 256, (shade * 7) % 256, 120)).save(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """Cases (Chiron-o1 layout), their MICS output from simulated models, a text-QA file and a VQA set."""
+    root = tmp_path_factory.mktemp("corpus")
+    images = root / "images"
+    cases = []
+    for index in range(N_CASES):
+        png(images / f"c{index}_a.png", shade=index * 3)
+        names = [f"c{index}_a.png"]
+        captions = [f"<image> Axial CT of case {index}: a {index + 10} mm nodule."]
+        if index % 4 == 0:
+            png(images / f"c{index}_b.png", shade=index * 3 + 1)
+            names.append(f"c{index}_b.png")
+            captions.append(f"According to the <image>, the MRI shows oedema in case {index}.")
+        cases.append({
+            "rid": f"case-{index}",
+            "messages": [
+                {"role": "user", "content": f"**Question:** Case {index}: which finding?\nA. Nodule\nB. Cyst\nC. Normal"},
+                {"role": "assistant", "content": f"**Correct Answer:** {'ABC'[index % 3]}"},
+            ],
+            "images": names,
+            "presentation": f"Cough for {index} weeks",
+            "age_label": "60",
+            "gender_label": "Male",
+            "caption": captions,
+        })
+    # Alignment edge cases: a tiny image, and a case reusing another case's image.
+    png(images / "tiny.png", size=(8, 8))
+    cases.append({"rid": "case-tiny", "messages": [{"content": "**Question:** q?"}, {"content": "**Correct Answer:** x"}],
+                  "images": ["tiny.png"], "caption": ["<image> a tiny image"]})
+    cases.append({"rid": "case-dup", "messages": [{"content": "**Question:** q?"}, {"content": "**Correct Answer:** x"}],
+                  "images": ["c1_a.png"], "caption": ["<image> the same picture again"]})
+    data = root / "cases.jsonl"
+    data.write_text("".join(json.dumps(case) + "\n" for case in cases))
+
+    text_qa = root / "text_qa.jsonl"
+    text_qa.write_text("".join(
+        json.dumps({"id": f"case-{i}-qa0", "case_id": f"case-{i}", "question": f"Q{i}?\nA. a\nB. b\nC. c",
+                    "answer": "B. b", "rationale": "Because b."}) + "\n"
+        for i in range(N_CASES)
+    ))
+    vqa_dir = root / "vqa_rad"
+    for index in range(10):
+        png(vqa_dir / f"v{index}.png", shade=200 + index)
+    vqa = vqa_dir / "vqa.jsonl"
+    vqa.write_text("".join(
+        json.dumps({"id": f"v{i}", "question": f"Is there a fracture {i}?", "answer": "no", "images": [f"v{i}.png"]}) + "\n"
+        for i in range(10)
+    ))
+
+    import asyncio
+
+    async def run_mics() -> None:
+        searcher = Searcher(
+            mentors=[simulated_mentor("sim/a"), simulated_mentor("sim/b")],
+            interns=[simulated_intern("sim/i1"), simulated_intern("sim/i2")],
+            judge=simulated_judge(),
+            settings=load_settings(cache_path=None, seed=2),
+        )
+        await BatchRun(searcher, RunOptions(data=data, output=root / "mics.jsonl", image_dir=images)).run()
+
+    asyncio.run(run_mics())
+    return {"root": root, "cases": data, "images": images, "mics": root / "mics.jsonl", "text_qa": text_qa, "vqa": vqa}
+
+
+def build(corpus, output: Path, recipe: Recipe | None = None, seed: int = 5):
+    recipe = recipe or default_recipe().model_copy(update={"test_fraction": 0.25})
+    return build_dataset(BuildOptions(
+        mics=[corpus["mics"]], cases=corpus["cases"], image_dir=corpus["images"], output=output, recipe=recipe,
+        text_qa=corpus["text_qa"], vqa={"vqa_rad": corpus["vqa"]}, seed=seed,
+    ))
+
+
+def messages(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "messages.jsonl").read_text().splitlines()]
+
+
+def base_id(sample_id: str) -> str:
+    return sample_id.split("#")[0]
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*")) if path.is_file()
+    }
+
+
+def test_stages_nest_with_the_recipe_ratios_and_the_split_keeps_cases_apart(corpus, tmp_path):
+    report = build(corpus, tmp_path / "ds")
+    stages = {name: messages(tmp_path / "ds" / name) for name in ("stage1", "stage2", "stage3")}
+    test = messages(tmp_path / "ds" / "test")
+    sources = {name: Counter(row["source"] for row in rows) for name, rows in stages.items()}
+    assert set(sources["stage1"]) == {"vqa:vqa_rad", "part1_text_qa"}
+    assert set(sources["stage2"]) == {"vqa:vqa_rad", "part1_text_qa", "part2_alignment"}
+    assert set(sources["stage3"]) == {"vqa:vqa_rad", "part1_text_qa", "part2_alignment", "part3_cot"}
+
+    def unique(rows, source):
+        return {base_id(row["id"]) for row in rows if row["source"] == source}
+
+    # Part 1 is whole in every stage (nesting); Part 2 x10 then x5; VQA about a fifth, then whole.
+    part1 = unique(stages["stage1"], "part1_text_qa")
+    assert part1 == unique(stages["stage2"], "part1_text_qa") == unique(stages["stage3"], "part1_text_qa")
+    part2 = unique(stages["stage2"], "part2_alignment")
+    assert part2 == unique(stages["stage3"], "part2_alignment") and part2
+    assert sources["stage2"]["part2_alignment"] == 10 * len(part2)
+    assert sources["stage3"]["part2_alignment"] == 5 * len(part2)
+    assert sources["stage1"]["vqa:vqa_rad"] == 2 and sources["stage3"]["vqa:vqa_rad"] == 10
+    assert report.stages == {name: len(rows) for name, rows in stages.items()}
+
+    # No case id on both sides; the test split holds in-domain samples only, each once.
+    train_cases = {row["case_id"] for rows in stages.values() for row in rows}
+    test_cases = {row["case_id"] for row in test}
+    assert test_cases and not train_cases & test_cases
+    assert not any(row["source"].startswith("vqa") for row in test)
+    assert len({row["id"] for row in test}) == len(test)
+
+
+def test_every_export_loads_back_with_resolvable_images(corpus, tmp_path):
+    from datasets import load_from_disk
+
+    build(corpus, tmp_path / "ds")
+    for name in ("stage1", "stage2", "stage3", "test"):
+        folder = tmp_path / "ds" / name
+        rows = messages(folder)
+        for row in rows:
+            placeholders = [part for part in row["messages"][0]["content"] if part["type"] == "image"]
+            assert len(placeholders) == len(row["images"])
+            assert all((folder / image).is_file() for image in row["images"])
+        llava = json.loads((folder / "llava.json").read_text())
+        assert len(llava) == len(rows)
+        for entry in llava:
+            images = entry.get("image", [])
+            images = [images] if isinstance(images, str) else images
+            assert entry["conversations"][0]["value"].count("<image>") == len(images)
+            assert all((folder / image).is_file() for image in images)
+        meta = json.loads((folder / "internvl_meta.json").read_text())
+        [(dataset_name, spec)] = meta.items()
+        assert dataset_name == f"mmrp_{name}" and spec["length"] == len(rows)
+        assert len((folder / spec["annotation"]).read_text().splitlines()) == len(rows)
+        hf = load_from_disk(str(folder / "hf"))
+        assert len(hf) == len(rows)
+        with_images = [row for row in hf if row["images"]]
+        if rows and any(row["images"] for row in rows):
+            assert with_images and with_images[0]["images"][0].size[0] > 0  # decoded PIL images
+        if len(hf):
+            assert hf[0]["messages"][1]["role"] == "assistant"
+
+
+def test_alignment_deduplicates_and_filters_with_counts(corpus, tmp_path):
+    report = build(corpus, tmp_path / "ds")
+    assert report.drops["part2"] == {"duplicate_image": 1, "low_resolution": 1}
+    stats = json.loads((tmp_path / "ds" / "stats.json").read_text())
+    assert stats["drops"]["part2"] == {"duplicate_image": 1, "low_resolution": 1}
+    assert stats["mics"]["records"] == len(corpus["mics"].read_text().splitlines()) > 0
+    assert sum(stats["mics"]["trend"].values()) == stats["mics"]["records"]
+    assert (tmp_path / "ds" / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(stats["stages"]) == {"stage1", "stage2", "stage3"}
+    assert stats["stages"]["stage3"]["modality"].get("CT", 0) > 0
+
+
+def test_reruns_are_byte_identical_and_the_seed_matters(corpus, tmp_path):
+    build(corpus, tmp_path / "a")
+    first = tree_digest(tmp_path / "a")
+    build(corpus, tmp_path / "a")
+    assert tree_digest(tmp_path / "a") == first
+    build(corpus, tmp_path / "b")
+    assert tree_digest(tmp_path / "b") == first, "nothing in the output depends on where it is written"
+    build(corpus, tmp_path / "c", seed=6)
+    assert tree_digest(tmp_path / "c") != first
+
+
+def test_quality_control_counts_each_drop_reason():
+    good = {"rid": "g", "search_id": "1", "final_depth": "2", "trend": "increasing", "question": "Q?",
+            "gt_answer": "Pneumonia", "reasoning": "### Step 1: x\n\n### The final answer is: Pneumonia"}
+    records = [
+        good,
+        {**good, "rid": "single", "final_depth": "1", "trend": "constant"},
+        {**good, "rid": "zero", "search_id": "0"},
+        {**good, "rid": "flat", "trend": "constant"},
+        {**good, "rid": "nosteps", "reasoning": "### The final answer is: Pneumonia"},
+        {**good, "rid": "noanswer", "reasoning": "### Step 1: x"},
+        {**good, "rid": "wrong", "reasoning": "### Step 1: x\n### The final answer is: Asthma"},
+        {"rid": "failed", "search_id": None},
+    ]
+    result = quality_control(records)
+    assert [r["rid"] for r in result.kept] == ["g", "single"]
+    assert result.dropped == Counter({"search_id_0": 1, "trend_constant": 1, "no_steps": 1, "no_final_answer": 1,
+                                      "final_answer_mismatch": 1, "not_a_success": 1})
+    strict = quality_control(records, QcOptions(keep_single_step=False, keep_search_id_zero=True))
+    assert [r["rid"] for r in strict.kept] == ["g", "zero"]
+
+
+def test_alignment_maps_placeholders_in_order_and_caps_units(tmp_path):
+    for name in ("a", "b", "c"):
+        png(tmp_path / f"{name}.png", shade=ord(name))
+    case = {"case_id": "k", "images": ["a.png", "b.png", "c.png"], "text": "",
+            "caption": ["<image> left; <image> right.", "<image> the third"]}
+    samples, dropped = alignment_samples([case], ImageCatalog(), tmp_path, AlignmentOptions(max_images_per_unit=4), 0)
+    assert [[p.name for p in s.images] for s in samples] == [["a.png", "b.png"], ["c.png"]]
+    assert samples[0].response == "Image 1 left; Image 2 right."
+    assert samples[1].response == "The image the third"
+    capped, dropped = alignment_samples([case], ImageCatalog(), tmp_path, AlignmentOptions(max_images_per_unit=1), 0)
+    assert len(capped) == 1 and dropped["too_many_images"] == 1
+
+
+def test_a_recipe_with_an_unknown_source_is_refused(tmp_path):
+    from mics_agents.dataset import load_recipe
+    from mics_agents.errors import ConfigError
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("stages:\n  stage1: {part9: 1}\n")
+    with pytest.raises(ConfigError, match="unknown source 'part9'"):
+        load_recipe(path)
+    path.write_text("stages:\n  s1: {vqa: 0.5, 'vqa:rad': 2}\ntest_fraction: 0.1\n")
+    assert load_recipe(path).stages["s1"]["vqa:rad"] == 2
