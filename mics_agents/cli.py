@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .results import SearchResult
-    from .runner import RunOptions, RunStats
+    from .runner import RunOptions, RunStats, Worker
     from .search import Searcher
 
 app = typer.Typer(
@@ -124,7 +124,7 @@ def _search_settings(settings: "Settings") -> dict:
     return {key: getattr(settings, key) for key in keys}
 
 
-def _run_batch(open_searcher: "Callable[[], Awaitable[Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None) -> "RunStats":
+def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None) -> "RunStats":
     """Run a batch with progress, Ctrl-C handling (first: finish items in flight; second: abort) and a summary."""
     import signal
 
@@ -134,11 +134,12 @@ def _run_batch(open_searcher: "Callable[[], Awaitable[Searcher]]", options: "Run
     reporter = ProgressReporter(err_console, log_every=log_every)
 
     async def execute() -> "RunStats":
-        async with await open_searcher() as searcher:
-            batch = BatchRun(searcher, options, on_update=reporter)
-            if searcher.store is not None:
+        batch = BatchRun(await open_worker(), options, on_update=reporter)
+        try:
+            store = batch.worker.store
+            if store is not None:
                 current = _search_settings(settings)
-                previous = await searcher.store.record_run(batch.run_id, str(options.data), str(options.output), current)
+                previous = await store.record_run(batch.run_id, str(options.data), str(options.output), current)
                 changed = {k: (previous[k], v) for k, v in current.items() if previous and previous.get(k) != v}
                 if changed:
                     details = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
@@ -161,6 +162,8 @@ def _run_batch(open_searcher: "Callable[[], Awaitable[Searcher]]", options: "Run
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
+        finally:
+            await batch.worker.aclose()
 
     try:
         stats = asyncio.run(execute())

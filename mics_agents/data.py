@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ def parse_record(record: Any, line: int) -> InputItem:
     return item
 
 
-def read_items(path: Path) -> Iterator[InputItem]:
+def read_items(path: Path, parse: Callable[[Any, int], InputItem] = parse_record) -> Iterator[InputItem]:
     """Stream the items of a JSONL file, one line at a time (blocking: call from a thread).
 
     Blank lines are skipped; a duplicated id is an error on the later line, naming the first one.
@@ -107,7 +107,7 @@ def read_items(path: Path) -> Iterator[InputItem]:
                 yield InputItem(number, f"line-{number}", f"line-{number}", raw=text.strip()[:2000],
                                 error=f"line {number}: invalid JSON ({exc.msg} at column {exc.colno})")
                 continue
-            item = parse_record(record, number)
+            item = parse(record, number)
             if item.rid in first_line_of:
                 item.key = f"{item.rid}@line{number}"
                 item.error = (

@@ -22,7 +22,7 @@ from .errors import MicsError
 
 __all__ = ["OutputFiles", "ResumeState", "MergeReport", "merge_outputs", "default_failed_path", "FINAL_FAILURES"]
 
-FINAL_FAILURES = frozenset({"no_path", "bad_input"})
+FINAL_FAILURES = frozenset({"no_path", "bad_input", "no_items"})
 
 
 def default_failed_path(output: Path) -> Path:
@@ -85,8 +85,12 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
 
 
 class OutputFiles:
-    def __init__(self, output: Path, failed: Path | None = None) -> None:
+    def __init__(self, output: Path, failed: Path | None = None, *, group_key: str | None = None) -> None:
+        """``group_key``: one item writes several lines, each naming its item in this field and the
+        number of lines the item wrote in ``group_size``; an item with fewer lines than that (a crash
+        mid-write) is not done and its lines are removed."""
         self.output = Path(output)
+        self.group_key = group_key
         self.failed = Path(failed) if failed else default_failed_path(self.output)
         if self.output.resolve() == self.failed.resolve():
             raise MicsError(f"--failed must differ from --output ({self.output})")
@@ -99,9 +103,13 @@ class OutputFiles:
         for path in (self.output, self.failed):
             path.parent.mkdir(parents=True, exist_ok=True)
             state.repaired_lines += _repair_tail(path)
-        for record in _read_lines(self.output):
-            state.done.add(str(record["rid"]))
-            state.counts["success"] += 1
+        records = _read_lines(self.output)
+        if self.group_key is None:
+            for record in records:
+                state.done.add(str(record["rid"]))
+                state.counts["success"] += 1
+        else:
+            self._prune_incomplete_groups(records, state)
         kept, dropped = [], 0
         for record in _read_lines(self.failed):
             kind = record.get("error", {}).get("kind")
@@ -112,24 +120,31 @@ class OutputFiles:
             else:
                 dropped += 1
         if dropped:
-            temporary = self.failed.with_name(self.failed.name + ".tmp")
-            with open(temporary, "wb") as handle:
-                for record in kept:
-                    handle.write(_encode(record))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.failed)
+            _rewrite(self.failed, kept)
         state.retried_failures = dropped
         return state
 
-    async def append_success(self, record: dict[str, Any]) -> None:
-        await self._append(self.output, record)
+    def _prune_incomplete_groups(self, records: list[dict[str, Any]], state: ResumeState) -> None:
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            groups.setdefault(str(record[self.group_key]), []).append(record)
+        complete = {key for key, lines in groups.items() if len(lines) == lines[0].get("group_size")}
+        state.done.update(complete)
+        state.counts["success"] += len(complete)
+        if len(complete) < len(groups):
+            _rewrite(self.output, [r for r in records if str(r[self.group_key]) in complete])
+
+    async def append_success(self, records: list[dict[str, Any]]) -> None:
+        """All lines of one item in one write, so a crash leaves them whole or detectably cut."""
+        if self.group_key is not None:
+            records = [{**record, "group_size": len(records)} for record in records]
+        await self._append(self.output, records)
 
     async def append_failure(self, record: dict[str, Any]) -> None:
-        await self._append(self.failed, record)
+        await self._append(self.failed, [record])
 
-    async def _append(self, path: Path, record: dict[str, Any]) -> None:
-        data = _encode(record)
+    async def _append(self, path: Path, records: list[dict[str, Any]]) -> None:
+        data = b"".join(_encode(record) for record in records)
         lock = self._locks.setdefault(path, asyncio.Lock())
         async with lock:
             await asyncio.to_thread(self._write_durably, path, data)
@@ -148,6 +163,17 @@ class OutputFiles:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replace a file's lines atomically (write aside, fsync, rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        for record in records:
+            handle.write(_encode(record))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def _encode(record: dict[str, Any]) -> bytes:
@@ -174,7 +200,7 @@ def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> 
         if not Path(path).is_file():
             raise MicsError(f"shard output {str(path)!r} not found")
         for record in _read_lines(Path(path)):
-            key = str(record["rid"])
+            key = str(record.get("rid", record.get("id")))
             if key in successes or key in failures:
                 overlapping.append(key)
                 failures.pop(key, None)
@@ -196,11 +222,5 @@ def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> 
         )
     for path, records in ((Path(output), successes), (default_failed_path(Path(output)), failures)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            for record in records.values():
-                handle.write(_encode(record))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        _rewrite(path, list(records.values()))
     return MergeReport(successes=len(successes), failures=len(failures), overlaps=len(overlapping))

@@ -98,6 +98,12 @@ def summary_table(stats: "RunStats", *, output: str, failed: str) -> Table:
         ("successes", output),
         ("failures", failed),
     ]
+    if stats.no_items:
+        rows.insert(7, ("no_items (nothing usable generated)", str(stats.no_items)))
+    if stats.records != stats.success:
+        rows.insert(3, ("lines written", str(stats.records)))
+    if stats.drops:
+        rows.append(("dropped", ", ".join(f"{reason} {count}" for reason, count in sorted(stats.drops.items()))))
     if stats.repaired_lines:
         rows.append(("torn lines repaired", str(stats.repaired_lines)))
     for name, value in rows:

@@ -1,8 +1,10 @@
-"""Batch runs: MICS over a JSONL dataset, resumable after any crash, sharded, under a budget.
+"""Batch runs over a JSONL dataset, resumable after any crash, sharded, under a budget.
 
-Items are read as a stream and searched concurrently (``concurrency`` items in flight, on top of the
-per-model call limits). Each ended item is one fsynced line in the output or failed file; a rerun
-skips those and replays the calls of unfinished items from the cache, so nothing is paid twice.
+Items are read as a stream and handed to a *worker* concurrently (``concurrency`` items in flight, on
+top of the per-model call limits): :class:`MicsWorker` searches each case; the generation workers of
+``mics generate`` make questions from it. Each ended item is one fsynced write to the output or failed
+file; a rerun skips those and replays the calls of unfinished items from the cache, so nothing is paid
+twice.
 """
 
 from __future__ import annotations
@@ -10,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from .data import InputItem, read_items, shard_of
+from .data import InputItem, parse_record, read_items, shard_of
 from .errors import InputError, MicsError
 from .outputs import OutputFiles
-from .results import SearchResult
+from .results import Usage
 from .search import Searcher
+from .store import Store
 
-__all__ = ["RunOptions", "RunStats", "BatchRun", "run_id_for"]
+__all__ = ["RunOptions", "RunStats", "BatchRun", "Outcome", "Worker", "MicsWorker", "run_id_for"]
 
 StopReason = Literal["completed", "budget", "interrupted"]
 _READ_BATCH = 256
@@ -46,6 +50,61 @@ class RunOptions:
 
 
 @dataclass
+class Outcome:
+    """What a worker made of one item: output lines, or a failure of some kind (with extra fields)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    failure: str | None = None
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    usage: Usage | None = None
+    drops: Counter = field(default_factory=Counter)
+
+
+class Worker(Protocol):
+    """One kind of batch job. ``parse`` turns a JSON line into an item; calling it does the work."""
+
+    store: Store | None
+    group_key: str | None  # set when one item gives several lines, grouped by this field
+
+    def parse(self, record: Any, line: int) -> InputItem: ...
+
+    async def __call__(self, item: InputItem, image_dir: Path) -> Outcome: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MicsWorker:
+    """Searches each case with MICS; one Chiron-o1 record per success."""
+
+    group_key = None
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher = searcher
+        self.store = searcher.store
+
+    def parse(self, record: Any, line: int) -> InputItem:
+        return parse_record(record, line)
+
+    async def __call__(self, item: InputItem, image_dir: Path) -> Outcome:
+        try:
+            case = await self.searcher.prepare_case(
+                item.question, item.images, answer=item.answer, case_info=item.case_info, rid=item.rid,
+                image_dir=image_dir,
+            )
+        except InputError as exc:
+            return Outcome(failure="bad_input", message=f"line {item.line}: {exc}")
+        result = await self.searcher.search_case(case)
+        if result.ok:
+            return Outcome(records=[result.to_record()], usage=result.usage)
+        message = result.message + (" (retried on the next run)" if result.status == "model_error" else "")
+        return Outcome(failure=result.status, message=message, extra={"search": result.to_record()}, usage=result.usage)
+
+    async def aclose(self) -> None:
+        await self.searcher.aclose()
+
+
+@dataclass
 class RunStats:
     total: int = 0
     already_done: int = 0
@@ -53,6 +112,9 @@ class RunStats:
     no_path: int = 0
     model_error: int = 0
     bad_input: int = 0
+    no_items: int = 0
+    records: int = 0
+    drops: Counter = field(default_factory=Counter)
     in_flight: int = 0
     calls: int = 0
     cached_calls: int = 0
@@ -66,7 +128,7 @@ class RunStats:
 
     @property
     def ended(self) -> int:
-        return self.success + self.no_path + self.model_error + self.bad_input
+        return self.success + self.no_path + self.model_error + self.bad_input + self.no_items
 
     @property
     def remaining(self) -> int:
@@ -81,6 +143,9 @@ class RunStats:
             "no_path": self.no_path,
             "model_error": self.model_error,
             "bad_input": self.bad_input,
+            "no_items": self.no_items,
+            "records": self.records,
+            "drops": dict(sorted(self.drops.items())),
             "not_started": self.remaining,
             "calls": self.calls,
             "cached_calls": self.cached_calls,
@@ -99,14 +164,14 @@ class BatchRun:
 
     def __init__(
         self,
-        searcher: Searcher,
+        worker: Worker | Searcher,
         options: RunOptions,
         *,
         on_update: Callable[[RunStats], None] | None = None,
     ) -> None:
-        self.searcher = searcher
+        self.worker: Worker = MicsWorker(worker) if isinstance(worker, Searcher) else worker
         self.options = options
-        self.files = OutputFiles(options.output, options.failed)
+        self.files = OutputFiles(options.output, options.failed, group_key=self.worker.group_key)
         self.run_id = run_id_for(options.output)
         self.stats = RunStats()
         self.on_update = on_update or (lambda stats: None)
@@ -129,7 +194,7 @@ class BatchRun:
 
     def _count_scope(self) -> int:
         count = 0
-        for item in read_items(self.options.data):
+        for item in read_items(self.options.data, self.worker.parse):
             if self._in_scope(item):
                 count += 1
                 if self.options.limit is not None and count >= self.options.limit:
@@ -138,7 +203,7 @@ class BatchRun:
 
     async def _items(self) -> AsyncIterator[InputItem]:
         """The items of this shard (up to ``limit``), read in a thread a batch at a time."""
-        iterator = read_items(self.options.data)
+        iterator = read_items(self.options.data, self.worker.parse)
 
         def next_batch() -> list[InputItem]:
             return [item for _, item in zip(range(_READ_BATCH), iterator)]
@@ -160,7 +225,7 @@ class BatchRun:
         budget = self.options.budget_usd
         if budget is None:
             return False
-        store = self.searcher.store
+        store = self.worker.store
         new = store.new_cost_usd.get(self.run_id, 0.0) if store is not None else 0.0
         self.stats.spent_usd = self._spent_before + new
         return self.stats.spent_usd >= budget
@@ -172,8 +237,8 @@ class BatchRun:
         self.stats.total = await asyncio.to_thread(self._count_scope)
         self.stats.repaired_lines = resume.repaired_lines
         self.stats.retried_failures = resume.retried_failures
-        if self.searcher.store is not None:
-            self._spent_before = await self.searcher.store.run_cost(self.run_id)
+        if self.worker.store is not None:
+            self._spent_before = await self.worker.store.run_cost(self.run_id)
             self.stats.spent_usd = self._spent_before
         self.on_update(self.stats)
 
@@ -220,50 +285,37 @@ class BatchRun:
         self.stats.in_flight += 1
         try:
             if item.error:
-                await self._fail(item, "bad_input", item.error)
-                return
-            try:
-                case = await self.searcher.prepare_case(
-                    item.question,
-                    item.images,
-                    answer=item.answer,
-                    case_info=item.case_info,
-                    rid=item.rid,
-                    image_dir=self.options.image_dir or self.options.data.parent,
-                )
-            except InputError as exc:
-                await self._fail(item, "bad_input", f"line {item.line}: {exc}")
-                return
-            result = await self.searcher.search_case(case)
-            self._count_usage(result)
-            if result.ok:
-                await self.files.append_success(result.to_record())
-                self.stats.success += 1
+                outcome = Outcome(failure="bad_input", message=item.error)
             else:
-                message = result.message
-                if result.status == "model_error":
-                    message += " (retried on the next run)"
-                await self._fail(item, result.status, message, result)
+                outcome = await self.worker(item, self.options.image_dir or self.options.data.parent)
+            if outcome.usage is not None:
+                self._count_usage(outcome.usage)
+            self.stats.drops.update(outcome.drops)
+            if outcome.failure is None:
+                await self.files.append_success(outcome.records)
+                self.stats.success += 1
+                self.stats.records += len(outcome.records)
+            else:
+                await self._fail(item, outcome)
         finally:
             self.stats.in_flight -= 1
             self.on_update(self.stats)
 
-    def _count_usage(self, result: SearchResult) -> None:
-        usage = result.usage
+    def _count_usage(self, usage: Usage) -> None:
         self.stats.calls += usage.calls
         self.stats.cached_calls += usage.cached_calls
         self.stats.tokens += usage.input_tokens + usage.output_tokens
         self.stats.cost_usd += usage.cost_usd
 
-    async def _fail(self, item: InputItem, kind: str, message: str, result: SearchResult | None = None) -> None:
+    async def _fail(self, item: InputItem, outcome: Outcome) -> None:
+        kind = outcome.failure or "bad_input"
         record: dict[str, Any] = {
             "rid": item.rid,
             "key": item.key,
             "line": item.line,
-            "error": {"kind": kind, "message": message},
+            "error": {"kind": kind, "message": outcome.message},
             "input": item.raw,
+            **outcome.extra,
         }
-        if result is not None:
-            record["search"] = result.to_record()
         await self.files.append_failure(record)
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)

@@ -121,7 +121,7 @@ def test_prepare_refuses_a_corrupt_middle_line(tmp_path):
 async def test_appended_lines_are_whole(tmp_path):
     files = OutputFiles(tmp_path / "out.jsonl")
     files.prepare()
-    await files.append_success({"rid": "x", "reasoning": "é\n### Step 1"})
+    await files.append_success([{"rid": "x", "reasoning": "é\n### Step 1"}])
     await files.append_failure({"rid": "y", "key": "y", "error": {"kind": "bad_input", "message": "m"}})
     files.close()
     assert json.loads((tmp_path / "out.jsonl").read_text())["reasoning"] == "é\n### Step 1"
