@@ -17,7 +17,7 @@ from .errors import InputError, MalformedReplyError, ModelCallError
 from .models.base import ChatMessage, ImagePart, Model, ModelRequest, ModelResponse, TextPart
 from .prompts import PromptTemplate, load_prompt
 
-__all__ = ["Case", "Mentor", "Intern", "Judge", "InternReply", "Verdict", "render_case_info"]
+__all__ = ["Case", "Mentor", "Intern", "Judge", "InternReply", "Verdict", "render_case_info", "prompt_messages"]
 
 NO_PREFIX = "(none yet: start from Step 1)"
 
@@ -69,7 +69,8 @@ def render_case_info(case_info: str | Mapping[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def _messages(template: PromptTemplate, images: tuple[ImagePart, ...], **fields: str) -> tuple[ChatMessage, ...]:
+def prompt_messages(template: PromptTemplate, images: tuple[ImagePart, ...], **fields: str) -> tuple[ChatMessage, ...]:
+    """A template's messages: the system part, then one user message with the images before the text."""
     system, user = template.render(**fields)
     # Images first, then the text: the shared part of sibling calls comes first (prefix caching).
     user_message = ChatMessage("user", (*images, TextPart(user)))
@@ -91,7 +92,7 @@ class Mentor:
     async def propose(self, case: Case, prefix: list[str]) -> tuple[Solution, ModelResponse]:
         """The rest of the solution after ``prefix``: its steps (never the final-answer line) and answer."""
         request = ModelRequest(
-            messages=_messages(
+            messages=prompt_messages(
                 self.template,
                 case.images,
                 case_info=case.case_info or "(no case record given)",
@@ -127,7 +128,7 @@ class Intern:
     async def finish(self, case: Case, prefix: list[str], temperature: float, sample_index: int) -> InternReply:
         """Finish the reasoning from ``prefix``. Interns are never shown the answer or the case record."""
         request = ModelRequest(
-            messages=_messages(
+            messages=prompt_messages(
                 self.template, case.images, question=case.question, prefix=render_steps(prefix) or NO_PREFIX
             ),
             temperature=temperature,
@@ -171,7 +172,7 @@ class Judge:
         responses = []
         for attempt in range(self.settings.judge_attempts):
             request = ModelRequest(
-                messages=_messages(
+                messages=prompt_messages(
                     self.template, (), question=case.question, reference=case.answer, candidate=candidate
                 ),
                 temperature=self.settings.judge_temperature,

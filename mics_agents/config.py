@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         "'hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct'.",
     )
     judge: str = Field(default="", description="Judge model, a LiteLLM name, e.g. 'openai/gpt-4o-mini'.")
+    generator: str = Field(
+        default="", description="Model of 'mics generate' (question writing); the first mentor when empty."
+    )
+    generator_temperature: float = Field(default=0.7, ge=0, le=2, description="Generator sampling temperature.")
+    generator_max_tokens: int = Field(default=2048, ge=16, description="Reply budget of a generator call.")
+    vqa_per_case: int = Field(default=3, ge=1, le=12, description="VQA pairs 'mics generate vqa' asks for per case.")
 
     max_depth: int = Field(default=3, ge=1, le=32, description="Search iterations (tree depth).")
     initial_steps: int = Field(default=2, ge=1, le=8, description="Steps the first candidate takes.")

@@ -130,3 +130,32 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not match or int(match.group(2)) < 1 or int(match.group(1)) >= int(match.group(2)):
         raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+def parse_case(record: Any, line: int) -> InputItem:
+    """A case record for ``mics generate``: an id, case fields (Chiron-o1 ``presentation``, ``age_label``,
+    ``gender_label``, ``caption``, or ``case_info``), optional ``text`` and ``images``."""
+    if not isinstance(record, dict):
+        return InputItem(line, f"line-{line}", f"line-{line}", raw=record,
+                         error=f"line {line}: expected a JSON object, got {type(record).__name__}")
+    raw_id = record.get("case_id", record.get("rid", record.get("id")))
+    rid = str(raw_id) if raw_id not in (None, "") else f"line-{line}"
+    item = InputItem(line, rid, rid, raw=record)
+    case_info = record.get("case_info")
+    if case_info is None:
+        case_info = {key: record[key] for key in _CASE_FIELDS if record.get(key) not in (None, "", [])} or None
+    if case_info is not None and not isinstance(case_info, (str, dict)):
+        item.error = f"line {line}: field 'case_info' must be a string or an object"
+        return item
+    item.case_info = case_info
+    item.question = _text(record.get("text"))  # free case text, if any, rides in ``question``
+    images = record.get("images", [])
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
+        item.error = f"line {line}: field 'images' must be a list of image paths"
+        return item
+    item.images = images
+    if not item.question and not case_info:
+        item.error = f"line {line}: the case has no text: give 'text', 'case_info' or the Chiron-o1 case fields"
+    return item

@@ -16,7 +16,7 @@ from ..answers import normalize_answer, parse_options, quick_verdict
 from .base import ModelRequest
 from .testing import FunctionModel
 
-__all__ = ["simulated_mentor", "simulated_intern", "simulated_judge", "simulated_reply"]
+__all__ = ["simulated_mentor", "simulated_intern", "simulated_judge", "simulated_generator", "simulated_reply"]
 
 _REVEAL = "These findings point to "
 
@@ -77,6 +77,38 @@ def _judge_text(user_text: str) -> str:
     return "Yes" if same else "No"
 
 
+def _generator_text(user_text: str) -> str:
+    """JSON the way ``mics generate`` asks for it: questions for text QA, scenario pairs for VQA."""
+    import json
+
+    record = _section(user_text, "Case record")
+    wanted = re.search(r"Write (\d+)", user_text)
+    count = int(wanted.group(1)) if wanted else 1
+    if "multiple-choice" in user_text:
+        items = [
+            {
+                "question": f"A record reads: '{record[:80]}'. Which kind of examination is described ({index + 1})?",
+                "options": {"A": "Imaging", "B": "Blood test", "C": "Genetic test"},
+                "answer": "A",
+                "rationale": "The record describes images.",
+                "medical": True,
+            }
+            for index in range(count)
+        ]
+        # Models sometimes ignore the rules; the generator must catch it.
+        items.append({"question": "What does this case show?", "options": {"A": "x", "B": "y", "C": "z"}, "answer": "A"})
+        return json.dumps(items)
+    presentation = record.splitlines()[0] if record else "the finding"
+    return json.dumps([
+        {"scenario": "patient-to-doctor", "question": "Is there an abnormality on my scan?", "answer": "yes"},
+        {"scenario": "doctor-to-doctor", "question": f"Given '{presentation[:60]}', what is the key finding?",
+         "answer": "A focal lesion"},
+        {"scenario": "intern-to-senior", "question": "Why does the lesion matter here?",
+         "answer": "Because it explains the presentation."},
+        {"scenario": "patient-to-doctor", "question": "Will I be fine?", "answer": "probably"},
+    ][: count + 1])
+
+
 def simulated_reply(role: str, name: str, request: ModelRequest) -> str:
     user_text = request.messages[-1].plain_text()
     if role == "mentor":
@@ -85,6 +117,8 @@ def simulated_reply(role: str, name: str, request: ModelRequest) -> str:
         return _intern_text(user_text, request.temperature, request.cache_key(name))
     if role == "judge":
         return _judge_text(user_text)
+    if role == "generator":
+        return _generator_text(user_text)
     raise ValueError(f"unknown simulated role {role!r}")
 
 
@@ -98,3 +132,7 @@ def simulated_intern(name: str) -> FunctionModel:
 
 def simulated_judge(name: str = "simulated/judge") -> FunctionModel:
     return FunctionModel(name, lambda request: simulated_reply("judge", name, request))
+
+
+def simulated_generator(name: str = "simulated/generator") -> FunctionModel:
+    return FunctionModel(name, lambda request: simulated_reply("generator", name, request))
