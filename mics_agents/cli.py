@@ -103,6 +103,16 @@ def demo(
         record = json.loads(first[0])
         console.print(f"\n[bold]{record['rid']}[/] (mentors {' -> '.join(record['generated_by'])}):")
         console.print(record["reasoning"], markup=False, highlight=False)
+    if stats.stop_reason == "completed":
+        from .dataset import BuildOptions, build_dataset, default_recipe
+
+        dataset_dir = output.with_name(output.stem + "_dataset")
+        report = build_dataset(BuildOptions(
+            mics=[output], cases=options.data, image_dir=EXAMPLES_DIR / "images", output=dataset_dir,
+            recipe=default_recipe(), seed=seed,
+        ))
+        stages = ", ".join(f"{stage} {count}" for stage, count in report.stages.items())
+        console.print(f"\nCurriculum (no text QA or general VQA in the demo): {stages} samples -> {dataset_dir}/")
     console.print(
         "\nTo use real models, set e.g.\n"
         "  export MICS_MENTORS=openai/gpt-4o,gemini/gemini-2.5-pro MICS_INTERNS=hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct\n"
