@@ -442,5 +442,102 @@ def generate_vqa(
               retry_failed, json_summary, log_every)
 
 
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option(help="The model to evaluate: a LiteLLM name, e.g. hosted_vllm/chiron-o1-8b.")],
+    benchmark: Annotated[list[str], typer.Option(help="[NAME=]FILE of a benchmark in a published layout; repeat.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Result folder.")],
+    judge: Annotated[Optional[str], typer.Option(help="Judge for open answers [default: MICS_JUDGE; none: exact/contains].")] = None,
+    image_root: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: where a benchmark's images are [default: beside its file].")] = None,
+    mics_score: Annotated[bool, typer.Option(help="Also score the model's reasoning: MICS_INTERNS continue from its steps.")] = False,
+    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file [default: MICS_CACHE_PATH].")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Questions in flight.")] = 16,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of each benchmark.")] = None,
+    log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
+) -> None:
+    """Evaluate a model on medical VQA benchmarks: accuracy with 95% CIs per benchmark and modality, parse
+    failures counted as wrong, and optionally the MICS-Score of its reasoning. Resumable like mics run."""
+    from .config import load_settings
+    from .errors import ConfigError, MicsError
+    from .evaluation import EvalWorker, detect_layout, prepare_benchmark, results_markdown, summarize
+    from .evaluation.loaders import default_image_dir
+    from .models.litellm_model import open_models
+    from .runner import RunOptions, run_id_for
+    from .store import Store
+
+    try:
+        settings = load_settings(**({"cache_path": cache} if cache else {}))
+        judge_name = judge or settings.judge or None
+        if mics_score and not settings.interns:
+            raise ConfigError("--mics-score needs interns: set MICS_INTERNS")
+        benchmarks = _named_paths([spec if "=" in spec else f"{Path(spec).stem}={spec}" for spec in benchmark], "--benchmark")
+        roots = _named_paths(image_root, "--image-root")
+    except ConfigError as exc:
+        raise _fail_config(str(exc)) from None
+
+    predictions: dict[str, list[dict]] = {}
+    failures: dict[str, int] = {}
+    for name, path in benchmarks.items():
+        try:
+            layout = detect_layout(path)
+            prepared, count, embedded = prepare_benchmark(path, output / name, layout)
+        except (MicsError, OSError, ValueError, KeyError) as exc:
+            err_console.print(f"[bold red]Benchmark {name}:[/] cannot read {path}: {exc}")
+            raise typer.Exit(1) from None
+        image_dir = output / name if embedded else roots.get(name) or default_image_dir(path, layout)
+        console.print(f"[bold]{name}[/]: {count} questions ({layout} layout), images from {image_dir}")
+        predictions_path = output / name / "predictions.jsonl"
+        options = RunOptions(data=prepared, output=predictions_path, image_dir=image_dir, concurrency=concurrency, limit=limit)
+
+        async def open_worker(name: str = name) -> EvalWorker:
+            store = await Store.open(settings.cache_path) if settings.cache_path else None
+            run_id = run_id_for(predictions_path)
+            [evaluated] = open_models([model], settings, store, run_id=run_id)
+            [grader] = open_models([judge_name], settings, store, run_id=run_id) if judge_name else [None]
+            interns = open_models(settings.interns, settings, store, run_id=run_id) if mics_score else []
+            return EvalWorker(evaluated, settings, store, benchmark=name, judge=grader, interns=interns)
+
+        try:
+            stats = _run_batch(open_worker, options, settings, log_every=log_every)
+        except ConfigError as exc:
+            raise _fail_config(str(exc)) from None
+        if stats.stop_reason != "completed":
+            raise typer.Exit(_exit_code(stats))
+        predictions[name] = [json.loads(line) for line in predictions_path.read_text(encoding="utf-8").splitlines()]
+        failures[name] = stats.model_error + stats.bad_input
+
+    results = {
+        "model": model,
+        "judge": judge_name,
+        "benchmarks": {name: {**summarize(items), "not_scored": failures[name]} for name, items in predictions.items()},
+        "overall": summarize(item for items in predictions.values() for item in items),
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    markdown = results_markdown(results)
+    (output / "results.md").write_text(markdown, encoding="utf-8")
+    console.print(markdown, markup=False, highlight=False)
+    if any(failures.values()):
+        err_console.print("[yellow]Some questions could not be scored (see */predictions_failed.jsonl); rerun to retry model errors.[/]")
+
+
+@app.command()
+def compare(
+    folders: Annotated[list[Path], typer.Argument(help="Result folders of mics eval.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the table here (markdown).")] = None,
+) -> None:
+    """Compare several mics eval result folders side by side."""
+    from .evaluation import compare_results
+
+    try:
+        table = compare_results(folders)
+    except FileNotFoundError as exc:
+        err_console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(1) from None
+    if output:
+        output.write_text(table, encoding="utf-8")
+    console.print(table, markup=False, highlight=False)
+
+
 def main() -> None:
     app()

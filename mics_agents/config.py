@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     )
     generator_temperature: float = Field(default=0.7, ge=0, le=2, description="Generator sampling temperature.")
     generator_max_tokens: int = Field(default=2048, ge=16, description="Reply budget of a generator call.")
+    eval_temperature: float = Field(default=0.0, ge=0, le=2, description="Temperature of the model under 'mics eval'.")
+    eval_max_tokens: int = Field(default=2048, ge=16, description="Reply budget of the model under 'mics eval'.")
     vqa_per_case: int = Field(default=3, ge=1, le=12, description="VQA pairs 'mics generate vqa' asks for per case.")
 
     max_depth: int = Field(default=3, ge=1, le=32, description="Search iterations (tree depth).")

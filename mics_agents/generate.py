@@ -228,16 +228,15 @@ async def open_generation_worker(
     """A worker on the generator model (``MICS_GENERATOR``, else the first mentor), cached like searches."""
     from .errors import ConfigError
 
-    if model is None:
-        name = settings.generator or (settings.mentors[0] if settings.mentors else "")
-        if not name:
-            raise ConfigError("MICS_GENERATOR is not set (nor MICS_MENTORS to fall back on); e.g. MICS_GENERATOR=openai/gpt-4o")
-        from .models.litellm_model import LiteLLMModel, load_router
-
-        router = load_router(settings.router_config) if settings.router_config else None
-        model = LiteLLMModel(name, settings, router=router)
+    name = settings.generator or (settings.mentors[0] if settings.mentors else "")
+    if model is None and not name:
+        raise ConfigError("MICS_GENERATOR is not set (nor MICS_MENTORS to fall back on); e.g. MICS_GENERATOR=openai/gpt-4o")
     store = await Store.open(settings.cache_path) if settings.cache_path else None
-    if store is not None:
+    if model is None:
+        from .models.litellm_model import open_models
+
+        [model] = open_models([name], settings, store, run_id=run_id)
+    elif store is not None:
         model = CachedModel(model, store, run_id=run_id)
     worker_class = QaWorker if kind == "qa" else VqaWorker
     return worker_class(model, settings, store)

@@ -24,7 +24,7 @@ from .base import Model, ModelRequest, ModelResponse, check_request_allowed
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["LiteLLMModel", "import_litellm", "load_router"]
+__all__ = ["LiteLLMModel", "import_litellm", "load_router", "open_models"]
 
 # Longest Retry-After we honour; a server asking for more is treated as down.
 _MAX_RETRY_AFTER = 900.0
@@ -302,3 +302,14 @@ def _cost_of(litellm: Any, response: Any) -> float:
         except Exception:  # models without a price (local vLLM) cost nothing we can know
             cost = 0.0
     return float(cost or 0.0)
+
+
+def open_models(names: list[str], settings: "Settings", store: Any = None, *, run_id: str | None = None) -> list[Model]:
+    """LiteLLM models for these names (through the Router config if set), cached in ``store`` if given."""
+    from .cached import CachedModel
+
+    router = load_router(settings.router_config) if settings.router_config else None
+    models: list[Model] = [LiteLLMModel(name, settings, router=router) for name in names]
+    if store is not None:
+        models = [CachedModel(model, store, run_id=run_id) for model in models]
+    return models

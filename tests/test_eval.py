@@ -1,0 +1,313 @@
+"""mics eval: benchmark loaders, answer extraction, grading paths, metrics, resume, the CLI over HTTP."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mics_agents.config import load_settings
+from mics_agents.evaluation import (
+    EvalWorker,
+    compare_results,
+    detect_layout,
+    extract_prediction,
+    load_benchmark,
+    prepare_benchmark,
+    summarize,
+    wilson_interval,
+)
+from mics_agents.models import FunctionModel, ModelRequest
+from mics_agents.runner import BatchRun, RunOptions
+
+
+def png_bytes(shade: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), (shade, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -- fixtures in the published layouts ------------------------------------------------------------
+
+
+def write_vqa_rad(folder: Path) -> Path:
+    images = folder / "VQA_RAD Image Folder"
+    images.mkdir(parents=True)
+    (images / "synpic1.jpg").write_bytes(png_bytes())
+    records = [
+        {"qid": 1, "image_name": "synpic1.jpg", "question": "Is there a pneumothorax?", "answer": "yes",
+         "answer_type": "CLOSED", "image_organ": "CHEST", "question_type": "PRES"},
+        {"qid": 2, "image_name": "synpic1.jpg", "question": "Where is the lesion?", "answer": "right lung",
+         "answer_type": "OPEN", "image_organ": "CHEST", "question_type": "POS"},
+    ]
+    path = folder / "VQA_RAD Dataset Public.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def write_slake(folder: Path) -> Path:
+    (folder / "imgs" / "xmlab1").mkdir(parents=True)
+    (folder / "imgs" / "xmlab1" / "source.jpg").write_bytes(png_bytes())
+    records = [
+        {"img_id": 1, "img_name": "xmlab1/source.jpg", "question": "Which organ is abnormal?", "answer": "Liver",
+         "q_lang": "en", "answer_type": "OPEN", "modality": "CT", "qid": 10},
+        {"img_id": 1, "img_name": "xmlab1/source.jpg", "question": "哪个器官异常?", "answer": "肝脏",
+         "q_lang": "zh", "answer_type": "OPEN", "modality": "CT", "qid": 11},
+    ]
+    path = folder / "test.json"
+    path.write_text(json.dumps(records, ensure_ascii=False))
+    return path
+
+
+def write_pmc_vqa(folder: Path) -> Path:
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "PMC1_fig1.jpg").write_bytes(png_bytes())
+    path = folder / "test_2.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"])
+        writer.writerow(["0", "PMC1_fig1.jpg", "What imaging is shown?", "MRI", "A:CT", " B:MRI", " C:X-ray", " D:PET", "B"])
+    return path
+
+
+def write_mmmu(folder: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    table = pa.table({
+        "id": ["validation_Clinical_Medicine_1"],
+        "question": ["<image 1> What is the most likely diagnosis?"],
+        "options": [str(["Gout", "Septic arthritis", "Pseudogout"])],
+        "answer": ["B"],
+        "image_1": [{"bytes": png_bytes(), "path": "a.png"}],
+        "image_2": [None],
+        "question_type": ["multiple-choice"],
+    })
+    path = folder / "Clinical_Medicine-validation.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def write_medxpertqa(folder: Path) -> Path:
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "MM-1-a.jpeg").write_bytes(png_bytes())
+    record = {"id": "MM-1", "question": "A 40-year-old man... What is the diagnosis?\nAnswer Choices: (A) Gout (B) RA (C) OA",
+              "options": {"A": "Gout", "B": "RA", "C": "OA"}, "label": "C", "images": ["MM-1-a.jpeg"],
+              "medical_task": "Diagnosis", "body_system": "Skeletal", "question_type": "Reasoning"}
+    path = folder / "test.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def write_chiron(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "x.png").write_bytes(png_bytes())
+    records = [{"rid": "t1", "messages": [{"content": "**Question:** What is seen on the CT?"},
+                                          {"content": "**Correct Answer:** Appendicitis"}], "images": ["x.png"]},
+               {"id": "t2", "question": "Is it benign?", "gt_answer": "no", "images": []}]
+    path = folder / "eval_data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_each_published_layout_loads(tmp_path):
+    vqa_rad = list(load_benchmark(write_vqa_rad(tmp_path / "rad")))
+    assert [(i.id, i.answer, i.answer_type, i.images) for i in vqa_rad] == [
+        ("1", "yes", "closed", ["synpic1.jpg"]), ("2", "right lung", "open", ["synpic1.jpg"])]
+    slake = list(load_benchmark(write_slake(tmp_path / "slake")))
+    assert [(i.id, i.answer, i.modality) for i in slake] == [("10", "Liver", "CT")], "only English questions"
+    [pmc] = load_benchmark(write_pmc_vqa(tmp_path / "pmc"))
+    assert pmc.options == {"A": "CT", "B": "MRI", "C": "X-ray", "D": "PET"} and pmc.answer == "B. MRI"
+    assert pmc.question.endswith("\nA. CT\nB. MRI\nC. X-ray\nD. PET") and pmc.answer_type == "choice"
+    [mmmu] = load_benchmark(write_mmmu(tmp_path / "mmmu"))
+    assert mmmu.answer == "B. Septic arthritis" and len(mmmu.image_bytes) == 1 and "[image 1]" in mmmu.question
+    [mxq] = load_benchmark(write_medxpertqa(tmp_path / "mxq"))
+    assert mxq.answer == "C. OA" and mxq.images == ["MM-1-a.jpeg"]
+    chiron = list(load_benchmark(write_chiron(tmp_path / "chiron")))
+    assert [(i.id, i.question, i.answer) for i in chiron] == [
+        ("t1", "What is seen on the CT?", "Appendicitis"), ("t2", "Is it benign?", "no")]
+    assert [detect_layout(p) for p in (tmp_path / "rad" / "VQA_RAD Dataset Public.json", tmp_path / "slake" / "test.json",
+                                       tmp_path / "pmc" / "test_2.csv", tmp_path / "mmmu" / "Clinical_Medicine-validation.parquet",
+                                       tmp_path / "mxq" / "test.jsonl", tmp_path / "chiron" / "eval_data.json")] == [
+        "vqa_rad", "slake", "pmc_vqa", "mmmu", "medxpertqa", "chiron"]
+
+
+def test_parquet_images_are_written_out_once(tmp_path):
+    items, count, embedded = prepare_benchmark(write_mmmu(tmp_path / "mmmu"), tmp_path / "out")
+    [record] = [json.loads(line) for line in items.read_text().splitlines()]
+    assert embedded and count == 1 and (tmp_path / "out" / record["images"][0]).read_bytes() == png_bytes()
+
+
+@pytest.mark.parametrize(
+    "reply, options, expected",
+    [
+        ("### Step 1: x\n### The final answer is: (B)", {"A": "a", "B": "b"}, "(B)"),
+        ("I think the answer is (C).", {"A": "a", "B": "b", "C": "c"}, "C"),
+        ("Answer: **D**", {"A": "a", "B": "b", "C": "c", "D": "d"}, "D"),
+        ("Reasoning...\nB", {"A": "a", "B": "b"}, "B"),
+        ("The answer is E", {"A": "a", "B": "b"}, None),
+        ("Apples are nice.", {"A": "a", "B": "b"}, None),
+        ("It is probably pneumonia.", {}, None),
+        ("### The final answer is: yes", {}, "yes"),
+    ],
+)
+def test_prediction_extraction(reply, options, expected):
+    assert extract_prediction(reply, options) == expected
+
+
+def test_wilson_interval_matches_a_hand_computation():
+    # 8 of 10, z = 1.959964: centre = (0.8 + z^2/20) / (1 + z^2/10); half = z*sqrt(0.016 + z^2/400) / (1 + z^2/10)
+    z = 1.959963984540054
+    centre = (0.8 + z * z / 20) / (1 + z * z / 10)
+    half = z * math.sqrt(0.8 * 0.2 / 10 + z * z / 400) / (1 + z * z / 10)
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(centre - half) == pytest.approx(0.4901624, abs=1e-6)
+    assert high == pytest.approx(centre + half) == pytest.approx(0.9433178, abs=1e-6)
+    assert wilson_interval(0, 0) == (0.0, 0.0)
+    assert wilson_interval(5, 5)[1] == 1.0
+
+
+def test_summary_counts_parse_failures_as_wrong():
+    predictions = [
+        {"correct": True, "parse_ok": True, "modality": "CT", "answer_type": "closed"},
+        {"correct": False, "parse_ok": False, "modality": "CT", "answer_type": "open"},
+        {"correct": False, "parse_ok": True, "modality": "MRI", "answer_type": "open", "mics_score": 0.5},
+        {"correct": True, "parse_ok": True, "modality": "MRI", "answer_type": "open", "mics_score": 1.0},
+    ]
+    summary = summarize(predictions)
+    assert summary["n"] == 4 and summary["accuracy"] == 0.5
+    assert summary["parse_failures"] == 1 and summary["parse_failure_rate"] == 0.25
+    assert summary["mics_score"] == 0.75
+    assert summary["by_modality"]["CT"]["accuracy"] == 0.5 and summary["by_answer_type"]["open"]["n"] == 3
+
+
+def answering_model(answers: dict[str, str], calls: list | None = None) -> FunctionModel:
+    """Replies from a table keyed by a word of the question; unknown questions get a reply with no answer."""
+
+    def reply(request: ModelRequest) -> str:
+        text = request.messages[-1].plain_text()
+        if calls is not None:
+            calls.append(text)
+        for key, answer in answers.items():
+            if key in text:
+                return f"### Step 1: Look at the image.\n\n### Step 2: Conclude.\n\n### The final answer is: {answer}"
+        return "I am not sure what this shows."
+
+    return FunctionModel("evaluated", reply)
+
+
+async def run_eval(tmp_path: Path, path: Path, model, *, judge=None, interns=None, name="bench", **options):
+    prepared, _, embedded = prepare_benchmark(path, tmp_path / name)
+    worker = EvalWorker(model, load_settings(cache_path=None, samples_per_temperature=1), None,
+                        benchmark=name, judge=judge, interns=interns)
+    image_dir = tmp_path / name if embedded else options.pop("image_dir", path.parent)
+    output = tmp_path / name / "predictions.jsonl"
+    stats = await BatchRun(worker, RunOptions(data=prepared, output=output, image_dir=image_dir, **options)).run()
+    return stats, [json.loads(line) for line in output.read_text().splitlines()]
+
+
+async def test_exact_and_option_answers_skip_the_judge_and_open_ones_use_it(tmp_path):
+    path = write_vqa_rad(tmp_path / "rad")
+    grader = FunctionModel("judge", lambda request: "Yes")
+    model = answering_model({"pneumothorax": "Yes.", "lesion": "in the right lung base"})
+    stats, predictions = await run_eval(tmp_path, path, model, judge=grader, image_dir=tmp_path / "rad" / "VQA_RAD Image Folder")
+    by_id = {p["rid"]: p for p in predictions}
+    assert by_id["1"]["judged_by"] == "exact" and by_id["1"]["correct"]
+    assert by_id["2"]["judged_by"] == "judge" and by_id["2"]["correct"]
+    assert len(grader.requests) == 1
+    pmc = write_pmc_vqa(tmp_path / "pmc")
+    _, [choice] = await run_eval(tmp_path, pmc, answering_model({"imaging": "(B)"}), judge=grader, name="pmc",
+                                 image_dir=tmp_path / "pmc" / "images")
+    assert choice["judged_by"] == "option" and choice["correct"] and len(grader.requests) == 1
+
+
+async def test_unparsable_answers_are_wrong_and_counted(tmp_path):
+    path = write_vqa_rad(tmp_path / "rad")
+    stats, predictions = await run_eval(tmp_path, path, answering_model({"pneumothorax": "yes"}),
+                                        image_dir=tmp_path / "rad" / "VQA_RAD Image Folder")
+    assert stats.success == 2
+    summary = summarize(predictions)
+    assert summary["parse_failures"] == 1 and summary["correct"] == 1 and summary["n"] == 2
+    unparsed = next(p for p in predictions if not p["parse_ok"])
+    assert unparsed["correct"] is False and unparsed["judged_by"] == "unparsed"
+
+
+async def test_mics_score_of_the_models_own_reasoning(tmp_path):
+    path = write_chiron(tmp_path / "chiron")
+    seen_prefixes = []
+
+    def intern(request: ModelRequest) -> str:
+        text = request.messages[-1].plain_text()
+        seen_prefixes.append(text)
+        return "### The final answer is: Appendicitis" if request.temperature < 1 else "### The final answer is: Colitis"
+
+    model = answering_model({"CT": "Appendicitis", "benign": "no"})
+    _, predictions = await run_eval(tmp_path, path, model, interns=[FunctionModel("intern", intern)])
+    by_id = {p["rid"]: p for p in predictions}
+    # Interns at temperatures 1.2 and 0.3: one right, one wrong.
+    assert by_id["t1"]["mics_score"] == 0.5
+    assert all("### Step 1: Look at the image." in text and "### Step 2: Conclude." in text for text in seen_prefixes)
+    assert all("Appendicitis" not in text.split("## Reasoning so far")[0] for text in seen_prefixes)
+
+
+async def test_resume_sends_no_repeated_questions(tmp_path):
+    path = write_vqa_rad(tmp_path / "rad")
+    calls: list = []
+    model = answering_model({"pneumothorax": "yes", "lesion": "right lung"}, calls)
+    stats, _ = await run_eval(tmp_path, path, model, limit=1, image_dir=tmp_path / "rad" / "VQA_RAD Image Folder")
+    assert stats.success == 1 and len(calls) == 1
+    stats, predictions = await run_eval(tmp_path, path, model, image_dir=tmp_path / "rad" / "VQA_RAD Image Folder")
+    assert stats.already_done == 1 and stats.success == 1 and len(calls) == 2
+    assert sorted(p["rid"] for p in predictions) == ["1", "2"]
+
+
+def test_the_eval_command_over_http_and_compare(tmp_path, monkeypatch):
+    """The CLI end to end through LiteLLM against the local test server, then a comparison of two runs."""
+    from typer.testing import CliRunner
+
+    from mics_agents.cli import app
+
+    from .openai_server import OpenAIServer, request_from_openai
+
+    def brain(model: str, body: dict) -> str:
+        text = request_from_openai(body).messages[-1].plain_text()
+        if model == "judge":
+            return "No"
+        answer = {"pneumothorax": "yes", "lesion": "left lung", "organ": "Liver", "imaging": "B"}
+        for key, value in answer.items():
+            if key in text:
+                return f"### Step 1: Read the image.\n### The final answer is: {value}"
+        return "no idea"
+
+    rad = write_vqa_rad(tmp_path / "rad")
+    slake = write_slake(tmp_path / "slake")
+    pmc = write_pmc_vqa(tmp_path / "pmc")
+    with OpenAIServer(brain) as server:
+        monkeypatch.setenv("OPENAI_API_BASE", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        runner = CliRunner()
+        arguments = ["eval", "--model", "openai/model-a", "--judge", "openai/judge", "--benchmark", f"vqa_rad={rad}",
+                     "--benchmark", f"slake={slake}", "--benchmark", f"pmc={pmc}", "--output", str(tmp_path / "a")]
+        result = runner.invoke(app, arguments)
+        assert result.exit_code == 0, result.output
+        sent = server.count()
+        again = runner.invoke(app, arguments)
+        assert again.exit_code == 0 and server.count() == sent, "a rerun is answered from files and cache"
+        images_sent = [r for r in server.recorded() if r.model == "model-a"]
+        assert all("data:image/" in json.dumps(r.body) for r in images_sent)
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["benchmarks"]["vqa_rad"]["correct"] == 1  # "left lung" judged wrong, "yes" exact
+    assert results["benchmarks"]["slake"]["accuracy"] == 1.0
+    assert results["benchmarks"]["pmc"]["correct"] == 1
+    assert results["overall"]["n"] == 4 and results["overall"]["correct"] == 3
+    assert "| vqa_rad | 2 | 50.0" in (tmp_path / "a" / "results.md").read_text()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps({**results, "model": "openai/model-b"}))
+    table = compare_results([tmp_path / "a", tmp_path / "b"])
+    assert "`openai/model-a`" in table and "`openai/model-b`" in table and "| **overall** | 75.0" in table
