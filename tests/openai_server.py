@@ -5,7 +5,7 @@ which loop the test runs on, and it stops when its context ends (or, as a safety
 seconds). What it answers is decided by a *brain*, a function of (model name, request JSON); the default
 brain turns the OpenAI messages back into a :class:`~mics_agents.models.base.ModelRequest` and answers
 with the package's simulated mentor, intern or judge (chosen by the model name). Every request is
-recorded (path, model, body, headers, arrival time, fault applied), and a fault script makes the next
+recorded (path, model, body, headers, arrival and reply times, fault applied), and a fault script makes the next
 requests fail on purpose: ``429`` (with ``Retry-After``), ``500``, ``401``, ``timeout`` (answers late),
 ``malformed`` (HTTP 200, invalid JSON), ``empty`` (``choices: []``) and ``empty_content``.
 
@@ -21,10 +21,11 @@ import base64
 import hashlib
 import itertools
 import json
+import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,15 @@ from aiohttp import web
 from mics_agents.models.base import ChatMessage, ImagePart, ModelRequest, TextPart
 from mics_agents.models.simulated import simulated_reply
 
-__all__ = ["Brain", "Fault", "OpenAIServer", "RecordedRequest", "simulated_brain", "request_from_openai"]
+__all__ = [
+    "Brain",
+    "Fault",
+    "OpenAIServer",
+    "RecordedRequest",
+    "simulated_brain",
+    "simulated_brain_with_roles",
+    "request_from_openai",
+]
 
 Brain = Callable[[str, dict[str, Any]], str]
 
@@ -67,6 +76,17 @@ class RecordedRequest:
     received_at: float  # time.monotonic() on arrival
     fault: str | None = None
     status: int = 200
+    replied_at: float | None = None  # time.monotonic() when the reply was handed to the client
+
+    def canonical(self) -> str:
+        """What identifies the call, as one string: model, messages and temperature (a retry, or the same
+        call sent again by a later run, gives the same string)."""
+        body = self.body
+        return json.dumps(
+            {"model": self.model, "messages": body.get("messages"), "temperature": body.get("temperature")},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
 
     def text(self) -> str:
         """All text of the messages, in order (images left out)."""
@@ -114,7 +134,13 @@ def request_from_openai(body: dict[str, Any]) -> ModelRequest:
     )
 
 
-def role_of(model: str) -> str:
+def role_of(model: str, roles: Mapping[str, str] | None = None) -> str:
+    """The simulated role a model name plays: from ``roles`` (server-side name or LiteLLM name), else
+    from the name itself (it must contain mentor, intern or judge)."""
+    if roles:
+        for name, role in roles.items():
+            if name == model or name.rsplit("/", 1)[-1] == model:
+                return role
     for role in ("mentor", "intern", "judge"):
         if role in model:
             return role
@@ -126,13 +152,34 @@ def simulated_brain(model: str, body: dict[str, Any]) -> str:
     return simulated_reply(role_of(model), model, request_from_openai(body))
 
 
+def simulated_brain_with_roles(roles: Mapping[str, str]) -> Brain:
+    """:func:`simulated_brain` for model names that do not say their role, e.g. ``{"openai/gpt-4o": "mentor"}``
+    (a model LiteLLM knows the price of, so calls have a cost)."""
+    roles = dict(roles)
+
+    def brain(model: str, body: dict[str, Any]) -> str:
+        return simulated_reply(role_of(model, roles), model, request_from_openai(body))
+
+    return brain
+
+
 class OpenAIServer:
     """An OpenAI-compatible server on 127.0.0.1 in its own thread. Use as a context manager."""
 
-    def __init__(self, brain: Brain = simulated_brain, *, lifetime: float = 300.0, latency: float = 0.0) -> None:
+    def __init__(
+        self,
+        brain: Brain = simulated_brain,
+        *,
+        lifetime: float = 300.0,
+        latency: float | tuple[float, float] = 0.0,
+        latency_seed: int = 0,
+    ) -> None:
         self.brain = brain
         self.lifetime = lifetime
-        self.latency = latency  # seconds every successful reply takes, like a model generating
+        # Seconds every successful reply takes, like a model generating; (low, high) draws each reply's
+        # latency uniformly from that range (seeded by ``latency_seed``).
+        self.latency = latency
+        self._latency_rng = random.Random(latency_seed)
         self.in_flight: dict[str, int] = {}
         self.peak_in_flight: dict[str, int] = {}
         self.port: int | None = None
@@ -194,6 +241,9 @@ class OpenAIServer:
         return [request for request in requests if request.model in (model, short)]
 
     def count(self, model: str | None = None) -> int:
+        if model is None:
+            with self._lock:
+                return len(self.requests)
         return len(self.recorded(model))
 
     def start(self) -> "OpenAIServer":
@@ -260,6 +310,13 @@ class OpenAIServer:
             self._stopped.set()  # wakes handlers sleeping in a "timeout" fault
             await runner.cleanup()
 
+    def _next_latency(self) -> float:
+        if isinstance(self.latency, tuple):
+            low, high = self.latency
+            with self._lock:
+                return self._latency_rng.uniform(low, high)
+        return self.latency
+
     def _take_fault(self, model: str) -> Fault | None:
         with self._lock:
             for index, fault in enumerate(self._faults):
@@ -272,13 +329,25 @@ class OpenAIServer:
         return None
 
     async def _handle(self, http_request: web.Request) -> web.StreamResponse:
+        record, response = await self._reply(http_request)
+        # Send the reply here (not after returning) so that ``replied_at`` is when its bytes went out.
+        try:
+            await response.prepare(http_request)
+            await response.write_eof()
+        except ConnectionError:  # the client is gone (killed, or gave up on a late reply)
+            return response
+        if record is not None:
+            record.replied_at = time.monotonic()
+        return response
+
+    async def _reply(self, http_request: web.Request) -> tuple[RecordedRequest | None, web.Response]:
         received_at = time.monotonic()
         raw = await http_request.read()
         try:
             body = json.loads(raw)
             model = str(body["model"])
         except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": {"message": "request body is not a chat completion"}}, status=400)
+            return None, web.json_response({"error": {"message": "request body is not a chat completion"}}, status=400)
         record = RecordedRequest(http_request.path, model, body, dict(http_request.headers), received_at)
         fault = self._take_fault(model)
         record.fault = fault.kind if fault else None
@@ -290,7 +359,7 @@ class OpenAIServer:
             messages = {429: "Rate limit reached, slow down", 500: "Internal server error", 401: "Invalid API key"}
             kinds = {429: "rate_limit_error", 500: "server_error", 401: "invalid_request_error"}
             headers = {"Retry-After": str(fault.retry_after)} if fault.kind == "429" else {}
-            return web.json_response(
+            return record, web.json_response(
                 {"error": {"message": messages[record.status], "type": kinds[record.status], "code": None}},
                 status=record.status,
                 headers=headers,
@@ -303,19 +372,20 @@ class OpenAIServer:
             except asyncio.TimeoutError:
                 pass
         if fault is not None and fault.kind == "malformed":
-            return web.Response(
+            return record, web.Response(
                 text='{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"index": 0, "mess',
                 content_type="application/json",
             )
         if fault is not None and fault.kind == "empty":
-            return web.json_response(self._completion(model, None, body, empty=True))
+            return record, web.json_response(self._completion(model, None, body, empty=True))
 
-        if self.latency:
+        latency = self._next_latency()
+        if latency:
             with self._lock:
                 self.in_flight[model] = self.in_flight.get(model, 0) + 1
                 self.peak_in_flight[model] = max(self.peak_in_flight.get(model, 0), self.in_flight[model])
             try:
-                await asyncio.sleep(self.latency)
+                await asyncio.sleep(latency)
             finally:
                 with self._lock:
                     self.in_flight[model] -= 1
@@ -326,8 +396,8 @@ class OpenAIServer:
             with self._lock:
                 self.errors.append(message)
             record.status = 400
-            return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=400)
-        return web.json_response(self._completion(model, text, body))
+            return record, web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=400)
+        return record, web.json_response(self._completion(model, text, body))
 
     def _completion(self, model: str, text: str | None, body: dict[str, Any], *, empty: bool = False) -> dict:
         prompt_tokens = sum(len(_message_text(message).split()) for message in body.get("messages", []))
