@@ -97,7 +97,7 @@ def read_items(path: Path, parse: Callable[[Any, int], InputItem] = parse_record
             if not raw_line.strip():
                 continue
             try:
-                text = raw_line.decode("utf-8")
+                text = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
                 record = json.loads(text)
             except UnicodeDecodeError:
                 yield InputItem(number, f"line-{number}", f"line-{number}", raw=None,

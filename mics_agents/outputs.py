@@ -96,6 +96,7 @@ class OutputFiles:
             raise MicsError(f"--failed must differ from --output ({self.output})")
         self._locks: dict[Path, asyncio.Lock] = {}
         self._fds: dict[Path, int] = {}
+        self._writes: set[asyncio.Future[None]] = set()
 
     def prepare(self, *, retry_failed: bool = False) -> ResumeState:
         """Repair, read back and prune the files (blocking: call through a thread)."""
@@ -147,7 +148,12 @@ class OutputFiles:
         data = b"".join(_encode(record) for record in records)
         lock = self._locks.setdefault(path, asyncio.Lock())
         async with lock:
-            await asyncio.to_thread(self._write_durably, path, data)
+            # A write that has started finishes even if its item is cancelled (a second Ctrl-C): the
+            # thread cannot be stopped, and the file must not be closed under it.
+            write = asyncio.ensure_future(asyncio.to_thread(self._write_durably, path, data))
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
+            await asyncio.shield(write)
 
     def _write_durably(self, path: Path, data: bytes) -> None:
         fd = self._fds.get(path)
@@ -158,6 +164,12 @@ class OutputFiles:
             written = os.write(fd, view)
             view = view[written:]
         os.fsync(fd)
+
+    async def aclose(self) -> None:
+        """Wait for writes under way, then close the files."""
+        if self._writes:
+            await asyncio.wait(set(self._writes))
+        self.close()
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -192,14 +192,16 @@ class BatchRun:
         index, shards = self.options.shard
         return shards == 1 or shard_of(item.key, shards) == index
 
-    def _count_scope(self) -> int:
-        count = 0
+    def _count_scope(self, done: set[str]) -> tuple[int, int]:
+        """Items in this shard (up to ``limit``), and how many of them are done already."""
+        count = finished = 0
         for item in read_items(self.options.data, self.worker.parse):
             if self._in_scope(item):
                 count += 1
+                finished += item.key in done
                 if self.options.limit is not None and count >= self.options.limit:
                     break
-        return count
+        return count, finished
 
     async def _items(self) -> AsyncIterator[InputItem]:
         """The items of this shard (up to ``limit``), read in a thread a batch at a time."""
@@ -226,7 +228,8 @@ class BatchRun:
         if budget is None:
             return False
         store = self.worker.store
-        new = store.new_cost_usd.get(self.run_id, 0.0) if store is not None else 0.0
+        # Without a cache every call is new: what ended items cost is what was spent.
+        new = store.new_cost_usd.get(self.run_id, 0.0) if store is not None else self.stats.cost_usd
         self.stats.spent_usd = self._spent_before + new
         return self.stats.spent_usd >= budget
 
@@ -234,7 +237,7 @@ class BatchRun:
         if not self.options.data.is_file():
             raise MicsError(f"input file {str(self.options.data)!r} not found")
         resume = await asyncio.to_thread(self.files.prepare, retry_failed=self.options.retry_failed)
-        self.stats.total = await asyncio.to_thread(self._count_scope)
+        self.stats.total, self.stats.already_done = await asyncio.to_thread(self._count_scope, resume.done)
         self.stats.repaired_lines = resume.repaired_lines
         self.stats.retried_failures = resume.retried_failures
         if self.worker.store is not None:
@@ -255,7 +258,6 @@ class BatchRun:
         try:
             async for item in self._items():
                 if item.key in resume.done:
-                    self.stats.already_done += 1
                     continue
                 await slots.acquire()
                 if self._stop is None and self._over_budget():
@@ -273,11 +275,12 @@ class BatchRun:
                 task.cancel()
             if tasks:
                 await asyncio.wait(set(tasks))
-            self.files.close()
+            await self.files.aclose()
         self._over_budget()
         if self._fatal is not None:
             raise self._fatal
-        self.stats.stop_reason = self._stop or "completed"
+        # A stop that came after the last item was scheduled stopped nothing.
+        self.stats.stop_reason = self._stop if self._stop and self.stats.remaining else "completed"
         self.on_update(self.stats)
         return self.stats
 

@@ -131,9 +131,7 @@ class Store:
         )
 
     async def put_call(self, key: str, model_name: str, response: ModelResponse, run_id: str | None = None) -> None:
-        if run_id is not None:
-            self.new_cost_usd[run_id] = self.new_cost_usd.get(run_id, 0.0) + response.cost_usd
-        await self._db.execute(
+        cursor = await self._db.execute(
             "INSERT OR IGNORE INTO calls"
             " (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -149,6 +147,9 @@ class Store:
                 run_id,
             ),
         )
+        # Another process sharing the file may have stored the same call first: then it paid, not us.
+        if run_id is not None and cursor.rowcount == 1:
+            self.new_cost_usd[run_id] = self.new_cost_usd.get(run_id, 0.0) + response.cost_usd
         await self._db.commit()
 
     async def run_cost(self, run_id: str) -> float:

@@ -146,3 +146,10 @@ def test_merge_joins_shards_and_refuses_overlaps(tmp_path):
     assert {r["rid"] for r in merged} == {"1", "2", "3", "4"}, "the success of item 3 wins over its failure"
     assert (tmp_path / "all_failed.jsonl").read_text() == ""
     assert report.overlaps == 1
+
+
+def test_a_byte_order_mark_does_not_break_the_first_line(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + json.dumps({"id": "a", "question": "q", "answer": "x"}).encode() + b"\n")
+    [item] = read_items(path)
+    assert item.error is None and item.rid == "a"

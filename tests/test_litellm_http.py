@@ -8,6 +8,7 @@ and judge. Faults are injected at the server; a search that met faults must equa
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from pathlib import Path
@@ -57,6 +58,13 @@ def server(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("OPENAI_API_KEY", SECRET)
         yield running
         assert running.errors == [], "the server's brain failed on a request it should understand"
+
+
+@pytest.fixture(params=["litellm", "direct"])
+def transport(request) -> str:
+    """Both ways a call can go out: through litellm.acompletion, or mics-agents' direct HTTP client
+    (MICS_TRANSPORT=direct), which must behave the same on every fault."""
+    return request.param
 
 
 @pytest.fixture
@@ -183,11 +191,11 @@ async def test_search_over_http_sends_images_and_keeps_interns_blind(server, png
 # -- faults: retried, and the result is the fault-free one -------------------------------------------
 
 
-async def test_429_is_retried_after_retry_after(server, png, tmp_path, monkeypatch):
-    clean, clean_requests = await fault_free_run(monkeypatch, tmp_path)
+async def test_429_is_retried_after_retry_after(server, png, tmp_path, monkeypatch, transport):
+    clean, clean_requests = await fault_free_run(monkeypatch, tmp_path, transport=transport)
     server.inject("429", model="openai/mentor-a", retry_after=1)
 
-    result = await run_search(make_settings(tmp_path / "cache.sqlite"))
+    result = await run_search(make_settings(tmp_path / "cache.sqlite", transport=transport))
 
     assert comparable(result) == comparable(clean)
     assert result.usage.calls == clean.usage.calls
@@ -210,7 +218,10 @@ async def test_429_is_retried_after_retry_after(server, png, tmp_path, monkeypat
         ("empty_content", "openai/judge", {}),
     ],
 )
-async def test_fault_is_retried_and_the_result_is_unchanged(server, png, tmp_path, monkeypatch, kind, model, overrides):
+async def test_fault_is_retried_and_the_result_is_unchanged(
+    server, png, tmp_path, monkeypatch, kind, model, overrides, transport
+):
+    overrides = {**overrides, "transport": transport}
     clean, clean_requests = await fault_free_run(monkeypatch, tmp_path, **overrides)
     server.inject(kind, model=model, delay=3.0)
 
@@ -228,10 +239,12 @@ async def test_fault_is_retried_and_the_result_is_unchanged(server, png, tmp_pat
     assert server.pending_faults() == []
 
 
-async def test_a_model_that_keeps_failing_ends_as_model_error_not_a_wrong_answer(server, png, tmp_path, monkeypatch):
-    clean, _ = await fault_free_run(monkeypatch, tmp_path)
+async def test_a_model_that_keeps_failing_ends_as_model_error_not_a_wrong_answer(
+    server, png, tmp_path, monkeypatch, transport
+):
+    clean, _ = await fault_free_run(monkeypatch, tmp_path, transport=transport)
     server.inject("500", model="openai/intern-2", times=None)
-    settings = make_settings(tmp_path / "cache.sqlite", max_retries=2)
+    settings = make_settings(tmp_path / "cache.sqlite", max_retries=2, transport=transport)
 
     result = await run_search(settings)
 
@@ -417,3 +430,16 @@ async def test_per_model_concurrency_limit_holds_over_http(png, tmp_path, monkey
     assert slow.peak_in_flight["intern-1"] == 2
     # 2 candidates x 2 temperatures x 2 samples were ready at once for the unlimited intern.
     assert slow.peak_in_flight["intern-2"] >= 4
+
+
+async def test_direct_transport_gives_the_litellm_result_with_images_and_usage(server, png, tmp_path):
+    via_litellm = await run_search(make_settings(tmp_path / "a.sqlite"))
+    litellm_requests = server.count()
+    via_direct = await run_search(make_settings(tmp_path / "b.sqlite", transport="direct"))
+    assert comparable(via_direct) == comparable(via_litellm)
+    assert server.count() - litellm_requests == litellm_requests
+    assert via_direct.usage.input_tokens == via_litellm.usage.input_tokens > 0
+    direct_records = server.recorded()[litellm_requests:]
+    assert all(r.headers.get("Authorization") == f"Bearer {SECRET}" for r in direct_records)
+    with_images = [r for r in direct_records if "data:image/png;base64," in json.dumps(r.body)]
+    assert with_images, "images go out as data URLs on the direct path too"

@@ -171,3 +171,15 @@ async def test_the_demo_cases_run_with_simulated_models(tmp_path):
     options = RunOptions(data=EXAMPLES_DIR / "cases.jsonl", output=output, image_dir=EXAMPLES_DIR / "images")
     stats = await BatchRun(searcher, options).run()
     assert stats.ended == 3 and stats.bad_input == 0
+
+
+async def test_budget_holds_without_a_cache(tmp_path):
+    make_dataset(tmp_path, 6)
+    models = Counting(cost=0.01)
+    output = tmp_path / "out.jsonl"
+    searcher = await models.searcher(None, output)
+    options = RunOptions(data=tmp_path / "data.jsonl", output=output, image_dir=tmp_path / "images",
+                         concurrency=1, budget_usd=0.2)
+    stats = await BatchRun(searcher, options).run()
+    assert stats.stop_reason == "budget" and 0 < stats.ended < 6
+    assert stats.spent_usd == stats.cost_usd >= 0.2
