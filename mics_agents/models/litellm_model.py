@@ -12,6 +12,7 @@ import json
 import os
 import random
 import weakref
+from functools import lru_cache
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,9 +139,10 @@ def _is_retryable(exc: BaseException) -> bool:
     status = _status_code(exc)
     if status is not None:
         return status in (408, 409, 425, 429) or status >= 500
+    import aiohttp
     import httpx
 
-    return isinstance(exc, (httpx.TransportError, httpx.DecodingError))
+    return isinstance(exc, (httpx.TransportError, httpx.DecodingError, aiohttp.ClientError))
 
 
 def _retry_after_seconds(exc: BaseException | None) -> float | None:
@@ -206,6 +208,7 @@ class LiteLLMModel(Model):
         self.settings = settings
         self.router = router if router is not None and name in _router_model_names(router) else None
         self._api_bases: list[str | None] | None = None
+        self._direct: Any = None  # the DirectEndpoint, once resolved (False: not direct)
 
     def _endpoint_bases(self) -> list[str | None]:
         """Where calls of this model go, for the request policy (tests allow 127.0.0.1 only)."""
@@ -233,6 +236,8 @@ class LiteLLMModel(Model):
     async def request(self, request: ModelRequest) -> ModelResponse:
         check_request_allowed(self.name, self._endpoint_bases())
         semaphore = _Limits.semaphore(self.name, self.settings.concurrency_for(self.name))
+        total = self.settings.max_calls_in_flight
+        overall = _Limits.semaphore("", total) if total else None
         attempts = self.settings.max_retries + 1
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts),
@@ -243,9 +248,13 @@ class LiteLLMModel(Model):
         try:
             async for attempt in retrying:
                 with attempt:
-                    # The slot is held for the call only, not while backing off.
+                    # Slots are held for the call only, not while backing off; the model's first, so a
+                    # call waiting for its model never holds one of the overall slots.
                     async with semaphore:
-                        return await self._send(request)
+                        if overall is None:
+                            return await self._send(request)
+                        async with overall:
+                            return await self._send(request)
         except ModelError as exc:
             if isinstance(exc, MalformedReplyError):
                 raise ModelCallError(
@@ -262,7 +271,45 @@ class LiteLLMModel(Model):
             raise ModelCallError(message, model=self.name) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
+    def _direct_endpoint(self) -> Any:
+        if self._direct is None:
+            self._direct = False
+            if self.settings.transport == "direct" and self.router is None:
+                from .direct import direct_endpoint
+
+                self._direct = direct_endpoint(self.name, _resolve_api_base(self.name, None)) or False
+        return self._direct
+
+    async def _send_direct(self, endpoint: Any, request: ModelRequest) -> ModelResponse:
+        from .direct import post_chat_completion
+
+        payload: dict[str, Any] = {"messages": request.openai_messages(), "temperature": request.temperature}
+        if request.max_tokens is not None:
+            payload["max_tokens"] = request.max_tokens
+        reply = await post_chat_completion(endpoint, payload, self.settings.request_timeout)
+        choices = reply.get("choices") or [] if isinstance(reply, dict) else []
+        message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+        text = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise MalformedReplyError(f"{self.name}: reply has no text (choices={len(choices)})", model=self.name)
+        usage = reply.get("usage") or {}
+        input_tokens = int(usage.get("prompt_tokens") or 0)
+        output_tokens = int(usage.get("completion_tokens") or 0)
+        price_in, price_out = _token_prices(self.name)
+        return ModelResponse(
+            text=text, model=self.name, input_tokens=input_tokens, output_tokens=output_tokens,
+            cost_usd=input_tokens * price_in + output_tokens * price_out,
+        )
+
+    async def aclose(self) -> None:
+        from .direct import close_sessions
+
+        await close_sessions()
+
     async def _send(self, request: ModelRequest) -> ModelResponse:
+        endpoint = self._direct_endpoint()
+        if endpoint:
+            return await self._send_direct(endpoint, request)
         litellm = import_litellm()
         arguments: dict[str, Any] = {
             "model": self.name,
@@ -293,15 +340,28 @@ class LiteLLMModel(Model):
         )
 
 
+@lru_cache(maxsize=256)
+def _token_prices(model_name: str) -> tuple[float, float]:
+    """USD per input and per output token from LiteLLM's price table; (0, 0) for unpriced models."""
+    litellm = import_litellm()
+    try:
+        price_in = litellm.cost_per_token(model=model_name, prompt_tokens=1, completion_tokens=0)[0]
+        price_out = litellm.cost_per_token(model=model_name, prompt_tokens=0, completion_tokens=1)[1]
+        return float(price_in), float(price_out)
+    except Exception:
+        return 0.0, 0.0
+
+
 def _cost_of(litellm: Any, response: Any) -> float:
+    """LiteLLM prices the response while handling it (``_hidden_params["response_cost"]``; None for a model
+    without a price, e.g. local vLLM): use that rather than pricing it a second time."""
     hidden = getattr(response, "_hidden_params", None) or {}
-    cost = hidden.get("response_cost") if isinstance(hidden, dict) else None
-    if cost is None:
-        try:
-            cost = litellm.completion_cost(completion_response=response)
-        except Exception:  # models without a price (local vLLM) cost nothing we can know
-            cost = 0.0
-    return float(cost or 0.0)
+    if isinstance(hidden, dict) and "response_cost" in hidden:
+        return float(hidden["response_cost"] or 0.0)
+    try:
+        return float(litellm.completion_cost(completion_response=response) or 0.0)
+    except Exception:  # models without a price cost nothing we can know
+        return 0.0
 
 
 def open_models(names: list[str], settings: "Settings", store: Any = None, *, run_id: str | None = None) -> list[Model]:

@@ -1,0 +1,99 @@
+"""An OpenAI-compatible chat-completions server that answers like the simulated MICS models after a set
+latency, in a process of its own so that its CPU is not the client's.
+
+    python -m benchmarks.latency_server --port 8765 --latency 0.1 --jitter 0.02 --error-rate 0.01
+
+The role (mentor, intern, judge) comes from the model name. ``GET /stats`` gives the request count.
+Error-rate requests get an HTTP 500 (clients retry them). It stops after ``--lifetime`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+
+from aiohttp import web
+
+from mics_agents.models.base import ChatMessage, ModelRequest, TextPart
+from mics_agents.models.simulated import simulated_reply
+
+
+def _request(body: dict) -> ModelRequest:
+    messages = []
+    for message in body["messages"]:
+        content = message["content"]
+        text = content if isinstance(content, str) else "\n".join(p.get("text", "") for p in content if p.get("type") == "text")
+        messages.append(ChatMessage(message["role"], (TextPart(text),)))
+    return ModelRequest(messages=tuple(messages), temperature=float(body.get("temperature", 1.0)))
+
+
+def _role(model: str) -> str:
+    for role in ("mentor", "intern", "judge", "generator"):
+        if role in model:
+            return role
+    return "intern"
+
+
+def build_app(latency: float, jitter: float, error_rate: float, seed: int) -> web.Application:
+    rng = random.Random(seed)
+    counters = {"requests": 0, "errors": 0, "in_flight": 0, "peak_in_flight": 0}
+
+    async def completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        counters["requests"] += 1
+        counters["in_flight"] += 1
+        counters["peak_in_flight"] = max(counters["peak_in_flight"], counters["in_flight"])
+        try:
+            await asyncio.sleep(max(0.0, latency + rng.uniform(-jitter, jitter)))
+            if rng.random() < error_rate:
+                counters["errors"] += 1
+                return web.json_response({"error": {"message": "injected", "type": "server_error"}}, status=500)
+            model = body["model"]
+            text = simulated_reply(_role(model), model, _request(body))
+        finally:
+            counters["in_flight"] -= 1
+        return web.json_response({
+            "id": f"chatcmpl-{counters['requests']}", "object": "chat.completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+        })
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(counters)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+async def serve(port: int, latency: float, jitter: float, error_rate: float, lifetime: float, seed: int) -> None:
+    runner = web.AppRunner(build_app(latency, jitter, error_rate, seed), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
+    await site.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    try:
+        await asyncio.sleep(lifetime)
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--latency", type=float, default=0.1, help="seconds per reply")
+    parser.add_argument("--jitter", type=float, default=0.0, help="+/- seconds, uniform")
+    parser.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered with HTTP 500")
+    parser.add_argument("--lifetime", type=float, default=1800.0, help="stop after this many seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.latency, args.jitter, args.error_rate, args.lifetime, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Measure mics-agents: search throughput against its lower bound and baselines, resume cost, memory with
+many queued items, and start-up time. Prints a table and saves JSON.
+
+    python -m benchmarks.run all --out benchmarks/results/latest.json
+    python -m benchmarks.run throughput --items 200 --latency 0.1 --concurrency 64
+
+Model calls go over real HTTP to ``benchmarks.latency_server`` in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+MENTORS = ["openai/mentor-a", "openai/mentor-b"]
+INTERNS = ["openai/intern-1", "openai/intern-2"]
+JUDGE = "openai/judge"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def latency_server(latency: float, jitter: float = 0.0, error_rate: float = 0.0) -> Iterator[int]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.latency_server", "--port", str(port), "--latency", str(latency),
+         "--jitter", str(jitter), "--error-rate", str(error_rate), "--lifetime", "3600"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if "listening" not in line:
+            raise RuntimeError(f"latency server did not start: {line!r}")
+        os.environ["OPENAI_API_BASE"] = f"http://127.0.0.1:{port}/v1"
+        os.environ.setdefault("OPENAI_API_KEY", "sk-benchmark")
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def server_requests(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
+        return int(json.loads(response.read())["requests"])
+
+
+def make_dataset(path: Path, items: int) -> Path:
+    with open(path, "w") as handle:
+        for index in range(items):
+            handle.write(json.dumps({
+                "id": f"bench-{index}",
+                "question": f"Case {index}: which finding best explains the presentation?\nA. Mass\nB. Cyst\nC. Abscess\nD. Normal",
+                "answer": "ABCD"[index % 4],
+                "case_info": f"Patient {index} with fever and a focal lesion on imaging.",
+            }) + "\n")
+    return path
+
+
+def _settings(cache: Path | None, concurrency: int, **extra: Any):
+    extra.setdefault("transport", os.environ.get("MICS_TRANSPORT", "litellm"))
+    from mics_agents.config import load_settings
+
+    return load_settings(
+        mentors=MENTORS, interns=INTERNS, judge=JUDGE, cache_path=cache, model_concurrency=concurrency,
+        max_calls_in_flight=concurrency, retry_initial_wait=0.05, retry_max_wait=1.0, **extra,
+    )
+
+
+def _critical_rounds(record: dict[str, Any]) -> int:
+    """Sequential call rounds of one item: per iteration a mentor round (unless every candidate was
+    reused), an intern round, and a judge round when any sample needed the judge."""
+    rounds = 0
+    for depth in sorted({node["depth"] for node in record["tree"]}):
+        nodes = [node for node in record["tree"] if node["depth"] == depth]
+        rounds += 0 if all(node["reused"] for node in nodes) else 1
+        rounds += 1
+        rounds += 1 if any(s["judged_by"] == "judge" for node in nodes for s in node["samples"]) else 0
+    return rounds
+
+
+async def _mics_run(data: Path, output: Path, cache: Path | None, concurrency: int, items_in_flight: int) -> dict[str, Any]:
+    from mics_agents.runner import BatchRun, RunOptions, run_id_for
+    from mics_agents.search import Searcher
+
+    searcher = await Searcher.open(_settings(cache, concurrency), run_id=run_id_for(output))
+    try:
+        cpu, wall = time.process_time(), time.perf_counter()
+        stats = await BatchRun(searcher, RunOptions(data=data, output=output, concurrency=items_in_flight)).run()
+        return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "stats": stats.as_dict()}
+    finally:
+        await searcher.aclose()
+
+
+def _records(output: Path) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in output.read_text().splitlines()] if output.exists() else []
+    failed = output.with_name(output.stem + "_failed.jsonl")
+    if failed.exists():
+        records += [json.loads(line)["search"] for line in failed.read_text().splitlines() if "search" in json.loads(line)]
+    return records
+
+
+async def _bare_loop(kind: str, calls: int, concurrency: int) -> dict[str, Any]:
+    """``calls`` identical-size chat calls at ``concurrency``, through bare litellm or the openai SDK."""
+    messages = [{"role": "system", "content": "You are an intern."},
+                {"role": "user", "content": "## Question\nWhich finding?\nA. Mass\nB. Cyst\n\n## Reasoning so far\n### Step 1: x\n\n## Your task\nanswer"}]
+    semaphore = asyncio.Semaphore(concurrency)
+    if kind == "litellm":
+        import litellm
+
+        async def one(index: int) -> None:
+            async with semaphore:
+                await litellm.acompletion(model="openai/intern-1", messages=messages, temperature=0.3, num_retries=0, max_retries=0)
+    else:
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=os.environ["OPENAI_API_BASE"], api_key="sk-benchmark", max_retries=0)
+
+        async def one(index: int) -> None:
+            async with semaphore:
+                await client.chat.completions.create(model="intern-1", messages=messages, temperature=0.3)
+
+    await asyncio.gather(*(one(i) for i in range(min(concurrency, calls))))  # warm-up: connections, imports
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(calls)))
+    elapsed, used = time.perf_counter() - wall, time.process_time() - cpu
+    return {"calls": calls, "wall_s": elapsed, "calls_per_s": calls / elapsed, "cpu_ms_per_call": 1000 * used / calls}
+
+
+def throughput(items: int, latency: float, concurrency: int, sequential_items: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder, latency_server(latency) as port:
+        root = Path(folder)
+        data = make_dataset(root / "data.jsonl", items)
+        # Warm up imports and connections on a separate tiny run, so they do not count.
+        warm = make_dataset(root / "warm.jsonl", 2)
+        asyncio.run(_mics_run(warm, root / "warm_out.jsonl", None, concurrency, concurrency))
+
+        before = server_requests(port)
+        run = asyncio.run(_mics_run(data, root / "out.jsonl", root / "cache.sqlite", concurrency, concurrency))
+        calls = server_requests(port) - before
+        records = _records(root / "out.jsonl")
+        critical = max(_critical_rounds(record) for record in records) * latency
+        bound = max(critical, calls * latency / concurrency)
+
+        seq_data = make_dataset(root / "seq.jsonl", sequential_items)
+        before = server_requests(port)
+        sequential = asyncio.run(_mics_run(seq_data, root / "seq_out.jsonl", None, 1, 1))
+        seq_calls = server_requests(port) - before
+        per_call = sequential["wall_s"] / seq_calls
+        projected = per_call * calls
+
+        calls_for_baselines = min(calls, 4000)
+        litellm_loop = asyncio.run(_bare_loop("litellm", calls_for_baselines, concurrency))
+        openai_loop = asyncio.run(_bare_loop("openai", calls_for_baselines, concurrency))
+    return {
+        "items": items, "latency_s": latency, "concurrency": concurrency, "model_calls": calls,
+        "wall_s": run["wall_s"], "lower_bound_s": bound, "critical_path_s": critical,
+        "ratio_to_bound": run["wall_s"] / bound, "calls_per_s": calls / run["wall_s"],
+        "cpu_ms_per_call": 1000 * run["cpu_s"] / calls,
+        "sequential": {"items_measured": sequential_items, "calls": seq_calls, "s_per_call": per_call,
+                        "projected_wall_s": projected},
+        "speedup_vs_sequential": projected / run["wall_s"],
+        "bare_litellm": litellm_loop, "openai_sdk": openai_loop,
+        "outcomes": {k: run["stats"][k] for k in ("success", "no_path", "model_error", "bad_input")},
+    }
+
+
+def resume(items: int, concurrency: int) -> dict[str, Any]:
+    """A finished run of ``items`` items, then (1) the same command again and (2) the run with its output
+    removed, so that every call replays from the cache."""
+    with tempfile.TemporaryDirectory() as folder, latency_server(0.0) as port:
+        root = Path(folder)
+        data = make_dataset(root / "data.jsonl", items)
+        first = asyncio.run(_mics_run(data, root / "out.jsonl", root / "cache.sqlite", concurrency, concurrency))
+        calls = server_requests(port)
+        rerun = asyncio.run(_mics_run(data, root / "out.jsonl", root / "cache.sqlite", concurrency, concurrency))
+        after_rerun = server_requests(port)
+        (root / "out.jsonl").unlink()
+        root.joinpath("out_failed.jsonl").unlink(missing_ok=True)
+        replay = asyncio.run(_mics_run(data, root / "out.jsonl", root / "cache.sqlite", concurrency, concurrency))
+        after_replay = server_requests(port)
+    return {
+        "items": items, "first_run_s": first["wall_s"], "first_run_calls": calls,
+        "rerun_s": rerun["wall_s"], "rerun_requests": after_rerun - calls,
+        "replay_from_cache_s": replay["wall_s"], "replay_requests": after_replay - after_rerun,
+        "cache_lookups_per_s": calls / replay["wall_s"],
+    }
+
+
+def memory(items: int, seconds: float) -> dict[str, Any]:
+    """Peak RSS of a run over ``items`` queued items (stopped after ``seconds``)."""
+    code = f"""
+import asyncio, json, resource, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from benchmarks.run import make_dataset, _settings
+from mics_agents.runner import BatchRun, RunOptions, run_id_for
+from mics_agents.search import Searcher
+from pathlib import Path
+import tempfile
+async def main():
+    root = Path(tempfile.mkdtemp())
+    data = make_dataset(root / "data.jsonl", {items})
+    searcher = await Searcher.open(_settings(root / "c.sqlite", 64), run_id="mem")
+    batch = BatchRun(searcher, RunOptions(data=data, output=root / "out.jsonl", concurrency=64))
+    asyncio.get_running_loop().call_later({seconds}, batch.stop)
+    stats = await batch.run()
+    await searcher.aclose()
+    print(json.dumps({{"ended": stats.ended, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+asyncio.run(main())
+"""
+    with latency_server(0.1):
+        output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=os.environ)
+    if output.returncode != 0:
+        raise RuntimeError(output.stderr[-2000:])
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    return {"queued_items": items, "ran_s": seconds, **result}
+
+
+def startup(repeats: int = 5) -> dict[str, Any]:
+    def median_time(command: list[str]) -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    mics = str(Path(sys.executable).with_name("mics"))
+    return {
+        "mics_help_s": median_time([mics, "--help"]),
+        "import_mics_agents_s": median_time([sys.executable, "-c", "import mics_agents"]),
+    }
+
+
+def machine() -> dict[str, Any]:
+    import litellm  # noqa: F401 - its version is part of the result
+
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
+            "litellm": version("litellm"), "openai": version("openai")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="mics-agents performance harness")
+    parser.add_argument("what", choices=["throughput", "resume", "memory", "startup", "all"])
+    parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--sequential-items", type=int, default=3)
+    parser.add_argument("--resume-items", type=int, default=1000)
+    parser.add_argument("--memory-items", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    results: dict[str, Any] = {"machine": machine()}
+    if args.what in ("startup", "all"):
+        results["startup"] = startup()
+    if args.what in ("throughput", "all"):
+        results["throughput"] = throughput(args.items, args.latency, args.concurrency, args.sequential_items)
+    if args.what in ("resume", "all"):
+        results["resume"] = resume(args.resume_items, args.concurrency)
+    if args.what in ("memory", "all"):
+        results["memory"] = memory(args.memory_items, 15.0)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
