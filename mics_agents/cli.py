@@ -539,5 +539,47 @@ def compare(
     console.print(table, markup=False, highlight=False)
 
 
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option(help="YAML naming each intern model and its replicas (see README).")],
+    dry_run: Annotated[bool, typer.Option(help="Print the commands and the Router config; start nothing.")] = False,
+) -> None:
+    """Start a vLLM server per configured replica, wait until all are healthy, write a LiteLLM Router
+    config mapping each intern name to its replicas, and stop them all on Ctrl-C."""
+    import shlex
+
+    import yaml
+
+    from .errors import ConfigError, MicsError
+    from .serve import InternServers, launch_command, load_serve_config, router_config
+
+    try:
+        settings = load_serve_config(config)
+    except ConfigError as exc:
+        raise _fail_config(str(exc)) from None
+    if dry_run:
+        for spec in settings.models:
+            for replica in spec.replicas:
+                where = f"CUDA_VISIBLE_DEVICES={replica.gpus} " if replica.gpus is not None else ""
+                line = where + shlex.join(launch_command(settings, spec, replica)) if replica.launch else f"(running elsewhere) {replica.api_base}"
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+        console.print(yaml.safe_dump(router_config(settings), sort_keys=False), markup=False, highlight=False)
+        return
+    servers = InternServers(settings, log=lambda message: err_console.print(message, markup=False, highlight=False))
+    try:
+        path = servers.start()
+        names = ",".join(spec.name for spec in settings.models)
+        console.print(f"All replicas are up. Router config: {path}\nUse them with:\n"
+                      f"  export MICS_ROUTER_CONFIG={path.resolve()} MICS_INTERNS={names}", soft_wrap=True)
+        asyncio.run(servers.wait_for_signal())
+    except MicsError as exc:
+        err_console.print(f"[bold red]Serve stopped:[/] {exc}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        servers.stop()
+
+
 def main() -> None:
     app()
