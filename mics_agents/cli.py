@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -357,15 +358,31 @@ def dataset_build(
     console.print(f"stats: {output / 'stats.json'}, {output / 'stats.png'}")
 
 
-generate_app = typer.Typer(help="Make MICS input and Part 1 text QA from raw cases with an LLM.", no_args_is_help=True)
-app.add_typer(generate_app, name="generate")
+class GenerateKind(str, Enum):
+    qa = "qa"
+    vqa = "vqa"
 
 
-def _generate(
-    kind: str, data: Path, output: Path, image_dir: Optional[Path], failed: Optional[Path], cache: Optional[Path],
-    model: Optional[str], concurrency: int, limit: Optional[int], shard: str, budget_usd: Optional[float],
-    retry_failed: bool, json_summary: Optional[Path], log_every: float,
+@app.command()
+def generate(
+    kind: Annotated[GenerateKind, typer.Argument(help="qa: 1-3 multiple-choice questions per case from its text "
+                                                   "(Part 1). vqa: VQA pairs in three scenarios per case from "
+                                                   "its record and images (mics run input).")],
+    data: Annotated[Path, typer.Argument(help="Cases, one JSON object per line (id, text / case_info / Chiron-o1 case fields, images).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Generated items, one per line.")],
+    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to [default: the data file's folder].")] = None,
+    failed: Annotated[Optional[Path], typer.Option(help="Failures [default: OUTPUT with _failed.jsonl].")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file [default: MICS_CACHE_PATH].")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Generator model [default: MICS_GENERATOR, else the first mentor].")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Cases in flight.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N cases.")] = None,
+    shard: Annotated[str, typer.Option(help="I/N: take shard I of N.")] = "0/1",
+    budget_usd: Annotated[Optional[float], typer.Option(min=0, help="Start no new case past this spend.")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Also redo cases that gave nothing usable.")] = False,
+    json_summary: Annotated[Optional[Path], typer.Option(help="Also write the summary as JSON here.")] = None,
+    log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
 ) -> None:
+    """Make Part 1 text QA or MICS input (VQA pairs) from raw cases with an LLM; resumable like mics run."""
     from .config import load_settings
     from .data import parse_shard
     from .errors import ConfigError, MicsError
@@ -386,7 +403,7 @@ def _generate(
     )
 
     async def open_worker():
-        return await open_generation_worker(kind, settings, run_id=run_id_for(output))
+        return await open_generation_worker(kind.value, settings, run_id=run_id_for(output))
 
     try:
         stats = _run_batch(open_worker, options, settings, log_every=log_every, json_summary=json_summary)
@@ -396,50 +413,6 @@ def _generate(
         err_console.print(f"[bold red]Run stopped:[/] {exc}")
         raise typer.Exit(1) from None
     raise typer.Exit(_exit_code(stats))
-
-
-_DATA_ARG = typer.Argument(help="Cases, one JSON object per line (id, text / case_info / Chiron-o1 case fields, images).")
-
-
-@generate_app.command("qa")
-def generate_qa(
-    data: Annotated[Path, _DATA_ARG],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Questions, one per line (Part 1).")],
-    failed: Annotated[Optional[Path], typer.Option(help="Failures [default: OUTPUT with _failed.jsonl].")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file [default: MICS_CACHE_PATH].")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Generator model [default: MICS_GENERATOR, else the first mentor].")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Cases in flight.")] = 8,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N cases.")] = None,
-    shard: Annotated[str, typer.Option(help="I/N: take shard I of N.")] = "0/1",
-    budget_usd: Annotated[Optional[float], typer.Option(min=0, help="Start no new case past this spend.")] = None,
-    retry_failed: Annotated[bool, typer.Option(help="Also redo cases that gave nothing usable.")] = False,
-    json_summary: Annotated[Optional[Path], typer.Option(help="Also write the summary as JSON here.")] = None,
-    log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
-) -> None:
-    """Case text -> 1-3 multiple-choice questions per case with answer and rationale (Part 1)."""
-    _generate("qa", data, output, None, failed, cache, model, concurrency, limit, shard, budget_usd,
-              retry_failed, json_summary, log_every)
-
-
-@generate_app.command("vqa")
-def generate_vqa(
-    data: Annotated[Path, _DATA_ARG],
-    output: Annotated[Path, typer.Option("--output", "-o", help="VQA pairs, one per line: mics run input.")],
-    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to [default: the data file's folder].")] = None,
-    failed: Annotated[Optional[Path], typer.Option(help="Failures [default: OUTPUT with _failed.jsonl].")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file [default: MICS_CACHE_PATH].")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Generator model [default: MICS_GENERATOR, else the first mentor].")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Cases in flight.")] = 8,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N cases.")] = None,
-    shard: Annotated[str, typer.Option(help="I/N: take shard I of N.")] = "0/1",
-    budget_usd: Annotated[Optional[float], typer.Option(min=0, help="Start no new case past this spend.")] = None,
-    retry_failed: Annotated[bool, typer.Option(help="Also redo cases that gave nothing usable.")] = False,
-    json_summary: Annotated[Optional[Path], typer.Option(help="Also write the summary as JSON here.")] = None,
-    log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
-) -> None:
-    """Case record + images -> VQA pairs (patient-to-doctor, doctor-to-doctor, intern-to-senior), as mics run input."""
-    _generate("vqa", data, output, image_dir, failed, cache, model, concurrency, limit, shard, budget_usd,
-              retry_failed, json_summary, log_every)
 
 
 @app.command("eval")

@@ -8,14 +8,14 @@ here ever holds a secret and nothing secret reaches the cache.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "load_settings", "load_yaml_model"]
 
 ENV_PREFIX = "MICS_"
 
@@ -177,3 +177,19 @@ def load_settings(**overrides: Any) -> Settings:
             message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{ENV_PREFIX}{field.upper()}: {message}" if field else message)
         raise ConfigError("Invalid settings: " + "; ".join(problems)) from None
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_yaml_model(path: Path, model: type[ModelT], option: str, what: str) -> ModelT:
+    """A YAML file validated into a pydantic model; errors name the option and say what is wrong."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return model.model_validate(data)
+    except OSError as exc:
+        raise ConfigError(f"{option} {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{option} {str(path)!r} is not a valid {what}: {exc}") from exc

@@ -41,6 +41,18 @@ def _text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def _take_images(record: dict[str, Any], item: InputItem) -> bool:
+    """Set ``item.images`` from the record (a path or a list of paths); False, with the error set, if bad."""
+    images = record.get("images", [])
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
+        item.error = f"line {item.line}: field 'images' must be a list of image paths"
+        return False
+    item.images = images
+    return True
+
+
 def parse_record(record: Any, line: int) -> InputItem:
     """One decoded JSON value -> an item; layout errors become ``item.error``."""
     if not isinstance(record, dict):
@@ -74,13 +86,8 @@ def parse_record(record: Any, line: int) -> InputItem:
     if not item.answer:
         item.error = f"line {line}: field '{answer_field}' is missing or empty; MICS needs the ground-truth answer"
         return item
-    images = record.get("images", [])
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
-        item.error = f"line {line}: field 'images' must be a list of image paths"
+    if not _take_images(record, item):
         return item
-    item.images = images
     if item.case_info is not None and not isinstance(item.case_info, (str, dict)):
         item.error = f"line {line}: field 'case_info' must be a string or an object"
     return item
@@ -149,13 +156,8 @@ def parse_case(record: Any, line: int) -> InputItem:
         return item
     item.case_info = case_info
     item.question = _text(record.get("text"))  # free case text, if any, rides in ``question``
-    images = record.get("images", [])
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
-        item.error = f"line {line}: field 'images' must be a list of image paths"
+    if not _take_images(record, item):
         return item
-    item.images = images
     if not item.question and not case_info:
         item.error = f"line {line}: the case has no text: give 'text', 'case_info' or the Chiron-o1 case fields"
     return item

@@ -67,6 +67,7 @@ def _case_text(item: InputItem) -> str:
 class _GenerationWorker:
     group_key = "case_id"
     template_name = ""
+    id_tag = ""
 
     def __init__(self, model: Model, settings: Settings, store: Store | None) -> None:
         self.model = model
@@ -108,7 +109,21 @@ class _GenerationWorker:
     async def _generate(self, item: InputItem, image_dir: Path, usage: Usage) -> Outcome:
         raise NotImplementedError
 
-    def _finish(self, item: InputItem, records: list[dict[str, Any]], drops: Counter, usage: Usage) -> Outcome:
+    def _check(self, item: InputItem, entry: Any) -> tuple[str | None, dict[str, Any]]:
+        """(drop reason, None) for an unusable entry, else (None, the fields of its output line)."""
+        raise NotImplementedError
+
+    def _finish(self, item: InputItem, reply: list[Any] | None, usage: Usage) -> Outcome:
+        drops: Counter = Counter()
+        records: list[dict[str, Any]] = []
+        if reply is None:
+            drops["unparsable_reply"] += 1
+        for entry in reply or []:
+            reason, fields = self._check(item, entry)
+            if reason:
+                drops[reason] += 1
+            else:
+                records.append({"id": f"{item.rid}-{self.id_tag}{len(records)}", "case_id": item.rid, **fields})
         if not records:
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(drops.items())) or "none"
             return Outcome(failure="no_items", message=f"nothing usable was generated (dropped: {reasons})",
@@ -125,25 +140,14 @@ class QaWorker(_GenerationWorker):
     """Part 1: multiple-choice questions from case text (no images)."""
 
     template_name = "generate_qa"
+    id_tag = "qa"
 
     async def _generate(self, item: InputItem, image_dir: Path, usage: Usage) -> Outcome:
         text = _case_text(item)
         reply = await self._ask(self._messages(case_text=text, count=str(questions_per_case(text))), usage)
-        drops: Counter = Counter()
-        if reply is None:
-            drops["unparsable_reply"] += 1
-            return self._finish(item, [], drops, usage)
-        records = []
-        for entry in reply:
-            reason, record = self._check(entry)
-            if reason:
-                drops[reason] += 1
-                continue
-            records.append({"id": f"{item.rid}-qa{len(records)}", "case_id": item.rid, **record})
-        return self._finish(item, records, drops, usage)
+        return self._finish(item, reply, usage)
 
-    @staticmethod
-    def _check(entry: Any) -> tuple[str | None, dict[str, Any]]:
+    def _check(self, item: InputItem, entry: Any) -> tuple[str | None, dict[str, Any]]:
         if not isinstance(entry, dict) or not isinstance(entry.get("question"), str) or not entry["question"].strip():
             return "missing_fields", {}
         if entry.get("medical") is False:
@@ -174,6 +178,7 @@ class VqaWorker(_GenerationWorker):
     """MICS input: VQA pairs in three scenarios from a case record and its images."""
 
     template_name = "generate_vqa"
+    id_tag = "vqa"
 
     async def _generate(self, item: InputItem, image_dir: Path, usage: Usage) -> Outcome:
         if not item.images:
@@ -185,41 +190,21 @@ class VqaWorker(_GenerationWorker):
             return Outcome(failure="bad_input", message=f"line {item.line}: {exc}")
         messages = self._messages(tuple(images), case_info=_case_text(item),
                                   count=str(self.settings.vqa_per_case))
-        reply = await self._ask(messages, usage)
-        drops: Counter = Counter()
-        if reply is None:
-            drops["unparsable_reply"] += 1
-            return self._finish(item, [], drops, usage)
-        records = []
-        for entry in reply:
-            reason, scenario = self._check(entry)
-            if reason:
-                drops[reason] += 1
-                continue
-            records.append({
-                "id": f"{item.rid}-vqa{len(records)}",
-                "case_id": item.rid,
-                "scenario": scenario,
-                "question": entry["question"].strip(),
-                "answer": entry["answer"].strip(),
-                "images": item.images,
-                "case_info": item.case_info,
-            })
-        return self._finish(item, records, drops, usage)
+        return self._finish(item, await self._ask(messages, usage), usage)
 
-    @staticmethod
-    def _check(entry: Any) -> tuple[str | None, str]:
+    def _check(self, item: InputItem, entry: Any) -> tuple[str | None, dict[str, Any]]:
         if not isinstance(entry, dict):
-            return "missing_fields", ""
+            return "missing_fields", {}
         question, answer = entry.get("question"), entry.get("answer")
         if not isinstance(question, str) or not question.strip() or not isinstance(answer, str) or not answer.strip():
-            return "missing_fields", ""
+            return "missing_fields", {}
         scenario = str(entry.get("scenario") or "").strip().lower().replace(" ", "-").replace("_", "-")
         if scenario not in SCENARIOS:
-            return "unknown_scenario", ""
+            return "unknown_scenario", {}
         if scenario == "patient-to-doctor" and answer.strip().lower().rstrip(".") not in _CLOSED_ANSWERS:
-            return "patient_answer_not_closed", ""
-        return None, scenario
+            return "patient_answer_not_closed", {}
+        return None, {"scenario": scenario, "question": question.strip(), "answer": answer.strip(),
+                      "images": item.images, "case_info": item.case_info}
 
 
 async def open_generation_worker(

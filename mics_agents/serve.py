@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from .errors import ConfigError, MicsError
+from .config import load_yaml_model
+from .errors import MicsError
 
 __all__ = ["ServeConfig", "ModelSpec", "Replica", "load_serve_config", "router_config", "InternServers"]
 
@@ -92,13 +93,7 @@ class ServeConfig(BaseModel):
 
 
 def load_serve_config(path: Path) -> ServeConfig:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        return ServeConfig.model_validate(data)
-    except OSError as exc:
-        raise ConfigError(f"--config {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"--config {str(path)!r} is not a valid serve config: {exc}") from exc
+    return load_yaml_model(path, ServeConfig, "--config", "serve config")
 
 
 def router_config(config: ServeConfig) -> dict[str, Any]:

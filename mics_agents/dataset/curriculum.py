@@ -14,10 +14,9 @@ import math
 import random
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 
-from ..errors import ConfigError
+from ..config import load_yaml_model
 from .samples import PART1, PART2, PART3, Sample
 
 __all__ = ["Recipe", "default_recipe", "load_recipe", "split_by_case", "assemble_stage", "source_weight"]
@@ -65,15 +64,7 @@ def default_recipe() -> Recipe:
 
 
 def load_recipe(path: Path | None) -> Recipe:
-    if path is None:
-        return default_recipe()
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        return Recipe.model_validate(data)
-    except OSError as exc:
-        raise ConfigError(f"--recipe {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"--recipe {str(path)!r} is not a valid recipe: {exc}") from exc
+    return default_recipe() if path is None else load_yaml_model(path, Recipe, "--recipe", "recipe")
 
 
 def _unit_hash(seed: int, text: str) -> float:
