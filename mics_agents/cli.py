@@ -196,6 +196,43 @@ def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", option
     return stats
 
 
+def _batch_command(
+    open_worker: "Callable[[Settings], Awaitable[Worker | Searcher]]",
+    settings_overrides: dict,
+    *,
+    data: Path,
+    shard: str,
+    check_roles: bool,
+    log_every: float,
+    json_summary: Optional[Path],
+    **option_values: object,
+) -> None:
+    """What mics run and mics generate share: settings and options from the flags, the batch, exit codes."""
+    from .config import load_settings
+    from .data import parse_shard
+    from .errors import ConfigError, MicsError
+    from .runner import RunOptions
+
+    try:
+        settings = load_settings(**{k: v for k, v in settings_overrides.items() if v is not None})
+        if check_roles:
+            settings.check_roles()
+        shard_index = parse_shard(shard)
+    except (ConfigError, ValueError) as exc:
+        raise _fail_config(str(exc)) from None
+    if not data.is_file():
+        raise _fail_config(f"input file {str(data)!r} not found")
+    options = RunOptions(data=data, shard=shard_index, **option_values)  # type: ignore[arg-type]
+    try:
+        stats = _run_batch(lambda: open_worker(settings), options, settings, log_every=log_every, json_summary=json_summary)
+    except ConfigError as exc:
+        raise _fail_config(str(exc)) from None
+    except MicsError as exc:
+        err_console.print(f"[bold red]Run stopped:[/] {exc}")
+        raise typer.Exit(1) from None
+    raise typer.Exit(_exit_code(stats))
+
+
 @app.command()
 def run(
     data: Annotated[Path, typer.Argument(help="Cases, one JSON object per line (Chiron-o1 or plain layout).")],
@@ -216,36 +253,19 @@ def run(
 ) -> None:
     """Run MICS over a JSONL dataset. Rerun the same command to resume; exit 0 when every item ended,
     2 on a configuration error, 3 when the budget stopped it, 130 when interrupted."""
-    from .config import load_settings
-    from .data import parse_shard
-    from .errors import ConfigError, MicsError
-    from .runner import RunOptions, run_id_for
+    from .runner import run_id_for
     from .search import Searcher
 
-    overrides = {"max_depth": max_depth, "seed": seed, "cache_path": cache, "router_config": router_config}
-    try:
-        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None}).check_roles()
-        shard_index = parse_shard(shard)
-    except (ConfigError, ValueError) as exc:
-        raise _fail_config(str(exc)) from None
-    if not data.is_file():
-        raise _fail_config(f"input file {str(data)!r} not found")
-    options = RunOptions(
-        data=data, output=output, image_dir=image_dir, failed=failed, concurrency=concurrency, limit=limit,
-        shard=shard_index, retry_failed=retry_failed, budget_usd=budget_usd,
-    )
-
-    async def open_searcher() -> Searcher:
+    async def open_searcher(settings: "Settings") -> Searcher:
         return await Searcher.open(settings, run_id=run_id_for(output))
 
-    try:
-        stats = _run_batch(open_searcher, options, settings, log_every=log_every, json_summary=json_summary)
-    except ConfigError as exc:
-        raise _fail_config(str(exc)) from None
-    except MicsError as exc:
-        err_console.print(f"[bold red]Run stopped:[/] {exc}")
-        raise typer.Exit(1) from None
-    raise typer.Exit(_exit_code(stats))
+    _batch_command(
+        open_searcher,
+        {"max_depth": max_depth, "seed": seed, "cache_path": cache, "router_config": router_config},
+        data=data, shard=shard, check_roles=True, log_every=log_every, json_summary=json_summary,
+        output=output, image_dir=image_dir, failed=failed, concurrency=concurrency, limit=limit,
+        retry_failed=retry_failed, budget_usd=budget_usd,
+    )
 
 
 @app.command()
@@ -383,36 +403,19 @@ def generate(
     log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
 ) -> None:
     """Make Part 1 text QA or MICS input (VQA pairs) from raw cases with an LLM; resumable like mics run."""
-    from .config import load_settings
-    from .data import parse_shard
-    from .errors import ConfigError, MicsError
     from .generate import open_generation_worker
-    from .runner import RunOptions, run_id_for
+    from .runner import run_id_for
 
-    overrides = {"cache_path": cache, "generator": model}
-    try:
-        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
-        shard_index = parse_shard(shard)
-    except (ConfigError, ValueError) as exc:
-        raise _fail_config(str(exc)) from None
-    if not data.is_file():
-        raise _fail_config(f"input file {str(data)!r} not found")
-    options = RunOptions(
-        data=data, output=output, image_dir=image_dir, failed=failed, concurrency=concurrency, limit=limit,
-        shard=shard_index, retry_failed=retry_failed, budget_usd=budget_usd,
-    )
-
-    async def open_worker():
+    async def open_worker(settings: "Settings"):
         return await open_generation_worker(kind.value, settings, run_id=run_id_for(output))
 
-    try:
-        stats = _run_batch(open_worker, options, settings, log_every=log_every, json_summary=json_summary)
-    except ConfigError as exc:
-        raise _fail_config(str(exc)) from None
-    except MicsError as exc:
-        err_console.print(f"[bold red]Run stopped:[/] {exc}")
-        raise typer.Exit(1) from None
-    raise typer.Exit(_exit_code(stats))
+    _batch_command(
+        open_worker,
+        {"cache_path": cache, "generator": model},
+        data=data, shard=shard, check_roles=False, log_every=log_every, json_summary=json_summary,
+        output=output, image_dir=image_dir, failed=failed, concurrency=concurrency, limit=limit,
+        retry_failed=retry_failed, budget_usd=budget_usd,
+    )
 
 
 @app.command("eval")
