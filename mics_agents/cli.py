@@ -251,8 +251,11 @@ def run(
     json_summary: Annotated[Optional[Path], typer.Option(help="Also write the summary as JSON here.")] = None,
     log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
 ) -> None:
-    """Run MICS over a JSONL dataset. Rerun the same command to resume; exit 0 when every item ended,
-    2 on a configuration error, 3 when the budget stopped it, 130 when interrupted."""
+    """Run MICS over a JSONL dataset; rerun the same command to resume.
+
+    Exit 0 when every item ended, 2 on a configuration error, 3 when the budget stopped it, 130 when
+    interrupted.
+    """
     from .runner import run_id_for
     from .search import Searcher
 
@@ -354,8 +357,11 @@ def dataset_build(
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe YAML [default: the paper's Table 4 proportions].")] = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling, shuffling and the split.")] = 0,
 ) -> None:
-    """Quality-control MICS output, make alignment pairs, assemble stages 1-3 and a test split, export them
-    (LLaVA, InternVL, TRL messages, HF datasets) and write stats.json + stats.png."""
+    """Build the three-stage curriculum from MICS output.
+
+    Quality-controls MICS output, makes alignment pairs, assembles stages 1-3 and a test split, exports
+    them (LLaVA, InternVL, TRL messages, HF datasets) and writes stats.json + stats.png.
+    """
     from .dataset import BuildOptions, build_dataset, load_recipe
     from .errors import ConfigError, InputError
 
@@ -431,8 +437,11 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of each benchmark.")] = None,
     log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
 ) -> None:
-    """Evaluate a model on medical VQA benchmarks: accuracy with 95% CIs per benchmark and modality, parse
-    failures counted as wrong, and optionally the MICS-Score of its reasoning. Resumable like mics run."""
+    """Evaluate a model on medical VQA benchmarks; resumable like mics run.
+
+    Accuracy with 95% CIs per benchmark and modality, parse failures counted as wrong, and optionally
+    the MICS-Score of the model's reasoning.
+    """
     from .config import load_settings
     from .errors import ConfigError, MicsError
     from .evaluation import EvalWorker, detect_layout, prepare_benchmark, results_markdown, summarize
@@ -520,8 +529,11 @@ def serve(
     config: Annotated[Path, typer.Option(help="YAML naming each intern model and its replicas (see README).")],
     dry_run: Annotated[bool, typer.Option(help="Print the commands and the Router config; start nothing.")] = False,
 ) -> None:
-    """Start a vLLM server per configured replica, wait until all are healthy, write a LiteLLM Router
-    config mapping each intern name to its replicas, and stop them all on Ctrl-C."""
+    """Serve local interns on vLLM replicas behind a LiteLLM Router config.
+
+    Starts a vLLM server per configured replica, waits until all are healthy, writes a Router config
+    mapping each intern name to its replicas, and stops them all on Ctrl-C.
+    """
     import shlex
 
     import yaml
