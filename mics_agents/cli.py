@@ -237,17 +237,17 @@ def _batch_command(
 def run(
     data: Annotated[Path, typer.Argument(help="Cases, one JSON object per line (Chiron-o1 or plain layout).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Successes, one Chiron-o1 record per line.")],
-    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to [default: the data file's folder].")] = None,
-    failed: Annotated[Optional[Path], typer.Option(help="Failures [default: OUTPUT with _failed.jsonl].")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file [default: MICS_CACHE_PATH].")] = None,
+    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to (default: the data file's folder).")] = None,
+    failed: Annotated[Optional[Path], typer.Option(help="Failures (default: OUTPUT with _failed.jsonl).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Items in flight.")] = 8,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N items (of this shard).")] = None,
     shard: Annotated[str, typer.Option(help="I/N: take shard I of N, by a hash of the item id.")] = "0/1",
-    max_depth: Annotated[Optional[int], typer.Option(min=1, help="Search iterations [default: MICS_MAX_DEPTH].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Run seed [default: MICS_SEED].")] = None,
+    max_depth: Annotated[Optional[int], typer.Option(min=1, help="Search iterations (default: MICS_MAX_DEPTH).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Run seed (default: MICS_SEED).")] = None,
     budget_usd: Annotated[Optional[float], typer.Option(min=0, help="Start no new item once this run has spent this much.")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Also redo no_path and bad_input items.")] = False,
-    router_config: Annotated[Optional[Path], typer.Option(help="LiteLLM Router config [default: MICS_ROUTER_CONFIG].")] = None,
+    router_config: Annotated[Optional[Path], typer.Option(help="LiteLLM Router config (default: MICS_ROUTER_CONFIG).")] = None,
     json_summary: Annotated[Optional[Path], typer.Option(help="Also write the summary as JSON here.")] = None,
     log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
 ) -> None:
@@ -354,7 +354,7 @@ def dataset_build(
     output: Annotated[Path, typer.Option("--output", "-o", help="Curriculum folder to write.")],
     text_qa: Annotated[Optional[Path], typer.Option(help="Part 1 text QA (mics generate qa output).")] = None,
     vqa: Annotated[Optional[list[str]], typer.Option(help="A general VQA set as NAME=FILE (plain layout); repeat.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="Recipe YAML [default: the paper's Table 4 proportions].")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe YAML (default: the paper's Table 4 proportions).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling, shuffling and the split.")] = 0,
 ) -> None:
     """Build the three-stage curriculum from MICS output.
@@ -396,10 +396,10 @@ def generate(
                                                    "its record and images (mics run input).")],
     data: Annotated[Path, typer.Argument(help="Cases, one JSON object per line (id, text / case_info / Chiron-o1 case fields, images).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Generated items, one per line.")],
-    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to [default: the data file's folder].")] = None,
-    failed: Annotated[Optional[Path], typer.Option(help="Failures [default: OUTPUT with _failed.jsonl].")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file [default: MICS_CACHE_PATH].")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Generator model [default: MICS_GENERATOR, else the first mentor].")] = None,
+    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to (default: the data file's folder).")] = None,
+    failed: Annotated[Optional[Path], typer.Option(help="Failures (default: OUTPUT with _failed.jsonl).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Generator model (default: MICS_GENERATOR, else the first mentor).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Cases in flight.")] = 8,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N cases.")] = None,
     shard: Annotated[str, typer.Option(help="I/N: take shard I of N.")] = "0/1",
@@ -429,10 +429,10 @@ def eval_command(
     model: Annotated[str, typer.Option(help="The model to evaluate: a LiteLLM name, e.g. hosted_vllm/chiron-o1-8b.")],
     benchmark: Annotated[list[str], typer.Option(help="[NAME=]FILE of a benchmark in a published layout; repeat.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Result folder.")],
-    judge: Annotated[Optional[str], typer.Option(help="Judge for open answers [default: MICS_JUDGE; none: exact/contains].")] = None,
-    image_root: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: where a benchmark's images are [default: beside its file].")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="Judge for open answers (default: MICS_JUDGE; none: exact/contains).")] = None,
+    image_root: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: where a benchmark's images are (default: beside its file).")] = None,
     mics_score: Annotated[bool, typer.Option(help="Also score the model's reasoning: MICS_INTERNS continue from its steps.")] = False,
-    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file [default: MICS_CACHE_PATH].")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Questions in flight.")] = 16,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of each benchmark.")] = None,
     log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
@@ -567,6 +567,38 @@ def serve(
         pass
     finally:
         servers.stop()
+
+
+@app.command()
+def report(
+    output: Annotated[Path, typer.Argument(help="Successes of a run (the --output of mics run), one record per line.")],
+    html: Annotated[Path, typer.Option("--html", help="The report to write: one self-contained HTML file.")],
+    failed: Annotated[Optional[Path], typer.Option(help="Failures of the run (default: OUTPUT with _failed.jsonl, if it exists).")] = None,
+    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to (as given to mics run): embeds a small thumbnail of each image (default: no images).")] = None,
+    thumbnail_size: Annotated[int, typer.Option(min=32, max=1024, help="Longest side of a thumbnail, in pixels.")] = 160,
+    title: Annotated[Optional[str], typer.Option(help="Page title (default: 'MICS report: OUTPUT').")] = None,
+) -> None:
+    """Write a run's report: charts, a searchable item list and every search tree, in one HTML file.
+
+    The file is static (no server, no network): open it from disk or mail it.
+    """
+    from rich.markup import escape
+
+    from .errors import InputError
+    from .report import write_report
+
+    try:
+        data = write_report(output, html, failed=failed, image_dir=image_dir, thumbnail_size=thumbnail_size, title=title)
+    except InputError as exc:
+        err_console.print(f"[bold red]Bad input:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        err_console.print(f"[bold red]Cannot write the report:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    for warning in data.warnings:
+        err_console.print(f"[yellow]Note:[/] {escape(warning)}")
+    counts = ", ".join(f"{count} {status}" for status, count in data.summary["status"].items())
+    console.print(f"{data.summary['items']} items ({counts}) -> {escape(str(html))} ({html.stat().st_size / 1e6:.1f} MB)")
 
 
 def main() -> None:

@@ -69,3 +69,4 @@ def test_prompts_ship_inside_the_wheel(tmp_path):
     for name in ("mentor", "intern", "judge"):
         assert f"mics_agents/prompts/{name}.md" in names
     assert "mics_agents/examples/cases.jsonl" in names
+    assert {"mics_agents/report/assets/report.js", "mics_agents/report/assets/report.css"} <= set(names)

@@ -71,7 +71,8 @@ def _intern_text(user_text: str, temperature: float, seed: str) -> str:
 def _judge_text(user_text: str) -> str:
     question = _section(user_text, "Question")
     reference = _section(user_text, "Reference answer")
-    candidate = _section(user_text, "Candidate answer")
+    # The candidate is the section's first paragraph; the instruction to the judge follows it.
+    candidate = _section(user_text, "Candidate answer").split("\n\n")[0]
     quick = quick_verdict(question, candidate, reference)
     same = quick[0] if quick else normalize_answer(reference) in normalize_answer(candidate)
     return "Yes" if same else "No"

@@ -1,0 +1,381 @@
+"""``mics report``: the data the page is drawn from, the HTML file it is written to, and its size and speed
+with 10,000 items. The run is real: simulated models through BatchRun, with bad input, model errors and
+items no mentor step could rescue."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mics_agents.config import load_settings
+from mics_agents.errors import InputError, ModelCallError
+from mics_agents.models import FunctionModel, ModelRequest, ModelResponse
+from mics_agents.models.simulated import simulated_reply
+from mics_agents.report import build_report_data, render_html, write_report
+from mics_agents.runner import BatchRun, RunOptions, run_id_for
+from mics_agents.search import Searcher
+from mics_agents.store import Store
+
+MENTORS = ["sim/mentor-a", "sim/mentor-b", "sim/mentor-c"]
+INTERNS = ["sim/intern-1", "sim/intern-2"]
+XSS = '</script><img src=x onerror="alert(1)"><script>alert(2)</script>'
+N_NORMAL = 30
+N_MODEL_ERROR = 3
+N_NO_PATH = 3
+
+
+def _image(path: Path, index: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = (320 + 8 * index, 240)
+    if index % 5 == 0:  # a 16-bit grey scan, as DICOM exports often are
+        image = Image.new("I;16", size)
+        image.putdata([(x * 200 + y * 50 + index * 97) % 65536 for y in range(size[1]) for x in range(size[0])])
+        image.save(path)
+        return
+    image = Image.new("RGB", size, ((index * 37) % 256, 90, 140))
+    for x in range(60, 140):
+        for y in range(80, 160):
+            image.putpixel((x + index, y), (230, 230, 210))
+    image.save(path, quality=90) if path.suffix == ".jpg" else image.save(path)
+
+
+def _model(role: str, name: str) -> FunctionModel:
+    """A simulated model that fails for cases marked FORCE-ERROR (intern 2) and answers every case marked
+    FORCE-NOPATH wrongly (both interns), so a run has model errors and searches with no path."""
+
+    def reply(request: ModelRequest) -> ModelResponse:
+        text = request.messages[-1].plain_text()
+        if role == "intern" and "FORCE-ERROR" in text and name.endswith("2"):
+            raise ModelCallError(f"{name}: gave up after 6 attempts; HTTP 503 Service Unavailable", model=name)
+        if role == "intern" and "FORCE-NOPATH" in text:
+            reply_text = "### Step 1: Guessing.\n\n### The final answer is: Z. None of these"
+        else:
+            reply_text = simulated_reply(role, name, request)
+        return ModelResponse(text=reply_text, model=name, input_tokens=120, output_tokens=40, cost_usd=0.0005)
+
+    return FunctionModel(name, reply)
+
+
+def make_run(folder: Path) -> dict[str, Path]:
+    """A small real run: ``out.jsonl`` (successes), ``out_failed.jsonl`` (bad_input, model_error,
+    no_path) and the images; returns their paths."""
+    images = folder / "images"
+    cases = []
+    for index in range(N_NORMAL + N_MODEL_ERROR + N_NO_PATH):
+        names = [f"case{index}/axial.{'jpg' if index % 2 and index % 5 else 'png'}"]
+        if index % 4 == 0:
+            names.append(f"case{index}/coronal.png")
+        for number, name in enumerate(names):
+            _image(images / name, index + number)
+        marker = "FORCE-ERROR " if index >= N_NORMAL + N_NO_PATH else "FORCE-NOPATH " if index >= N_NORMAL else ""
+        question = f"{marker}Case {index}: which finding best explains the lesion?\nA. Abscess\nB. Metastasis\nC. Cyst"
+        if index == 7:
+            question = f"Case 7 asks {XSS}?\nA. Abscess\nB. Metastasis\nC. Cyst"
+        cases.append({
+            "rid": f"case-{index:03d}",
+            "messages": [{"role": "user", "content": f"**Question:** {question}"},
+                         {"role": "assistant", "content": f"**Correct Answer:** {'ABC'[index % 3]}. {['Abscess', 'Metastasis', 'Cyst'][index % 3]}"}],
+            "images": names,
+            "presentation": f"Fever for {index} days",
+            "age_label": "50", "gender_label": "Female",
+            "caption": [f"<image> CT of case {index}."],
+        })
+    lines = [json.dumps(case) for case in cases]
+    lines.append(json.dumps({"id": "bad-no-answer", "question": "Which lobe is affected?", "images": []}))
+    lines.append('{"id": "bad-json", "question": "torn')
+    lines.append(json.dumps({"id": "bad-image", "question": "What is shown?", "answer": "A cyst",
+                             "images": ["nowhere/missing.png"]}))
+    data = folder / "cases.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+
+    output = folder / "out.jsonl"
+
+    async def run() -> None:
+        # Twice, as a user would after model errors: the rerun retries them, replaying their calls from the cache.
+        async with await Store.open(folder / "cache.sqlite") as store:
+            for _ in range(2):
+                searcher = Searcher(
+                    mentors=[_model("mentor", name) for name in MENTORS],
+                    interns=[_model("intern", name) for name in INTERNS],
+                    judge=_model("judge", "sim/judge"),
+                    settings=load_settings(cache_path=None, seed=3),
+                    store=store,
+                    run_id=run_id_for(output),
+                )
+                await BatchRun(searcher, RunOptions(data=data, output=output, image_dir=images, concurrency=8)).run()
+
+    asyncio.run(run())
+    return {"output": output, "failed": folder / "out_failed.jsonl", "images": images, "data": data}
+
+
+def lines_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def embedded_payload(html: str) -> dict:
+    """The data a written page carries, decoded the way the page decodes it."""
+    match = re.search(r'<script id="mics-data" type="application/x-gzip-base64">([A-Za-z0-9+/=\s]*)</script>', html)
+    assert match, "the page embeds its data as base64 of gzip"
+    return json.loads(gzip.decompress(base64.b64decode(match.group(1))))
+
+
+WORDS = ("lesion nodule mass cyst oedema enhancement margin density signal lobe segment cortex duct vessel wall "
+         "calcification necrosis haemorrhage effusion fracture stenosis thrombus abscess tumour infarct").split()
+
+
+def scale_up(run: dict[str, Path], folder: Path, count: int, seed: int = 0) -> dict[str, Path]:
+    """``count`` items made from the small run's lines under new ids, with words of their own in every
+    question, step and answer (so that compression does not flatter the file size)."""
+    import random
+
+    rng = random.Random(seed)
+    successes = run["output"].read_text().splitlines()
+    failures = run["failed"].read_text().splitlines()
+    templates = [(line, False) for line in successes] + [(line, True) for line in failures]
+    output, failed = folder / "big.jsonl", folder / "big_failed.jsonl"
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(n))
+
+    with open(output, "w") as out, open(failed, "w") as bad:
+        for index in range(count):
+            line, is_failure = templates[index % len(templates)]
+            record = json.loads(line)
+            record["rid"] = f"item-{index:05d}"
+            search = record.get("search", record)
+            if "question" in search:
+                search["question"] = f"[{index}] {words(12)}\n" + search["question"]
+                for node in search["tree"]:
+                    node["step"] += " " + words(20)
+                    for sample in node["samples"]:
+                        sample["answer"] += " " + words(2)
+            (bad if is_failure else out).write(json.dumps(record) + "\n")
+    return {"output": output, "failed": failed}
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory) -> dict[str, Path]:
+    return make_run(tmp_path_factory.mktemp("report_run"))
+
+
+@pytest.fixture(scope="module")
+def report(run_files):
+    return build_report_data(run_files["output"], image_dir=run_files["images"])
+
+
+def test_the_run_has_every_kind_of_item(run_files):
+    successes, failures = lines_of(run_files["output"]), lines_of(run_files["failed"])
+    kinds = Counter(failure["error"]["kind"] for failure in failures)
+    assert kinds["bad_input"] == 3 and kinds["model_error"] == N_MODEL_ERROR and kinds["no_path"] >= N_NO_PATH
+    assert len(successes) + len(failures) == N_NORMAL + N_MODEL_ERROR + N_NO_PATH + 3
+    assert all(failure["search"]["tree"] for failure in failures if failure["error"]["kind"] != "bad_input")
+
+
+def test_counts_and_distributions_match_the_records(run_files, report):
+    successes, failures = lines_of(run_files["output"]), lines_of(run_files["failed"])
+    summary = report.summary
+    assert summary["items"] == len(report.items) == len(successes) + len(failures)
+    kinds = Counter(failure["error"]["kind"] for failure in failures)
+    assert summary["status"] == {"success": len(successes), "no_path": kinds["no_path"],
+                                 "model_error": kinds["model_error"], "bad_input": kinds["bad_input"]}
+    assert summary["depth"] == dict(sorted(Counter(r["final_depth"] for r in successes).items()))
+    assert sum(summary["trend"].values()) == len(successes)
+    assert summary["trend"] == {trend: count for trend, count in summary["trend"].items() if count}
+    assert Counter(summary["trend"]) == Counter(r["trend"] or "none" for r in successes)
+    assert summary["search_id"] == dict(sorted(Counter(r["search_id"] for r in successes).items()))
+    assert summary["unreadable_lines"] == 0
+
+
+def test_winners_are_the_last_mentor_of_each_path(run_files, report):
+    successes = lines_of(run_files["output"])
+    wins = Counter(record["generated_by"][-1] for record in successes)
+    assert report.summary["mentor_wins"] == {mentor: wins[mentor] for mentor in report.mentors}
+    assert set(report.mentors) == set(MENTORS)
+    by_rid = {item["rid"]: item for item in report.items}
+    for record in successes:
+        item = by_rid[record["rid"]]
+        assert report.mentors[item["win"]] == record["generated_by"][-1]
+        assert [report.mentors[m] for m in item["path"]] == record["generated_by"]
+    mentors = report.summary["mentors"]
+    assert sum(m["wins"] for m in mentors.values()) == len(successes)
+    assert sum(m["candidates"] for m in mentors.values()) == sum(
+        len(r["tree"]) for r in successes) + sum(len(f.get("search", {}).get("tree", [])) for f in lines_of(run_files["failed"]))
+
+
+def test_intern_accuracy_counts_every_sample_of_every_tree(run_files, report):
+    trees = [r["tree"] for r in lines_of(run_files["output"])]
+    trees += [f["search"]["tree"] for f in lines_of(run_files["failed"]) if "search" in f]
+    samples = [s for tree in trees for node in tree for s in node["samples"]]
+    for intern in INTERNS:
+        own = [s for s in samples if s["intern"] == intern]
+        stats = report.summary["interns"][intern]
+        assert stats["samples"] == len(own) > 0
+        assert stats["correct"] == sum(s["correct"] for s in own)
+        assert stats["accuracy"] == pytest.approx(stats["correct"] / stats["samples"])
+        assert {row["temperature"] for row in stats["by_temperature"]} == {1.2, 0.3}
+        assert sum(row["samples"] for row in stats["by_temperature"]) == len(own)
+    assert sum(report.summary["judged_by"].values()) == len(samples)
+
+
+def test_usage_sums_every_search(run_files, report):
+    records = lines_of(run_files["output"]) + [f["search"] for f in lines_of(run_files["failed"]) if "search" in f]
+    usage = report.summary["usage"]
+    for key in ("calls", "cached_calls", "input_tokens", "output_tokens"):
+        assert usage[key] == sum(r["usage"][key] for r in records)
+    assert usage["calls"] > 0 and usage["cost_usd"] == pytest.approx(sum(r["usage"]["cost_usd"] for r in records))
+
+
+def test_failures_keep_their_kind_message_tree_and_input(report):
+    failures = [item for item in report.items if item["status"] != "success"]
+    model_errors = [item for item in failures if item["status"] == "model_error"]
+    assert all("HTTP 503" in item["err"] and item["tree"] and item["line"] for item in model_errors)
+    no_paths = [item for item in failures if item["status"] == "no_path"]
+    assert all(item["tree"] and all(node["sc"] == 0 for node in item["tree"] if node["d"] == item["depth"]) for item in no_paths)
+    bad = {item["rid"]: item for item in failures if item["status"] == "bad_input"}
+    assert "missing or empty" in bad["bad-no-answer"]["err"] and bad["bad-no-answer"]["q"] == "Which lobe is affected?"
+    torn = bad[f"line-{N_NORMAL + N_MODEL_ERROR + N_NO_PATH + 2}"]
+    assert "invalid JSON" in torn["err"] and '"bad-json"' in torn["input"]
+    assert "missing.png" in bad["bad-image"]["err"] and bad["bad-image"]["img"] == ["nowhere/missing.png"]
+    assert all(item["tree"] == [] and item["depth"] is None for item in bad.values())
+
+
+def test_tree_nodes_keep_steps_scores_and_samples(run_files, report):
+    record = lines_of(run_files["output"])[0]
+    item = next(item for item in report.items if item["rid"] == record["rid"])
+    for node, raw in zip(item["tree"], record["tree"], strict=True):
+        assert (node["id"], node["p"], node["d"], node["s"], node["sc"], node["sel"]) == (
+            raw["id"], raw["parent"], raw["depth"], raw["step"], raw["score"], int(raw["selected"]))
+        assert report.mentors[node["m"]] == raw["mentor"]
+        assert [[report.interns[s[0]], s[1], s[2], s[3], bool(s[4]), bool(s[5]), s[6]] for s in node["x"]] == [
+            [s["intern"], s["temperature"], s["sample_index"], s["answer"], s["correct"], s["format_ok"], s["judged_by"]]
+            for s in raw["samples"]]
+    assert sum(node["sel"] for node in item["tree"]) == int(record["final_depth"])
+
+
+def test_thumbnails_are_small_jpegs_embedded_once(run_files, report):
+    referenced = {path for item in report.items for path in item["img"]}
+    assert set(report.images) == referenced
+    assert report.images["nowhere/missing.png"] is None
+    assert any("1 of" in warning and "not found" in warning for warning in report.warnings)
+    for path, url in report.images.items():
+        if url is None:
+            continue
+        assert url.startswith("data:image/jpeg;base64,")
+        with Image.open(__import__("io").BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
+            assert max(image.size) <= 160
+    assert sum(url is not None for url in report.images.values()) == len(referenced) - 1
+
+
+def test_image_paths_cannot_leave_the_image_folder(tmp_path):
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (20, 20)).save(outside)
+    images = tmp_path / "images"
+    images.mkdir()
+    output = tmp_path / "out.jsonl"
+    output.write_text(json.dumps({"rid": "r", "question": "q", "gt_answer": "a", "images": ["../secret.png", str(outside)]}) + "\n")
+    data = build_report_data(output, image_dir=images)
+    assert data.images == {"../secret.png": None, str(outside): None}
+
+
+def test_the_page_embeds_its_data_safely(run_files, tmp_path):
+    page = tmp_path / "report.html"
+    data = write_report(run_files["output"], page, image_dir=run_files["images"])
+    html = page.read_text(encoding="utf-8")
+    assert "onerror" not in html and "alert(" not in html, "no text of the data appears raw in the page"
+    assert html.count("</script>") == html.count("<script")
+    payload = embedded_payload(html)
+    assert payload["summary"] == data.summary and len(payload["items"]) == len(data.items)
+    xss_item = next(item for item in payload["items"] if item["rid"] == "case-007")
+    assert XSS in xss_item["q"], "the payload survives as text, to be shown as text"
+    # No network: a strict Content-Security-Policy, no external URL anywhere in the markup.
+    assert "default-src 'none'" in html and not re.search(r"\b(src|href)\s*=\s*[\"']?(https?:)?//", html)
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_a_title_with_markup_is_escaped(run_files, tmp_path):
+    data = build_report_data(run_files["output"], title="<b>run</b> & co")
+    html = render_html(data)
+    assert "<title>&lt;b&gt;run&lt;/b&gt; &amp; co</title>" in html and "<b>run</b>" not in html
+
+
+def test_unreadable_lines_are_counted_not_fatal(tmp_path, run_files):
+    output = tmp_path / "out.jsonl"
+    output.write_text(run_files["output"].read_text() + '[1, 2]\n{"rid": "torn", "quest')
+    data = build_report_data(output)
+    assert data.summary["unreadable_lines"] == 2
+    assert data.summary["items"] == len(lines_of(run_files["output"]))
+    assert data.sources["failed"] is None and data.images == {}
+    assert any("skipped 2 line(s)" in warning for warning in data.warnings)
+
+
+def test_odd_records_still_make_a_page(tmp_path):
+    output = tmp_path / "out.jsonl"
+    output.write_text("\n".join([
+        '{"rid": "surrogate", "question": "lone \\ud800 half", "gt_answer": "\u80ba\u764c", "final_depth": "x"}',
+        '{"rid": 7, "tree": [{"id": 0, "mentor": null, "samples": [{"intern": "i", "correct": true, "temperature": NaN}]}]}',
+        '{}',
+    ]) + "\n")
+    data = build_report_data(output)
+    payload = embedded_payload(render_html(data))
+    assert [item["rid"] for item in payload["items"]] == ["surrogate", "7", "out.jsonl:3"]
+    assert payload["items"][0]["a"] == "\u80ba\u764c" and payload["items"][0]["depth"] is None
+    assert payload["summary"]["interns"]["i"]["accuracy"] == 1.0
+    assert payload["items"][1]["tree"][0]["x"][0][1] is None, "NaN is not JSON: it becomes null"
+
+
+def test_missing_files_are_input_errors(tmp_path, run_files):
+    with pytest.raises(InputError, match="not found"):
+        build_report_data(tmp_path / "nope.jsonl")
+    with pytest.raises(InputError, match="failed file"):
+        build_report_data(run_files["output"], tmp_path / "nope_failed.jsonl")
+    with pytest.raises(InputError, match="image folder"):
+        build_report_data(run_files["output"], image_dir=tmp_path / "no-images")
+
+
+def test_ten_thousand_items_build_fast_into_a_bounded_file(run_files, tmp_path):
+    big = scale_up(run_files, tmp_path, 10_000)
+    input_bytes = big["output"].stat().st_size + big["failed"].stat().st_size
+    page = tmp_path / "big.html"
+    started = time.perf_counter()
+    data = write_report(big["output"], page)
+    elapsed = time.perf_counter() - started
+    size = page.stat().st_size
+    print(f"\n10,000 items: {input_bytes / 1e6:.1f} MB of JSONL -> {size / 1e6:.2f} MB of HTML in {elapsed:.2f} s")
+    assert data.summary["items"] == 10_000
+    assert elapsed < 6.0, f"building the page took {elapsed:.1f} s"
+    assert size < 0.25 * input_bytes, "the page is a fraction of the run's files"
+
+
+def test_the_same_run_gives_the_same_file(run_files, tmp_path):
+    first, second = tmp_path / "a.html", tmp_path / "b.html"
+    write_report(run_files["output"], first, image_dir=run_files["images"])
+    write_report(run_files["output"], second, image_dir=run_files["images"])
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_the_cli_writes_the_report(run_files, tmp_path):
+    from typer.testing import CliRunner
+
+    from mics_agents.cli import app
+
+    if "report" not in {command.name or command.callback.__name__ for command in app.registered_commands}:
+        pytest.skip("`mics report` is not registered in mics_agents/cli.py yet")
+    page = tmp_path / "report.html"
+    result = CliRunner().invoke(app, ["report", str(run_files["output"]), "--html", str(page),
+                                      "--image-dir", str(run_files["images"])])
+    assert result.exit_code == 0, result.output
+    assert "success" in result.output and "report.html" in result.output and "not found" in result.output
+    assert embedded_payload(page.read_text())["summary"]["items"] == N_NORMAL + N_MODEL_ERROR + N_NO_PATH + 3
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "missing.jsonl"), "--html", str(page)])
+    assert result.exit_code == 1 and "not found" in result.output
+    result = CliRunner().invoke(app, ["report", str(run_files["output"]), "--html", str(page), "--failed", str(tmp_path / "none.jsonl")])
+    assert result.exit_code == 1 and "failed file" in result.output
