@@ -1,0 +1,221 @@
+"""Tiny randomly initialised models and curricula for the training tests, made on the spot (nothing downloaded).
+
+- a byte-level BPE tokenizer trained with the ``tokenizers`` library on the curriculum's own words, with a
+  chat template that renders ``{"type": "image"}`` parts as ``<image>``;
+- a tiny LLaVA (CLIP vision tower 16x16 pixels in 8x8 patches -> 4 image tokens, a 2-layer Llama) with the
+  slow CLIP image processor (no torchvision needed);
+- a tiny Llama causal LM for text-only stages;
+- stage files in the dataset builder's layout: ``DIR/stageN/messages.jsonl`` with images relative to the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>", "<|system|>"]
+IMAGE_SIZE = 16
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "grey": (128, 128, 128)}
+
+# Question, answer: short and repeated, so a few steps at a high learning rate make the loss fall reliably.
+TEXT_QA = [
+    ("Which finding most suggests malignancy? A. calcification B. spiculated margin", "The final answer is: B"),
+    ("What is the first step for chest pain?", "Step 1: get an ECG. The final answer is: ECG"),
+]
+CAPTIONS = {
+    "red": "The image shows a red lesion.",
+    "green": "The image shows a green organ.",
+    "blue": "The image shows a blue vessel.",
+    "grey": "The image shows a grey mass.",
+}
+COT = "Step 1: look at the image. Step 2: compare the colour. The final answer is: {answer}"
+
+
+def corpus() -> list[str]:
+    texts = [q for q, _ in TEXT_QA] + [a for _, a in TEXT_QA] + list(CAPTIONS.values())
+    texts += [COT.format(answer=colour) for colour in COLOURS]
+    texts += ["Describe the image.", "What colour is the finding?", "Compare the two images."]
+    return texts * 20
+
+
+def build_tokenizer(extra_texts: list[str] = ()) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400 if not extra_texts else 1000,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(corpus() + list(extra_texts), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _text_config(tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        # Larger than the default 0.02, so logits are not flat at the start and a few LoRA steps lower the loss.
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_vlm(path: Path, seed: int = 0, extra_texts: list[str] = ()) -> Path:
+    """Save a tiny LLaVA and its processor to ``path``; AutoModelForImageTextToText/AutoProcessor load it.
+
+    ``extra_texts`` join the tokenizer's training corpus (so other data tokenizes into few tokens)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(extra_texts)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=16,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_tiny_causal_lm(path: Path, seed: int = 0) -> Path:
+    """Save a tiny Llama causal LM and its tokenizer to ``path``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(_text_config(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_image(path: Path, colour: str) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (IMAGE_SIZE + 4, IMAGE_SIZE + 8), COLOURS[colour]).save(path)
+
+
+def sample(
+    sample_id: str, source: str, question: str, answer: str, images: list[str], case_id: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": sample_id,
+        "case_id": case_id or sample_id.split("-")[0],
+        "source": source,
+        "images": images,
+        "messages": [
+            {"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
+
+
+def write_stage(folder: Path, samples: list[dict[str, Any]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "messages.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in samples), encoding="utf-8")
+    return path
+
+
+def build_curriculum(root: Path, *, with_images: bool = True) -> Path:
+    """A curriculum folder as the dataset builder writes it: stage1 (text QA + alignment), stage2 (alignment +
+    CoT), stage3 (CoT over one or two images), test; images under ``root/images`` and ``stage*/images``."""
+    for colour in COLOURS:
+        write_image(root / "images" / f"{colour}.png", colour)
+    text = [sample(f"q{i}-text", "part1_text_qa", q, a, []) for i, (q, a) in enumerate(TEXT_QA)]
+    if not with_images:
+        for stage in ("stage1", "stage2", "stage3", "test"):
+            write_stage(root / stage, text)
+        return root
+    alignment = [
+        sample(
+            f"c{colour}-align", "part2_alignment", "Describe the image.", CAPTIONS[colour], [f"../images/{colour}.png"]
+        )
+        for colour in ("red", "green")
+    ]
+    for colour in ("blue", "grey"):
+        write_image(root / "stage3" / "images" / f"{colour}.png", colour)
+    cot = [
+        sample(
+            f"c{colour}-cot",
+            "part3_cot",
+            "What colour is the finding?",
+            COT.format(answer=colour),
+            [f"../images/{colour}.png"],
+        )
+        for colour in ("red", "green")
+    ]
+    two_images = [
+        sample(
+            f"c{colour}-cot2",
+            "part3_cot",
+            "Compare the two images.",
+            COT.format(answer=colour),
+            ["images/blue.png", f"images/{colour}.png"],
+        )
+        for colour in ("blue", "grey")
+    ]
+    write_stage(root / "stage1", text + alignment)
+    write_stage(root / "stage2", alignment + cot)
+    write_stage(root / "stage3", cot + two_images)
+    write_stage(root / "test", cot[:1])
+    return root

@@ -1,0 +1,457 @@
+"""Running the curriculum: stages in order, each from the previous one's weights, resumable at any point.
+
+Layout of ``output_dir``::
+
+    manifest.json            what each stage trained on, its status, checkpoint, adapter and metrics
+    stage1/checkpoints/      Trainer checkpoints (checkpoint-N: adapter, optimizer, scheduler, RNG, trainer state)
+    stage1/adapter/          the stage's LoRA adapter when it finished
+    stage2/ ... stage3/
+    adapter/                 the final adapter (PEFT; load onto the base model, or serve with vLLM --enable-lora)
+    merged/                  the merged full model (save_merged_model, or always with merge_between_stages)
+    README.md                model card: data, hashes, stage metrics, how to load and serve
+
+A rerun of the same command skips finished stages and resumes the running one from its last complete
+checkpoint with the Trainer's own resume (same data order, optimizer, LR schedule and RNG state). A stage
+whose file is empty is skipped (recorded as such); the next stage continues from the weights before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .collator import CompletionOnlyCollator
+from .config import CurriculumConfig, StageConfig, StageSettings
+from .data import StageData, read_stage_file
+from .errors import ManifestError, StageDataError, TrainingConfigError
+from .manifest import Manifest
+from .model_card import write_model_card
+from .modeling import (
+    count_parameters,
+    detect_model_kind,
+    language_model_target_modules,
+    load_base_model,
+    load_processing_class,
+    resolve_dtype,
+)
+
+__all__ = ["run_curriculum", "CurriculumResult", "StageDataset", "last_complete_checkpoint", "build_stage_model"]
+
+logger = logging.getLogger("training")
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Settings a resumed stage may change: they do not touch its data order or LR schedule.
+_RESUMABLE_CHANGES = {"save_steps", "save_total_limit", "logging_steps"}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class CurriculumResult:
+    output_dir: Path
+    adapter_dir: Path | None
+    merged_dir: Path | None
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StageDataset(torch.utils.data.Dataset):
+    """The samples of a stage file as rows for :class:`CompletionOnlyCollator` (images load in the collator)."""
+
+    def __init__(self, stage_data: StageData) -> None:
+        self.rows = [sample.as_row() for sample in stage_data.samples]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest ``checkpoint-N`` that was written to the end (``trainer_state.json`` is written last)."""
+    if not checkpoints_dir.is_dir():
+        return None
+    found = []
+    for path in checkpoints_dir.iterdir():
+        match = _CHECKPOINT.match(path.name)
+        if match and path.is_dir() and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def _check_reporters(report_to: Any) -> None:
+    reporters = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "tensorboard" in reporters and not (find_spec("tensorboard") or find_spec("tensorboardX")):
+        raise TrainingConfigError(
+            "report_to: tensorboard needs the tensorboard package: pip install tensorboard (or set report_to: none)"
+        )
+
+
+def _wait_for_everyone() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def gradient_accumulation(settings: StageSettings, world_size: int, stage: str) -> int:
+    per_step = settings.per_device_train_batch_size * world_size
+    if settings.global_batch_size % per_step:
+        raise TrainingConfigError(
+            f"stages[{stage}]: global_batch_size {settings.global_batch_size} is not a multiple of "
+            f"per_device_train_batch_size {settings.per_device_train_batch_size} x {world_size} process(es); "
+            "change one of them"
+        )
+    return settings.global_batch_size // per_step
+
+
+def _lora_config(config: CurriculumConfig, model: torch.nn.Module) -> Any:
+    from peft import LoraConfig
+
+    target = config.lora_target_modules
+    if target == "auto":
+        target = language_model_target_modules(model)
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=target,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_stage_model(
+    config: CurriculumConfig, kind: str, precision: str, previous_adapters: Sequence[Path], seed: int
+) -> torch.nn.Module:
+    """The base model with the earlier stages' weights and a trainable adapter for this stage.
+
+    Carried adapter: the last stage's adapter is loaded trainable. ``merge_between_stages``: every earlier
+    adapter is merged in, in order (each was trained on top of the ones before), and a fresh adapter is added.
+    """
+    from peft import PeftModel, get_peft_model
+    from transformers import set_seed
+
+    model = load_base_model(
+        config.base_model,
+        kind,
+        precision=precision,
+        attn_implementation=config.attn_implementation,
+        trust_remote_code=config.trust_remote_code,
+    )
+    set_seed(seed)
+    if config.merge_between_stages:
+        for adapter in previous_adapters:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        return get_peft_model(model, _lora_config(config, model))
+    if previous_adapters:
+        return PeftModel.from_pretrained(model, str(previous_adapters[-1]), is_trainable=True)
+    return get_peft_model(model, _lora_config(config, model))
+
+
+class ManifestCallback(TrainerCallback):
+    """Records every checkpoint in the manifest as it is written (main process only)."""
+
+    def __init__(self, manifest: Manifest, stage: str, output_dir: Path) -> None:
+        self.manifest, self.stage, self.output_dir = manifest, stage, output_dir
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.manifest.update_stage(
+            self.stage,
+            checkpoint=os.path.relpath(checkpoint, self.output_dir),
+            global_step=state.global_step,
+            max_steps=state.max_steps,
+        )
+        self.manifest.save()
+
+
+def _training_arguments(
+    config: CurriculumConfig,
+    settings: StageSettings,
+    precision: str,
+    checkpoints_dir: Path,
+    world_size: int,
+    stage: str,
+) -> TrainingArguments:
+    arguments: dict[str, Any] = dict(
+        output_dir=str(checkpoints_dir),
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(settings, world_size, stage),
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_ratio,  # a float below 1 is a ratio of the stage's steps
+        num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        optim="adamw_torch",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=config.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        remove_unused_columns=False,
+        dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        report_to=config.report_to,
+        run_name=f"{Path(config.output_dir).name}-{stage}",
+        deepspeed=config.deepspeed,
+    )
+    arguments.update(config.extra_training_args)
+    try:
+        return TrainingArguments(**arguments)
+    except (TypeError, ValueError, ImportError) as exc:
+        message = str(exc)
+        if "tensorboard" in message.lower():
+            message += " (pip install tensorboard, or set report_to: none)"
+        raise TrainingConfigError(f"Invalid training arguments for stage {stage!r}: {message}") from None
+
+
+def _loss_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    if not losses:
+        return {}
+    return {"first_logged_loss": losses[0], "last_logged_loss": losses[-1], "logged_losses": len(losses)}
+
+
+def run_curriculum(config: CurriculumConfig, *, callbacks: Sequence[Any] = ()) -> CurriculumResult:
+    """Train every stage of ``config`` that is not done yet, then write the final adapter and model card."""
+    # Launchers (torchrun, accelerate launch) set RANK and WORLD_SIZE. The process group itself is set up by
+    # TrainingArguments, so that DeepSpeed/FSDP/DDP come from the launcher's and the config's choices.
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    is_main = rank == 0
+    _check_reporters(config.report_to)
+    output_dir = Path(config.output_dir).absolute()
+    stages = config.resolved_stages
+
+    # Everything that can be checked without a GPU is checked before the model loads.
+    stage_data = {
+        stage.name: read_stage_file(stage.data, stage=stage.name, check_images=config.check_images) for stage in stages
+    }
+    if not any(data.samples for data in stage_data.values()):
+        raise StageDataError(
+            "Every stage file is empty: "
+            + ", ".join(str(data.path) for data in stage_data.values())
+            + ". Build the curriculum from MICS output (mics dataset build) first."
+        )
+    kind = detect_model_kind(config.base_model, config.model_kind, trust_remote_code=config.trust_remote_code)
+    if kind == "text":
+        for stage in stages:
+            with_images = sum(1 for sample in stage_data[stage.name].samples if sample.images)
+            if with_images:
+                raise StageDataError(
+                    f"Stage {stage.name!r} has {with_images} sample(s) with images, but {config.base_model!r} is a "
+                    "text-only model. Use a vision-language base model, or a stage file of text-only samples."
+                )
+    precision = resolve_dtype(config.precision)
+    manifest = Manifest.open(output_dir, base_model=config.base_model, model_kind=kind)
+    manifest.check_stage_order([stage.name for stage in stages])
+    for stage in stages:
+        data = stage_data[stage.name]
+        manifest.check_data(stage.name, data.sha256, str(data.path), allow_change=config.allow_data_change)
+    processing_class = load_processing_class(config.base_model, kind, trust_remote_code=config.trust_remote_code)
+
+    trained: list[Path] = []  # adapters of the stages trained so far, in order
+    for stage in stages:
+        entry = manifest.stage(stage.name)
+        data = stage_data[stage.name]
+        if entry is not None and entry["status"] in {"done", "skipped"}:
+            adapter = output_dir / stage.name / "adapter"
+            if entry["status"] == "done" and not (adapter / "adapter_config.json").is_file():
+                raise ManifestError(
+                    f"Stage {stage.name!r} is done but its adapter {adapter} is gone, so the later stages cannot "
+                    "continue from it. Restore the folder, or use a new output_dir to train again."
+                )
+            logger.info("Stage %s is %s: skipped", stage.name, entry["status"])
+        elif not data.samples:
+            logger.warning(
+                "Stage %s: %s holds no samples, so the stage is skipped and the next one continues from the "
+                "previous weights",
+                stage.name,
+                data.path,
+            )
+            if is_main:
+                manifest.update_stage(stage.name, status="skipped", reason="empty stage file", **data.summary())
+                manifest.save()
+        else:
+            _train_stage(
+                config=config,
+                stage=stage,
+                data=data,
+                kind=kind,
+                precision=precision,
+                processing_class=processing_class,
+                previous_adapters=list(trained),
+                manifest=manifest,
+                output_dir=output_dir,
+                world_size=world_size,
+                is_main=is_main,
+                callbacks=callbacks,
+            )
+            _wait_for_everyone()  # the stage's adapter is on disk before any process loads it
+        if (output_dir / stage.name / "adapter" / "adapter_config.json").is_file() and (
+            (manifest.stage(stage.name) or {}).get("status") != "skipped"
+        ):
+            trained.append(output_dir / stage.name / "adapter")
+
+    adapter_dir, merged_dir = None, None
+    if is_main:
+        adapter_dir, merged_dir = _export(config, kind, precision, processing_class, output_dir, manifest, trained)
+        write_model_card(output_dir, config, manifest)
+    _wait_for_everyone()
+    return CurriculumResult(
+        output_dir=output_dir, adapter_dir=adapter_dir, merged_dir=merged_dir, stages=list(manifest.stages)
+    )
+
+
+def _train_stage(
+    *,
+    config: CurriculumConfig,
+    stage: StageConfig,
+    data: StageData,
+    kind: str,
+    precision: str,
+    processing_class: Any,
+    previous_adapters: list[Path],
+    manifest: Manifest,
+    output_dir: Path,
+    world_size: int,
+    is_main: bool,
+    callbacks: Sequence[Any],
+) -> None:
+    settings = stage.settings(config.stage_defaults())
+    hyperparameters = dataclasses.asdict(settings)
+    manifest.check_settings(
+        stage.name, {key: value for key, value in hyperparameters.items() if key not in _RESUMABLE_CHANGES}
+    )
+    stage_dir = output_dir / stage.name
+    checkpoints_dir = stage_dir / "checkpoints"
+    resume_from = last_complete_checkpoint(checkpoints_dir)
+
+    model = build_stage_model(config, kind, precision, previous_adapters, settings.seed)
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    trainable, total = count_parameters(model)
+    args = _training_arguments(config, settings, precision, checkpoints_dir, world_size, stage.name)
+    logger.info(
+        "Stage %s: %d samples (%d images) from %s; global batch %d = %d per device x %d accumulation x %d "
+        "process(es); %s of %s parameters trainable; %s",
+        stage.name,
+        len(data.samples),
+        data.image_count,
+        data.path,
+        settings.global_batch_size,
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        world_size,
+        f"{trainable:,}",
+        f"{total:,}",
+        f"resuming from {resume_from}" if resume_from else "starting",
+    )
+    if is_main:
+        entry = manifest.update_stage(
+            stage.name,
+            status="running",
+            **data.summary(),
+            hyperparameters=hyperparameters,
+            trainable_parameters=trainable,
+        )
+        entry.setdefault("started", _now())
+        manifest.save()
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=StageDataset(data),
+        data_collator=CompletionOnlyCollator(processing_class, is_vlm=kind == "vlm", max_length=settings.max_length),
+        callbacks=[ManifestCallback(manifest, stage.name, output_dir), *callbacks],
+    )
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    adapter_dir = stage_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    if is_main:
+        last = last_complete_checkpoint(checkpoints_dir)
+        metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+        metrics.update(_loss_metrics(trainer.state.log_history))
+        manifest.update_stage(
+            stage.name,
+            status="done",
+            adapter=os.path.relpath(adapter_dir, output_dir),
+            checkpoint=os.path.relpath(last, output_dir) if last else None,
+            global_step=trainer.state.global_step,
+            max_steps=trainer.state.max_steps,
+            metrics=metrics,
+            finished=_now(),
+        )
+        manifest.save()
+    del trainer, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _export(
+    config: CurriculumConfig,
+    kind: str,
+    precision: str,
+    processing_class: Any,
+    output_dir: Path,
+    manifest: Manifest,
+    adapters: list[Path],
+) -> tuple[Path | None, Path | None]:
+    """Copy the last stage's adapter to ``adapter/`` and, if asked, write the merged model to ``merged/``."""
+    from peft import PeftModel
+
+    adapter_dir = output_dir / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    shutil.copytree(adapters[-1], adapter_dir)
+    merged_dir = None
+    if config.save_merged_model or config.merge_between_stages:
+        merged_dir = output_dir / "merged"
+        complete = merged_dir / "config.json"
+        final = manifest.data.get("final") or {}
+        if not (complete.is_file() and final.get("merged_from") == [str(a) for a in adapters]):
+            model = load_base_model(
+                config.base_model,
+                kind,
+                precision=precision,
+                attn_implementation=config.attn_implementation,
+                trust_remote_code=config.trust_remote_code,
+            )
+            chain = adapters if config.merge_between_stages else adapters[-1:]
+            for adapter in chain:
+                model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            if merged_dir.exists():
+                shutil.rmtree(merged_dir)
+            model.save_pretrained(str(merged_dir))
+            processing_class.save_pretrained(str(merged_dir))
+            del model
+    manifest.data["final"] = {
+        "adapter": os.path.relpath(adapter_dir, output_dir),
+        "adapter_base": "base_model + earlier stages merged" if config.merge_between_stages else config.base_model,
+        "merged": os.path.relpath(merged_dir, output_dir) if merged_dir else None,
+        "merged_from": [str(a) for a in adapters] if merged_dir else None,
+    }
+    manifest.save()
+    return adapter_dir, merged_dir

@@ -1,0 +1,100 @@
+"""The model card (``OUTPUT/README.md``): base model, data with sizes and hashes, stage metrics, how to use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import CurriculumConfig
+    from .manifest import Manifest
+
+__all__ = ["write_model_card", "render_model_card"]
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _stage_row(entry: dict[str, Any]) -> str:
+    metrics = entry.get("metrics") or {}
+    settings = entry.get("hyperparameters") or {}
+    cells = [
+        entry["name"],
+        entry.get("status", ""),
+        f"`{entry.get('data', '')}`",
+        entry.get("samples", ""),
+        entry.get("images", ""),
+        f"`{(entry.get('data_sha256') or '')[:16]}`",
+        entry.get("global_step", ""),
+        _number(settings.get("learning_rate")),
+        _number(metrics.get("first_logged_loss")),
+        _number(metrics.get("last_logged_loss")),
+        _number(metrics.get("train_loss")),
+    ]
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
+    final = manifest.data.get("final") or {}
+    is_vlm = manifest.data.get("model_kind") == "vlm"
+    model_class = "AutoModelForImageTextToText" if is_vlm else "AutoModelForCausalLM"
+    lines = [
+        "---",
+        f"base_model: {config.base_model}",
+        "library_name: peft",
+        f"pipeline_tag: {'image-text-to-text' if is_vlm else 'text-generation'}",
+        "tags: [lora, medical, chain-of-thought, mics, curriculum]",
+        "---",
+        "",
+        f"# Curriculum fine-tune of {config.base_model}",
+        "",
+        "LoRA fine-tune on the Chiron-o1 curriculum (MICS reasoning data), stage by stage (`python -m training`).",
+        f"LoRA r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout} on the language model; "
+        "vision tower and projector frozen; only the assistant's answers carry loss.",
+        "",
+        "## Data and metrics",
+        "",
+        "| stage | status | stage file | samples | images | sha256 | steps | lr | first loss | last loss | train loss"
+        " |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(_stage_row(entry) for entry in manifest.stages),
+        "",
+        "Sources per stage:",
+        "",
+    ]
+    for entry in manifest.stages:
+        sources = ", ".join(f"{name or '(none)'}: {count}" for name, count in (entry.get("sources") or {}).items())
+        lines.append(f"- {entry['name']}: {sources or '(empty)'}")
+    lines += ["", "Hyperparameters per stage, checkpoints and full hashes are in `manifest.json`.", "", "## Use", ""]
+    if config.merge_between_stages:
+        lines += ["The stages were merged into the weights between stages: use the merged model in `merged/`.", ""]
+    else:
+        lines += [
+            "```python",
+            "from peft import PeftModel",
+            f"from transformers import {model_class}",
+            "",
+            f'base = {model_class}.from_pretrained("{config.base_model}")',
+            'model = PeftModel.from_pretrained(base, "adapter")  # this folder\'s adapter/',
+            "```",
+            "",
+            "Serve with vLLM:",
+            "",
+            "```bash",
+            f"vllm serve {config.base_model} --enable-lora --max-lora-rank {config.lora_r} "
+            f"--lora-modules curriculum={Path(config.output_dir).absolute() / 'adapter'}",
+            "```",
+            "",
+        ]
+    if final.get("merged"):
+        lines += [f"Merged model: `{final['merged']}/` (loads and serves like the base model).", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(output_dir: Path, config: "CurriculumConfig", manifest: "Manifest") -> Path:
+    path = Path(output_dir) / "README.md"
+    path.write_text(render_model_card(config, manifest), encoding="utf-8")
+    return path
