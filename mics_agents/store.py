@@ -68,7 +68,9 @@ class Store:
         if location != ":memory:":
             Path(location).expanduser().parent.mkdir(parents=True, exist_ok=True)
         try:
-            connection = await aiosqlite.connect(location, timeout=60.0)
+            # Autocommit: each cache write is one statement and one trip to the database thread, durable
+            # when it returns; migrations open their own transactions.
+            connection = await aiosqlite.connect(location, timeout=60.0, isolation_level=None)
             # Several processes (shards) may share one file: WAL lets readers run beside the writer and
             # busy_timeout makes a writer wait for the lock instead of failing with "database is locked".
             await connection.execute("PRAGMA journal_mode=WAL")
@@ -96,15 +98,15 @@ class Store:
                 async with self._db.execute("PRAGMA user_version") as cursor:
                     row = await cursor.fetchone()
                 if row and row[0] > number:
-                    await self._db.rollback()
+                    await self._db.execute("ROLLBACK")
                     continue
                 for statement in MIGRATIONS[number].split(";"):
                     if statement.strip():
                         await self._db.execute(statement)
                 await self._db.execute(f"PRAGMA user_version = {number + 1}")
-                await self._db.commit()
+                await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.rollback()
+                await self._db.execute("ROLLBACK")
                 raise
 
     async def schema_version(self) -> int:
@@ -113,13 +115,12 @@ class Store:
         return int(row[0]) if row else 0
 
     async def get_call(self, key: str) -> ModelResponse | None:
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(  # one trip to the database thread
             "SELECT model, text, input_tokens, output_tokens, cost_usd, extra FROM calls WHERE key = ?", (key,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
+        )
+        if not rows:
             return None
-        model, text, input_tokens, output_tokens, cost_usd, extra = row
+        model, text, input_tokens, output_tokens, cost_usd, extra = next(iter(rows))
         return ModelResponse(
             text=text,
             model=model,
@@ -150,7 +151,6 @@ class Store:
         # Another process sharing the file may have stored the same call first: then it paid, not us.
         if run_id is not None and cursor.rowcount == 1:
             self.new_cost_usd[run_id] = self.new_cost_usd.get(run_id, 0.0) + response.cost_usd
-        await self._db.commit()
 
     async def run_cost(self, run_id: str) -> float:
         """What the calls first sent by this run cost, over all its sessions."""
@@ -170,7 +170,6 @@ class Store:
             " updated_at = excluded.updated_at",
             (run_id, input_path, output_path, encoded, now, now),
         )
-        await self._db.commit()
         return json.loads(row[0]) if row else None
 
     async def count_calls(self) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import sys
 import weakref
 from functools import lru_cache
 from email.utils import parsedate_to_datetime
@@ -302,9 +303,16 @@ class LiteLLMModel(Model):
         )
 
     async def aclose(self) -> None:
+        """Close this loop's HTTP clients (ours and LiteLLM's cached ones) before the loop goes away."""
         from .direct import close_sessions
 
         await close_sessions()
+        if "litellm" in sys.modules:
+            litellm = sys.modules["litellm"]
+            await litellm.close_litellm_async_clients()
+            flush = getattr(litellm.in_memory_llm_clients_cache, "flush_cache", None)
+            if callable(flush):
+                flush()
 
     async def _send(self, request: ModelRequest) -> ModelResponse:
         endpoint = self._direct_endpoint()
