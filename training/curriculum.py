@@ -55,6 +55,16 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _RESUMABLE_CHANGES = {"save_steps", "save_total_limit", "logging_steps"}
 
 
+def _load_base(config: CurriculumConfig, kind: Any, precision: Any) -> Any:
+    return load_base_model(
+        config.base_model,
+        kind,
+        precision=precision,
+        attn_implementation=config.attn_implementation,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -143,13 +153,7 @@ def build_stage_model(
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
-    model = load_base_model(
-        config.base_model,
-        kind,
-        precision=precision,
-        attn_implementation=config.attn_implementation,
-        trust_remote_code=config.trust_remote_code,
-    )
+    model = _load_base(config, kind, precision)
     set_seed(seed)
     if config.merge_between_stages:
         for adapter in previous_adapters:
@@ -432,13 +436,7 @@ def _export(
         complete = merged_dir / "config.json"
         final = manifest.data.get("final") or {}
         if not (complete.is_file() and final.get("merged_from") == [str(a) for a in adapters]):
-            model = load_base_model(
-                config.base_model,
-                kind,
-                precision=precision,
-                attn_implementation=config.attn_implementation,
-                trust_remote_code=config.trust_remote_code,
-            )
+            model = _load_base(config, kind, precision)
             chain = adapters if config.merge_between_stages else adapters[-1:]
             for adapter in chain:
                 model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
