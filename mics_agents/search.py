@@ -230,9 +230,10 @@ class Searcher:
     async def open(cls, settings: Settings | None = None, *, run_id: str | None = None) -> "Searcher":
         """Models from ``MICS_MENTORS`` / ``MICS_INTERNS`` / ``MICS_JUDGE`` via LiteLLM (and the Router
         config if one is set), cached in ``MICS_CACHE_PATH`` unless that is empty."""
-        from .models.litellm_model import LiteLLMModel, load_router
+        from .models.litellm_model import LiteLLMModel, import_litellm, load_router
 
         settings = (settings or load_settings()).check_roles()
+        await asyncio.to_thread(import_litellm)  # seconds of import, kept off the event loop
         router = load_router(settings.router_config) if settings.router_config else None
 
         def model(name: str) -> Model:

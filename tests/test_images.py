@@ -81,3 +81,14 @@ async def test_paths_may_not_escape_the_image_dir(tmp_path):
     inside.mkdir()
     with pytest.raises(ImageError, match="outside the image folder"):
         await load_images("../secret.png", max_side=64, max_pixels=10**6, base_dir=inside)
+
+
+def test_the_data_url_is_encoded_once_and_round_trips():
+    import base64
+
+    from mics_agents.models import ImagePart
+
+    part = ImagePart(png_bytes(), "image/png", "h")
+    first = part.data_url()
+    assert part.data_url() is first
+    assert base64.b64decode(first.split(",", 1)[1]) == part.data

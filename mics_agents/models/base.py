@@ -44,6 +44,7 @@ class ImagePart:
     mime: str
     sha256: str
     label: str = ""
+    _data_url: str | None = field(default=None, repr=False)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ImagePart) and other.sha256 == self.sha256
@@ -52,7 +53,11 @@ class ImagePart:
         return hash(self.sha256)
 
     def data_url(self) -> str:
-        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+        """The base64 data URL, encoded once: every mentor and intern call of a case sends the same image."""
+        if self._data_url is None:
+            encoded = base64.b64encode(self.data).decode("ascii")
+            object.__setattr__(self, "_data_url", f"data:{self.mime};base64,{encoded}")
+        return self._data_url  # type: ignore[return-value]
 
 
 Part = Union[TextPart, ImagePart]
