@@ -10,8 +10,11 @@ import asyncio
 import hashlib
 import io
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -21,12 +24,57 @@ from .models.base import ImagePart
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-__all__ = ["ImageSource", "load_images", "load_image_sync"]
+__all__ = ["ImageSource", "ImageCache", "load_images", "load_image_sync"]
 
 ImageSource = Union[str, os.PathLike, bytes, "PILImage"]
 
 # Formats every vision API accepts as they are; anything else is re-encoded as PNG.
 _PASS_THROUGH = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+def _resolve(source: str | os.PathLike, base_dir: Path | None) -> tuple[Path, str]:
+    """The file an image path names (refusing one that leaves ``base_dir``), and its label."""
+    path = Path(source)
+    label = str(source)
+    if base_dir is not None:
+        root = base_dir.resolve()
+        path = (root / path).resolve()
+        if not path.is_relative_to(root):
+            raise ImageError(f"image {label!r} points outside the image folder {str(base_dir)!r}; refused")
+    if not path.is_file():
+        raise ImageError(f"image {label!r} not found (looked at {str(path)!r})")
+    return path, label
+
+
+class ImageCache:
+    """Loaded images by file, size and modification time, least recently used out past ``max_bytes``.
+
+    Cases often share images (the VQA pairs generated from one case all show its scans); a searcher
+    decodes, resizes and hashes each file once. Safe to use from the loading threads.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._parts: OrderedDict[tuple, ImagePart] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> ImagePart | None:
+        with self._lock:
+            part = self._parts.get(key)
+            if part is not None:
+                self._parts.move_to_end(key)
+            return part
+
+    def put(self, key: tuple, part: ImagePart) -> None:
+        with self._lock:
+            if key in self._parts or len(part.data) > self.max_bytes:
+                return
+            self._parts[key] = part
+            self._bytes += len(part.data)
+            while self._bytes > self.max_bytes:
+                _, evicted = self._parts.popitem(last=False)
+                self._bytes -= len(evicted.data)
 
 
 def _read_source(source: Any, base_dir: Path | None) -> tuple[bytes, str]:
@@ -40,15 +88,7 @@ def _read_source(source: Any, base_dir: Path | None) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), "<bytes>"
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        label = str(source)
-        if base_dir is not None:
-            root = base_dir.resolve()
-            path = (root / path).resolve()
-            if not path.is_relative_to(root):
-                raise ImageError(f"image {label!r} points outside the image folder {str(base_dir)!r}; refused")
-        if not path.is_file():
-            raise ImageError(f"image {label!r} not found (looked at {str(path)!r})")
+        path, label = _resolve(source, base_dir)
         try:
             return path.read_bytes(), label
         except OSError as exc:
@@ -57,9 +97,27 @@ def _read_source(source: Any, base_dir: Path | None) -> tuple[bytes, str]:
 
 
 def load_image_sync(
-    source: ImageSource, *, max_side: int, max_pixels: int, base_dir: Path | None = None
+    source: ImageSource,
+    *,
+    max_side: int,
+    max_pixels: int,
+    base_dir: Path | None = None,
+    cache: ImageCache | None = None,
 ) -> ImagePart:
     """Read, check, downscale if needed, and hash one image (blocking: call through a thread)."""
+    if cache is None or not isinstance(source, (str, os.PathLike)):
+        return _decode(source, max_side=max_side, max_pixels=max_pixels, base_dir=base_dir)
+    path, label = _resolve(source, base_dir)
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size, max_side, max_pixels)
+    part = cache.get(key)
+    if part is None:
+        part = _decode(source, max_side=max_side, max_pixels=max_pixels, base_dir=base_dir)
+        cache.put(key, part)
+    return part if part.label == label else replace(part, label=label)
+
+
+def _decode(source: ImageSource, *, max_side: int, max_pixels: int, base_dir: Path | None) -> ImagePart:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     data, label = _read_source(source, base_dir)
@@ -107,6 +165,7 @@ async def load_images(
     max_side: int,
     max_pixels: int,
     base_dir: Path | None = None,
+    cache: ImageCache | None = None,
 ) -> list[ImagePart]:
     """Load images concurrently in worker threads. ``None`` gives no images; a single source one."""
     if sources is None:
@@ -116,7 +175,9 @@ async def load_images(
     return list(
         await asyncio.gather(
             *(
-                asyncio.to_thread(load_image_sync, source, max_side=max_side, max_pixels=max_pixels, base_dir=base_dir)
+                asyncio.to_thread(
+                    load_image_sync, source, max_side=max_side, max_pixels=max_pixels, base_dir=base_dir, cache=cache
+                )
                 for source in sources
             )
         )

@@ -19,7 +19,7 @@ from .agents import Case, Intern, Judge, Mentor, render_case_info
 from .answers import render_steps
 from .config import Settings, load_settings
 from .errors import ConfigError, InputError, ModelCallError
-from .images import ImageSource, load_images
+from .images import ImageCache, ImageSource, load_images
 from .models.base import Model
 from .models.cached import CachedModel
 from .results import InternSample, Node, SearchResult, Usage
@@ -218,6 +218,7 @@ class Searcher:
             raise ConfigError(f"mentor names must differ (got {names}): set MICS_MENTORS")
         self.store = store
         self._owns_store = owns_store
+        self._images = ImageCache()
 
         def wrap(model: Model) -> Model:
             return CachedModel(model, store, run_id=run_id) if store is not None else model
@@ -283,6 +284,7 @@ class Searcher:
             max_side=self.settings.image_max_side,
             max_pixels=self.settings.image_max_pixels,
             base_dir=image_dir,
+            cache=self._images,
         )
         if rid is None:
             digest = hashlib.sha256("\x00".join([question, answer, *(image.sha256 for image in loaded)]).encode())

@@ -92,3 +92,41 @@ def test_the_data_url_is_encoded_once_and_round_trips():
     first = part.data_url()
     assert part.data_url() is first
     assert base64.b64decode(first.split(",", 1)[1]) == part.data
+
+
+async def test_the_cache_decodes_a_shared_file_once_and_notices_changes(tmp_path, monkeypatch):
+    import os
+
+    import mics_agents.images as images_module
+    from mics_agents.images import ImageCache
+
+    decoded = []
+    original = images_module._decode
+
+    def counting(source, **kwargs):
+        decoded.append(source)
+        return original(source, **kwargs)
+
+    monkeypatch.setattr(images_module, "_decode", counting)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "scan.png").write_bytes(png_bytes())
+    cache = ImageCache()
+    first = await load_images(["scan.png"], max_side=64, max_pixels=10**6, base_dir=tmp_path, cache=cache)
+    again = await load_images(["sub/../scan.png"], max_side=64, max_pixels=10**6, base_dir=tmp_path, cache=cache)
+    assert len(decoded) == 1 and again[0].sha256 == first[0].sha256
+    assert again[0].label == "sub/../scan.png", "each caller keeps the path it gave"
+    (tmp_path / "scan.png").write_bytes(png_bytes((40, 30), (1, 2, 3)))
+    os.utime(tmp_path / "scan.png", ns=(1, 10**18))
+    changed = await load_images(["scan.png"], max_side=64, max_pixels=10**6, base_dir=tmp_path, cache=cache)
+    assert len(decoded) == 2 and changed[0].sha256 != first[0].sha256
+
+
+def test_the_cache_keeps_to_its_byte_budget():
+    from mics_agents.images import ImageCache
+    from mics_agents.models import ImagePart
+
+    cache = ImageCache(max_bytes=250)
+    for index in range(5):
+        cache.put((index,), ImagePart(bytes(100), "image/png", str(index)))
+    assert cache.get((0,)) is None and cache.get((2,)) is None
+    assert cache.get((3,)) is not None and cache.get((4,)) is not None
