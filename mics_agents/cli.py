@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from .config import Settings
+    from .outputs import OutputLock
     from .results import SearchResult
     from .runner import RunOptions, RunStats, Worker
     from .search import Searcher
@@ -81,11 +83,6 @@ def demo(
     )
     settings = load_settings(seed=seed, cache_path=cache, mentors=[], interns=[], judge="")
     options = RunOptions(data=EXAMPLES_DIR / "cases.jsonl", output=output, image_dir=EXAMPLES_DIR / "images")
-    # The demo starts its output afresh each time; its calls replay from the cache.
-    from .outputs import default_failed_path
-
-    for path in (output, default_failed_path(output)):
-        path.unlink(missing_ok=True)
 
     async def open_searcher() -> Searcher:
         return Searcher(
@@ -98,7 +95,8 @@ def demo(
             run_id=run_id_for(output),
         )
 
-    stats = _run_batch(open_searcher, options, settings)
+    # The demo starts its output afresh each time; its calls replay from the cache.
+    stats = _run_batch(open_searcher, options, settings, fresh=True)
     first = output.read_text(encoding="utf-8").splitlines()[:1] if output.exists() else []
     if first:
         record = json.loads(first[0])
@@ -135,8 +133,34 @@ def _search_settings(settings: "Settings") -> dict:
     return {key: getattr(settings, key) for key in keys}
 
 
-def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None) -> "RunStats":
+def _own_output(options: "RunOptions", *, fresh: bool) -> "OutputLock":
+    """The lock on the output, taken before anything else runs; a second run on it exits 2 at once.
+    ``fresh``: also empty the files, which only their owner may do."""
+    from .errors import OutputBusyError
+    from .outputs import OutputLock, default_failed_path
+
+    lock = OutputLock(options.output)
+    try:
+        lock.acquire()
+    except OutputBusyError as exc:
+        err_console.print(f"[bold red]Output in use:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG_ERROR) from None
+    if fresh:
+        for path in (options.output, options.failed or default_failed_path(options.output)):
+            path.unlink(missing_ok=True)
+    return lock
+
+
+def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None, fresh: bool = False) -> "RunStats":
     """Run a batch with progress, Ctrl-C handling (first: finish items in flight; second: abort) and a summary."""
+    lock = _own_output(options, fresh=fresh)
+    try:
+        return _run_owned_batch(open_worker, options, settings, lock, log_every=log_every, json_summary=json_summary)
+    finally:
+        lock.release()
+
+
+def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", lock: "OutputLock", *, log_every: float, json_summary: Optional[Path]) -> "RunStats":
     import signal
 
     from .progress import ProgressReporter, summary_table
@@ -145,7 +169,7 @@ def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", option
     reporter = ProgressReporter(err_console, log_every=log_every)
 
     async def execute() -> "RunStats":
-        batch = BatchRun(await open_worker(), options, on_update=reporter)
+        batch = BatchRun(await open_worker(), options, on_update=reporter, output_lock=lock)
         try:
             store = batch.worker.store
             if store is not None:
@@ -253,8 +277,8 @@ def run(
 ) -> None:
     """Run MICS over a JSONL dataset; rerun the same command to resume.
 
-    Exit 0 when every item ended, 2 on a configuration error, 3 when the budget stopped it, 130 when
-    interrupted.
+    Exit 0 when every item ended, 2 on a configuration error or when another run owns the output, 3 when
+    the budget stopped it, 130 when interrupted.
     """
     from .runner import run_id_for
     from .search import Searcher
@@ -278,11 +302,14 @@ def merge(
     dedupe: Annotated[bool, typer.Option(help="Keep one line per item when shards overlap.")] = False,
 ) -> None:
     """Join the outputs of shards; refuses overlapping items unless --dedupe."""
-    from .errors import MicsError
+    from .errors import MicsError, OutputBusyError
     from .outputs import merge_outputs
 
     try:
         report = merge_outputs(inputs, output, dedupe=dedupe)
+    except OutputBusyError as exc:
+        err_console.print(f"[bold red]Output in use:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG_ERROR) from None
     except MicsError as exc:
         err_console.print(f"[bold red]Merge refused:[/] {exc}")
         raise typer.Exit(1) from None
@@ -582,8 +609,6 @@ def report(
 
     The file is static (no server, no network): open it from disk or mail it.
     """
-    from rich.markup import escape
-
     from .errors import InputError
     from .report import write_report
 

@@ -17,6 +17,7 @@ __all__ = [
     "ModelRequestsForbidden",
     "PromptError",
     "StoreError",
+    "OutputBusyError",
 ]
 
 
@@ -42,6 +43,10 @@ class PromptError(MicsError):
 
 class StoreError(MicsError):
     """The SQLite store cannot be opened or has an unknown schema."""
+
+
+class OutputBusyError(MicsError):
+    """Another process owns the output file (it holds the lock beside it). The message names it."""
 
 
 class ModelError(MicsError):

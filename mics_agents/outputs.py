@@ -1,9 +1,13 @@
 """The two output files of a run, which are also its journal.
 
 Successes go to ``OUT.jsonl``, failures to ``OUT_failed.jsonl``; each line is written whole and fsynced
-before the item counts as ended. On start the files are repaired (a line torn by a crash is cut off) and
-read back: an item with a line is done, except ``model_error`` failures (and, with ``--retry-failed``,
-every failure), whose lines are removed so that the rerun writes exactly one line per item.
+before the item counts as ended. While a run goes the files only grow: a retried item appends its new
+outcome, and no line is removed before its replacement is on disk. One rule, :func:`winning_lines`, says
+which line stands for an item, for every reader (resume, merge, report, dataset build): a success wins,
+else the last failure. A run that reaches the end of its input compacts both files to those lines
+(written aside, fsynced, renamed), so a finished run has one line per item.
+
+One process owns an output at a time: :class:`OutputLock` holds an ``flock`` on ``OUT.jsonl.lock``.
 
 The files, not the database, say what is done: one source of truth, checked the moment it is written.
 """
@@ -11,18 +15,46 @@ The files, not the database, say what is done: one source of truth, checked the 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MicsError
+from .errors import MicsError, OutputBusyError
 
-__all__ = ["OutputFiles", "ResumeState", "MergeReport", "merge_outputs", "default_failed_path", "FINAL_FAILURES"]
+__all__ = [
+    "OutputFiles",
+    "OutputLock",
+    "ResumeState",
+    "MergeReport",
+    "Line",
+    "merge_outputs",
+    "winning_lines",
+    "settle",
+    "success_line",
+    "failure_key",
+    "default_failed_path",
+    "lock_path",
+    "FINAL_FAILURES",
+    "GROUP_KEY",
+]
 
 FINAL_FAILURES = frozenset({"no_path", "bad_input", "no_items"})
+# The field naming the item of a success written as several lines (mics generate: one line per
+# generated question, each with ``group_size``).
+GROUP_KEY = "case_id"
+# Tests only: NAME:N kills the process (SIGKILL) the N-th time it passes the point NAME of the journal.
+KILL_AT_VARIABLE = "MICS_TEST_KILL_AT"
 
 
 def default_failed_path(output: Path) -> Path:
@@ -31,12 +63,212 @@ def default_failed_path(output: Path) -> Path:
     return output.with_name(f"{stem}_failed.jsonl")
 
 
+def lock_path(output: Path) -> Path:
+    return Path(output).with_name(Path(output).name + ".lock")
+
+
+# -- one owner per output ------------------------------------------------------------------------
+
+
+class OutputLock:
+    """An exclusive ``flock`` on the lock file beside an output, with who holds it written inside.
+
+    The kernel drops the lock when its holder dies, however it dies, so a lock left by a dead process
+    never blocks: the next owner takes it and writes its own name over the old one.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = Path(output)
+        self.path = lock_path(self.output)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`OutputBusyError` naming the holder (never waits)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(_read_all(fd))
+            os.close(fd)
+            raise OutputBusyError(
+                f"{self.output} is being written by another run ({holder}; lock file {self.path}). "
+                "Two runs on one output would write every item twice and pay for its calls twice: wait for "
+                "that run to end, stop it, or give this one another --output."
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise MicsError(
+                f"cannot lock {self.path} ({exc.strerror}): the file system under the output does not support "
+                "file locks. Write the output to a local disk or a file system with flock support."
+            ) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Closing the file drops the lock. The file stays: removing it would let two owners in."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.pread(fd, 65536, sum(map(len, chunks))):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _describe_holder(data: bytes) -> str:
+    try:
+        holder = json.loads(data)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder.get('command', '?')}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that is just starting"  # it holds the lock but has not written its name yet
+
+
+# -- the one rule --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    """What the rule reads of a success line: its item (None: the line names none, so it stands alone),
+    and how many lines the item wrote."""
+
+    key: str | None
+    group_size: int = 1
+
+
+def _key(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def success_line(record: dict[str, Any]) -> Line:
+    if "group_size" in record:
+        return Line(_key(record.get(GROUP_KEY)), _group_size(record["group_size"]))
+    return Line(_key(record.get("rid", record.get("id"))))
+
+
+def failure_key(record: dict[str, Any]) -> str | None:
+    return _key(record.get("key", record.get("rid")))
+
+
+def _group_size(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 1
+
+
+def _groups(lines: Sequence[Line]) -> Iterator[tuple[int, int, bool]]:
+    """(first index, end index, complete) of each item's run of success lines, in file order."""
+    start = 0
+    while start < len(lines):
+        key, size = lines[start].key, lines[start].group_size
+        end = start + 1
+        while end < len(lines) and end - start < size and key is not None and lines[end].key == key:
+            end += 1
+        yield start, end, end - start == size
+        start = end
+
+
+def winning_lines(successes: Sequence[Line], failures: Sequence[str | None]) -> tuple[list[int], list[int]]:
+    """THE rule of the journal, the one place it is written down: which lines stand for their item.
+
+    An item's success (its first complete one: all the lines it wrote together) wins; an item without one
+    is told by its last failure line. ``failures`` are the item keys of the failed file's lines. Returns
+    the indexes of the standing success lines and failure lines, each in file order.
+    """
+    kept: list[int] = []
+    succeeded: set[str] = set()
+    for start, end, complete in _groups(successes):
+        key = successes[start].key
+        if complete and key not in succeeded:
+            if key is not None:
+                succeeded.add(key)
+            kept.extend(range(start, end))
+    last_failure: dict[str | int, int] = {}
+    for index, key in enumerate(failures):
+        if key not in succeeded:
+            last_failure[index if key is None else key] = index
+    return kept, sorted(last_failure.values())
+
+
+def settle(successes: list[dict[str, Any]], failures: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The records of :func:`winning_lines`: one outcome per item."""
+    kept, failed = winning_lines([success_line(r) for r in successes], [failure_key(r) for r in failures])
+    return [successes[i] for i in kept], [failures[i] for i in failed]
+
+
+# -- reading the files ---------------------------------------------------------------------------
+
+
 @dataclass
 class ResumeState:
     done: set[str] = field(default_factory=set)
     counts: Counter = field(default_factory=Counter)
     repaired_lines: int = 0
     retried_failures: int = 0
+
+
+@dataclass
+class _Entry:
+    """A line of a file, as much of it as resuming and compacting need, and where its bytes are."""
+
+    line: Line
+    kind: str | None
+    start: int
+    end: int
+
+
+def _decode(raw: bytes, path: Path, number: int) -> dict[str, Any]:
+    try:
+        record = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise MicsError(
+            f"{path}:{number} is not valid JSON ({reason}); the file was edited or corrupted. "
+            "Fix or remove that line and rerun."
+        ) from None
+    if not isinstance(record, dict):
+        raise MicsError(f"{path}:{number} is not a JSON object; the file was edited. Fix or remove that line and rerun.")
+    return record
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, int, int, bytes]]:
+    """(line number, start, end, bytes) of each non-blank line."""
+    if not path.exists():
+        return
+    with open(path, "rb") as handle:
+        offset = 0
+        for number, raw in enumerate(handle, start=1):
+            start, offset = offset, offset + len(raw)
+            if raw.strip():
+                yield number, start, offset, raw
+
+
+def _scan(path: Path, *, failures: bool) -> list[_Entry]:
+    entries = []
+    for number, start, end, raw in _numbered_lines(path):
+        record = _decode(raw, path, number)
+        if failures:
+            error = record.get("error")
+            kind = error.get("kind") if isinstance(error, dict) else None
+            entries.append(_Entry(Line(failure_key(record)), kind, start, end))
+        else:
+            entries.append(_Entry(success_line(record), None, start, end))
+    return entries
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    return [_decode(raw, path, number) for number, _, _, raw in _numbered_lines(path)]
 
 
 def _repair_tail(path: Path) -> int:
@@ -66,29 +298,105 @@ def _repair_tail(path: Path) -> int:
     return 1
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    records = []
-    if not path.exists():
-        return records
+def _cut_unfinished_group(path: Path, entries: list[_Entry]) -> int:
+    """Cut the lines of an item whose write a crash stopped part-way (only the last write can be one):
+    like a torn line they never counted. Returns how many lines it cut."""
+    last = None
+    for last in _groups([entry.line for entry in entries]):
+        pass
+    if last is None or last[2]:
+        return 0
+    start = last[0]
+    with open(path, "rb+") as handle:
+        handle.truncate(entries[start].start)
+        os.fsync(handle.fileno())
+    cut = len(entries) - start
+    del entries[start:]
+    return cut
+
+
+# -- rewriting a file atomically -----------------------------------------------------------------
+
+_passed: Counter = Counter()
+_passed_lock = threading.Lock()
+
+
+def _crash_point(name: str) -> bool:
+    """True when the test asked (``MICS_TEST_KILL_AT=NAME:N``) to die at this, the N-th pass of NAME."""
+    target, _, count = os.environ.get(KILL_AT_VARIABLE, "").partition(":")
+    if target != name:
+        return False
+    with _passed_lock:
+        _passed[name] += 1
+        return _passed[name] == int(count or 1)
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _maybe_die(name: str) -> None:
+    if _crash_point(name):
+        _die()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(path: Path, chunks: Iterator[bytes]) -> None:
+    """Write ``chunks`` to a temporary file of this process beside ``path``, fsync it, rename it over
+    ``path`` and fsync the folder: a reader sees the old file or the new one, never a mix."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _maybe_die("compact-write")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    _maybe_die("compact-replace")
+
+
+def _copy_ranges(path: Path, ranges: list[tuple[int, int]]) -> Iterator[bytes]:
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise MicsError(
-                    f"{path}:{number} is not valid JSON ({exc.msg}); the file was edited or corrupted. "
-                    "Fix or remove that line and rerun."
-                ) from None
-    return records
+        for start, end in ranges:
+            handle.seek(start)
+            yield handle.read(end - start)
+
+
+def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
+    _replace_atomically(path, (_encode(record) for record in records))
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def _remove_leftover_temporaries(path: Path) -> None:
+    """Temporary files a killed compaction left (only an owner of the output makes them)."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+# -- the files of a run --------------------------------------------------------------------------
 
 
 class OutputFiles:
     def __init__(self, output: Path, failed: Path | None = None, *, group_key: str | None = None) -> None:
         """``group_key``: one item writes several lines, each naming its item in this field and the
         number of lines the item wrote in ``group_size``; an item with fewer lines than that (a crash
-        mid-write) is not done and its lines are removed."""
+        mid-write) is not done."""
         self.output = Path(output)
         self.group_key = group_key
         self.failed = Path(failed) if failed else default_failed_path(self.output)
@@ -99,41 +407,41 @@ class OutputFiles:
         self._writes: set[asyncio.Future[None]] = set()
 
     def prepare(self, *, retry_failed: bool = False) -> ResumeState:
-        """Repair, read back and prune the files (blocking: call through a thread)."""
+        """Repair and read back the files (blocking: call through a thread). Removes only what a crash
+        left half-written; an item to redo keeps its failure line until its new outcome is written."""
         state = ResumeState()
         for path in (self.output, self.failed):
             path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_leftover_temporaries(path)
             state.repaired_lines += _repair_tail(path)
-        records = _read_lines(self.output)
-        if self.group_key is None:
-            for record in records:
-                state.done.add(str(record["rid"]))
-                state.counts["success"] += 1
-        else:
-            self._prune_incomplete_groups(records, state)
-        kept, dropped = [], 0
-        for record in _read_lines(self.failed):
-            kind = record.get("error", {}).get("kind")
+        successes = _scan(self.output, failures=False)
+        state.repaired_lines += _cut_unfinished_group(self.output, successes)
+        failures = _scan(self.failed, failures=True)
+        kept, failed = winning_lines([entry.line for entry in successes], [entry.line.key for entry in failures])
+        succeeded = {successes[index].line.key for index in kept} - {None}
+        state.done |= succeeded
+        state.counts["success"] = len(succeeded)
+        for index in failed:
+            kind = failures[index].kind
             if kind in FINAL_FAILURES and not retry_failed:
-                kept.append(record)
-                state.done.add(str(record.get("key", record.get("rid"))))
+                state.done.add(failures[index].line.key)
                 state.counts[kind] += 1
             else:
-                dropped += 1
-        if dropped:
-            _rewrite(self.failed, kept)
-        state.retried_failures = dropped
+                state.retried_failures += 1
         return state
 
-    def _prune_incomplete_groups(self, records: list[dict[str, Any]], state: ResumeState) -> None:
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for record in records:
-            groups.setdefault(str(record[self.group_key]), []).append(record)
-        complete = {key for key, lines in groups.items() if len(lines) == lines[0].get("group_size")}
-        state.done.update(complete)
-        state.counts["success"] += len(complete)
-        if len(complete) < len(groups):
-            _rewrite(self.output, [r for r in records if str(r[self.group_key]) in complete])
+    def compact(self) -> int:
+        """Rewrite each file to the lines that stand (blocking; only when no write is under way).
+        Returns how many lines it dropped."""
+        successes = _scan(self.output, failures=False)
+        failures = _scan(self.failed, failures=True)
+        kept, failed = winning_lines([entry.line for entry in successes], [entry.line.key for entry in failures])
+        dropped = 0
+        for path, entries, keep in ((self.output, successes, kept), (self.failed, failures, failed)):
+            if len(keep) < len(entries):
+                _replace_atomically(path, _copy_ranges(path, [(entries[i].start, entries[i].end) for i in keep]))
+                dropped += len(entries) - len(keep)
+        return dropped
 
     async def append_success(self, records: list[dict[str, Any]]) -> None:
         """All lines of one item in one write, so a crash leaves them whole or detectably cut."""
@@ -159,11 +467,16 @@ class OutputFiles:
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if _crash_point("torn"):
+            os.write(fd, data[: max(1, len(data) // 2)])
+            _die()
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
             view = view[written:]
+        _maybe_die("write")
         os.fsync(fd)
+        _maybe_die("fsync")
 
     async def aclose(self) -> None:
         """Wait for writes under way, then close the files."""
@@ -177,19 +490,7 @@ class OutputFiles:
         self._fds.clear()
 
 
-def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
-    """Replace a file's lines atomically (write aside, fsync, rename)."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        for record in records:
-            handle.write(_encode(record))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def _encode(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+# -- merging shards ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -199,28 +500,35 @@ class MergeReport:
     overlaps: int = 0
 
 
+def _shard_outcomes(path: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """One shard's outcome per item, by the rule: (item -> its success lines, item -> its failure line)."""
+    successes, failures = settle(_read_lines(path), _read_lines(default_failed_path(path)))
+    by_item: dict[str, list[dict[str, Any]]] = {}
+    for record in successes:
+        by_item.setdefault(success_line(record).key, []).append(record)
+    return by_item, {failure_key(record): record for record in failures}
+
+
 def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> MergeReport:
     """Join shard outputs (and their failed files) into ``output`` and its failed file.
 
-    An item in more than one input is refused unless ``dedupe``: then a success wins over a failure,
-    and otherwise the first input listed wins.
+    Each shard is first read by the rule of :func:`winning_lines`. An item in more than one shard is
+    refused unless ``dedupe``: then a success wins over a failure, and otherwise the first input listed
+    wins. Raises :class:`OutputBusyError` while a run owns ``output``.
     """
-    successes: dict[str, dict[str, Any]] = {}
+    successes: dict[str, list[dict[str, Any]]] = {}
     failures: dict[str, dict[str, Any]] = {}
     overlapping: list[str] = []
-    for path in inputs:
-        if not Path(path).is_file():
+    for path in map(Path, inputs):
+        if not path.is_file():
             raise MicsError(f"shard output {str(path)!r} not found")
-        for record in _read_lines(Path(path)):
-            key = str(record.get("rid", record.get("id")))
+        shard_successes, shard_failures = _shard_outcomes(path)
+        for key, lines in shard_successes.items():
             if key in successes or key in failures:
                 overlapping.append(key)
                 failures.pop(key, None)
-                successes.setdefault(key, record)
-            else:
-                successes[key] = record
-        for record in _read_lines(default_failed_path(Path(path))):
-            key = str(record.get("key", record.get("rid")))
+            successes.setdefault(key, lines)
+        for key, record in shard_failures.items():
             if key in successes or key in failures:
                 overlapping.append(key)
             else:
@@ -232,7 +540,9 @@ def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> 
             f"{', ...' if len(overlapping) > 5 else ''}); shards overlap. Use --dedupe to keep one line per item "
             "(a success wins over a failure)."
         )
-    for path, records in ((Path(output), successes), (default_failed_path(Path(output)), failures)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _rewrite(path, list(records.values()))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(output):
+        _rewrite(output, [record for lines in successes.values() for record in lines])
+        _rewrite(default_failed_path(output), list(failures.values()))
     return MergeReport(successes=len(successes), failures=len(failures), overlaps=len(overlapping))

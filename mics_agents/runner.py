@@ -2,9 +2,10 @@
 
 Items are read as a stream and handed to a *worker* concurrently (``concurrency`` items in flight, on
 top of the per-model call limits): :class:`MicsWorker` searches each case; the generation workers of
-``mics generate`` make questions from it. Each ended item is one fsynced write to the output or failed
-file; a rerun skips those and replays the calls of unfinished items from the cache, so nothing is paid
-twice.
+``mics generate`` make questions from it. Each ended item is one fsynced line appended to the output or
+failed file; a rerun skips those and replays the calls of unfinished items from the cache, so nothing is
+paid twice. A run owns its output (a lock beside it) and, once it has been through all of its input,
+compacts the files to one line per item.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 from .data import InputItem, parse_record, read_items, shard_of
 from .errors import InputError, MicsError
-from .outputs import OutputFiles
+from .outputs import OutputFiles, OutputLock
 from .results import Usage
 from .search import Searcher
 from .store import Store
@@ -123,6 +124,7 @@ class RunStats:
     spent_usd: float = 0.0
     repaired_lines: int = 0
     retried_failures: int = 0
+    compacted_lines: int = 0
     started_at: float = field(default_factory=time.monotonic)
     stop_reason: StopReason = "completed"
 
@@ -154,13 +156,18 @@ class RunStats:
             "spent_usd": round(self.spent_usd, 6),
             "repaired_lines": self.repaired_lines,
             "retried_failures": self.retried_failures,
+            "compacted_lines": self.compacted_lines,
             "elapsed_s": round(time.monotonic() - self.started_at, 3),
             "stop_reason": self.stop_reason,
         }
 
 
 class BatchRun:
-    """One session of a run. ``on_update`` is called after each ended item (progress display)."""
+    """One session of a run. ``on_update`` is called after each ended item (progress display).
+
+    ``output_lock``: the lock on the output that the caller already holds; without one, ``run()`` takes
+    it (and raises :class:`~mics_agents.errors.OutputBusyError` if another process has it).
+    """
 
     def __init__(
         self,
@@ -168,10 +175,13 @@ class BatchRun:
         options: RunOptions,
         *,
         on_update: Callable[[RunStats], None] | None = None,
+        output_lock: OutputLock | None = None,
     ) -> None:
         self.worker: Worker = MicsWorker(worker) if isinstance(worker, Searcher) else worker
         self.options = options
         self.files = OutputFiles(options.output, options.failed, group_key=self.worker.group_key)
+        self.output_lock = output_lock
+        self._read_all_input = False
         self.run_id = run_id_for(options.output)
         self.stats = RunStats()
         self.on_update = on_update or (lambda stats: None)
@@ -214,6 +224,7 @@ class BatchRun:
         while True:
             batch = await asyncio.to_thread(next_batch)
             if not batch:
+                self._read_all_input = True
                 return
             for item in batch:
                 if not self._in_scope(item):
@@ -236,6 +247,12 @@ class BatchRun:
     async def run(self) -> RunStats:
         if not self.options.data.is_file():
             raise MicsError(f"input file {str(self.options.data)!r} not found")
+        if self.output_lock is not None:
+            return await self._run()
+        with OutputLock(self.options.output):
+            return await self._run()
+
+    async def _run(self) -> RunStats:
         resume = await asyncio.to_thread(self.files.prepare, retry_failed=self.options.retry_failed)
         self.stats.total, self.stats.already_done = await asyncio.to_thread(self._count_scope, resume.done)
         self.stats.repaired_lines = resume.repaired_lines
@@ -281,6 +298,9 @@ class BatchRun:
             raise self._fatal
         # A stop that came after the last item was scheduled stopped nothing.
         self.stats.stop_reason = self._stop if self._stop and self.stats.remaining else "completed"
+        if self.stats.stop_reason == "completed" and self._read_all_input:
+            # Every item of the input (this shard) has its outcome on disk: keep only those lines.
+            self.stats.compacted_lines = await asyncio.to_thread(self.files.compact)
         self.on_update(self.stats)
         return self.stats
 

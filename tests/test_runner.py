@@ -183,3 +183,18 @@ async def test_budget_holds_without_a_cache(tmp_path):
     stats = await BatchRun(searcher, options).run()
     assert stats.stop_reason == "budget" and 0 < stats.ended < 6
     assert stats.spent_usd == stats.cost_usd >= 0.2
+
+
+async def test_a_retried_item_keeps_its_failure_line_until_the_run_completes(tmp_path):
+    make_dataset(tmp_path, 4)
+    await run_once(tmp_path, Counting(broken_intern=True))
+    failed_bytes = (tmp_path / "out_failed.jsonl").read_bytes()
+
+    stats, successes, failures, _ = await run_once(tmp_path, Counting(), limit=2)
+    assert stats.retried_failures == 4 and stats.compacted_lines == 0, "a run cut short by --limit does not compact"
+    assert (tmp_path / "out_failed.jsonl").read_bytes() == failed_bytes, "the journal only grows"
+    assert len(successes) + len(failures) == 4 + 2
+
+    stats, successes, failures, _ = await run_once(tmp_path, Counting())
+    assert stats.already_done == 2 and stats.ended == 2 and stats.compacted_lines == 4
+    assert sorted(r["rid"] for r in successes + failures) == [f"case-{i}" for i in range(4)]
