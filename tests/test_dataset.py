@@ -198,6 +198,20 @@ def test_reruns_are_byte_identical_and_the_seed_matters(corpus, tmp_path):
     assert tree_digest(tmp_path / "c") != first
 
 
+def test_the_build_reads_mics_output_by_the_journals_rule(corpus, tmp_path):
+    """A run that has not compacted yet may repeat an item's success, or end with a group a crash cut:
+    the build takes one success per item, as every reader of the output does."""
+    build(corpus, tmp_path / "once")
+    repeated = {**corpus, "mics": tmp_path / "mics.jsonl", "text_qa": tmp_path / "text_qa.jsonl"}
+    lines = corpus["mics"].read_text().splitlines(keepends=True)
+    repeated["mics"].write_text("".join(lines + lines[::2]))
+    questions = [json.loads(line) for line in corpus["text_qa"].read_text().splitlines()]
+    cut = [{**questions[0], "id": "case-0-qa1", "case_id": "case-0", "group_size": 3}]  # 1 of 3 lines written
+    repeated["text_qa"].write_text("".join(json.dumps(record) + "\n" for record in questions + cut))
+    build(repeated, tmp_path / "repeated")
+    assert tree_digest(tmp_path / "repeated") == tree_digest(tmp_path / "once")
+
+
 def test_quality_control_counts_each_drop_reason():
     good = {"rid": "g", "search_id": "1", "final_depth": "2", "trend": "increasing", "question": "Q?",
             "gt_answer": "Pneumonia", "reasoning": "### Step 1: x\n\n### The final answer is: Pneumonia"}

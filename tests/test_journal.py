@@ -23,6 +23,7 @@ from mics_agents.outputs import (
     settle,
     winning_lines,
 )
+from mics_agents.report.data import build_report_data
 
 
 def success(rid: str, **fields) -> dict:
@@ -201,3 +202,23 @@ def test_merge_refuses_an_output_a_run_owns(tmp_path):
         merge_outputs([shard], tmp_path / "all.jsonl")
     assert not (tmp_path / "all.jsonl").exists()
 
+
+def test_the_report_shows_each_item_once_by_the_rule(tmp_path):
+    output, failed = tmp_path / "out.jsonl", tmp_path / "out_failed.jsonl"
+    write(output, [success("a", tree=[], scores={}, generated_by=[])])
+    write(failed, [failure("a"), failure("b", note="first"), failure("b", "no_path", "second"), failure("c")])
+    data = build_report_data(output)
+    shown = {item["rid"]: (item["status"], item.get("err", "")) for item in data.items}
+    assert shown == {"a": ("success", ""), "b": ("no_path", "no_path second"), "c": ("model_error", "model_error")}
+    assert data.summary["items"] == 3
+
+
+def test_a_journal_written_in_parts_reads_the_same_as_its_compaction(tmp_path):
+    """What a reader sees of a run between sessions equals what it sees once the run has compacted."""
+    output, failed = tmp_path / "out.jsonl", tmp_path / "out_failed.jsonl"
+    write(output, [success("a"), success("b")])
+    write(failed, [failure("b"), failure("c"), failure("a"), failure("c", "no_path")])
+    before = build_report_data(output)
+    OutputFiles(output).compact()
+    after = build_report_data(output)
+    assert before.items == after.items and before.summary == after.summary

@@ -151,6 +151,8 @@ def scale_up(run: dict[str, Path], folder: Path, count: int, seed: int = 0) -> d
             line, is_failure = templates[index % len(templates)]
             record = json.loads(line)
             record["rid"] = f"item-{index:05d}"
+            if "key" in record:  # a failure line names its item by key
+                record["key"] = record["rid"]
             search = record.get("search", record)
             if "question" in search:
                 search["question"] = f"[{index}] {words(12)}\n" + search["question"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..outputs import settle
 from .alignment import AlignmentOptions, alignment_samples
 from .curriculum import Recipe, assemble_stage, split_by_case
 from .exports import export_samples, place_images
@@ -91,7 +92,8 @@ def build_dataset(options: BuildOptions) -> BuildReport:
     samples: list[Sample] = []
 
     # Part 3: MICS chain-of-thought that passes quality control.
-    mics_records = [record for path in options.mics for record in _read_jsonl(path, "MICS output")]
+    # One success per item by the journal's rule (a run's file may hold a cut group or a repeat until it compacts).
+    mics_records = settle([record for path in options.mics for record in _read_jsonl(path, "MICS output")], [])[0]
     qc = quality_control(
         mics_records,
         QcOptions(tuple(recipe.keep_trends), recipe.keep_single_step, recipe.keep_search_id_zero),
@@ -118,7 +120,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
 
     # Part 1: text multiple-choice QA made from case text (mics generate qa).
     if options.text_qa is not None:
-        for record in _read_jsonl(options.text_qa, "text QA"):
+        for record in settle(_read_jsonl(options.text_qa, "text QA"), [])[0]:
             question, answer = str(record.get("question") or "").strip(), str(record.get("answer") or "").strip()
             if not question or not answer:
                 drops["part1"]["missing_question_or_answer"] += 1

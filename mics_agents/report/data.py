@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..outputs import default_failed_path
+from ..outputs import default_failed_path, failure_key, success_line, winning_lines
 
 __all__ = ["ReportData", "build_report_data", "STATUSES", "DEFAULT_THUMBNAIL_SIZE"]
 
@@ -362,6 +362,23 @@ def _thumbnails(paths: list[str], image_dir: Path, size: int, warnings: list[str
     return urls
 
 
+_Numbered = list[tuple[int, dict[str, Any]]]
+
+
+def _outcomes(successes: _Numbered, failures: _Numbered, output: Path, failed: Path | None) -> tuple[_Numbered, _Numbered]:
+    """One line per item by the journal's rule: a run still going, or stopped, may hold a retried item's
+    old failure beside its new outcome. A line without an id gets its place in the file as one."""
+    for number, record in successes:
+        if not _text(record.get("rid")):
+            record["rid"] = f"{output.name}:{number}"
+    for number, record in failures:
+        search = record.get("search") if isinstance(record.get("search"), dict) else {}
+        record["rid"] = _text(record.get("rid")) or _text(search.get("rid")) or f"{failed.name}:{number}"
+    kept, kept_failures = winning_lines([success_line(record) for _, record in successes],
+                                        [failure_key(record) for _, record in failures])
+    return [successes[i] for i in kept], [failures[i] for i in kept_failures]
+
+
 def build_report_data(
     output: Path,
     failed: Path | None = None,
@@ -385,21 +402,20 @@ def build_report_data(
 
     warnings: list[str] = []
     bad_lines: list[int] = []
+    successes = list(_read_jsonl(output, warnings, bad_lines))
+    failures = list(_read_jsonl(failed, warnings, bad_lines)) if failed is not None else []
+    successes, failures = _outcomes(successes, failures, output, failed)
     builder = _Builder()
-    for number, record in _read_jsonl(output, warnings, bad_lines):
-        if not _text(record.get("rid")):
-            record["rid"] = f"{output.name}:{number}"
+    for _, record in successes:
         builder.add("success", record)
-    if failed is not None:
-        for number, record in _read_jsonl(failed, warnings, bad_lines):
-            error = record.get("error") if isinstance(record.get("error"), dict) else {}
-            kind = _text(error.get("kind")) or "unknown"
-            search = record.get("search") if isinstance(record.get("search"), dict) else {}
-            rid = _text(record.get("rid")) or _text(search.get("rid")) or f"{failed.name}:{number}"
-            builder.add(
-                kind, {**search, "rid": rid}, line=record.get("line") if isinstance(record.get("line"), int) else None,
-                error=_text(error.get("message")), raw_input=record.get("input"), has_input="input" in record,
-            )
+    for _, record in failures:
+        error = record.get("error") if isinstance(record.get("error"), dict) else {}
+        kind = _text(error.get("kind")) or "unknown"
+        search = record.get("search") if isinstance(record.get("search"), dict) else {}
+        builder.add(
+            kind, {**search, "rid": record["rid"]}, line=record.get("line") if isinstance(record.get("line"), int) else None,
+            error=_text(error.get("message")), raw_input=record.get("input"), has_input="input" in record,
+        )
 
     images: dict[str, str | None] = {}
     if image_dir is not None:
