@@ -641,3 +641,153 @@ def test_sigint_lets_items_in_flight_finish_then_exits_130(reference, tmp_path, 
     records = lines_by_item(output)
     assert sorted(records) == sorted(data.keys)
     assert without_usage(records) == without_usage(reference.records)
+
+
+# -- 8. one owner per output (issue 13) --------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_output_exits_2_naming_the_holder(reference, tmp_path, launch):
+    import socket
+
+    output, cache = tmp_path / "out.jsonl", tmp_path / "cache.sqlite"
+    lock = output.with_name("out.jsonl.lock")
+    args = run_args(reference.data, output, cache)
+    with OpenAIServer(latency=0.05, lifetime=120) as server:
+        env = mics_env(server)
+        first = launch(args, env, name="owner")
+        wait_until(lambda: first.process.poll() is not None or (lock.exists() and b"pid" in lock.read_bytes()),
+                   timeout=RUN_TIMEOUT, what="the first run to take the lock")
+        started = time.monotonic()
+        second = run_mics(args, env, tmp_path)
+        refused_in = time.monotonic() - started
+        assert first.process.poll() is None, "the first run must still be going when the second starts"
+        code = first.wait()
+        assert server.errors == []
+
+    assert second.returncode == 2, second.stderr
+    said = flat(second.stderr)
+    assert f"pid {first.process.pid} on {socket.gethostname()}, started" in said and "another --output" in said
+    assert refused_in < 30, "refused at once, not after waiting"
+    assert code == 0, first.err()
+    # The files are exactly those of one run: one line per item, the reference's records.
+    records = lines_by_item(output)
+    assert sorted(records) == sorted(reference.data.keys)
+    assert without_usage(records) == without_usage(reference.records)
+
+
+# -- 9. a journal that only appends (issue 13) --------------------------------------------------------
+
+# Mentors and an intern LiteLLM has prices for, so that a budget can stop a rerun part-way.
+JOURNAL_ROLES = {"gpt-4o": "mentor", "mentor-b": "mentor", "gpt-4o-mini": "intern", "intern-2": "intern", "judge": "judge"}
+JOURNAL_MODELS = {"MICS_MENTORS": "openai/gpt-4o,openai/mentor-b", "MICS_INTERNS": "openai/gpt-4o-mini,openai/intern-2",
+                  "MICS_MAX_RETRIES": "1"}
+
+
+def whole_lines(path: Path) -> list[bytes]:
+    """The whole lines of a file, as a reader sees it while a run writes it (a last line still being
+    written, or torn by a kill, is not one yet)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [line for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
+
+
+def standing_keys(output: Path) -> set[str]:
+    """Items with a line, by the rule every reader applies, as a reader sees the files while a run writes
+    them. The failed file is read first: a compaction only drops a failure line after its item's success
+    is on disk."""
+    from mics_agents.outputs import settle
+
+    failures = [json.loads(line) for line in whole_lines(failed_path(output))]
+    successes, failures = settle([json.loads(line) for line in whole_lines(output)], failures)
+    return {str(r["rid"]) for r in successes} | {str(r["key"]) for r in failures}
+
+
+class Watcher:
+    """Reads the files every few milliseconds while runs write them; remembers any moment an item had no line."""
+
+    def __init__(self, output: Path, keys: list[str]) -> None:
+        import threading
+
+        self.output, self.keys = output, set(keys)
+        self.looks = 0
+        self.missing: list[set[str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            lost = self.keys - standing_keys(self.output)
+            if lost:
+                self.missing.append(lost)
+            self.looks += 1
+            time.sleep(0.002)
+
+    def __enter__(self) -> "Watcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_sigkill_while_retrying_model_errors_never_loses_an_items_line(reference, tmp_path):
+    data = reference.data
+    output, cache = tmp_path / "out.jsonl", tmp_path / "cache.sqlite"
+    args = run_args(data, output, cache)
+    journal: list[tuple[str, int, int, bool]] = []  # (session, exit code, whole lines, a torn line left)
+    summary = tmp_path / "summary.json"
+
+    def session(name: str, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+        summary.unlink(missing_ok=True)
+        result = run_mics([*args, "--json-summary", str(summary), *extra], env, tmp_path)
+        files = [output, failed_path(output)]
+        torn = any(not path.read_bytes().endswith(b"\n") for path in files if path.exists() and path.stat().st_size)
+        journal.append((name, result.returncode, sum(len(whole_lines(path)) for path in files), torn))
+        assert standing_keys(output) == set(data.keys), f"after {name}: an item lost its line ({journal})"
+        return result
+
+    def spent() -> float:
+        return json.loads(summary.read_text())["spent_usd"]
+
+    with OpenAIServer(simulated_brain_with_roles(JOURNAL_ROLES), lifetime=300) as server:
+        env = mics_env(server, **JOURNAL_MODELS)
+        server.inject("500", model="gpt-4o-mini", times=None)
+        broken = session("broken", env, "--budget-usd", "100")  # (a budget makes the summary say what was spent)
+        assert broken.returncode == 0, broken.stderr
+        assert set(kinds(lines_by_item(output)).values()) == {"model_error"}
+        first_failures = failed_path(output).read_bytes()
+        server.reset()  # healthy from here on
+
+        with Watcher(output, data.keys) as watcher:
+            limited = session("--limit 3", env, "--limit", "3", "--budget-usd", "100")
+            assert limited.returncode == 0, limited.stderr
+            assert failed_path(output).read_bytes().startswith(first_failures), "no line is removed before it is replaced"
+            # Over budget once the first retried item has paid for anything.
+            budget = session("budget", env, "--budget-usd", f"{spent() + 1e-9:.10f}", "--concurrency", "1")
+            assert budget.returncode == 3, budget.stderr
+            assert failed_path(output).read_bytes().startswith(first_failures)
+            # Killed between the 2nd line's write and its fsync, in the middle of a line, after the 3rd
+            # line, between a compaction's write and its rename, and after its first rename.
+            for point in ("write:2", "torn:1", "fsync:3", "compact-write:1", "compact-replace:1"):
+                killed = session(point, mics_env(server, **JOURNAL_MODELS, MICS_TEST_KILL_AT=point))
+                assert killed.returncode == -signal.SIGKILL, f"{point}: {killed.stderr}"
+            final = session("final", env)
+        assert server.errors == []
+
+    assert final.returncode == 0, final.stderr
+    assert watcher.looks > 50 and watcher.missing == [], watcher.missing[:3]
+    # Every item ends with exactly one line, and no temporary file is left.
+    records = lines_by_item(output)
+    assert sorted(records) == sorted(data.keys) and "model_error" not in kinds(records).values()
+    assert sorted(path.name for path in tmp_path.glob(".out*")) == []
+    # Sessions, in order: the limit and budget stops appended and never compacted; the kill between a
+    # compaction's write and its rename left the journal as it was; the final run compacted it.
+    lines = {name: count for name, _, count, _ in journal}
+    assert lines["--limit 3"] == len(data.keys) + 3 and lines["budget"] == lines["--limit 3"] + 1, journal
+    assert lines["write:2"] == lines["budget"] + 2 and lines["fsync:3"] == lines["torn:1"] + 3, journal
+    assert [name for name, _, _, torn in journal if torn] == ["torn:1"], journal
+    assert lines["compact-write:1"] > len(data.keys), journal
+    assert lines["final"] == len(data.keys), journal
