@@ -92,7 +92,7 @@ def test_default_failed_path(tmp_path):
     assert default_failed_path(tmp_path / "out").name == "out_failed.jsonl"
 
 
-def test_prepare_repairs_a_torn_tail_and_prunes_retryable_failures(tmp_path):
+def test_prepare_repairs_a_torn_tail_and_keeps_the_lines_of_failures_it_retries(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"rid":"a"}\n{"rid":"b"}\n{"rid":"c","reas', encoding="utf-8")
     failed = default_failed_path(out)
@@ -101,15 +101,17 @@ def test_prepare_repairs_a_torn_tail_and_prunes_retryable_failures(tmp_path):
         json.dumps({"rid": "e", "key": "e", "error": {"kind": "model_error", "message": "m"}}),
         json.dumps({"rid": "f", "key": "f@line9", "error": {"kind": "bad_input", "message": "m"}}),
     ])
+    failures = failed.read_text()
     state = OutputFiles(out).prepare()
     assert out.read_text() == '{"rid":"a"}\n{"rid":"b"}\n'
     assert state.repaired_lines == 1
     assert state.done == {"a", "b", "d", "f@line9"}
     assert state.retried_failures == 1
-    assert [json.loads(line)["rid"] for line in failed.read_text().splitlines()] == ["d", "f"]
+    # A failure to redo keeps its line until the new outcome is appended (the journal only grows).
+    assert failed.read_text() == failures
     # --retry-failed redoes every failure.
     again = OutputFiles(out).prepare(retry_failed=True)
-    assert again.done == {"a", "b"} and failed.read_text() == ""
+    assert again.done == {"a", "b"} and again.retried_failures == 3 and failed.read_text() == failures
 
 
 def test_prepare_refuses_a_corrupt_middle_line(tmp_path):
