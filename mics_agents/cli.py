@@ -136,7 +136,7 @@ def _search_settings(settings: "Settings") -> dict:
 def _own_output(options: "RunOptions", *, fresh: bool) -> "OutputLock":
     """The lock on the output, taken before anything else runs; a second run on it exits 2 at once.
     ``fresh``: also empty the files, which only their owner may do."""
-    from .errors import OutputBusyError
+    from .errors import MicsError, OutputBusyError
     from .outputs import OutputLock, default_failed_path
 
     lock = OutputLock(options.output)
@@ -145,6 +145,9 @@ def _own_output(options: "RunOptions", *, fresh: bool) -> "OutputLock":
     except OutputBusyError as exc:
         err_console.print(f"[bold red]Output in use:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(EXIT_CONFIG_ERROR) from None
+    except MicsError as exc:
+        err_console.print(f"[bold red]Run stopped:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
     if fresh:
         for path in (options.output, options.failed or default_failed_path(options.output)):
             path.unlink(missing_ok=True)

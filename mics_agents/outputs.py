@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import glob
 import json
 import os
 import signal
@@ -84,8 +85,14 @@ class OutputLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`OutputBusyError` naming the holder (never waits)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise MicsError(
+                f"cannot create the lock file {self.path} beside the output ({exc.strerror}): choose an output "
+                "in a folder you can write to."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -385,7 +392,7 @@ def _encode(record: dict[str, Any]) -> bytes:
 
 def _remove_leftover_temporaries(path: Path) -> None:
     """Temporary files a killed compaction left (only an owner of the output makes them)."""
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+    for leftover in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
         leftover.unlink(missing_ok=True)
 
 

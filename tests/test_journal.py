@@ -222,3 +222,19 @@ def test_a_journal_written_in_parts_reads_the_same_as_its_compaction(tmp_path):
     OutputFiles(output).compact()
     after = build_report_data(output)
     assert before.items == after.items and before.summary == after.summary
+
+
+def test_an_output_folder_that_cannot_be_made_is_an_error_that_says_so(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(MicsError, match="cannot create the lock file .* folder you can write to"):
+        OutputLock(tmp_path / "a-file" / "out.jsonl").acquire()
+
+
+def test_temporary_files_of_an_output_with_glob_characters_in_its_name_are_found(tmp_path):
+    output = tmp_path / "run[1].jsonl"
+    write(output, [success("a"), success("a")])
+    (tmp_path / ".run[1].jsonl.99.x.tmp").write_text("left by a killed compaction")
+    files = OutputFiles(output)
+    files.prepare()
+    assert files.compact() == 1
+    assert sorted(os.listdir(tmp_path)) == ["run[1].jsonl"]
