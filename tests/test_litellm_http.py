@@ -363,7 +363,10 @@ async def test_router_cooldown_is_waited_out_not_burned_through(server, tmp_path
         temperature=0.3,
     )
 
-    response = await model.request(request)
+    try:
+        response = await model.request(request)
+    finally:
+        await model.aclose()  # gives back its share of the loop's HTTP clients, so the last user closes them
 
     assert "### The final answer is:" in response.text
     first, second, success = server.recorded()

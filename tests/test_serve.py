@@ -104,7 +104,10 @@ async def test_serve_starts_replicas_routes_interns_over_them_and_stops(tmp_path
         ]
         import asyncio
 
-        replies = await asyncio.gather(*(intern.request(request) for request in requests))
+        try:
+            replies = await asyncio.gather(*(intern.request(request) for request in requests))
+        finally:
+            await intern.aclose()
         assert all("### The final answer is:" in reply.text for reply in replies)
         served = [stats(port)["requests"] for port in [*ports, remote]]
         assert sum(served) == 30 and all(count > 0 for count in served), served

@@ -17,7 +17,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DirectEndpoint", "HTTPStatusError", "direct_endpoint", "post_chat_completion", "close_sessions"]
+__all__ = ["DirectEndpoint", "HTTPStatusError", "direct_endpoint", "post_chat_completion", "close_session"]
 
 _OPENAI_DEFAULT_BASE = "api.openai.com"
 
@@ -86,8 +86,9 @@ async def post_chat_completion(endpoint: DirectEndpoint, payload: dict[str, Any]
     return json.loads(text)
 
 
-async def close_sessions() -> None:
-    """Close this loop's session (idempotent; the next call opens a new one)."""
+async def close_session() -> None:
+    """Close this loop's session (idempotent; the next call opens a new one). Models call it through
+    :class:`~mics_agents.models.clients.ClientShare`, once no model of the loop uses the session."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:

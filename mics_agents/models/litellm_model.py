@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import random
-import sys
 import weakref
 from functools import lru_cache
 from email.utils import parsedate_to_datetime
@@ -22,6 +21,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from ..errors import ConfigError, MalformedReplyError, ModelCallError, ModelError
 from .base import Model, ModelRequest, ModelResponse, check_request_allowed
+from .clients import ClientShare
+from .limits import model_limit
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -92,21 +93,25 @@ def _resolve_api_base(model: str, api_base: str | None) -> str | None:
     return resolved
 
 
-class _Limits:
-    """Per-model semaphores, one set per event loop, shared by every adapter of the same model name and
-    limit (so concurrent searchers in one process respect one limit per model)."""
+class _LoopHold:
+    """What one model holds in one event loop: a share of the loop's HTTP clients, and its configured
+    limits registered with the loop's per-model (and overall) limits."""
 
-    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], asyncio.Semaphore]]" = (
-        weakref.WeakKeyDictionary()
-    )
+    def __init__(self, model_name: str, settings: "Settings") -> None:
+        self.clients = ClientShare()
+        self.limit = model_limit(model_name)
+        self._limit_value = settings.concurrency_for(model_name)
+        self.limit.register(self._limit_value)
+        self._overall_value = settings.max_calls_in_flight
+        self.overall = model_limit("") if self._overall_value else None
+        if self.overall is not None:
+            self.overall.register(self._overall_value)
 
-    @classmethod
-    def semaphore(cls, model_name: str, limit: int) -> asyncio.Semaphore:
-        per_loop = cls._by_loop.setdefault(asyncio.get_running_loop(), {})
-        key = (model_name, limit)
-        if key not in per_loop:
-            per_loop[key] = asyncio.Semaphore(limit)
-        return per_loop[key]
+    async def release(self) -> None:
+        self.limit.unregister(self._limit_value)
+        if self.overall is not None:
+            self.overall.unregister(self._overall_value)
+        await self.clients.release()
 
 
 def _status_code(exc: BaseException) -> int | None:
@@ -210,6 +215,20 @@ class LiteLLMModel(Model):
         self.router = router if router is not None and name in _router_model_names(router) else None
         self._api_bases: list[str | None] | None = None
         self._direct: Any = None  # the DirectEndpoint, once resolved (False: not direct)
+        self._holds: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopHold]" = weakref.WeakKeyDictionary()
+        try:
+            # Opened inside a loop (Searcher.open): register the limit now, so that it holds from the first
+            # call of any searcher, not from this model's first call.
+            self._hold()
+        except RuntimeError:
+            pass  # built outside a loop: the first call registers it
+
+    def _hold(self) -> _LoopHold:
+        loop = asyncio.get_running_loop()
+        hold = self._holds.get(loop)
+        if hold is None:
+            hold = self._holds[loop] = _LoopHold(self.name, self.settings)
+        return hold
 
     def _endpoint_bases(self) -> list[str | None]:
         """Where calls of this model go, for the request policy (tests allow 127.0.0.1 only)."""
@@ -236,9 +255,8 @@ class LiteLLMModel(Model):
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         check_request_allowed(self.name, self._endpoint_bases())
-        semaphore = _Limits.semaphore(self.name, self.settings.concurrency_for(self.name))
-        total = self.settings.max_calls_in_flight
-        overall = _Limits.semaphore("", total) if total else None
+        hold = self._hold()
+        limit, overall = hold.limit, hold.overall
         attempts = self.settings.max_retries + 1
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts),
@@ -251,7 +269,7 @@ class LiteLLMModel(Model):
                 with attempt:
                     # Slots are held for the call only, not while backing off; the model's first, so a
                     # call waiting for its model never holds one of the overall slots.
-                    async with semaphore:
+                    async with limit:
                         if overall is None:
                             return await self._send(request)
                         async with overall:
@@ -303,16 +321,18 @@ class LiteLLMModel(Model):
         )
 
     async def aclose(self) -> None:
-        """Close this loop's HTTP clients (ours and LiteLLM's cached ones) before the loop goes away."""
-        from .direct import close_sessions
-
-        await close_sessions()
-        if "litellm" in sys.modules:
-            litellm = sys.modules["litellm"]
-            await litellm.close_litellm_async_clients()
-            flush = getattr(litellm.in_memory_llm_clients_cache, "flush_cache", None)
-            if callable(flush):
-                flush()
+        """Take back this model's limits and its share of the HTTP clients; the loop's last model to close
+        closes the loop's clients (never those other models still use). Idempotent."""
+        try:
+            here = self._holds.pop(asyncio.get_running_loop(), None)
+        except RuntimeError:
+            here = None
+        elsewhere = list(self._holds.values())
+        self._holds.clear()
+        for hold in elsewhere:
+            await hold.release()  # returns without suspending: another loop's clients are not closed here
+        if here is not None:
+            await here.release()
 
     async def _send(self, request: ModelRequest) -> ModelResponse:
         endpoint = self._direct_endpoint()

@@ -266,7 +266,10 @@ async def test_the_lora_answers_by_its_router_name():
     judge, _ = _judge_and_mentor_messages()
     messages = tuple(ChatMessage.text(message["role"], message["content"]) for message in judge)
     started = time.monotonic()
-    reply = await model.request(ModelRequest(messages, 0.0, max_tokens=8))
+    try:
+        reply = await model.request(ModelRequest(messages, 0.0, max_tokens=8))
+    finally:
+        await model.aclose()
     report("lora_router_seconds", round(time.monotonic() - started, 2))
     assert reply.text.strip()
     if TRAINED:

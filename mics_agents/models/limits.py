@@ -1,0 +1,94 @@
+"""Per-model concurrency limits, one per model name and event loop, shared by every model of that name.
+
+Searchers opened side by side in one loop (or many ``search()`` calls) reach the same server, so a limit
+configured for a model name must hold over all of them together: each open model registers the limit it
+was configured with, and the smallest registered limit applies. A model that closes takes its limit
+back, so a later searcher with a larger limit is not held to an earlier, smaller one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import Counter, deque
+from types import TracebackType
+
+__all__ = ["ModelLimit", "model_limit"]
+
+
+class ModelLimit:
+    """Calls in flight for one model name in one event loop; ``async with limit:`` holds one slot.
+
+    Waiters are served first come, first served. A limit lowered while calls are in flight lets no new
+    call start until the calls in flight are below it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.in_flight = 0
+        self._limits: Counter[int] = Counter()  # the limit of each open model of this name
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int | None:
+        """The smallest limit registered, or None (no open model: no limit)."""
+        return min(self._limits) if self._limits else None
+
+    def register(self, limit: int) -> None:
+        self._limits[limit] += 1
+
+    def unregister(self, limit: int) -> None:
+        self._limits[limit] -= 1
+        if self._limits[limit] <= 0:
+            del self._limits[limit]
+        self._wake()  # the limit may have risen
+
+    def _has_room(self) -> bool:
+        limit = self.limit
+        return limit is None or self.in_flight < limit
+
+    def _wake(self) -> None:
+        while self._waiters and self._has_room():
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1  # the slot is handed over, so nobody can take it in between
+                waiter.set_result(None)
+
+    async def acquire(self) -> None:
+        if not self._waiters and self._has_room():
+            self.in_flight += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot and cancelled before using it: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+_by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, ModelLimit]]" = weakref.WeakKeyDictionary()
+
+
+def model_limit(name: str) -> ModelLimit:
+    """The running loop's limit for this model name (``""`` names the limit over all models together)."""
+    per_loop = _by_loop.setdefault(asyncio.get_running_loop(), {})
+    limit = per_loop.get(name)
+    if limit is None:
+        limit = per_loop[name] = ModelLimit(name)
+    return limit
