@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -237,19 +239,31 @@ class Searcher:
         await asyncio.to_thread(import_litellm)  # seconds of import, kept off the event loop
         router = load_router(settings.router_config) if settings.router_config else None
 
-        def model(name: str) -> Model:
-            return LiteLLMModel(name, settings, router=router)
-
         store = await Store.open(settings.cache_path) if settings.cache_path else None
-        return cls(
-            mentors=[model(name) for name in settings.mentors],
-            interns=[model(name) for name in settings.interns],
-            judge=model(settings.judge),
-            settings=settings,
-            store=store,
-            owns_store=True,
-            run_id=run_id,
-        )
+        models: dict[str, Model] = {}  # one adapter per name, even when a name plays two roles
+
+        def model(name: str) -> Model:
+            if name not in models:
+                models[name] = LiteLLMModel(name, settings, router=router)
+            return models[name]
+
+        try:
+            return cls(
+                mentors=[model(name) for name in settings.mentors],
+                interns=[model(name) for name in settings.interns],
+                judge=model(settings.judge),
+                settings=settings,
+                store=store,
+                owns_store=True,
+                run_id=run_id,
+            )
+        except BaseException:
+            # Whatever was opened here is closed here, so a failed open leaves no connection behind.
+            for opened in models.values():
+                await opened.aclose()
+            if store is not None:
+                await store.close()
+            raise
 
     async def search(
         self,
@@ -305,11 +319,15 @@ class Searcher:
             return run._failure("model_error", str(exc))
 
     async def aclose(self) -> None:
+        """Close this searcher's models (each gives back its share of the loop's HTTP clients, which the
+        last user closes: other searchers' calls are never disturbed) and the store if it opened it."""
         models = {id(role.model): role.model for role in [*self.mentors, *self.interns, self.judge]}
-        for model in models.values():
-            await model.aclose()
-        if self.store is not None and self._owns_store:
-            await self.store.close()
+        try:
+            for model in models.values():
+                await model.aclose()
+        finally:
+            if self.store is not None and self._owns_store:
+                await self.store.close()  # even when cancelled: its worker thread would keep the process alive
 
     async def __aenter__(self) -> "Searcher":
         return self
@@ -330,11 +348,58 @@ async def search(
     settings: Settings | None = None,
 ) -> SearchResult:
     """Run MICS on one case with the models configured in the environment (``MICS_MENTORS``,
-    ``MICS_INTERNS``, ``MICS_JUDGE`` and LiteLLM's provider variables).
+    ``MICS_INTERNS``, ``MICS_JUDGE`` and LiteLLM's provider variables), or in ``settings``.
 
     ``images`` takes a path, bytes, a PIL image or a list of them; ``case_info`` a string or a dict of
     the Chiron-o1 case fields. Calls are cached in ``MICS_CACHE_PATH``, so repeating a search is free.
-    For many cases, open one :class:`Searcher` and reuse it.
+    Any number of calls may run at once (``asyncio.gather``): those with equal settings share one
+    :class:`Searcher`, so they share its cache connection, its in-flight calls and the per-model limits.
     """
-    async with await Searcher.open(settings) as searcher:
+    async with _shared_searcher(settings or load_settings()) as searcher:
         return await searcher.search(question, images, answer=answer, case_info=case_info, rid=rid)
+
+
+class _SharedSearcher:
+    """The Searcher of the :func:`search` calls with one settings in one event loop: opened by the first
+    call, closed by the last one to end, so nothing stays open (and no thread keeps the process alive)
+    once no call runs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.users = 0
+        # Its own task, so that the first caller's cancellation does not cancel the others' searcher.
+        self.opening: asyncio.Task[Searcher] = asyncio.get_running_loop().create_task(Searcher.open(settings))
+        self.opening.add_done_callback(_retrieve_exception)
+
+    async def close(self) -> None:
+        if not self.opening.done():
+            self.opening.cancel()  # Searcher.open closes whatever it had opened
+        elif not self.opening.cancelled() and self.opening.exception() is None:
+            await self.opening.result().aclose()
+
+
+def _retrieve_exception(task: "asyncio.Task[Any]") -> None:
+    if not task.cancelled():
+        task.exception()  # every caller re-raises it; none may be left to, which is no error
+
+
+_shared_searchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _SharedSearcher]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@asynccontextmanager
+async def _shared_searcher(settings: Settings) -> AsyncIterator[Searcher]:
+    by_settings = _shared_searchers.setdefault(asyncio.get_running_loop(), {})
+    key = settings.model_dump_json()
+    shared = by_settings.get(key)
+    if shared is None:
+        shared = by_settings[key] = _SharedSearcher(settings)
+    shared.users += 1
+    try:
+        yield await asyncio.shield(shared.opening)
+    finally:
+        shared.users -= 1
+        if shared.users == 0:
+            if by_settings.get(key) is shared:
+                del by_settings[key]  # a call starting from now opens a new one
+            await shared.close()

@@ -71,6 +71,9 @@ class Store:
             # Autocommit: each cache write is one statement and one trip to the database thread, durable
             # when it returns; migrations open their own transactions.
             connection = await aiosqlite.connect(location, timeout=60.0, isolation_level=None)
+        except aiosqlite.Error as exc:
+            raise StoreError(f"cannot open the cache database {location!r}: {exc}. Check the path (MICS_CACHE_PATH).") from exc
+        try:
             # Several processes (shards) may share one file: WAL lets readers run beside the writer and
             # busy_timeout makes a writer wait for the lock instead of failing with "database is locked".
             await connection.execute("PRAGMA journal_mode=WAL")
@@ -78,7 +81,11 @@ class Store:
             await connection.execute("PRAGMA busy_timeout=60000")
             store = cls(connection, location)
             await store._migrate()
-        except aiosqlite.Error as exc:
+        except BaseException as exc:
+            # Closed here, cancelled or not: an open connection's (non-daemon) thread keeps the process alive.
+            await connection.close()
+            if not isinstance(exc, aiosqlite.Error):
+                raise
             raise StoreError(f"cannot open the cache database {location!r}: {exc}. Check the path (MICS_CACHE_PATH).") from exc
         return store
 
