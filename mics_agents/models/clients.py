@@ -64,22 +64,23 @@ async def _close_loop_clients(*, all_loops_idle: bool) -> None:
     if litellm is None:
         return  # never imported, so it holds no clients
     cache = getattr(litellm, "in_memory_llm_clients_cache", None)
+    cached: dict[Any, Any] = getattr(cache, "cache_dict", None) or {}
     scoped_key = getattr(cache, "update_cache_key_with_event_loop", None)
-    if callable(scoped_key):
-        # Recent LiteLLM keys each cached client by its loop ("<key>-<loop token>"): close this loop's.
+    if all_loops_idle:
+        # No model in the process calls through LiteLLM now: close every client it cached, as the end of a
+        # one-loop program would, so none is left bound to a loop that is about to close.
+        closing = list(cached.items())
+    elif callable(scoped_key):
+        # Recent LiteLLM keys each client it caches by its loop ("<key>-<loop token>"): close this loop's.
         suffix = scoped_key("")
-        for key, client in list(getattr(cache, "cache_dict", {}).items()):
-            if isinstance(key, str) and key.endswith(suffix):
-                cache.delete_cache(key)
-                await _close_client(client)
-        if all_loops_idle:
-            await _close_client(getattr(litellm, "base_llm_aiohttp_handler", None))
-    elif all_loops_idle:
-        # An older LiteLLM shares one set of clients over all loops: close them when no loop uses them.
-        await litellm.close_litellm_async_clients()
-        flush = getattr(cache, "flush_cache", None)
-        if callable(flush):
-            flush()
+        closing = [(key, client) for key, client in list(cached.items()) if isinstance(key, str) and key.endswith(suffix)]
+    else:
+        return  # an older LiteLLM shares one set of clients over all loops: closed once no loop uses them
+    for key, client in closing:  # a snapshot: other tasks may add clients while these close
+        cache.delete_cache(key)
+        await _close_client(client)
+    if all_loops_idle:
+        await _close_client(getattr(litellm, "base_llm_aiohttp_handler", None))
 
 
 async def _close_client(client: Any) -> None:
