@@ -169,6 +169,35 @@ async def test_fifty_concurrent_search_calls_share_one_searcher_and_close_it(tmp
     assert not _shared_searchers.get(asyncio.get_running_loop()), "the shared searcher outlived its calls"
 
 
+async def test_cancelling_search_calls_never_stops_the_others_nor_leaves_the_searcher_open(tmp_path, monkeypatch):
+    threads_before = store_threads()
+    with OpenAIServer(latency=0.05) as server:
+        for name, value in environment(server, tmp_path / "cache.sqlite", "litellm").items():
+            monkeypatch.setenv(name, value)
+        # The first call opens the shared searcher; it is cancelled while that is still opening.
+        opener = asyncio.create_task(mics_agents.search(**case(0)))
+        others = [asyncio.create_task(mics_agents.search(**case(call))) for call in (1, 2)]
+        await asyncio.sleep(0)
+        opener.cancel()
+        results = await asyncio.wait_for(asyncio.gather(*others), timeout=60)
+        assert opener.cancelled() and {result.status for result in results} <= {"success", "no_path"}
+
+        # Every call cancelled, while the searcher opens and while it searches: nothing stays open.
+        for wait in (0.0, 0.3):
+            calls = [asyncio.create_task(mics_agents.search(**case(call))) for call in range(3, 6)]
+            await asyncio.sleep(wait)
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            deadline = time.monotonic() + 10
+            while store_threads() != threads_before:  # the cancelled opening closes its store as it ends
+                assert time.monotonic() < deadline, "a store connection was left open"
+                await asyncio.sleep(0.01)
+    from mics_agents.search import _shared_searchers
+
+    assert not _shared_searchers.get(asyncio.get_running_loop())
+
+
 async def test_two_searchers_with_different_limits_on_one_model_respect_the_smaller(tmp_path, monkeypatch):
     with OpenAIServer(latency=0.1) as server:
         monkeypatch.setenv("OPENAI_API_BASE", server.base_url)
