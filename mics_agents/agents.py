@@ -7,17 +7,18 @@ interns see the question, images and prefix only; the judge sees question, refer
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .answers import JudgedBy, Solution, parse_solution, parse_verdict, quick_verdict, render_steps
+from .answers import Solution, parse_solution, parse_verdict, render_steps
 from .config import Settings
 from .errors import InputError, MalformedReplyError, ModelCallError
 from .models.base import ChatMessage, ImagePart, Model, ModelRequest, ModelResponse, TextPart
 from .prompts import PromptTemplate, load_prompt
 
-__all__ = ["Case", "Mentor", "Intern", "Judge", "InternReply", "Verdict", "render_case_info", "prompt_messages"]
+__all__ = ["Case", "Mentor", "Intern", "Judge", "InternReply", "render_case_info", "prompt_messages", "open_judge"]
 
 NO_PREFIX = "(none yet: start from Step 1)"
 
@@ -110,9 +111,13 @@ class Mentor:
 
 @dataclass(frozen=True)
 class InternReply:
-    answer: str
+    """An intern's answer, or None when its reply had no final-answer line (``format_ok`` False) or was
+    cut off by the token budget even after the retry with a larger one (``truncated``)."""
+
+    answer: str | None
     format_ok: bool
-    response: ModelResponse
+    truncated: bool
+    responses: tuple[ModelResponse, ...]
 
 
 class Intern:
@@ -126,33 +131,35 @@ class Intern:
         return self.model.name
 
     async def finish(self, case: Case, prefix: list[str], temperature: float, sample_index: int) -> InternReply:
-        """Finish the reasoning from ``prefix``. Interns are never shown the answer or the case record."""
-        request = ModelRequest(
-            messages=prompt_messages(
-                self.template, case.images, question=case.question, prefix=render_steps(prefix) or NO_PREFIX
-            ),
-            temperature=temperature,
-            max_tokens=self.settings.intern_max_tokens,
-            sample_index=sample_index,
-            prompt_version=self.template.version,
-        )
-        response = await self.model.request(request)
-        answer = parse_solution(response.text).final_answer
-        if answer is not None:
-            return InternReply(answer, True, response)
-        # No answer line: the reply's last line is the best reading of what the intern concluded.
-        lines = [line.strip() for line in response.text.strip().splitlines() if line.strip()]
-        return InternReply(lines[-1][:500] if lines else "", False, response)
+        """The intern's answer after ``prefix``. Interns are never shown the answer or the case record.
 
-
-@dataclass(frozen=True)
-class Verdict:
-    correct: bool
-    judged_by: JudgedBy
-    responses: tuple[ModelResponse, ...] = ()
+        A reply cut off by the token budget is asked once more with twice the budget (a different
+        request, so a different cache entry); cut off again, it counts as truncated and has no answer.
+        """
+        messages = prompt_messages(self.template, case.images, question=case.question, prefix=render_steps(prefix) or NO_PREFIX)
+        budget = self.settings.intern_max_tokens
+        responses: list[ModelResponse] = []
+        for max_tokens in (budget, 2 * budget):
+            response = await self.model.request(
+                ModelRequest(
+                    messages=messages,
+                    temperature=temperature,
+                    max_tokens=max_tokens,
+                    sample_index=sample_index,
+                    prompt_version=self.template.version,
+                )
+            )
+            responses.append(response)
+            if response.finish_reason != "length":
+                answer = parse_solution(response.text).final_answer
+                return InternReply(answer, answer is not None, False, tuple(responses))
+        return InternReply(None, False, True, tuple(responses))
 
 
 class Judge:
+    """Says whether a candidate answer means the same as the reference. Used through
+    :class:`~mics_agents.grading.Grader`, which asks it only what the grading rules leave open."""
+
     def __init__(self, model: Model, settings: Settings) -> None:
         self.model = model
         self.settings = settings
@@ -162,33 +169,53 @@ class Judge:
     def name(self) -> str:
         return self.model.name
 
-    async def grade(self, case: Case, candidate: str) -> Verdict:
-        """Exact or same-option answers are decided without a call; otherwise the judge says Yes or No."""
-        if not candidate.strip():
-            return Verdict(False, "exact")
-        quick = quick_verdict(case.question, candidate, case.answer)
-        if quick is not None:
-            return Verdict(*quick)
-        responses = []
+    async def ask(self, question: str, candidate: str, reference: str) -> tuple[bool, tuple[ModelResponse, ...]]:
+        """The judge's Yes (True) or No (False), and its replies. A reply that does not start with yes or
+        no is never cached (the request's validator refuses it), so a rerun asks again."""
+        responses: list[ModelResponse] = []
+        last_problem = ""
         for attempt in range(self.settings.judge_attempts):
             request = ModelRequest(
-                messages=prompt_messages(
-                    self.template, (), question=case.question, reference=case.answer, candidate=candidate
-                ),
+                messages=prompt_messages(self.template, (), question=question, reference=reference, candidate=candidate),
                 temperature=self.settings.judge_temperature,
                 max_tokens=self.settings.judge_max_tokens,
                 attempt=attempt,
                 prompt_version=self.template.version,
+                validate=parse_verdict,
             )
-            response = await self.model.request(request)
-            responses.append(response)
             try:
-                return Verdict(parse_verdict(response.text), "judge", tuple(responses))
-            except MalformedReplyError:
+                response = await self.model.request(request)
+                verdict = parse_verdict(response.text)
+            except MalformedReplyError as exc:
+                last_problem = str(exc)
                 continue
+            responses.append(response)
+            return verdict, tuple(responses)
         raise ModelCallError(
             f"judge {self.name}: no Yes/No verdict in {self.settings.judge_attempts} attempts "
-            f"(last reply {responses[-1].text[:80]!r}). Use a judge that follows the format, or raise "
-            "MICS_JUDGE_MAX_TOKENS if it is a reasoning model.",
+            f"({last_problem}). Use a judge that follows the format, or raise MICS_JUDGE_MAX_TOKENS if it is "
+            "a reasoning model; the unusable replies were not cached, so a rerun asks again.",
             model=self.name,
         )
+
+
+@asynccontextmanager
+async def open_judge(name: str | None, settings: Settings) -> AsyncIterator[Judge | None]:
+    """A judge on the LiteLLM model ``name``, cached in ``MICS_CACHE_PATH``; None when no name is given.
+    For grading outside a search (older MICS output, stored evaluation predictions)."""
+    if not name:
+        yield None
+        return
+    from .models.litellm_model import open_models
+    from .store import Store
+
+    store = await Store.open(settings.cache_path) if settings.cache_path else None
+    try:
+        [model] = open_models([name], settings, store)
+        try:
+            yield Judge(model, settings)
+        finally:
+            await model.aclose()
+    finally:
+        if store is not None:
+            await store.close()

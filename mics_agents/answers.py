@@ -1,4 +1,6 @@
-"""Reading model output: reasoning steps, final answers, option letters and judge verdicts.
+"""Reading model output: reasoning steps, final answers, option lists and judge verdicts.
+
+Whether an answer is *right* is decided in :mod:`mics_agents.grading`.
 
 Models format loosely (``**Step 1:**``, ``###Step1``, ``### The Final Answer is: **B**``), so the
 patterns accept case, bold and missing spaces; the judge's verdict, on the other hand, is read
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
 
 from .errors import MalformedReplyError
 
@@ -18,10 +19,7 @@ __all__ = [
     "parse_solution",
     "extract_final_answer",
     "render_steps",
-    "normalize_answer",
     "parse_options",
-    "answer_letter",
-    "quick_verdict",
     "parse_verdict",
 ]
 
@@ -35,8 +33,6 @@ _FINAL_ANSWER = re.compile(
 )
 _BOXED = re.compile(r"\\boxed\{(.*)\}")
 _OPTION_LINE = re.compile(r"^[ \t]*\(?([A-J])[\.\):：][ \t]*(\S.*)$", re.MULTILINE)
-_LETTER_ANSWER = re.compile(r"^\(?([A-J])\)?(?:[\.\):：,]|$)")
-_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option)(?:\s+is)?\s*[:：]?\s*", re.IGNORECASE)
 _VERDICT = re.compile(r"^(yes|no)\b", re.IGNORECASE)
 
 
@@ -93,14 +89,6 @@ def render_steps(steps: list[str], start: int = 1) -> str:
     return "\n\n".join(f"### Step {start + offset}: {step}" for offset, step in enumerate(steps))
 
 
-def normalize_answer(text: str) -> str:
-    text = _BOXED.sub(r"\1", text)
-    text = re.sub(r"[*_`$]", "", text).strip()
-    text = _ANSWER_PREFIX.sub("", text)
-    text = re.sub(r"\s+", " ", text).strip().lower()
-    return text.strip(" .,;:!\"'“”‘’")
-
-
 def parse_options(question: str) -> dict[str, str]:
     """Options of a multiple-choice question written one per line (``A. ...``, ``(B) ...``, ``C) ...``).
 
@@ -115,43 +103,6 @@ def parse_options(question: str) -> dict[str, str]:
         return {}
     expected = [chr(ord("A") + i) for i in range(len(letters))]
     return options if letters == expected else {}
-
-
-def answer_letter(answer: str, options: dict[str, str]) -> str | None:
-    """The option letter an answer names: ``B``, ``(B)``, ``B.``, ``B) Pneumonia`` or the option's text."""
-    text = re.sub(r"[*_`$]", "", _BOXED.sub(r"\1", answer)).strip()
-    text = _ANSWER_PREFIX.sub("", text).strip()
-    match = _LETTER_ANSWER.match(text)
-    if match and (not options or match.group(1) in options):
-        return match.group(1)
-    if options:
-        normalized = normalize_answer(text)
-        for letter, option_text in options.items():
-            if normalized and normalized == normalize_answer(option_text):
-                return letter
-    return None
-
-
-JudgedBy = Literal["exact", "option", "judge"]
-
-
-def quick_verdict(question: str, candidate: str, reference: str) -> tuple[bool, JudgedBy] | None:
-    """Decide without a judge call when the answer is unambiguous, else return None.
-
-    Correct: an exact normalized match, or the same option letter. Wrong: a different option letter
-    in a question whose options were parsed. Everything else goes to the judge.
-    """
-    if normalize_answer(candidate) and normalize_answer(candidate) == normalize_answer(reference):
-        return True, "exact"
-    options = parse_options(question)
-    candidate_letter = answer_letter(candidate, options)
-    reference_letter = answer_letter(reference, options)
-    if candidate_letter and reference_letter:
-        if candidate_letter == reference_letter:
-            return True, "option"
-        if options:
-            return False, "option"
-    return None
 
 
 def parse_verdict(reply: str) -> bool:

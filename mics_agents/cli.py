@@ -7,7 +7,7 @@ import asyncio
 import json
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -366,6 +366,12 @@ dataset_app = typer.Typer(help="Build the MMRP-style curriculum from MICS output
 app.add_typer(dataset_app, name="dataset")
 
 
+def _judge_name(option: str | None, configured: str) -> str | None:
+    """--judge NAME, else MICS_JUDGE; 'none' (or empty) means grading rules only."""
+    name = option if option is not None else configured
+    return None if not name or name.strip().lower() == "none" else name.strip()
+
+
 def _named_paths(values: list[str] | None, option: str) -> dict[str, Path]:
     named = {}
     for value in values or []:
@@ -386,19 +392,23 @@ def dataset_build(
     vqa: Annotated[Optional[list[str]], typer.Option(help="A general VQA set as NAME=FILE (plain layout); repeat.")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe YAML (default: the paper's Table 4 proportions).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling, shuffling and the split.")] = 0,
+    judge: Annotated[Optional[str], typer.Option(help="Grades final answers of MICS output written before the "
+                                                 "search did (default: MICS_JUDGE; none: rules only).")] = None,
 ) -> None:
     """Build the three-stage curriculum from MICS output.
 
     Quality-controls MICS output, makes alignment pairs, assembles stages 1-3 and a test split, exports
     them (LLaVA, InternVL, TRL messages, HF datasets) and writes stats.json + stats.png.
     """
+    from .config import load_settings
     from .dataset import BuildOptions, build_dataset, load_recipe
-    from .errors import ConfigError, InputError
+    from .errors import ConfigError, InputError, ModelCallError
 
     try:
         options = BuildOptions(
             mics=mics, cases=cases, image_dir=image_dir, output=output, recipe=load_recipe(recipe),
             text_qa=text_qa, vqa=_named_paths(vqa, "--vqa"), seed=seed,
+            judge=_judge_name(judge, load_settings().judge),
         )
         report = build_dataset(options)
     except ConfigError as exc:
@@ -406,6 +416,12 @@ def dataset_build(
     except InputError as exc:
         err_console.print(f"[bold red]Bad input:[/] {exc}")
         raise typer.Exit(1) from None
+    except ModelCallError as exc:
+        err_console.print(f"[bold red]Judge failed:[/] {exc}. Rerun to retry: the verdicts already given are cached.")
+        raise typer.Exit(1) from None
+    if report.graded_here:
+        how = f"judge {options.judge}" if options.judge else "the grading rules only (no judge: undecided ones are 'ungraded')"
+        console.print(f"Graded the final answers of {report.graded_here} older MICS records with {how}.")
     for stage, count in report.stages.items():
         console.print(f"{stage}: {count} samples -> {output / stage}")
     console.print(f"test: {report.test} samples -> {output / 'test'}")
@@ -459,7 +475,8 @@ def eval_command(
     model: Annotated[str, typer.Option(help="The model to evaluate: a LiteLLM name, e.g. hosted_vllm/chiron-o1-8b.")],
     benchmark: Annotated[list[str], typer.Option(help="[NAME=]FILE of a benchmark in a published layout; repeat.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Result folder.")],
-    judge: Annotated[Optional[str], typer.Option(help="Judge for open answers (default: MICS_JUDGE; none: exact/contains).")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="Judge for answers the grading rules leave open (default: "
+                                                 "MICS_JUDGE; none: rules only, open answers get token recall).")] = None,
     image_root: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: where a benchmark's images are (default: beside its file).")] = None,
     mics_score: Annotated[bool, typer.Option(help="Also score the model's reasoning: MICS_INTERNS continue from its steps.")] = False,
     cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH).")] = None,
@@ -476,13 +493,15 @@ def eval_command(
     from .errors import ConfigError, MicsError
     from .evaluation import EvalWorker, detect_layout, prepare_benchmark, results_markdown, summarize
     from .evaluation.loaders import default_image_dir
+    from .grading import GRADER_VERSION
+    from .outputs import OutputLock, rewrite_jsonl
     from .models.litellm_model import open_models
     from .runner import RunOptions, run_id_for
     from .store import Store
 
     try:
         settings = load_settings(**({"cache_path": cache} if cache else {}))
-        judge_name = judge or settings.judge or None
+        judge_name = _judge_name(judge, settings.judge)
         if mics_score and not settings.interns:
             raise ConfigError("--mics-score needs interns: set MICS_INTERNS")
         benchmarks = _named_paths([spec if "=" in spec else f"{Path(spec).stem}={spec}" for spec in benchmark], "--benchmark")
@@ -518,7 +537,17 @@ def eval_command(
             raise _fail_config(str(exc)) from None
         if stats.stop_reason != "completed":
             raise typer.Exit(_exit_code(stats))
-        predictions[name] = [json.loads(line) for line in predictions_path.read_text(encoding="utf-8").splitlines()]
+        try:
+            with OutputLock(predictions_path):  # the regrade rewrites the file: own it meanwhile
+                predictions[name] = _load_predictions(predictions_path)
+                regraded = _regrade(predictions[name], judge_name, settings)
+                if regraded:
+                    rewrite_jsonl(predictions_path, predictions[name])
+        except MicsError as exc:
+            err_console.print(f"[bold red]{name}:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(EXIT_CONFIG_ERROR) from None
+        if regraded:
+            console.print(f"{name}: regraded {regraded} stored predictions graded by an older grader (grader v{GRADER_VERSION}).")
         failures[name] = stats.model_error + stats.bad_input
 
     results = {
@@ -534,6 +563,25 @@ def eval_command(
     console.print(markdown, markup=False, highlight=False)
     if any(failures.values()):
         err_console.print("[yellow]Some questions could not be scored (see */predictions_failed.jsonl); rerun to retry model errors.[/]")
+
+
+def _load_predictions(path: Path) -> list[dict]:
+    """Prediction lines; only newlines separate them (a reply may hold U+2028, which splitlines() splits on)."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="\n") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _regrade(predictions: list[dict], judge_name: str | None, settings: Any) -> int:
+    from .errors import ModelCallError
+    from .evaluation.worker import regrade_predictions
+
+    try:
+        return asyncio.run(regrade_predictions(predictions, judge_name, settings))
+    except ModelCallError as exc:
+        err_console.print(f"[bold red]Judge failed while regrading:[/] {exc}. Rerun to retry.")
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -553,3 +553,8 @@ def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> 
         _rewrite(output, [record for lines in successes.values() for record in lines])
         _rewrite(default_failed_path(output), list(failures.values()))
     return MergeReport(successes=len(successes), failures=len(failures), overlaps=len(overlapping))
+
+
+def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replace a JSONL file's lines atomically (write aside, fsync, rename): e.g. regraded predictions."""
+    _replace_atomically(Path(path), (_encode(record) for record in records))

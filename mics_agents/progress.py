@@ -106,6 +106,9 @@ def summary_table(stats: "RunStats", *, output: str, failed: str) -> Table:
         rows.append(("dropped", ", ".join(f"{reason} {count}" for reason, count in sorted(stats.drops.items()))))
     if stats.repaired_lines:
         rows.append(("torn lines repaired", str(stats.repaired_lines)))
+    if stats.truncated_samples:
+        cut = ", ".join(f"{model} {count}" for model, count in sorted(stats.truncated_samples.items()))
+        rows.append(("intern replies cut off (counted wrong)", f"{cut}: raise MICS_INTERN_MAX_TOKENS"))
     for name, value in rows:
         table.add_row(name, value)
     return table

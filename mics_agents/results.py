@@ -6,10 +6,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .grading import GRADER_VERSION, JudgedBy
 from .models.base import ModelResponse
 from .scoring import Trend
 
-__all__ = ["Usage", "InternSample", "Node", "SearchResult", "SearchStatus"]
+__all__ = ["Usage", "InternSample", "FinalAnswerGrade", "Node", "SearchResult", "SearchStatus"]
 
 SearchStatus = Literal["success", "no_path", "model_error"]
 
@@ -23,6 +24,9 @@ class Usage(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    truncated_samples: dict[str, int] = Field(
+        default_factory=dict, description="Intern samples cut off by the token budget even at twice it, per model."
+    )
 
     def add(self, response: ModelResponse) -> None:
         self.calls += 1
@@ -31,15 +35,28 @@ class Usage(BaseModel):
         self.output_tokens += response.output_tokens
         self.cost_usd += response.cost_usd
 
+    def add_truncated(self, model: str) -> None:
+        self.truncated_samples[model] = self.truncated_samples.get(model, 0) + 1
+
 
 class InternSample(BaseModel):
     intern: str
     temperature: float
     sample_index: int
-    answer: str
+    answer: str = Field(description="The intern's final answer; empty when its reply had none.")
     format_ok: bool = Field(description="The reply had a '### The final answer is:' line.")
+    truncated: bool = Field(default=False, description="Cut off by the token budget, even with twice the budget.")
     correct: bool
-    judged_by: Literal["exact", "option", "judge"]
+    judged_by: JudgedBy = Field(description="Which grading rule decided (mics_agents.grading).")
+
+
+class FinalAnswerGrade(BaseModel):
+    """The selected mentor's final answer graded against the reference: what dataset QC keeps or drops on."""
+
+    answer: str | None
+    correct: bool | None = Field(description="None when no rule decided and no judge was asked.")
+    judged_by: JudgedBy
+    grader_version: int
 
 
 class Node(BaseModel):
@@ -74,6 +91,8 @@ class SearchResult(BaseModel):
     generated_by: list[str] = Field(default_factory=list)
     final_depth: int = 0
     search_id: Literal["0", "1"] | None = None
+    final_answer_grade: FinalAnswerGrade | None = None
+    grader_version: int = GRADER_VERSION
     tree: list[Node] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
 
@@ -96,6 +115,8 @@ class SearchResult(BaseModel):
             "search_id": self.search_id,
             "mics_score": self.mics_score,
             "trend": self.trend,
+            "final_answer_grade": self.final_answer_grade.model_dump() if self.final_answer_grade else None,
+            "grader_version": self.grader_version,
             "tree": [node.model_dump(exclude={"rest", "final_answer"}) for node in self.tree],
             "usage": self.usage.model_dump(),
         }

@@ -125,6 +125,7 @@ class RunStats:
     repaired_lines: int = 0
     retried_failures: int = 0
     compacted_lines: int = 0
+    truncated_samples: Counter = field(default_factory=Counter)  # per intern model: cut off at twice the budget
     started_at: float = field(default_factory=time.monotonic)
     stop_reason: StopReason = "completed"
 
@@ -157,6 +158,7 @@ class RunStats:
             "repaired_lines": self.repaired_lines,
             "retried_failures": self.retried_failures,
             "compacted_lines": self.compacted_lines,
+            "truncated_samples": dict(sorted(self.truncated_samples.items())),
             "elapsed_s": round(time.monotonic() - self.started_at, 3),
             "stop_reason": self.stop_reason,
         }
@@ -329,6 +331,7 @@ class BatchRun:
         self.stats.cached_calls += usage.cached_calls
         self.stats.tokens += usage.input_tokens + usage.output_tokens
         self.stats.cost_usd += usage.cost_usd
+        self.stats.truncated_samples.update(usage.truncated_samples)
 
     async def _fail(self, item: InputItem, outcome: Outcome) -> None:
         kind = outcome.failure or "bad_input"

@@ -24,7 +24,8 @@ from .errors import ConfigError, InputError, ModelCallError
 from .images import ImageCache, ImageSource, load_images
 from .models.base import Model
 from .models.cached import CachedModel
-from .results import InternSample, Node, SearchResult, Usage
+from .grading import GRADER_VERSION, Grader
+from .results import FinalAnswerGrade, InternSample, Node, SearchResult, Usage
 from .scoring import item_rng, mics_score, path_trend, pick_full_score, pick_to_continue
 from .store import Store
 
@@ -86,7 +87,7 @@ class _Run:
                     mentor_scores.append(0.0)
                 if not self.path:
                     return self._failure("no_path", "no mentor wrote a reasoning step for this case")
-                return self._success("0")  # the mentors have nothing left to add: the path ends here
+                return await self._success("0")  # the mentors have nothing left to add: the path ends here
 
             await _gather_all([self._score(node, prefix) for node in candidates])
             by_mentor = {node.mentor: node for node in candidates}
@@ -97,12 +98,12 @@ class _Run:
             if full_score:
                 earlier = {mentor: self.history[mentor][:-1] for mentor in full_score}
                 self._select(by_mentor[pick_full_score(full_score, earlier, self.rng)])
-                return self._success("1")
+                return await self._success("1")
             if all(node.score == 0.0 for node in candidates):
                 return self._failure("no_path", "no mentor step led any intern to the answer")
             scores = {node.mentor: float(node.score or 0.0) for node in candidates}
             self._select(by_mentor[pick_to_continue(scores, self.selected_before, self.rng)])
-        return self._success("0")
+        return await self._success("0")
 
     async def _propose(self, mentor: Mentor, prefix: list[str], take: int, parent: Node | None) -> _Proposal | None:
         if parent is not None and parent.mentor == mentor.name and parent.rest:
@@ -144,18 +145,27 @@ class _Run:
 
     async def _sample(self, intern: Intern, path: list[str], temperature: float, sample_index: int) -> InternSample:
         reply = await intern.finish(self.case, path, temperature, sample_index)
-        self.usage.add(reply.response)
-        verdict = await self.searcher.judge.grade(self.case, reply.answer)
-        for response in verdict.responses:
+        for response in reply.responses:
             self.usage.add(response)
+        if reply.answer is None:
+            # The published rule: a reply without a final answer counts wrong; no judge is asked.
+            correct, judged_by = False, "truncated" if reply.truncated else "unparsed"
+            if reply.truncated:
+                self.usage.add_truncated(intern.name)
+        else:
+            grade = await self.searcher.grader.grade(self.case.question, reply.answer, self.case.answer)
+            for response in grade.responses:
+                self.usage.add(response)
+            correct, judged_by = bool(grade.correct), grade.judged_by
         return InternSample(
             intern=intern.name,
             temperature=temperature,
             sample_index=sample_index,
-            answer=reply.answer,
+            answer=reply.answer or "",
             format_ok=reply.format_ok,
-            correct=verdict.correct,
-            judged_by=verdict.judged_by,
+            truncated=reply.truncated,
+            correct=correct,
+            judged_by=judged_by,
         )
 
     def _select(self, node: Node) -> None:
@@ -179,13 +189,29 @@ class _Run:
             "usage": self.usage,
         }
 
-    def _success(self, search_id: str) -> SearchResult:
+    async def _success(self, search_id: str) -> SearchResult:
         last = self.path[-1]
         reasoning = render_steps(self.prefix() + last.rest)
         if last.final_answer:
             reasoning += f"\n\n### The final answer is: {last.final_answer}"
         return SearchResult(
-            status="success", reasoning=reasoning, mics_score=last.score, search_id=search_id, **self._base()  # type: ignore[arg-type]
+            status="success",
+            reasoning=reasoning,
+            mics_score=last.score,
+            search_id=search_id,
+            final_answer_grade=await self._grade_final_answer(last.final_answer),
+            **self._base(),  # type: ignore[arg-type]
+        )
+
+    async def _grade_final_answer(self, final_answer: str | None) -> FinalAnswerGrade:
+        """The selecting mentor's own final answer against the reference, for dataset QC."""
+        if not final_answer:
+            return FinalAnswerGrade(answer=None, correct=False, judged_by="unparsed", grader_version=GRADER_VERSION)
+        grade = await self.searcher.grader.grade(self.case.question, final_answer, self.case.answer)
+        for response in grade.responses:
+            self.usage.add(response)
+        return FinalAnswerGrade(
+            answer=final_answer, correct=grade.correct, judged_by=grade.judged_by, grader_version=grade.version
         )
 
     def _failure(self, status: str, message: str) -> SearchResult:
@@ -228,6 +254,7 @@ class Searcher:
         self.mentors = [Mentor(wrap(model), self.settings) for model in mentors]
         self.interns = [Intern(wrap(model), self.settings) for model in interns]
         self.judge = Judge(wrap(judge), self.settings)
+        self.grader = Grader(self.judge)
 
     @classmethod
     async def open(cls, settings: Settings | None = None, *, run_id: str | None = None) -> "Searcher":

@@ -50,6 +50,10 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # 3: why generation stopped ("length" marks a reply cut off by its token budget)
+    """
+    ALTER TABLE calls ADD COLUMN finish_reason TEXT;
+    """,
 ]
 
 
@@ -123,11 +127,12 @@ class Store:
 
     async def get_call(self, key: str) -> ModelResponse | None:
         rows = await self._db.execute_fetchall(  # one trip to the database thread
-            "SELECT model, text, input_tokens, output_tokens, cost_usd, extra FROM calls WHERE key = ?", (key,)
+            "SELECT model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason FROM calls WHERE key = ?",
+            (key,),
         )
         if not rows:
             return None
-        model, text, input_tokens, output_tokens, cost_usd, extra = next(iter(rows))
+        model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason = next(iter(rows))
         return ModelResponse(
             text=text,
             model=model,
@@ -135,14 +140,19 @@ class Store:
             output_tokens=output_tokens,
             cost_usd=cost_usd,
             cached=True,
+            finish_reason=finish_reason,
             extra=json.loads(extra),
         )
 
-    async def put_call(self, key: str, model_name: str, response: ModelResponse, run_id: str | None = None) -> None:
+    async def put_call(
+        self, key: str, model_name: str, response: ModelResponse, run_id: str | None = None, *, replace: bool = False
+    ) -> None:
+        """Store a reply. ``replace`` overwrites an entry found unusable (a reply an older version cached)."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         cursor = await self._db.execute(
-            "INSERT OR IGNORE INTO calls"
-            " (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"{verb} INTO calls"
+            " (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id, finish_reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key,
                 model_name,
@@ -153,6 +163,7 @@ class Store:
                 json.dumps(response.extra, sort_keys=True),
                 time.time(),
                 run_id,
+                response.finish_reason,
             ),
         )
         # Another process sharing the file may have stored the same call first: then it paid, not us.

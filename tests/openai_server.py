@@ -7,7 +7,8 @@ brain turns the OpenAI messages back into a :class:`~mics_agents.models.base.Mod
 with the package's simulated mentor, intern or judge (chosen by the model name). Every request is
 recorded (path, model, body, headers, arrival and reply times, fault applied), and a fault script makes the next
 requests fail on purpose: ``429`` (with ``Retry-After``), ``500``, ``401``, ``timeout`` (answers late),
-``malformed`` (HTTP 200, invalid JSON), ``empty`` (``choices: []``) and ``empty_content``.
+``malformed`` (HTTP 200, invalid JSON), ``empty`` (``choices: []``) and ``empty_content``. A reply longer
+than the request's ``max_tokens`` (one word, one token) is cut there with ``finish_reason: "length"``.
 
     with OpenAIServer() as server:
         server.inject("429", model="intern-1", retry_after=1)
@@ -401,11 +402,17 @@ class OpenAIServer:
 
     def _completion(self, model: str, text: str | None, body: dict[str, Any], *, empty: bool = False) -> dict:
         prompt_tokens = sum(len(_message_text(message).split()) for message in body.get("messages", []))
+        words = (text or "").split(" ")
+        finish_reason = "stop"
+        budget = body.get("max_tokens") or body.get("max_completion_tokens")
+        if isinstance(budget, int) and len(words) > budget:
+            # As a real server does: one word is one token here, and the reply stops at the budget.
+            text, finish_reason = " ".join(words[:budget]), "length"
         completion_tokens = len((text or "").split())
         choices = (
             []
             if empty
-            else [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}]
+            else [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}]
         )
         return {
             "id": f"chatcmpl-test-{next(self._ids)}",

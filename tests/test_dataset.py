@@ -12,6 +12,7 @@ from PIL import Image
 
 from mics_agents.config import load_settings
 from mics_agents.dataset import BuildOptions, QcOptions, Recipe, build_dataset, default_recipe, quality_control
+from mics_agents.dataset.qc import grade_final_answers
 from mics_agents.dataset.alignment import AlignmentOptions, alignment_samples
 from mics_agents.dataset.images import ImageCatalog
 from mics_agents.models.simulated import simulated_intern, simulated_judge, simulated_mentor
@@ -212,7 +213,7 @@ def test_the_build_reads_mics_output_by_the_journals_rule(corpus, tmp_path):
     assert tree_digest(tmp_path / "repeated") == tree_digest(tmp_path / "once")
 
 
-def test_quality_control_counts_each_drop_reason():
+async def test_quality_control_counts_each_drop_reason():
     good = {"rid": "g", "search_id": "1", "final_depth": "2", "trend": "increasing", "question": "Q?",
             "gt_answer": "Pneumonia", "reasoning": "### Step 1: x\n\n### The final answer is: Pneumonia"}
     records = [
@@ -222,15 +223,40 @@ def test_quality_control_counts_each_drop_reason():
         {**good, "rid": "flat", "trend": "constant"},
         {**good, "rid": "nosteps", "reasoning": "### The final answer is: Pneumonia"},
         {**good, "rid": "noanswer", "reasoning": "### Step 1: x"},
-        {**good, "rid": "wrong", "reasoning": "### Step 1: x\n### The final answer is: Asthma"},
+        # Graded by the search (a judge said No): dropped on that verdict.
+        {**good, "rid": "wrong", "reasoning": "### Step 1: x\n### The final answer is: Asthma",
+         "final_answer_grade": {"answer": "Asthma", "correct": False, "judged_by": "judge", "grader_version": 2}},
+        # Written before the search graded final answers, built without a judge: nothing decides it.
+        {**good, "rid": "old", "reasoning": "### Step 1: x\n### The final answer is: Lobar pneumonia"},
         {"rid": "failed", "search_id": None},
     ]
+    assert await grade_final_answers(records) == 7
     result = quality_control(records)
     assert [r["rid"] for r in result.kept] == ["g", "single"]
     assert result.dropped == Counter({"search_id_0": 1, "trend_constant": 1, "no_steps": 1, "no_final_answer": 1,
-                                      "final_answer_mismatch": 1, "not_a_success": 1})
+                                      "final_answer_mismatch": 1, "ungraded": 1, "not_a_success": 1})
     strict = quality_control(records, QcOptions(keep_single_step=False, keep_search_id_zero=True))
     assert [r["rid"] for r in strict.kept] == ["g", "zero"]
+    lenient = quality_control(records, QcOptions(keep_ungraded=True))
+    assert [r["rid"] for r in lenient.kept] == ["g", "single", "old"]
+
+
+async def test_quality_control_keeps_a_paraphrased_final_answer_the_judge_accepts():
+    class Judge:
+        asked = []
+
+        async def ask(self, question, candidate, reference):
+            self.asked.append(candidate)
+            return candidate == "Fracture of the pacemaker lead", ()
+
+    record = {"rid": "p", "search_id": "1", "final_depth": "2", "trend": "increasing", "question": "Finding?",
+              "gt_answer": "Pacemaker lead fracture",
+              "reasoning": "### Step 1: x\n### The final answer is: Fracture of the pacemaker lead"}
+    judge = Judge()
+    await grade_final_answers([record], judge)
+    assert judge.asked == ["Fracture of the pacemaker lead"]
+    assert record["final_answer_grade"]["judged_by"] == "judge"
+    assert [r["rid"] for r in quality_control([record]).kept] == ["p"]
 
 
 def test_alignment_maps_placeholders_in_order_and_caps_units(tmp_path):

@@ -145,20 +145,25 @@ def test_parquet_images_are_written_out_once(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "reply, options, expected",
+    "reply, options, yes_no, expected",
     [
-        ("### Step 1: x\n### The final answer is: (B)", {"A": "a", "B": "b"}, "(B)"),
-        ("I think the answer is (C).", {"A": "a", "B": "b", "C": "c"}, "C"),
-        ("Answer: **D**", {"A": "a", "B": "b", "C": "c", "D": "d"}, "D"),
-        ("Reasoning...\nB", {"A": "a", "B": "b"}, "B"),
-        ("The answer is E", {"A": "a", "B": "b"}, None),
-        ("Apples are nice.", {"A": "a", "B": "b"}, None),
-        ("It is probably pneumonia.", {}, None),
-        ("### The final answer is: yes", {}, "yes"),
+        ("### Step 1: x\n### The final answer is: (B)", {"A": "a", "B": "b"}, False, ("(B)", "marker")),
+        ("I think the answer is (C).", {"A": "a", "B": "b", "C": "c"}, False, ("C", "lenient")),
+        ("Answer: **D**", {"A": "a", "B": "b", "C": "c", "D": "d"}, False, ("D", "lenient")),
+        ("Reasoning...\nB", {"A": "a", "B": "b"}, False, ("B", "lenient")),
+        ("Reasoning...\nright lower lobe", {"A": "left lower lobe", "B": "right lower lobe"}, False,
+         ("right lower lobe", "lenient")),
+        ("The answer is E", {"A": "a", "B": "b"}, False, (None, None)),
+        ("Apples are nice.", {"A": "a", "B": "b"}, False, (None, None)),
+        ("It is probably pneumonia.", {}, False, (None, None)),
+        ("### The final answer is: yes", {}, True, ("yes", "marker")),
+        ("No.", {}, True, ("no", "lenient")),
+        ("Normal study.", {}, True, (None, None)),
+        ("No.", {}, False, (None, None)),  # an open question has no lenient reading
     ],
 )
-def test_prediction_extraction(reply, options, expected):
-    assert extract_prediction(reply, options) == expected
+def test_prediction_extraction(reply, options, yes_no, expected):
+    assert extract_prediction(reply, options, yes_no=yes_no) == expected
 
 
 def test_wilson_interval_matches_a_hand_computation():
@@ -306,8 +311,70 @@ def test_the_eval_command_over_http_and_compare(tmp_path, monkeypatch):
     assert results["benchmarks"]["slake"]["accuracy"] == 1.0
     assert results["benchmarks"]["pmc"]["correct"] == 1
     assert results["overall"]["n"] == 4 and results["overall"]["correct"] == 3
-    assert "| vqa_rad | 2 | 50.0" in (tmp_path / "a" / "results.md").read_text()
+    assert "| vqa_rad | 2 | 2 | 50.0" in (tmp_path / "a" / "results.md").read_text()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.json").write_text(json.dumps({**results, "model": "openai/model-b"}))
     table = compare_results([tmp_path / "a", tmp_path / "b"])
     assert "`openai/model-a`" in table and "`openai/model-b`" in table and "| **overall** | 75.0" in table
+
+
+def _plain_benchmark(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "b0.png").write_bytes(png_bytes())
+    records = [
+        {"id": "q1", "question": "Is the study normal?", "answer": "no", "images": ["b0.png"], "answer_type": "closed"},
+        {"id": "q2", "question": "Which modality is this?", "answer": "ct", "images": ["b0.png"]},
+        {"id": "q3", "question": "Where is the lesion?", "answer": "left lower lobe", "images": ["b0.png"]},
+    ]
+    path = folder / "bench.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_without_a_judge_open_answers_get_recall_and_old_predictions_are_regraded(tmp_path, monkeypatch):
+    """--judge none: no substring verdicts ("Normal" is not "no", "MRI ... infarct" is not "ct"); stored
+    predictions of an older grader are regraded without asking the evaluated model again."""
+    from typer.testing import CliRunner
+
+    from mics_agents.cli import app
+    from mics_agents.grading import GRADER_VERSION
+
+    from .openai_server import OpenAIServer
+
+    replies = {"normal": "Normal", "modality": "MRI showing an infarct", "lesion": "right lower lobe"}
+
+    def brain(model: str, body: dict) -> str:
+        text = json.dumps(body)
+        answer = next(value for key, value in replies.items() if key in text)
+        return f"### The final answer is: {answer}\u2028(reply ends)"
+
+    bench = _plain_benchmark(tmp_path / "bench")
+    monkeypatch.chdir(tmp_path)
+    with OpenAIServer(brain) as server:
+        monkeypatch.setenv("OPENAI_API_BASE", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        arguments = ["eval", "--model", "openai/model-a", "--judge", "none", "--benchmark", f"b={bench}",
+                     "--image-root", f"b={bench.parent}", "--output", str(tmp_path / "out")]
+        result = CliRunner().invoke(app, arguments)
+        assert result.exit_code == 0, result.output
+        assert server.count("openai/judge") == 0 and server.count() == 3
+        results = json.loads((tmp_path / "out" / "results.json").read_text())
+        block = results["benchmarks"]["b"]
+        # q1 is a yes/no question answered "Normal": wrong. q2, q3 are open: recall only, no verdict.
+        assert (block["graded"], block["correct"]) == (1, 0)
+        assert block["recall"] == pytest.approx((0.0 + 2 / 3) / 2)
+        assert block["judged_by"] == {"recall": 2, "yes_no": 1}
+
+        predictions_path = tmp_path / "out" / "b" / "predictions.jsonl"
+        stored = [json.loads(line) for line in predictions_path.open(encoding="utf-8", newline="\n")]
+        for record in stored:  # as an older, substring-happy grader left them
+            record.update(correct=True, judged_by="contains", grader_version=1)
+        predictions_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in stored), encoding="utf-8")
+        again = CliRunner().invoke(app, arguments)
+        assert again.exit_code == 0, again.output
+        assert "regraded 3 stored predictions" in " ".join(again.output.split())
+        assert server.count() == 3, "regrading never asks the evaluated model"
+    regraded = json.loads((tmp_path / "out" / "results.json").read_text())["benchmarks"]["b"]
+    assert (regraded["graded"], regraded["correct"]) == (1, 0)
+    rewritten = [json.loads(line) for line in predictions_path.open(encoding="utf-8", newline="\n")]
+    assert {record["grader_version"] for record in rewritten} == {GRADER_VERSION}

@@ -251,8 +251,8 @@ async def test_exact_and_option_answers_skip_the_judge():
     def answers_by_letter(request: ModelRequest) -> str:
         return "### The final answer is: (B)" if request.temperature == 0.3 else "### The final answer is: b. spiculated margin"
 
-    a = mentor("m/a", {0: ["a1", "a2"]})
-    b = mentor("m/b", {0: ["b1", "b2"]})
+    a = mentor("m/a", {0: ["a1", "a2"]}, final="B")
+    b = mentor("m/b", {0: ["b1", "b2"]}, final="Spiculated margin")
     search = searcher([a, b], [FunctionModel("i/1", answers_by_letter)], grader, config=config)
     result = await search.search(question, answer="B. Spiculated margin", rid="mc")
     assert result.mics_score == 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from .alignment import AlignmentOptions, alignment_samples
 from .curriculum import Recipe, assemble_stage, split_by_case
 from .exports import export_samples, place_images
 from .images import ImageCatalog
-from .qc import QcOptions, quality_control
+from .qc import QcOptions, grade_final_answers, needs_final_answer_grade, quality_control
 from .samples import PART1, PART3, Sample, detect_modality
 from .stats import dataset_stats, write_stats
 
@@ -31,6 +32,8 @@ class BuildOptions:
     text_qa: Path | None = None
     vqa: dict[str, Path] = field(default_factory=dict)
     seed: int = 0
+    # Grades the final answers of MICS records written before the search did (a LiteLLM name, or None).
+    judge: str | None = None
 
 
 @dataclass
@@ -39,6 +42,7 @@ class BuildReport:
     test: int
     drops: dict[str, dict[str, int]]
     output: Path
+    graded_here: int = 0  # MICS records whose final answer this build graded (older output files)
 
 
 def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
@@ -94,9 +98,12 @@ def build_dataset(options: BuildOptions) -> BuildReport:
     # Part 3: MICS chain-of-thought that passes quality control.
     # One success per item by the journal's rule (a run's file may hold a cut group or a repeat until it compacts).
     mics_records = settle([record for path in options.mics for record in _read_jsonl(path, "MICS output")], [])[0]
+    graded_here = 0
+    if any(needs_final_answer_grade(record) for record in mics_records):
+        graded_here = asyncio.run(_grade_older_records(mics_records, options.judge))
     qc = quality_control(
         mics_records,
-        QcOptions(tuple(recipe.keep_trends), recipe.keep_single_step, recipe.keep_search_id_zero),
+        QcOptions(tuple(recipe.keep_trends), recipe.keep_single_step, recipe.keep_search_id_zero, recipe.keep_ungraded),
     )
     drops["qc"] = qc.dropped
     for record in qc.kept:
@@ -173,4 +180,14 @@ def build_dataset(options: BuildOptions) -> BuildReport:
         test=len(test),
         drops={step: dict(counter) for step, counter in drops.items() if counter},
         output=options.output,
+        graded_here=graded_here,
     )
+
+
+async def _grade_older_records(records: list[dict[str, Any]], judge_name: str | None) -> int:
+    """Grade final answers the search did not (files written before it did), with the judge if named."""
+    from ..agents import open_judge
+    from ..config import load_settings
+
+    async with open_judge(judge_name, load_settings()) as judge:
+        return await grade_final_answers(records, judge)

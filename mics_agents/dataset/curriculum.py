@@ -36,6 +36,11 @@ class Recipe(BaseModel):
     keep_trends: list[str] = Field(default_factory=lambda: ["increasing"], description="MICS trends kept by QC.")
     keep_single_step: bool = Field(default=True, description="Keep paths decided in one iteration (no trend).")
     keep_search_id_zero: bool = Field(default=False, description="Keep paths that never reached a full score.")
+    keep_ungraded: bool = Field(
+        default=False,
+        description="Keep paths whose final answer no grading rule decided and no judge was asked about "
+        "(older MICS output built without --judge).",
+    )
     alignment_min_side: int = Field(default=32, ge=1, description="Smallest image side (pixels) for Part 2.")
     alignment_max_images: int = Field(default=4, ge=1, description="Most images in one Part 2 unit.")
 

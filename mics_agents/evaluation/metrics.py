@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,33 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
 
 
 def _block(predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy over the graded predictions (a parse failure is graded wrong; an open answer without a
+    judge is not graded and counts in ``recall`` only), strict accuracy (the final-answer line was there),
+    and the open-question recall."""
     total = len(predictions)
-    correct = sum(bool(p["correct"]) for p in predictions)
-    parse_failures = sum(not p["parse_ok"] for p in predictions)
-    low, high = wilson_interval(correct, total)
+    graded = [p for p in predictions if p.get("correct") is not None]
+    correct = sum(p["correct"] is True for p in graded)
+    strict = sum(bool(p.get("strict_correct")) for p in graded)
+    parse_failures = sum(not p.get("parse_ok") for p in predictions)
+    no_marker = sum(p.get("parse") != "marker" for p in predictions)
+    low, high = wilson_interval(correct, len(graded))
     block: dict[str, Any] = {
         "n": total,
+        "graded": len(graded),
         "correct": correct,
-        "accuracy": correct / total if total else 0.0,
+        "accuracy": correct / len(graded) if graded else 0.0,
         "ci95": [low, high],
+        "strict_correct": strict,
+        "strict_accuracy": strict / len(graded) if graded else 0.0,
         "parse_failures": parse_failures,
         "parse_failure_rate": parse_failures / total if total else 0.0,
+        "no_final_answer_line": no_marker,
+        "judged_by": dict(sorted(Counter(str(p.get("judged_by")) for p in predictions).items())),
     }
+    recalls = [p["recall"] for p in predictions if p.get("recall") is not None]
+    if recalls:
+        block["recall"] = sum(recalls) / len(recalls)
+        block["recall_n"] = len(recalls)
     scores = [p["mics_score"] for p in predictions if p.get("mics_score") is not None]
     if scores:
         block["mics_score"] = sum(scores) / len(scores)
@@ -55,27 +71,42 @@ def summarize(predictions: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _cell(block: dict[str, Any]) -> str:
+    if not block.get("graded", block["n"]):
+        return "-"
     low, high = block["ci95"]
     return f"{100 * block['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+
+
+def _percent(block: dict[str, Any], key: str) -> str:
+    return f"{100 * block[key]:.1f}" if key in block and block.get("graded", 1) else "-"
 
 
 def results_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation of `{results['model']}`",
         "",
-        "| benchmark | n | accuracy % (95% CI) | parse failures | MICS-Score |",
-        "| --- | ---: | --- | ---: | ---: |",
+        f"Graded by: {results.get('judge') or 'rules only (no judge): open answers get token recall, not a verdict'}.",
+        "Accuracy counts a reply without a readable answer as wrong; strict accuracy also needs the",
+        "`### The final answer is:` line. Recall: share of the reference's words in open answers.",
+        "",
+        "| benchmark | n | graded | accuracy % (95% CI) | strict % | parse failures | open recall % | MICS-Score |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     rows = list(results["benchmarks"].items()) + [("**overall**", results["overall"])]
     for name, block in rows:
         mics = f"{block['mics_score']:.3f}" if "mics_score" in block else "-"
+        recall = f"{100 * block['recall']:.1f}" if "recall" in block else "-"
         lines.append(
-            f"| {name} | {block['n']} | {_cell(block)} | {block['parse_failures']} "
-            f"({100 * block['parse_failure_rate']:.1f}%) | {mics} |"
+            f"| {name} | {block['n']} | {block.get('graded', block['n'])} | {_cell(block)} | "
+            f"{_percent(block, 'strict_accuracy')} | {block['parse_failures']} "
+            f"({100 * block['parse_failure_rate']:.1f}%) | {recall} | {mics} |"
         )
     lines += ["", "## By modality (all benchmarks)", "", "| modality | n | accuracy % (95% CI) |", "| --- | ---: | --- |"]
     for name, block in results["overall"]["by_modality"].items():
         lines.append(f"| {name} | {block['n']} | {_cell(block)} |")
+    judged_by = results["overall"].get("judged_by") or {}
+    if judged_by:
+        lines += ["", "How answers were graded: " + ", ".join(f"{kind} {count}" for kind, count in judged_by.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -9,11 +9,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..agents import Case, Intern, Judge, prompt_messages
-from ..answers import answer_letter, normalize_answer, parse_solution, quick_verdict
+from ..agents import Case, Intern, Judge, open_judge, prompt_messages
+from ..answers import parse_options, parse_solution
 from ..config import Settings
 from ..data import InputItem
 from ..errors import InputError, ModelCallError
+from ..grading import GRADER_VERSION, Grade, Grader, leading_yes_no, normalize, resolve_option, token_recall
 from ..images import load_images
 from ..models.base import Model, ModelRequest
 from ..prompts import load_prompt
@@ -22,26 +23,88 @@ from ..runner import Outcome
 from ..scoring import mics_score
 from ..store import Store
 
-__all__ = ["EvalWorker", "extract_prediction"]
+__all__ = ["EvalWorker", "extract_prediction", "grade_prediction", "needs_regrade", "regrade_predictions"]
 
 _LETTER_CLAIM = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*[:\-]?\s*\(?\**([A-J])\**\)?(?![A-Za-z])", re.IGNORECASE)
 _HINTS = {"choice": " (the letter of one option)", "closed": " (yes or no)", "open": ""}
 
 
-def extract_prediction(text: str, options: dict[str, str]) -> str | None:
-    """The model's answer: the ``### The final answer is:`` line, else, for multiple choice, an option
-    letter it states ("the answer is (C)", or a lone letter on the last line). None if neither."""
+def extract_prediction(text: str, options: dict[str, str], *, yes_no: bool = False) -> tuple[str | None, str | None]:
+    """The model's answer and how it was read: ``marker`` (the ``### The final answer is:`` line), else
+    ``lenient``: a leading yes or no for a yes/no question; for multiple choice an option letter it states
+    ("the answer is (C)"), or a last line that is a letter or an option's exact text. (None, None) if neither."""
     final = parse_solution(text).final_answer
     if final:
-        return final
+        return final, "marker"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if yes_no:
+        said = leading_yes_no(lines[0]) if lines else None
+        return (said, "lenient") if said else (None, None)
     if options:
         claims = [letter.upper() for letter in _LETTER_CLAIM.findall(text) if letter.upper() in options]
         if claims:
-            return claims[-1]
-        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-        if lines and answer_letter(lines[-1], options) and len(lines[-1]) <= 40:
-            return lines[-1]
-    return None
+            return claims[-1], "lenient"
+        if lines and len(lines[-1]) <= 200 and resolve_option(lines[-1], options):
+            return lines[-1], "lenient"
+    return None, None
+
+
+def _is_yes_no(record: dict[str, Any]) -> bool:
+    return normalize(str(record.get("gt_answer") or record.get("answer") or "")) in {"yes", "no"}
+
+
+async def grade_prediction(record: dict[str, Any], grader: Grader, usage: Usage | None = None) -> dict[str, Any]:
+    """Read the stored reply of a prediction record and grade it; returns the fields to update.
+
+    Used for new predictions and to regrade stored ones: nothing here calls the evaluated model.
+    """
+    question = str(record["question"])
+    options = record.get("options") or parse_options(question)
+    prediction, parse = extract_prediction(str(record.get("response") or ""), options, yes_no=_is_yes_no(record))
+    if prediction is None:
+        grade = Grade(False, "unparsed")
+    else:
+        grade = await grader.grade(question, prediction, str(record["gt_answer"]), options)
+    if usage is not None:
+        for response in grade.responses:
+            usage.add(response)
+    open_answer = record.get("answer_type", "open") == "open"
+    recall = grade.recall
+    if recall is None and open_answer:
+        recall = token_recall(prediction, str(record["gt_answer"])) if prediction else 0.0
+    return {
+        "prediction": prediction,
+        "parse": parse,
+        "parse_ok": prediction is not None,
+        "correct": grade.correct,
+        "strict_correct": bool(grade.correct) and parse == "marker",
+        "judged_by": grade.judged_by,
+        "recall": recall,
+        "grader_version": grade.version,
+    }
+
+
+def needs_regrade(record: dict[str, Any]) -> bool:
+    """Graded by an older grader (or before graders had versions)."""
+    return record.get("grader_version") != GRADER_VERSION
+
+
+async def regrade_predictions(predictions: list[dict[str, Any]], judge_name: str | None, settings: Settings) -> int:
+    """Regrade, in place, stored predictions an older grader graded; returns how many. The evaluated
+    model is not called; the judge's verdicts come from the cache where it has them."""
+    stale = [record for record in predictions if needs_regrade(record)]
+    if not stale:
+        return 0
+    async with open_judge(judge_name, settings) as judge:
+        grader = Grader(judge)
+        slots = asyncio.Semaphore(16)
+
+        async def regrade(record: dict[str, Any]) -> None:
+            async with slots:
+                record.update(await grade_prediction(record, grader))
+
+        await asyncio.gather(*(regrade(record) for record in stale))
+    return len(stale)
 
 
 class EvalWorker:
@@ -63,6 +126,7 @@ class EvalWorker:
         self.benchmark = benchmark
         self.template = load_prompt("eval", settings.prompt_dir)
         self.judge = Judge(judge, settings) if judge is not None else None
+        self.grader = Grader(self.judge)
         self.interns = [Intern(intern, settings) for intern in interns or []]
 
     def parse(self, record: Any, line: int) -> InputItem:
@@ -70,26 +134,20 @@ class EvalWorker:
                          answer=record["answer"], images=list(record.get("images") or []), raw=record)
         return item
 
-    async def _grade(self, case: Case, candidate: str, usage: Usage) -> tuple[bool, str]:
-        if self.judge is not None:
-            verdict = await self.judge.grade(case, candidate)
-            for response in verdict.responses:
-                usage.add(response)
-            return verdict.correct, verdict.judged_by
-        quick = quick_verdict(case.question, candidate, case.answer)
-        if quick is not None:
-            return quick
-        truth = normalize_answer(case.answer)
-        return bool(truth) and truth in normalize_answer(candidate), "contains"
-
     async def _mics_score(self, case: Case, steps: list[str], usage: Usage) -> float | None:
         if not self.interns or not steps:
             return None
 
         async def sample(intern: Intern, temperature: float, index: int) -> bool:
             reply = await intern.finish(case, steps, temperature, index)
-            usage.add(reply.response)
-            return (await self._grade(case, reply.answer, usage))[0]
+            for response in reply.responses:
+                usage.add(response)
+            if reply.answer is None:
+                return False
+            grade = await self.grader.grade(case.question, reply.answer, case.answer)
+            for response in grade.responses:
+                usage.add(response)
+            return bool(grade.correct)
 
         verdicts = await asyncio.gather(*(
             sample(intern, temperature, index)
@@ -118,29 +176,23 @@ class EvalWorker:
                 prompt_version=self.template.version,
             ))
             usage.add(response)
-            prediction = extract_prediction(response.text, options)
-            if prediction is None:
-                correct, judged_by = False, "unparsed"
-            else:
-                correct, judged_by = await self._grade(case, prediction, usage)
-            score = await self._mics_score(case, parse_solution(response.text).steps, usage)
+            prediction = {
+                "rid": item.rid,
+                "benchmark": self.benchmark,
+                "question": case.question,
+                "gt_answer": case.answer,
+                "options": options,
+                "answer_type": record.get("answer_type", "open"),
+                "modality": record.get("modality", "other"),
+                "response": response.text,
+                "finish_reason": response.finish_reason,
+            }
+            prediction.update(await grade_prediction(prediction, self.grader, usage))
+            prediction["mics_score"] = await self._mics_score(case, parse_solution(response.text).steps, usage)
         except ModelCallError as exc:
             return Outcome(failure="model_error", message=f"{exc} (retried on the next run)", usage=usage)
-        return Outcome(records=[{
-            "rid": item.rid,
-            "benchmark": self.benchmark,
-            "question": case.question,
-            "gt_answer": case.answer,
-            "answer_type": record.get("answer_type", "open"),
-            "modality": record.get("modality", "other"),
-            "response": response.text,
-            "prediction": prediction,
-            "parse_ok": prediction is not None,
-            "correct": correct,
-            "judged_by": judged_by,
-            "mics_score": score,
-            "usage": usage.model_dump(),
-        }], usage=usage)
+        prediction["usage"] = usage.model_dump()
+        return Outcome(records=[prediction], usage=usage)
 
     async def aclose(self) -> None:
         roles = [self.model, *(intern.model for intern in self.interns)]

@@ -11,6 +11,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal, Union
 
 from ..errors import ModelRequestsForbidden
@@ -90,6 +91,9 @@ class ModelRequest:
     sample_index: int = 0
     attempt: int = 0
     prompt_version: str = ""
+    # Checked before a reply is cached (raise MalformedReplyError to refuse it): an unusable reply is
+    # never stored, so a rerun asks again. Not part of the key.
+    validate: Callable[[str], object] | None = field(default=None, compare=False)
 
     def key_payload(self, model_name: str) -> dict[str, Any]:
         """What identifies this call: images by content hash, no credentials, no base URL."""
@@ -141,6 +145,8 @@ class ModelResponse:
     output_tokens: int = 0
     cost_usd: float = 0.0
     cached: bool = False
+    # Why generation stopped, as the API says it ("stop", "length", ...); None when it did not say.
+    finish_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

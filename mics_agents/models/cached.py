@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from functools import partial
 
+from ..errors import MalformedReplyError
 from ..store import Store
 from .base import Model, ModelRequest, ModelResponse
 
@@ -19,7 +20,8 @@ class CachedModel(Model):
     shared request runs as its own task, so a caller that is cancelled never cancels the others; the task
     is cancelled when its last caller is (as an unshared call would be), and its reply is then not stored.
     Calls sent from here are recorded as paid by ``run_id`` (for a run's budget).
-    Only successful replies are stored: a failure is never cached, so it is retried on the next run.
+    Only successful replies are stored: a failure, or a reply the request's ``validate`` refuses, is never
+    cached, so it is asked again on the next run.
     """
 
     def __init__(self, inner: Model, store: Store, *, run_id: str | None = None) -> None:
@@ -60,9 +62,13 @@ class CachedModel(Model):
 
     async def _fetch(self, key: str, request: ModelRequest) -> ModelResponse:
         response = await self.store.get_call(key)
-        if response is None:
+        # A stored reply the request's validator refuses (cached by an older version) is asked again.
+        stale = response is not None and not _usable(request, response)
+        if response is None or stale:
             response = await self.inner.request(request)
-            await self.store.put_call(key, self.name, response, self.run_id)
+            if request.validate is not None:
+                request.validate(response.text)  # MalformedReplyError: not stored, asked again next time
+            await self.store.put_call(key, self.name, response, self.run_id, replace=stale)
         return response
 
     async def aclose(self) -> None:
@@ -83,6 +89,16 @@ class _SharedCall:
     task: "asyncio.Task[ModelResponse]"
     waiters: int = 0
     answered: bool = False  # a caller has had the reply as sent
+
+
+def _usable(request: ModelRequest, response: ModelResponse) -> bool:
+    if request.validate is None:
+        return True
+    try:
+        request.validate(response.text)
+    except MalformedReplyError:
+        return False
+    return True
 
 
 def _as_cached(response: ModelResponse) -> ModelResponse:

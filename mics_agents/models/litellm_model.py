@@ -318,6 +318,7 @@ class LiteLLMModel(Model):
         return ModelResponse(
             text=text, model=self.name, input_tokens=input_tokens, output_tokens=output_tokens,
             cost_usd=input_tokens * price_in + output_tokens * price_out,
+            finish_reason=choices[0].get("finish_reason"),
         )
 
     async def aclose(self) -> None:
@@ -365,6 +366,7 @@ class LiteLLMModel(Model):
             input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
             output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
             cost_usd=_cost_of(litellm, response),
+            finish_reason=getattr(choices[0], "finish_reason", None),
         )
 
 

@@ -12,7 +12,8 @@ import hashlib
 import random
 import re
 
-from ..answers import normalize_answer, parse_options, quick_verdict
+from ..answers import parse_options
+from ..grading import grade_by_rules
 from .base import ModelRequest
 from .testing import FunctionModel
 
@@ -73,9 +74,9 @@ def _judge_text(user_text: str) -> str:
     reference = _section(user_text, "Reference answer")
     # The candidate is the section's first paragraph; the instruction to the judge follows it.
     candidate = _section(user_text, "Candidate answer").split("\n\n")[0]
-    quick = quick_verdict(question, candidate, reference)
-    same = quick[0] if quick else normalize_answer(reference) in normalize_answer(candidate)
-    return "Yes" if same else "No"
+    # A stand-in for a model, so it may only know what the rules know: what they leave open is a No.
+    grade = grade_by_rules(question, candidate, reference)
+    return "Yes" if grade is not None and grade.correct else "No"
 
 
 def _generator_text(user_text: str) -> str:

@@ -250,6 +250,7 @@ class _Builder:
         intern_samples: Counter = Counter()
         intern_correct: Counter = Counter()
         intern_format_ok: Counter = Counter()
+        intern_truncated: Counter = Counter()
         temperature_samples: Counter = Counter()
         temperature_correct: Counter = Counter()
         judged_by: Counter = Counter()
@@ -258,6 +259,7 @@ class _Builder:
             intern_samples[intern] += count
             intern_correct[intern] += correct * count
             intern_format_ok[intern] += format_ok * count
+            intern_truncated[intern] += count if judge == "truncated" else 0
             temperature_samples[intern, temperature] += count
             temperature_correct[intern, temperature] += correct * count
             judged_by[judge or "unknown"] += count
@@ -271,6 +273,8 @@ class _Builder:
                 "correct": intern_correct[intern],
                 "accuracy": share(intern_correct[intern], intern_samples[intern]),
                 "format_ok": intern_format_ok[intern],
+                # Cut off by the token budget even at twice the budget: a sign MICS_INTERN_MAX_TOKENS is too small.
+                "truncated": intern_truncated[intern],
                 "by_temperature": [
                     {"temperature": t, "samples": temperature_samples[intern, t],
                      "correct": temperature_correct[intern, t],
@@ -298,7 +302,7 @@ class _Builder:
             "mentor_wins": {mentor: self.wins[mentor] for mentor in self.mentors},
             "mentors": mentors,
             "interns": interns,
-            "judged_by": _ordered(judged_by, ("exact", "option", "judge")),
+            "judged_by": _ordered(judged_by, ("exact", "option", "yes_no", "judge", "unparsed", "truncated")),
             "usage": usage,
             "unreadable_lines": unreadable,
         }

@@ -220,11 +220,13 @@
     const internRows = DATA.interns.map((name) => {
       const stats = summary.interns[name];
       const temperatures = stats.by_temperature.map((row) => `T ${row.temperature == null ? '?' : row.temperature}: ${pct(row.accuracy, 0)}`).join('  ·  ');
-      const badFormat = stats.samples - stats.format_ok;
+      const truncated = stats.truncated || 0;
+      const badFormat = stats.samples - stats.format_ok - truncated;
       return {
         label: name, fraction: stats.accuracy, color: '#0a7c86',
         text: `${pct(stats.accuracy)} · ${int(stats.correct)}/${int(stats.samples)}`,
-        sub: temperatures + (badFormat ? `  ·  ${int(badFormat)} without a final-answer line` : ''),
+        sub: temperatures + (badFormat > 0 ? `  ·  ${int(badFormat)} without a final-answer line` : '')
+          + (truncated ? `  ·  ${int(truncated)} cut off by the token budget (raise MICS_INTERN_MAX_TOKENS)` : ''),
       };
     });
     const judged = summary.judged_by;
