@@ -76,6 +76,7 @@ def _case_view(record: dict[str, Any]) -> dict[str, Any]:
         "images": [image for image in record.get("images") or [] if isinstance(image, str)],
         "caption": captions,
         "text": " ".join(part for part in text_parts if part),
+        "fields": record,  # modality fields and title, read by detect_modality
     }
 
 
@@ -121,7 +122,8 @@ def build_dataset(options: BuildOptions) -> BuildReport:
                 prompt=record["question"],
                 response=record["reasoning"],
                 images=[info.path for info in infos],
-                modality=detect_modality(record["question"], cases.get(case_id, {}).get("text", "")),
+                modality=detect_modality(record["question"], cases.get(case_id, {}).get("text", ""),
+                                         images=record.get("images"), case=cases.get(case_id, {}).get("fields")),
             )
         )
 
@@ -163,7 +165,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
             item_id = str(record.get("id") or record.get("qid") or len(samples))
             samples.append(
                 Sample(f"{name}-{item_id}", f"vqa:{name}:{item_id}", f"vqa:{name}", question, answer,
-                       [info.path for info in infos], detect_modality(question))
+                       [info.path for info in infos], detect_modality(question, images=images, case=record))
             )
 
     train, test = split_by_case(samples, recipe.test_fraction, options.seed)

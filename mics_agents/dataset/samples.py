@@ -1,36 +1,163 @@
-"""One training sample, independent of any export format."""
+"""One training sample, independent of any export format, and the one modality detector that the dataset
+builder, its stats and ``mics eval`` share."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Any
 
-__all__ = ["Sample", "PART1", "PART2", "PART3", "detect_modality"]
+__all__ = ["Sample", "PART1", "PART2", "PART3", "MODALITIES", "MIXED", "OTHER", "detect_modality", "modality_evidence"]
 
 PART1 = "part1_text_qa"
 PART2 = "part2_alignment"
 PART3 = "part3_cot"
 
-_MODALITIES = [
-    ("CT", r"\bct\b|computed tomography"),
-    ("MRI", r"\bmri\b|\bmr\b|magnetic resonance|t1-?weighted|t2-?weighted|flair|\bdwi\b"),
-    ("X-ray", r"x-?ray|radiograph|\bcxr\b"),
-    ("Ultrasound", r"ultrasound|sonograph|doppler|echocardio"),
-    ("PET", r"\bpet\b|positron"),
-    ("Pathology", r"histolog|patholog|biopsy|\bh&e\b|stain"),
-    ("Endoscopy", r"endoscop|colonoscop"),
-    ("Fundus/OCT", r"fundus|\boct\b|retina"),
+OTHER = "other"  # images whose modality nothing names
+MIXED = "mixed"  # images of several modalities (folders or fields disagree)
+
+# Words in free text, per modality. Within one text the earliest mention wins ("PET/CT" is PET, "CT
+# angiography" is CT); case-sensitive where the lower-case word means something else ("Mr", "us").
+_TEXT_PATTERNS: list[tuple[str, str]] = [
+    ("CT", r"\bct\b|\bcta\b|computed tomograph|\bhrct\b|\bmdct\b|\bcbct\b"),
+    ("MRI", r"\bmri\b|(?-i:\bMRA?\b)|\bfmri\b|magnetic resonance|t[12]-?weighted|\bt[12]w\b|\bflair\b|\bdwi\b"
+            r"|diffusion-weighted|\bstir\b"),
+    ("Mammography", r"mammogra|tomosynthesis|\bbi-?rads\b"),
+    ("X-ray", r"x-?rays?\b|radiograph|\bcxr\b|plain film|chest film|\bkub\b"),
+    ("Ultrasound", r"ultrasound|ultrasonogra|sonogra|doppler|echocardiogra|(?-i:\bUS\b)"),
+    ("PET", r"\bpet\b|positron emission|\bfdg\b"),
+    ("Nuclear medicine", r"scintigra|\bspect\b|bone scan|nuclear medicine|\bmibg\b|\bv/q\b"),
+    ("Fluoroscopy", r"fluoroscop|barium (?:swallow|meal|enema)|contrast swallow|\bvcug\b"),
+    ("Fundus/OCT", r"fundus|fundoscop|\boct\b|optical coherence|retina|fluorescein angiogra"),
+    ("Angiography", r"angiogra|arteriogra|venogra|\bdsa\b|digital subtraction"),
+    ("Pathology", r"histolog|histopatholog|micrograph|\bh&e\b|ha?ematoxylin|immunohisto|\bstain(?:ed|ing|s)?\b"
+                  r"|cytolog"),
+    ("Endoscopy", r"endoscop|colonoscop|gastroscop|bronchoscop|cystoscop|laparoscop|arthroscop"),
 ]
+_TEXT = [(name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _TEXT_PATTERNS]
+MODALITIES = tuple(name for name, _ in _TEXT_PATTERNS)
+
+# Names a folder or a modality field may hold (Chiron-o1's image folders are ``<modality>_group<k>``:
+# ``ct_group1``, ``x-ray_group1``, ``mri_group2``, ``mammography_group1``, ``ultrasound_group1``, ...).
+_NAMES = {
+    "ct": "CT", "cta": "CT", "computed tomography": "CT",
+    "mri": "MRI", "mr": "MRI", "mra": "MRI", "magnetic resonance imaging": "MRI",
+    "x-ray": "X-ray", "xray": "X-ray", "x ray": "X-ray", "radiograph": "X-ray", "radiography": "X-ray",
+    "plain film": "X-ray", "cr": "X-ray", "dx": "X-ray",
+    "mammography": "Mammography", "mammogram": "Mammography", "mg": "Mammography",
+    "ultrasound": "Ultrasound", "us": "Ultrasound", "sonography": "Ultrasound", "echocardiography": "Ultrasound",
+    "pet": "PET", "pet-ct": "PET", "pet/ct": "PET", "pet ct": "PET", "pet-mri": "PET",
+    "nuclear medicine": "Nuclear medicine", "nm": "Nuclear medicine", "spect": "Nuclear medicine",
+    "scintigraphy": "Nuclear medicine",
+    "fluoroscopy": "Fluoroscopy", "rf": "Fluoroscopy",
+    "angiography": "Angiography", "dsa": "Angiography", "dsa (angiography)": "Angiography", "xa": "Angiography",
+    "pathology": "Pathology", "histology": "Pathology", "histopathology": "Pathology", "microscopy": "Pathology",
+    "endoscopy": "Endoscopy",
+    "fundus": "Fundus/OCT", "oct": "Fundus/OCT", "fundus photography": "Fundus/OCT", "fundus/oct": "Fundus/OCT",
+}
+_GROUP_FOLDER = re.compile(r"^(?P<name>.+?)[_\- ]group\d+$", re.IGNORECASE)
+_FIELD_KEYS = ("modality", "modalities", "image_modality", "imaging_modality")
+_CANONICAL = {name.lower(): name for name in MODALITIES}
 
 
-def detect_modality(*texts: str) -> str:
-    """The imaging modality named in the texts (first match in a fixed order), else ``other``."""
-    joined = " ".join(texts).lower()
-    for name, pattern in _MODALITIES:
-        if re.search(pattern, joined):
-            return name
-    return "other"
+def _name(value: str) -> str | None:
+    """A modality for a short label (a folder name, a field value): exact names first, then its words."""
+    label = re.sub(r"[\s_]+", " ", value).strip().lower()
+    if not label:
+        return None
+    if label in _CANONICAL:
+        return _CANONICAL[label]
+    if label in _NAMES:
+        return _NAMES[label]
+    return _from_text(label)
+
+
+def _from_text(text: str) -> str | None:
+    hits = [(match.start(), order, name) for order, (name, pattern) in enumerate(_TEXT)
+            if (match := pattern.search(text))]
+    return min(hits)[2] if hits else None
+
+
+def _one(found: Iterable[str]) -> str | None:
+    names = sorted(set(found))
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else MIXED
+
+
+def _from_folders(images: Iterable[str | PurePath] | str | PurePath) -> str | None:
+    if isinstance(images, (str, PurePath)):  # one image named on its own (Chiron-o1's eval_data.json does)
+        images = [images]
+    found = []
+    for image in images:
+        parts = PurePath(str(image).replace("\\", "/")).parts
+        if len(parts) < 2:
+            continue
+        folder = parts[-2]  # the image's own folder: ``<modality>_group<k>``, or a folder named ``CT``, ``MRI``
+        match = _GROUP_FOLDER.match(folder)
+        label = re.sub(r"[\s_]+", " ", folder).strip().lower()
+        named = _name(match["name"]) if match else _CANONICAL.get(label) or _NAMES.get(label)
+        if named:
+            found.append(named)
+    return _one(found)
+
+
+def _field_values(case: Mapping[str, Any]) -> Iterable[str]:
+    for key in _FIELD_KEYS:
+        value = case.get(key)
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (str(item) for item in value if isinstance(item, str))
+
+
+def _from_fields(case: Mapping[str, Any]) -> tuple[str, str] | None:
+    info = case.get("case_info") if isinstance(case.get("case_info"), Mapping) else {}
+    # An explicit modality field (SLAKE writes "X-Ray", plain layouts "ct").
+    named = _one(filter(None, (_name(value) for layer in (case, info) for value in _field_values(layer))))
+    if named:
+        return named, "field"
+    # Per-modality findings keyed by the modality: {"CT": "...", "MRI": "..."}.
+    named = _one(filter(None, (_CANONICAL.get(str(key).lower()) or _NAMES.get(str(key).lower()) for key in info)))
+    if named:
+        return named, "field"
+    # A case title names the study more often than the findings do ("Normal CT head").
+    for layer in (case, info):
+        title = layer.get("title")
+        if isinstance(title, str) and (named := _from_text(title)):
+            return named, "title"
+    return None
+
+
+def modality_evidence(
+    *texts: str, images: Iterable[str | PurePath] | None = None, case: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
+    """(modality, what named it): ``folder``, ``field``, ``title``, ``text`` or ``none`` (then ``other``)."""
+    named = _from_folders(images or ())
+    if named:
+        return named, "folder"
+    if case:
+        found = _from_fields(case)
+        if found:
+            return found
+    for text in texts:  # in the order given: the caller passes the most specific text first
+        named = _from_text(str(text or ""))
+        if named:
+            return named, "text"
+    return OTHER, "none"
+
+
+def detect_modality(
+    *texts: str, images: Iterable[str | PurePath] | None = None, case: Mapping[str, Any] | None = None
+) -> str:
+    """The imaging modality of a sample, ``mixed`` when its images are of several, else ``other``.
+
+    Read in this order: the image folders (Chiron-o1's ``ct_group1``, ``x-ray_group1``, ...), the case's
+    fields (``modality``; findings keyed by modality; the case ``title``), then words in ``texts``.
+    """
+    return modality_evidence(*texts, images=images, case=case)[0]
 
 
 @dataclass
