@@ -264,11 +264,11 @@ def test_alignment_maps_placeholders_in_order_and_caps_units(tmp_path):
         png(tmp_path / f"{name}.png", shade=ord(name))
     case = {"case_id": "k", "images": ["a.png", "b.png", "c.png"], "text": "",
             "caption": ["<image> left; <image> right.", "<image> the third"]}
-    samples, dropped = alignment_samples([case], ImageCatalog(), tmp_path, AlignmentOptions(max_images_per_unit=4), 0)
+    samples, dropped, _ = alignment_samples([case], ImageCatalog(), tmp_path, AlignmentOptions(max_images_per_unit=4), 0)
     assert [[p.name for p in s.images] for s in samples] == [["a.png", "b.png"], ["c.png"]]
-    assert samples[0].response == "Image 1 left; Image 2 right."
-    assert samples[1].response == "The image the third"
-    capped, dropped = alignment_samples([case], ImageCatalog(), tmp_path, AlignmentOptions(max_images_per_unit=1), 0)
+    assert samples[0].response == "Image 1: left; Image 2: right."
+    assert samples[1].response == "The third."  # one image: no label (tests/test_curriculum_data.py has the prose)
+    capped, dropped, _ = alignment_samples([case], ImageCatalog(), tmp_path, AlignmentOptions(max_images_per_unit=1), 0)
     assert len(capped) == 1 and dropped["too_many_images"] == 1
 
 

@@ -142,7 +142,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
             )
 
     # Part 2: image-text alignment from captions.
-    part2, drops["part2"] = alignment_samples(
+    part2, drops["part2"], caption_cleaning = alignment_samples(
         [cases[key] for key in sorted(cases)],
         catalog,
         options.image_dir,
@@ -176,7 +176,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
     for stage, stage_samples in stages.items():
         export_samples(stage_samples, options.output / stage, name=f"mmrp_{stage}", image_paths=image_paths)
     export_samples(test, options.output / "test", name="mmrp_test", image_paths=image_paths)
-    write_stats(dataset_stats(stages, test, mics_records, drops), options.output)
+    write_stats(dataset_stats(stages, test, mics_records, drops, caption_cleaning), options.output)
     return BuildReport(
         stages={stage: len(items) for stage, items in stages.items()},
         test=len(test),

@@ -1,8 +1,11 @@
-"""The dataset's numbers (JSON) and a chart of them (PNG)."""
+"""The dataset's numbers (JSON) and a chart of them (PNG): samples per stage and part, the modality mix
+(per stage as trained, with repeats, and over distinct samples per part), how Part 2 captions were cleaned,
+MICS depths and trends, and drops by reason."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,15 +24,40 @@ def _summary(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
+def _distinct(samples: list[Sample]) -> dict[str, Sample]:
+    """Each sample once: a stage repeats a sample as ``<id>#<copy>``."""
+    distinct: dict[str, Sample] = {}
+    for sample in samples:
+        distinct.setdefault(re.sub(r"#\d+$", "", sample.id), sample)
+    return distinct
+
+
+def _modality_mix(samples: list[Sample]) -> dict[str, Any]:
+    by_source: dict[str, Counter] = {}
+    for sample in samples:
+        by_source.setdefault(sample.source, Counter())[sample.modality] += 1
+    overall: Counter = Counter()
+    for counts in by_source.values():
+        overall.update(counts)
+    return {
+        "distinct_samples": dict(sorted(overall.items())),
+        "by_source": {source: dict(sorted(counts.items())) for source, counts in sorted(by_source.items())},
+    }
+
+
 def dataset_stats(
     stages: dict[str, list[Sample]],
     test: list[Sample],
     mics_records: list[dict[str, Any]],
     drops: dict[str, Counter],
+    caption_cleaning: Counter | None = None,
 ) -> dict[str, Any]:
+    distinct = _distinct([sample for samples in stages.values() for sample in samples] + list(test))
     return {
         "stages": {name: _summary(samples) for name, samples in stages.items()},
         "test": _summary(test),
+        "modality": _modality_mix(list(distinct.values())),
+        "caption_cleaning": dict(sorted((caption_cleaning or Counter()).items())),
         "mics": {
             "records": len(mics_records),
             "final_depth": dict(sorted(Counter(str(r.get("final_depth")) for r in mics_records).items())),
@@ -59,7 +87,7 @@ def _plot(stats: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 3, figsize=(14, 8))
+    figure, axes = plt.subplots(2, 4, figsize=(18, 8))
     stages = list(stats["stages"])
     sources = sorted({source for stage in stats["stages"].values() for source in stage["by_source"]})
     bottoms = [0] * len(stages)
@@ -70,15 +98,24 @@ def _plot(stats: dict[str, Any], path: Path) -> None:
     axes[0][0].set_title("samples per stage and part", fontsize=10)
     if sources:
         axes[0][0].legend(fontsize=7)
-    modality: Counter = Counter()
-    for stage in stats["stages"].values():
-        modality.update(stage["modality"])
-    _bar(axes[0][1], dict(sorted(modality.items())), "modality mix (all stages)")
+    mix = stats["modality"]
+    modalities = list(mix["distinct_samples"]) or ["(none)"]
+    bottoms = [0] * len(modalities)
+    for source, counts in mix["by_source"].items():
+        heights = [counts.get(modality, 0) for modality in modalities]
+        axes[0][1].bar(range(len(modalities)), heights, bottom=bottoms, label=source)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    axes[0][1].set_xticks(range(len(modalities)), modalities, rotation=30, ha="right", fontsize=8)
+    axes[0][1].set_title("modality mix (distinct samples, by part)", fontsize=10)
+    if mix["by_source"]:
+        axes[0][1].legend(fontsize=7)
     _bar(axes[0][2], stats["mics"]["final_depth"], "MICS final depth")
-    _bar(axes[1][0], stats["mics"]["trend"], "MICS path trend")
+    _bar(axes[0][3], stats["mics"]["trend"], "MICS path trend")
     drops = {f"{step}:{reason}": count for step, reasons in stats["drops"].items() for reason, count in reasons.items()}
-    _bar(axes[1][1], drops, "dropped, by reason")
-    _bar(axes[1][2], {"test": stats["test"]["total"], **{k: v["total"] for k, v in stats["stages"].items()}}, "split sizes")
+    _bar(axes[1][0], drops, "dropped, by reason")
+    _bar(axes[1][1], {"test": stats["test"]["total"], **{k: v["total"] for k, v in stats["stages"].items()}}, "split sizes")
+    _bar(axes[1][2], stats["caption_cleaning"], "Part 2 caption cleaning (units)")
+    axes[1][3].axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=80, metadata={"Software": None})
     plt.close(figure)
