@@ -109,8 +109,16 @@ def base_id(sample_id: str) -> str:
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
+    """Hashes of every file; InternVL's meta names absolute paths (InternVL opens them from the launch folder),
+    so it is hashed with the output folder's own path taken out."""
+
+    def content(path: Path) -> bytes:
+        if path.name == "internvl_meta.json":
+            return path.read_text().replace(json.dumps(str(folder.resolve()))[1:-1], "<output>").encode()
+        return path.read_bytes()
+
     return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        str(path.relative_to(folder)): hashlib.sha256(content(path)).hexdigest()
         for path in sorted(folder.rglob("*")) if path.is_file()
     }
 
@@ -164,9 +172,13 @@ def test_every_export_loads_back_with_resolvable_images(corpus, tmp_path):
             assert entry["conversations"][0]["value"].count("<image>") == len(images)
             assert all((folder / image).is_file() for image in images)
         meta = json.loads((folder / "internvl_meta.json").read_text())
-        [(dataset_name, spec)] = meta.items()
-        assert dataset_name == f"mmrp_{name}" and spec["length"] == len(rows)
-        assert len((folder / spec["annotation"]).read_text().splitlines()) == len(rows)
+        assert meta and all(dataset_name.startswith(f"mmrp_{name}_") for dataset_name in meta)
+        taken = 0  # InternVL: each source once, a fraction's head or integer repeats (test_curriculum_data.py)
+        for spec in meta.values():
+            lines = len((folder / spec["annotation"]).read_text().splitlines())
+            assert lines == spec["length"]
+            taken += int(lines * spec["repeat_time"]) if spec["repeat_time"] < 1 else lines * spec["repeat_time"]
+        assert taken == len(rows)
         hf = load_from_disk(str(folder / "hf"))
         assert len(hf) == len(rows)
         with_images = [row for row in hf if row["images"]]

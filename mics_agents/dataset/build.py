@@ -174,7 +174,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
     options.output.mkdir(parents=True, exist_ok=True)
     image_paths = place_images([*train, *test], catalog, options.output / "images")
     for stage, stage_samples in stages.items():
-        export_samples(stage_samples, options.output / stage, name=f"mmrp_{stage}", image_paths=image_paths)
+        export_samples(stage_samples, options.output / stage, name=f"mmrp_{stage}", image_paths=image_paths, pool=train)
     export_samples(test, options.output / "test", name="mmrp_test", image_paths=image_paths)
     write_stats(dataset_stats(stages, test, mics_records, drops, caption_cleaning), options.output)
     return BuildReport(
