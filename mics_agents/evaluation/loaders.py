@@ -191,7 +191,7 @@ def _chiron(path: Path) -> Iterator[EvalItem]:
         if item.error:
             raise InputError(f"{path}: record {number}: {item.error}")
         yield EvalItem(item.rid, item.question, item.answer, item.images, answer_type=_closed_or_open(item.answer),
-                       modality=detect_modality(item.question))
+                       modality=detect_modality(item.question, images=item.images))
 
 
 def _plain(path: Path) -> Iterator[EvalItem]:
