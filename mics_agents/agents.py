@@ -104,6 +104,7 @@ class Mentor:
             temperature=self.settings.mentor_temperature,
             max_tokens=self.settings.mentor_max_tokens,
             prompt_version=self.template.version,
+            timeout=self.settings.timeout_for("mentor"),
         )
         response = await self.model.request(request)
         return parse_solution(response.text), response
@@ -147,6 +148,7 @@ class Intern:
                     max_tokens=max_tokens,
                     sample_index=sample_index,
                     prompt_version=self.template.version,
+                    timeout=self.settings.timeout_for("intern"),
                 )
             )
             responses.append(response)
@@ -182,6 +184,7 @@ class Judge:
                 attempt=attempt,
                 prompt_version=self.template.version,
                 validate=parse_verdict,
+                timeout=self.settings.timeout_for("judge"),
             )
             try:
                 response = await self.model.request(request)
@@ -206,7 +209,7 @@ async def open_judge(name: str | None, settings: Settings) -> AsyncIterator[Judg
     if not name:
         yield None
         return
-    from .models.litellm_model import open_models
+    from .models.factory import open_models
     from .store import Store
 
     store = await Store.open(settings.cache_path) if settings.cache_path else None

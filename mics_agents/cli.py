@@ -480,6 +480,10 @@ def eval_command(
     image_root: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: where a benchmark's images are (default: beside its file).")] = None,
     mics_score: Annotated[bool, typer.Option(help="Also score the model's reasoning: MICS_INTERNS continue from its steps.")] = False,
     cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH).")] = None,
+    cache_namespace: Annotated[Optional[str], typer.Option(
+        help="Cache namespace of the evaluated model's answers (default: MICS_CACHE_NAMESPACE, else the output "
+             "folder: resuming into it replays them, a new folder asks the model again). Give the same word to "
+             "share answers between folders on purpose.")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Questions in flight.")] = 16,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of each benchmark.")] = None,
     log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
@@ -495,7 +499,7 @@ def eval_command(
     from .evaluation.loaders import default_image_dir
     from .grading import GRADER_VERSION
     from .outputs import OutputLock, rewrite_jsonl
-    from .models.litellm_model import open_models
+    from .models.factory import open_models
     from .runner import RunOptions, run_id_for
     from .store import Store
 
@@ -508,6 +512,12 @@ def eval_command(
         roots = _named_paths(image_root, "--image-root")
     except ConfigError as exc:
         raise _fail_config(str(exc)) from None
+    # The evaluated model's answers are keyed by the output folder too: a checkpoint retrained and served
+    # under the same name is evaluated into a new folder, and must never be graded with the old one's replies.
+    evaluated_namespace = (
+        cache_namespace if cache_namespace is not None
+        else settings.cache_namespace_for(model) or f"eval-output:{output.resolve()}"
+    )
 
     predictions: dict[str, list[dict]] = {}
     failures: dict[str, int] = {}
@@ -526,7 +536,7 @@ def eval_command(
         async def open_worker(name: str = name) -> EvalWorker:
             store = await Store.open(settings.cache_path) if settings.cache_path else None
             run_id = run_id_for(predictions_path)
-            [evaluated] = open_models([model], settings, store, run_id=run_id)
+            [evaluated] = open_models([model], settings, store, run_id=run_id, namespace=evaluated_namespace)
             [grader] = open_models([judge_name], settings, store, run_id=run_id) if judge_name else [None]
             interns = open_models(settings.interns, settings, store, run_id=run_id) if mics_score else []
             return EvalWorker(evaluated, settings, store, benchmark=name, judge=grader, interns=interns)

@@ -102,7 +102,31 @@ class Settings(BaseSettings):
         description="'direct' sends hosted_vllm/ models (and openai/ ones with a base URL of your own) with "
         "mics-agents' own HTTP client, skipping LiteLLM's ~3 ms of client CPU per call.",
     )
-    request_timeout: float = Field(default=180.0, gt=0, description="Seconds before one model call times out.")
+    request_timeout: float = Field(
+        default=180.0, gt=0,
+        description="Seconds one attempt of a model call may take in all (connect, send, the whole reply), "
+        "whatever the transport; the deadline of interns, the judge and every other role without its own.",
+    )
+    mentor_timeout: float = Field(
+        default=600.0, gt=0,
+        description="The same deadline for mentor calls: longer, as thinking models take minutes to write a solution.",
+    )
+    intern_timeout: float | None = Field(
+        default=None, gt=0, description="The deadline of intern calls; empty: MICS_REQUEST_TIMEOUT."
+    )
+    judge_timeout: float | None = Field(
+        default=None, gt=0, description="The deadline of judge calls; empty: MICS_REQUEST_TIMEOUT."
+    )
+    max_retry_after: float = Field(
+        default=120.0, ge=0,
+        description="Longest Retry-After honoured, in seconds; a server asking for more is treated as down "
+        "and the call fails at once (model_error, retried on the next run).",
+    )
+    cache_namespace: str = Field(
+        default="",
+        description="Keeps the calls of a changed model served under the same name apart in the cache: a "
+        'word for every model, or JSON per model name, e.g. {"hosted_vllm/chiron": "retrained-2"}.',
+    )
     max_retries: int = Field(default=6, ge=0, le=50, description="Retries of a failing model call.")
     retry_initial_wait: float = Field(default=1.0, ge=0, description="First backoff wait in seconds.")
     retry_max_wait: float = Field(default=60.0, ge=0, description="Longest backoff wait in seconds.")
@@ -159,16 +183,74 @@ class Settings(BaseSettings):
             raise ConfigError(f"{ENV_PREFIX}MENTORS lists a model twice: {','.join(self.mentors)}")
         return self
 
+    @field_validator("cache_namespace")
+    @classmethod
+    def _check_cache_namespace(cls, value: str) -> str:
+        value = value.strip()
+        if value.startswith("{"):
+            import json
+
+            try:
+                mapping = json.loads(value)
+            except ValueError:
+                raise ValueError("not valid JSON; give one word, or a JSON object of model name -> word") from None
+            if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+                raise ValueError("a JSON value must map model names to words, e.g. {\"hosted_vllm/chiron\": \"v2\"}")
+        return value
+
+    @field_validator("intern_timeout", "judge_timeout", mode="before")
+    @classmethod
+    def _empty_timeout_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def cache_namespace_for(self, model_name: str) -> str:
+        """The cache namespace of this model's calls ("" for none: the keys of earlier versions)."""
+        if not self.cache_namespace.startswith("{"):
+            return self.cache_namespace
+        import json
+
+        return str(json.loads(self.cache_namespace).get(model_name, "")).strip()
+
+    def timeout_for(self, role: str) -> float:
+        """Seconds one attempt of a call by this role (mentor, intern, judge, or anything else) may take."""
+        own = {"mentor": self.mentor_timeout, "intern": self.intern_timeout, "judge": self.judge_timeout}.get(role)
+        return own if own is not None else self.request_timeout
+
     def concurrency_for(self, model_name: str) -> int:
         return self.model_concurrency_overrides.get(model_name, self.model_concurrency)
 
 
+_loaded_env_files: set[Path] = set()
+
+
+def load_env_file() -> Path | None:
+    """Load the working folder's ``.env`` into the environment, once per file, never overriding a variable
+    already set. It is the one ``.env`` read: our ``MICS_*`` settings and the provider variables LiteLLM
+    reads (``OPENAI_API_KEY``, ``HOSTED_VLLM_API_BASE`` ...) both come from it, and LiteLLM's own search for
+    a ``.env`` above its install folder is switched off before it is imported. Returns the file, if any."""
+    import os
+
+    path = Path.cwd() / ".env"
+    if not path.is_file():
+        return None
+    resolved = path.resolve()
+    if resolved not in _loaded_env_files:
+        from dotenv import dotenv_values
+
+        for name, value in dotenv_values(resolved, encoding="utf-8").items():
+            if value is not None and name not in os.environ:
+                os.environ[name] = value
+        _loaded_env_files.add(resolved)
+    return resolved
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read settings from the environment (and ``.env``), with keyword overrides on top.
+    """Read settings from the environment (and the working folder's ``.env``), with keyword overrides on top.
 
     A bad value raises :class:`ConfigError` naming the ``MICS_*`` variable at fault.
     """
     try:
+        load_env_file()
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []

@@ -14,6 +14,7 @@ __all__ = [
     "ModelError",
     "ModelCallError",
     "MalformedReplyError",
+    "TransientModelError",
     "ModelRequestsForbidden",
     "PromptError",
     "StoreError",
@@ -67,6 +68,27 @@ class ModelCallError(ModelError):
 
 class MalformedReplyError(ModelError):
     """A reply arrived but is unusable (no choices, empty text, not the expected format). Retried."""
+
+
+class TransientModelError(ModelError):
+    """One attempt failed in a way that may pass (HTTP 408/409/425/429/5xx, a timeout, a dropped
+    connection): the retrying wrapper tries again, after ``retry_after`` seconds if the server said so.
+    ``description`` says what happened, ``hint`` what to do if it keeps happening."""
+
+    def __init__(
+        self,
+        description: str,
+        *,
+        model: str | None = None,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+        hint: str = "",
+    ) -> None:
+        super().__init__(description, model=model)
+        self.description = description
+        self.status_code = status_code
+        self.retry_after = retry_after
+        self.hint = hint
 
 
 class ModelRequestsForbidden(ModelError):

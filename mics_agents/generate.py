@@ -22,7 +22,7 @@ from .data import InputItem, parse_case
 from .errors import InputError, ModelCallError
 from .images import load_images
 from .models.base import ChatMessage, Model, ModelRequest
-from .models.cached import CachedModel
+from .models.factory import with_store
 from .prompts import load_prompt
 from .results import Usage
 from .runner import Outcome
@@ -218,10 +218,10 @@ async def open_generation_worker(
         raise ConfigError("MICS_GENERATOR is not set (nor MICS_MENTORS to fall back on); e.g. MICS_GENERATOR=openai/gpt-4o")
     store = await Store.open(settings.cache_path) if settings.cache_path else None
     if model is None:
-        from .models.litellm_model import open_models
+        from .models.factory import open_models
 
         [model] = open_models([name], settings, store, run_id=run_id)
     elif store is not None:
-        model = CachedModel(model, store, run_id=run_id)
+        model = with_store(model, store, run_id=run_id, namespace=settings.cache_namespace_for(model.name))
     worker_class = QaWorker if kind == "qa" else VqaWorker
     return worker_class(model, settings, store)

@@ -153,10 +153,23 @@ def _decode(source: ImageSource, *, max_side: int, max_pixels: int, base_dir: Pa
         else:
             image.save(buffer, format="PNG")
             mime = "image/png"
+        # The cache key names the original bytes and the resize settings, not the re-encoded bytes: those
+        # change with the Pillow/zlib/libjpeg build, and an upgrade would make every resized image miss.
+        key_sha256 = resized_image_key(hashlib.sha256(data).hexdigest(), max_side)
         data = buffer.getvalue()
-    else:
-        mime = _PASS_THROUGH[image_format]
+        return ImagePart(data, mime, hashlib.sha256(data).hexdigest(), label, key_sha256=key_sha256)
+    mime = _PASS_THROUGH[image_format]
     return ImagePart(data, mime, hashlib.sha256(data).hexdigest(), label)
+
+
+# Bump when a change to the resizing above changes what a model is shown (not merely the bytes' encoding).
+RESIZE_RECIPE = 1
+
+
+def resized_image_key(original_sha256: str, max_side: int) -> str:
+    """The cache key of an image resized (or re-encoded) from a file whose bytes hash to ``original_sha256``."""
+    return hashlib.sha256(f"mics-image/{RESIZE_RECIPE}:{original_sha256}:max_side={max_side}".encode()).hexdigest()
+
 
 
 async def load_images(

@@ -23,7 +23,7 @@ from .config import Settings, load_settings
 from .errors import ConfigError, InputError, ModelCallError
 from .images import ImageCache, ImageSource, load_images
 from .models.base import Model
-from .models.cached import CachedModel
+from .models.factory import with_store
 from .grading import GRADER_VERSION, Grader
 from .results import FinalAnswerGrade, InternSample, Node, SearchResult, Usage
 from .scoring import item_rng, mics_score, path_trend, pick_full_score, pick_to_continue
@@ -248,8 +248,8 @@ class Searcher:
         self._owns_store = owns_store
         self._images = ImageCache()
 
-        def wrap(model: Model) -> Model:
-            return CachedModel(model, store, run_id=run_id) if store is not None else model
+        def wrap(model: Model) -> Model:  # validated, then cached: an unusable reply is never stored
+            return with_store(model, store, run_id=run_id, namespace=self.settings.cache_namespace_for(model.name))
 
         self.mentors = [Mentor(wrap(model), self.settings) for model in mentors]
         self.interns = [Intern(wrap(model), self.settings) for model in interns]
@@ -260,18 +260,21 @@ class Searcher:
     async def open(cls, settings: Settings | None = None, *, run_id: str | None = None) -> "Searcher":
         """Models from ``MICS_MENTORS`` / ``MICS_INTERNS`` / ``MICS_JUDGE`` via LiteLLM (and the Router
         config if one is set), cached in ``MICS_CACHE_PATH`` unless that is empty."""
-        from .models.litellm_model import LiteLLMModel, import_litellm, load_router
+        from .models.factory import open_model, open_router
+        from .models.providers import check_credentials, import_litellm
 
         settings = (settings or load_settings()).check_roles()
         await asyncio.to_thread(import_litellm)  # seconds of import, kept off the event loop
-        router = load_router(settings.router_config) if settings.router_config else None
+        router = open_router(settings)
+        # A provider key missing is a configuration error now, before any call (and before the store opens).
+        check_credentials([*settings.mentors, *settings.interns, settings.judge], router)
 
         store = await Store.open(settings.cache_path) if settings.cache_path else None
-        models: dict[str, Model] = {}  # one adapter per name, even when a name plays two roles
+        models: dict[str, Model] = {}  # one model per name, even when a name plays two roles
 
         def model(name: str) -> Model:
             if name not in models:
-                models[name] = LiteLLMModel(name, settings, router=router)
+                models[name] = open_model(name, settings, router=router)
             return models[name]
 
         try:

@@ -10,7 +10,9 @@ model answered. Credentials and base URLs are never part of either.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
 import time
 from pathlib import Path
 from types import TracebackType
@@ -20,7 +22,11 @@ import aiosqlite
 from .errors import StoreError
 from .models.base import ModelResponse
 
-__all__ = ["Store", "MIGRATIONS"]
+__all__ = ["Store", "MIGRATIONS", "WRITE_ATTEMPTS"]
+
+# A cache write that fails (a full disk freed meanwhile, a lock held past busy_timeout) is tried this often.
+WRITE_ATTEMPTS = 3
+WRITE_RETRY_PAUSE = 0.2  # seconds, times the attempt number
 
 MIGRATIONS: list[str] = [
     # 1: the call cache
@@ -65,6 +71,8 @@ class Store:
         self.path = path
         # Cost of the calls sent (not cached) through this connection, per run id.
         self.new_cost_usd: dict[str, float] = {}
+        # Replies that could not be written (after retries) and were used all the same; a rerun pays again.
+        self.unsaved_calls = 0
 
     @classmethod
     async def open(cls, path: str | Path) -> "Store":
@@ -125,11 +133,22 @@ class Store:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
-    async def get_call(self, key: str) -> ModelResponse | None:
-        rows = await self._db.execute_fetchall(  # one trip to the database thread
-            "SELECT model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason FROM calls WHERE key = ?",
-            (key,),
+    def _failed(self, doing: str, exc: BaseException) -> StoreError:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return StoreError(
+            f"cannot {doing} the cache database {self.path!r}: {reason}. Check the disk has room and the file and "
+            "its folder are writable and not on a network filesystem that breaks SQLite locking; or point "
+            "MICS_CACHE_PATH at another file (or set it empty to run without a cache)."
         )
+
+    async def get_call(self, key: str) -> ModelResponse | None:
+        try:
+            rows = await self._db.execute_fetchall(  # one trip to the database thread
+                "SELECT model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason FROM calls WHERE key = ?",
+                (key,),
+            )
+        except sqlite3.Error as exc:
+            raise self._failed("read from", exc) from exc
         if not rows:
             return None
         model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason = next(iter(rows))
@@ -147,25 +166,36 @@ class Store:
     async def put_call(
         self, key: str, model_name: str, response: ModelResponse, run_id: str | None = None, *, replace: bool = False
     ) -> None:
-        """Store a reply. ``replace`` overwrites an entry found unusable (a reply an older version cached)."""
+        """Store a reply. ``replace`` overwrites an entry found unusable (a reply an older version cached).
+
+        A reply was paid for, so a failed write is tried again (:data:`WRITE_ATTEMPTS` times in all, with a
+        short pause) before it raises :class:`StoreError`."""
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        cursor = await self._db.execute(
-            f"{verb} INTO calls"
-            " (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id, finish_reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key,
-                model_name,
-                response.text,
-                response.input_tokens,
-                response.output_tokens,
-                response.cost_usd,
-                json.dumps(response.extra, sort_keys=True),
-                time.time(),
-                run_id,
-                response.finish_reason,
-            ),
+        values = (
+            key,
+            model_name,
+            response.text,
+            response.input_tokens,
+            response.output_tokens,
+            response.cost_usd,
+            json.dumps(response.extra, sort_keys=True),
+            time.time(),
+            run_id,
+            response.finish_reason,
         )
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                cursor = await self._db.execute(
+                    f"{verb} INTO calls"
+                    " (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id, finish_reason)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    values,
+                )
+                break
+            except sqlite3.Error as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise self._failed("write to", exc) from exc
+                await asyncio.sleep(WRITE_RETRY_PAUSE * attempt)
         # Another process sharing the file may have stored the same call first: then it paid, not us.
         if run_id is not None and cursor.rowcount == 1:
             self.new_cost_usd[run_id] = self.new_cost_usd.get(run_id, 0.0) + response.cost_usd

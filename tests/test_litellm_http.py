@@ -1,6 +1,6 @@
 """The real LiteLLM path against an OpenAI-compatible server on 127.0.0.1 (DESIGN §5, §6, §8).
 
-Every search here goes through ``LiteLLMModel`` -> ``litellm.acompletion`` (or a ``litellm.Router``) ->
+Every search here goes through the model stack (``models/factory.py``) -> ``litellm.acompletion`` (or a ``litellm.Router``) ->
 HTTP -> ``tests/openai_server.py``, whose brain answers like the package's simulated mentors, interns
 and judge. Faults are injected at the server; a search that met faults must equal a fault-free one.
 """
@@ -19,7 +19,9 @@ import yaml
 from mics_agents import ModelCallError, ModelRequestsForbidden, SearchResult, Searcher, Settings, load_settings
 from mics_agents.errors import ModelError
 from mics_agents.models import ChatMessage, ModelRequest, TextPart, set_request_policy
-from mics_agents.models.litellm_model import LiteLLMModel, _retry_after_seconds, load_router
+from mics_agents.models.factory import open_model
+from mics_agents.models.providers import load_router
+from mics_agents.models.transport import retry_after_seconds
 
 from .openai_server import OpenAIServer, RecordedRequest
 
@@ -355,8 +357,7 @@ async def test_router_cooldown_is_waited_out_not_burned_through(server, tmp_path
     """Both deployments fail once and the Router cools them down (allowed_fails: 0); the next attempt
     gets RouterRateLimitError, and the retry must wait the Router's cooldown, not the short backoff."""
     router = load_router(write_router_config(tmp_path / "router.yaml", server, allowed_fails=0, cooldown_time=1))
-    model = LiteLLMModel("intern-pool", make_settings(None, max_retries=3), router=router)
-    assert model.router is router
+    model = open_model("intern-pool", make_settings(None, max_retries=3), router=router)
     server.inject("500", model="openai/intern-1", times=2)
     request = ModelRequest(
         messages=(ChatMessage("user", (TextPart("## Question\nWhat is it?\n\n## Reasoning so far\n(none)"),)),),
@@ -381,7 +382,7 @@ def test_retry_after_reads_the_routers_cooldown():
     error = litellm.RouterRateLimitError(
         model="intern-pool", cooldown_time=4.0, enable_pre_call_checks=False, cooldown_list=["a", "b"]
     )
-    assert _retry_after_seconds(error) == 4.0
+    assert retry_after_seconds(error) == 4.0
 
 
 # -- the request policy -----------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def test_launch_command_and_router_config(tmp_path):
 
 async def test_serve_starts_replicas_routes_interns_over_them_and_stops(tmp_path):
     from mics_agents.config import load_settings
-    from mics_agents.models.litellm_model import LiteLLMModel, load_router
+    from mics_agents.models.factory import open_model
+    from mics_agents.models.providers import load_router
     from mics_agents.models import ChatMessage, ModelRequest
 
     ports = [free_port(), free_port()]
@@ -97,7 +98,7 @@ async def test_serve_starts_replicas_routes_interns_over_them_and_stops(tmp_path
         assert [stats(port)["cuda_visible_devices"] for port in ports] == ["0", "1"]
 
         settings = load_settings(cache_path=None, router_config=tmp_path / "router.yaml", retry_initial_wait=0.01)
-        intern = LiteLLMModel("qwen-intern", settings, router=load_router(settings.router_config))
+        intern = open_model("qwen-intern", settings, router=load_router(settings.router_config))
         requests = [
             ModelRequest((ChatMessage.text("user", f"## Question\nq{i}?\n\n## Reasoning so far\n(none)"),), 0.3)
             for i in range(30)

@@ -1,4 +1,6 @@
-"""The model boundary: the protocol, the LiteLLM adapter, the cache wrapper and test doubles."""
+"""The model boundary: the protocol (``base``), its wrappers (``retrying``, ``limits``, ``validating``,
+``cached``), its transports (``litellm_model``, ``direct``, sharing ``transport`` and ``providers``), the
+one place they are put together (``factory``), and test doubles."""
 
 from .base import (
     ChatMessage,
@@ -7,31 +9,40 @@ from .base import (
     ModelRequest,
     ModelResponse,
     TextPart,
+    WrapperModel,
     request_policy,
     set_request_policy,
 )
 from .cached import CachedModel
+from .limits import LimitingModel
+from .retrying import RetryingModel
 from .testing import FunctionModel, ScriptedModel
+from .validating import ValidatingModel
 
 __all__ = [
     "CachedModel",
     "ChatMessage",
     "FunctionModel",
     "ImagePart",
-    "LiteLLMModel",
+    "LimitingModel",
     "Model",
     "ModelRequest",
     "ModelResponse",
+    "RetryingModel",
     "ScriptedModel",
     "TextPart",
+    "ValidatingModel",
+    "WrapperModel",
+    "open_model",
+    "open_models",
     "request_policy",
     "set_request_policy",
 ]
 
 
-def __getattr__(name: str):  # LiteLLMModel pulls in tenacity only; LiteLLM itself loads on first call
-    if name == "LiteLLMModel":
-        from .litellm_model import LiteLLMModel
+def __getattr__(name: str):  # the factory pulls in the transports; LiteLLM itself loads on first call
+    if name in ("open_model", "open_models"):
+        from . import factory
 
-        return LiteLLMModel
+        return getattr(factory, name)
     raise AttributeError(name)

@@ -1,7 +1,8 @@
 """The model boundary: one request type, one response type, one abstract async method.
 
-Everything that talks to a model (the LiteLLM adapter, the cache, the test doubles) implements
-:class:`Model`; wrappers such as the cache take a model and are a model.
+Everything that talks to a model implements :class:`Model`: the transports (LiteLLM, the direct HTTP
+client), the test doubles, and the wrappers that take a model and are one (:class:`WrapperModel`:
+retrying, limiting, validating, caching). ``models/factory.py`` stacks them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "ModelRequest",
     "ModelResponse",
     "Model",
+    "WrapperModel",
     "RequestPolicy",
     "set_request_policy",
     "request_policy",
@@ -36,16 +38,25 @@ class TextPart:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ImagePart:
-    """An encoded image. Equality and the cache key use the sha256 of its bytes, never the bytes.
+    """An encoded image: the bytes sent, and their sha256. Equality uses that hash, never the bytes.
 
     ``label`` says where it came from (a path as given, or ``<bytes>``) for records and messages.
+    ``key_sha256`` is what the cache key holds for it: the sha256 of the original file's bytes and the
+    resize settings, so the key does not change with the Pillow/zlib/libjpeg build that re-encoded it.
+    Empty when the bytes are sent as they were read (then it is ``sha256``).
     """
 
     data: bytes = field(repr=False)
     mime: str
     sha256: str
     label: str = ""
+    key_sha256: str = ""
     _data_url: str | None = field(default=None, repr=False)
+
+    @property
+    def cache_id(self) -> str:
+        """The image's part of a cache key."""
+        return self.key_sha256 or self.sha256
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ImagePart) and other.sha256 == self.sha256
@@ -83,7 +94,8 @@ class ChatMessage:
 @dataclass(frozen=True, slots=True)
 class ModelRequest:
     """One call. ``sample_index`` tells identical sampled calls apart; ``attempt`` counts re-asks after
-    an unparsable reply; ``prompt_version`` changes when a template changes. All are part of the cache key."""
+    an unparsable reply; ``prompt_version`` changes when a template changes. All are part of the cache key;
+    ``validate`` and ``timeout`` are not."""
 
     messages: tuple[ChatMessage, ...]
     temperature: float
@@ -94,16 +106,24 @@ class ModelRequest:
     # Checked before a reply is cached (raise MalformedReplyError to refuse it): an unusable reply is
     # never stored, so a rerun asks again. Not part of the key.
     validate: Callable[[str], object] | None = field(default=None, compare=False)
+    # Seconds one attempt may take in all (connect, send, the whole reply), on every transport; None: the
+    # transport's default (MICS_REQUEST_TIMEOUT). Set by the role: mentors get longer than interns.
+    timeout: float | None = field(default=None, compare=False)
 
-    def key_payload(self, model_name: str) -> dict[str, Any]:
-        """What identifies this call: images by content hash, no credentials, no base URL."""
-        return {
+    def key_payload(self, model_name: str, *, namespace: str = "", legacy_images: bool = False) -> dict[str, Any]:
+        """What identifies this call: images by content hash, no credentials, no base URL. ``namespace``
+        (empty: none, as in keys written before namespaces existed) separates a changed model served under
+        the same name; ``legacy_images`` keys images by the hash of the bytes sent, as earlier versions
+        did (the cache's fallback lookup, so entries they wrote are still found)."""
+        payload: dict[str, Any] = {
             "model": model_name,
             "messages": [
                 {
                     "role": message.role,
                     "content": [
-                        {"text": part.text} if isinstance(part, TextPart) else {"image_sha256": part.sha256}
+                        {"text": part.text}
+                        if isinstance(part, TextPart)
+                        else {"image_sha256": part.sha256 if legacy_images else part.cache_id}
                         for part in message.parts
                     ],
                 }
@@ -115,10 +135,23 @@ class ModelRequest:
             "attempt": self.attempt,
             "prompt_version": self.prompt_version,
         }
+        if namespace:
+            payload["namespace"] = namespace
+        return payload
 
-    def cache_key(self, model_name: str) -> str:
-        canonical = json.dumps(self.key_payload(model_name), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    def cache_key(self, model_name: str, *, namespace: str = "", legacy_images: bool = False) -> str:
+        payload = self.key_payload(model_name, namespace=namespace, legacy_images=legacy_images)
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def has_legacy_image_key(self) -> bool:
+        """Whether an image's key differs from the hash of its bytes (a resized image): only then can an
+        entry written by an older version sit under another key."""
+        return any(
+            isinstance(part, ImagePart) and part.cache_id != part.sha256
+            for message in self.messages
+            for part in message.parts
+        )
 
     def openai_messages(self) -> list[dict[str, Any]]:
         """The OpenAI chat format LiteLLM takes; images as base64 data URLs."""
@@ -164,6 +197,23 @@ class Model(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+class WrapperModel(Model):
+    """A model around another one, with its name; closing it closes the inner model."""
+
+    def __init__(self, inner: Model) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        return await self.inner.request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
 
 
 RequestPolicy = Literal["allow", "local-only", "deny"]

@@ -15,13 +15,24 @@ import inspect
 import sys
 import threading
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["ClientShare"]
+__all__ = ["ClientShare", "register_closer"]
 
 _lock = threading.Lock()  # loops in other threads may take and release shares too
 _shares_by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int]" = weakref.WeakKeyDictionary()
 _shares_in_process = 0
+# Transports that keep clients of their own (the direct one's aiohttp sessions) register how to close the
+# running loop's: this module imports no transport.
+_closers: list[Callable[[], Awaitable[None]]] = []
+
+
+def register_closer(close: Callable[[], Awaitable[None]]) -> None:
+    """Have ``close()`` (closing the running loop's clients of one transport) called when a loop's last
+    share is released."""
+    if close not in _closers:
+        _closers.append(close)
 
 
 class ClientShare:
@@ -57,9 +68,8 @@ class ClientShare:
 
 
 async def _close_loop_clients(*, all_loops_idle: bool) -> None:
-    from .direct import close_session
-
-    await close_session()
+    for close in list(_closers):
+        await close()
     litellm = sys.modules.get("litellm")
     if litellm is None:
         return  # never imported, so it holds no clients

@@ -1,4 +1,5 @@
-"""Per-model concurrency limits, one per model name and event loop, shared by every model of that name.
+"""The limiting wrapper, and the per-model concurrency limits it takes slots of: one per model name and
+event loop, shared by every model of that name.
 
 Searchers opened side by side in one loop (or many ``search()`` calls) reach the same server, so a limit
 configured for a model name must hold over all of them together: each open model registers the limit it
@@ -13,7 +14,9 @@ import weakref
 from collections import Counter, deque
 from types import TracebackType
 
-__all__ = ["ModelLimit", "model_limit"]
+from .base import Model, ModelRequest, ModelResponse, WrapperModel
+
+__all__ = ["LimitingModel", "ModelLimit", "model_limit"]
 
 
 class ModelLimit:
@@ -92,3 +95,69 @@ def model_limit(name: str) -> ModelLimit:
     if limit is None:
         limit = per_loop[name] = ModelLimit(name)
     return limit
+
+
+class _Registration:
+    """One model's limits, registered with one loop's shared limits."""
+
+    def __init__(self, name: str, limit: int, overall: int) -> None:
+        self.value, self.overall_value = limit, overall
+        self.limit = model_limit(name)
+        self.limit.register(limit)
+        self.overall = model_limit("") if overall else None
+        if self.overall is not None:
+            self.overall.register(overall)
+
+    def release(self) -> None:
+        self.limit.unregister(self.value)
+        if self.overall is not None:
+            self.overall.unregister(self.overall_value)
+
+
+class LimitingModel(WrapperModel):
+    """At most ``limit`` calls of this model name in flight (the smallest limit any open model of that name
+    was configured with), and at most ``overall`` over all models together (0: no overall limit).
+
+    A slot is held for the call only: put retries outside this wrapper, so that a call backing off holds
+    none. The model's own slot is taken first, so a call waiting for its model never holds an overall one.
+    """
+
+    def __init__(self, inner: Model, *, limit: int, overall: int = 0) -> None:
+        super().__init__(inner)
+        if limit < 1 or overall < 0:
+            raise ValueError(f"{inner.name}: a limit must be >= 1 (got {limit}), overall >= 0 (got {overall})")
+        self.limit_value = limit
+        self.overall_value = overall
+        self._registrations: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Registration]" = (
+            weakref.WeakKeyDictionary()
+        )
+        try:
+            # Opened inside a loop (Searcher.open): register now, so the limit holds from the first call of
+            # any searcher, not from this model's first call.
+            self._registration()
+        except RuntimeError:
+            pass  # built outside a loop: the first call registers it
+
+    def _registration(self) -> _Registration:
+        loop = asyncio.get_running_loop()
+        registration = self._registrations.get(loop)
+        if registration is None:
+            registration = self._registrations[loop] = _Registration(self.name, self.limit_value, self.overall_value)
+        return registration
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        registration = self._registration()
+        async with registration.limit:
+            if registration.overall is None:
+                return await self.inner.request(request)
+            async with registration.overall:
+                return await self.inner.request(request)
+
+    async def aclose(self) -> None:
+        """Take this model's limits back (a larger limit of another open model may apply again), then close
+        the inner model. Idempotent."""
+        registrations = list(self._registrations.values())
+        self._registrations.clear()
+        for registration in registrations:
+            registration.release()
+        await self.inner.aclose()

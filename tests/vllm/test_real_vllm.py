@@ -256,13 +256,15 @@ def test_the_lora_answers_by_its_hosted_vllm_name():
 async def test_the_lora_answers_by_its_router_name():
     from mics_agents.config import load_settings
     from mics_agents.models import ChatMessage, ModelRequest, set_request_policy
-    from mics_agents.models.litellm_model import LiteLLMModel, load_router
+    from mics_agents.models.factory import open_model
+    from mics_agents.models.providers import load_router, router_model_names
 
     set_request_policy("allow")  # the server was configured on purpose; it may be on another machine
     settings = load_settings(cache_path=None, router_config=Path(ROUTER), max_retries=1)
     name = f"{intern_name()}:{LORA}"
-    model = LiteLLMModel(name, settings, router=load_router(settings.router_config))
-    assert model.router is not None, f"{name} is not in {ROUTER}"
+    router = load_router(settings.router_config)
+    assert name in router_model_names(router), f"{name} is not in {ROUTER}"
+    model = open_model(name, settings, router=router)
     judge, _ = _judge_and_mentor_messages()
     messages = tuple(ChatMessage.text(message["role"], message["content"]) for message in judge)
     started = time.monotonic()

@@ -1,0 +1,103 @@
+"""The one place models are put together from settings: a transport for the name, and the wrappers.
+
+    CachedModel(ValidatingModel(RetryingModel(LimitingModel(transport))))
+
+- the transport sends one attempt under a total deadline: :class:`~.direct.DirectTransport` for
+  ``hosted_vllm/`` (and ``openai/`` on a base URL of one's own) with ``MICS_TRANSPORT=direct``, else
+  :class:`~.litellm_model.LiteLLMTransport` (through the Router config when it routes the name);
+- the limiting wrapper holds a slot for each attempt only, so a call backing off holds none;
+- the retrying wrapper tries again after errors that may pass;
+- the validating wrapper refuses a reply the request's validator refuses, before the cache sees it;
+- the caching wrapper answers repeated calls from the store.
+
+Missing provider keys are reported here, before any call (:func:`~.providers.check_credentials`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .base import Model
+from .cached import CachedModel
+from .limits import LimitingModel
+from .retrying import RetryingModel
+from .validating import ValidatingModel
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..store import Store
+
+__all__ = ["open_model", "open_models", "with_store", "open_router"]
+
+
+def open_router(settings: "Settings") -> Any:
+    """The ``litellm.Router`` of ``MICS_ROUTER_CONFIG``, or None."""
+    from .providers import load_router
+
+    return load_router(settings.router_config) if settings.router_config else None
+
+
+def _transport(name: str, settings: "Settings", router: Any) -> Model:
+    from .litellm_model import LiteLLMTransport
+    from .providers import router_model_names
+
+    if router is not None and name in router_model_names(router):
+        return LiteLLMTransport(name, timeout=settings.request_timeout, router=router)
+    if settings.transport == "direct":
+        from .direct import DirectTransport, direct_endpoint
+
+        endpoint = direct_endpoint(name)
+        if endpoint is not None:
+            return DirectTransport(name, endpoint, timeout=settings.request_timeout)
+    return LiteLLMTransport(name, timeout=settings.request_timeout)
+
+
+def open_model(name: str, settings: "Settings", *, router: Any = None) -> Model:
+    """The uncached model ``name``: its transport, limited and retried as ``settings`` say. Add validation
+    and the cache with :func:`with_store` (the Searcher does that itself)."""
+    limited = LimitingModel(
+        _transport(name, settings, router),
+        limit=settings.concurrency_for(name),
+        overall=settings.max_calls_in_flight,
+    )
+    return RetryingModel(
+        limited,
+        max_retries=settings.max_retries,
+        initial_wait=settings.retry_initial_wait,
+        max_wait=settings.retry_max_wait,
+        max_retry_after=settings.max_retry_after,
+    )
+
+
+def with_store(model: Model, store: "Store | None", *, run_id: str | None = None, namespace: str = "") -> Model:
+    """``model`` with replies validated, and cached in ``store`` if there is one."""
+    validated = ValidatingModel(model)
+    if store is None:
+        return validated
+    return CachedModel(validated, store, run_id=run_id, namespace=namespace)
+
+
+def open_models(
+    names: list[str],
+    settings: "Settings",
+    store: "Store | None" = None,
+    *,
+    run_id: str | None = None,
+    namespace: str | None = None,
+) -> list[Model]:
+    """Models for these names, validated and cached in ``store`` if given. ``namespace``: their cache
+    namespace (default: ``MICS_CACHE_NAMESPACE`` for each name). Raises :class:`ConfigError` for a missing
+    provider key before anything is sent."""
+    from .providers import check_credentials
+
+    router = open_router(settings)
+    check_credentials(names, router)
+    return [
+        with_store(
+            open_model(name, settings, router=router),
+            store,
+            run_id=run_id,
+            namespace=settings.cache_namespace_for(name) if namespace is None else namespace,
+        )
+        for name in names
+    ]

@@ -1,0 +1,218 @@
+"""What every transport shares: one attempt under one total deadline, and errors sorted into those worth
+another attempt (:class:`~mics_agents.errors.TransientModelError`) and those that are not
+(:class:`~mics_agents.errors.ModelCallError`, with what to do).
+
+A transport sends one attempt and nothing more: retries, limits, validation and the cache are wrappers
+around it (``models/factory.py``). The deadline covers connect, send and the whole reply: HTTP clients'
+own timeouts are per read, so a server that drips its reply a byte at a time would never trip them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from abc import abstractmethod
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from ..errors import ModelCallError, ModelError, TransientModelError
+from .base import Model, ModelRequest, ModelResponse, check_request_allowed
+from .clients import ClientShare
+
+__all__ = ["Transport", "classify_error", "retry_after_seconds", "RETRYABLE_4XX"]
+
+# 4xx statuses that say "try again": request timeout, conflict, too early, too many requests.
+RETRYABLE_4XX = frozenset({408, 409, 425, 429})
+
+
+class Transport(Model):
+    """Sends one attempt of a call. Subclasses implement :meth:`_send` and :meth:`endpoint_bases`, and
+    may name more error types worth another attempt (:meth:`_is_transient`)."""
+
+    def __init__(self, name: str, *, timeout: float) -> None:
+        self.name = name
+        self.default_timeout = timeout
+        self._shares: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ClientShare]" = weakref.WeakKeyDictionary()
+
+    @abstractmethod
+    def endpoint_bases(self) -> list[str | None]:
+        """Where this model's calls go (None: the provider's public API), for the request policy."""
+
+    @abstractmethod
+    async def _send(self, request: ModelRequest, timeout: float) -> ModelResponse:
+        """One attempt; raise anything, :meth:`request` sorts it."""
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        return False
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        check_request_allowed(self.name, self.endpoint_bases())
+        loop = asyncio.get_running_loop()
+        if loop not in self._shares:
+            # While this model is open it holds a share of the loop's HTTP clients (see clients.py).
+            self._shares[loop] = ClientShare()
+        timeout = request.timeout or self.default_timeout
+        scope = _deadline(timeout)
+        try:
+            async with scope:
+                return await self._send(request, timeout)
+        except ModelError:
+            raise
+        except TimeoutError as exc:
+            if not scope.expired():
+                raise classify_error(self.name, exc, self._is_transient) from exc
+            raise TransientModelError(
+                f"no complete reply within the {timeout:g} s deadline",
+                model=self.name,
+                hint="A slow model needs a longer deadline (MICS_MENTOR_TIMEOUT, MICS_INTERN_TIMEOUT, "
+                "MICS_JUDGE_TIMEOUT, MICS_REQUEST_TIMEOUT); otherwise check the server is up and not overloaded.",
+            ) from None
+        except Exception as exc:
+            raise classify_error(self.name, exc, self._is_transient) from exc
+
+    async def aclose(self) -> None:
+        """Give back this model's share of the loop's HTTP clients (the loop's last user closes them; another
+        loop's clients are closed by that loop). Idempotent."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        shares = list(self._shares.items())
+        self._shares.clear()
+        for loop, share in shares:
+            if loop is not running:
+                await share.release()  # returns without suspending: another loop's clients are not closed here
+        for loop, share in shares:
+            if loop is running:
+                await share.release()
+
+
+class _Deadline:
+    """``asyncio.timeout`` for Python 3.10: cancels the task at the deadline and raises TimeoutError."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._expired = False
+        self._handle: asyncio.TimerHandle | None = None
+
+    def expired(self) -> bool:
+        return self._expired
+
+    async def __aenter__(self) -> "_Deadline":
+        task = asyncio.current_task()
+        assert task is not None
+
+        def fire() -> None:
+            self._expired = True
+            task.cancel()
+
+        self._handle = asyncio.get_running_loop().call_later(self.seconds, fire)
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._expired and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc
+
+
+def _deadline(seconds: float) -> Any:
+    return asyncio.timeout(seconds) if hasattr(asyncio, "timeout") else _Deadline(seconds)
+
+
+def status_code(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def retry_after_seconds(exc: BaseException | None) -> float | None:
+    """The server's Retry-After (seconds or an HTTP date), from wherever the client kept the headers."""
+    if exc is None:
+        return None
+    header_sets = []
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "headers", None) is not None:
+        header_sets.append(response.headers)
+    for attribute in ("headers", "litellm_response_headers"):
+        headers = getattr(exc, attribute, None)
+        if headers:
+            header_sets.append(headers)
+    for headers in header_sets:
+        try:
+            value = headers.get("retry-after") or headers.get("Retry-After")
+        except AttributeError:
+            continue
+        if not value:
+            continue
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            pass
+        try:
+            return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+        except (TypeError, ValueError):
+            continue
+    # A litellm.Router whose deployments are all cooling down raises RouterRateLimitError (HTTP 429, no
+    # headers) with the cooldown it applies: the Router's own "try again in N seconds".
+    cooldown = getattr(exc, "cooldown_time", None)
+    if isinstance(cooldown, (int, float)) and not isinstance(cooldown, bool) and cooldown > 0:
+        return float(cooldown)
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    status = status_code(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}{f' (HTTP {status})' if status else ''}{f': {text[:300]}' if text else ''}"
+
+
+def hint(exc: BaseException) -> str:
+    status = status_code(exc)
+    if status in (401, 403):
+        return "Check the provider's API key variable (e.g. OPENAI_API_KEY, GEMINI_API_KEY)."
+    if status == 404:
+        return "Check the model name (a LiteLLM name like 'openai/gpt-4o') and the provider's *_API_BASE."
+    if status == 400:
+        return "The provider refused the request; check the model supports images and the prompt size."
+    if status is not None and 400 <= status < 500 and status not in RETRYABLE_4XX:
+        return "The provider refused the request as sent; asking again would not help."
+    return "Check the provider or server is up and reachable (its *_API_BASE) and rerun: the run resumes."
+
+
+def _names_a_missing_key(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "api_key" in text and ("must be set" in text or "missing" in text)
+
+
+def classify_error(model: str, exc: BaseException, is_transient: Any = None) -> ModelError:
+    """The error one failed attempt becomes. 4xx other than 408/409/425/429 are never worth another
+    attempt (the same request gets the same refusal); 408/409/425/429, 5xx, timeouts, dropped connections
+    and unreadable replies are (:class:`TransientModelError`, carrying any Retry-After)."""
+    if isinstance(exc, ModelError):
+        return exc
+    if _names_a_missing_key(exc):
+        return ModelCallError(
+            f"{model}: {describe(exc)}. Set the provider's API key variable (e.g. OPENAI_API_KEY), in the "
+            "environment or the working folder's .env.",
+            model=model,
+        )
+    status = status_code(exc)
+    transient_status = status is not None and (status in RETRYABLE_4XX or status >= 500)
+    if status is not None and not transient_status and 400 <= status < 500:
+        return ModelCallError(f"{model}: {describe(exc)}. {hint(exc)}", model=model)
+    if transient_status or _is_transient_type(exc) or (is_transient is not None and is_transient(exc)):
+        return TransientModelError(
+            describe(exc), model=model, status_code=status, retry_after=retry_after_seconds(exc), hint=hint(exc)
+        )
+    return ModelCallError(f"{model}: {describe(exc)}. {hint(exc)}", model=model)
+
+
+def _is_transient_type(exc: BaseException) -> bool:
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError, json.JSONDecodeError)):
+        return True
+    import aiohttp
+    import httpx
+
+    return isinstance(exc, (httpx.TransportError, httpx.DecodingError, aiohttp.ClientError))
