@@ -6,9 +6,11 @@ seconds). What it answers is decided by a *brain*, a function of (model name, re
 brain turns the OpenAI messages back into a :class:`~mics_agents.models.base.ModelRequest` and answers
 with the package's simulated mentor, intern or judge (chosen by the model name). Every request is
 recorded (path, model, body, headers, arrival and reply times, fault applied), and a fault script makes the next
-requests fail on purpose: ``429`` (with ``Retry-After``), ``500``, ``401``, ``timeout`` (answers late),
-``malformed`` (HTTP 200, invalid JSON), ``empty`` (``choices: []``) and ``empty_content``. A reply longer
-than the request's ``max_tokens`` (one word, one token) is cut there with ``finish_reason: "length"``.
+requests fail on purpose: ``429`` (with ``Retry-After``), ``500``, ``401``, ``400``, ``timeout`` (answers late),
+``drip`` (HTTP 200 at once, then the body a byte every ``DRIP_INTERVAL`` s for ``delay`` s: no read ever waits
+long, so only a total deadline stops it), ``malformed`` (HTTP 200, invalid JSON), ``empty`` (``choices: []``)
+and ``empty_content``. A reply longer than the request's ``max_tokens`` (one word, one token) is cut there
+with ``finish_reason: "length"``.
 
     with OpenAIServer() as server:
         server.inject("429", model="intern-1", retry_after=1)
@@ -47,9 +49,12 @@ __all__ = [
 
 Brain = Callable[[str, dict[str, Any]], str]
 
-FAULT_KINDS = ("429", "500", "401", "timeout", "malformed", "empty", "empty_content")
+FAULT_KINDS = ("429", "500", "401", "400", "timeout", "drip", "malformed", "empty", "empty_content")
 # However long a test asks a "timeout" reply to take, the server never holds a request longer.
 MAX_TIMEOUT_DELAY = 5.0
+# A "drip" reply sends one byte this often, for at most MAX_DRIP seconds, then the whole completion.
+DRIP_INTERVAL = 0.2
+MAX_DRIP = 30.0
 
 
 @dataclass
@@ -78,6 +83,7 @@ class RecordedRequest:
     fault: str | None = None
     status: int = 200
     replied_at: float | None = None  # time.monotonic() when the reply was handed to the client
+    drip_seconds: float = 0.0  # how long a "drip" fault spreads the reply over
 
     def canonical(self) -> str:
         """What identifies the call, as one string: model, messages and temperature (a retry, or the same
@@ -213,7 +219,7 @@ class OpenAIServer:
     ) -> Fault:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {FAULT_KINDS}")
-        fault = Fault(kind, model, times, retry_after, min(delay, MAX_TIMEOUT_DELAY))
+        fault = Fault(kind, model, times, retry_after, min(delay, MAX_DRIP if kind == "drip" else MAX_TIMEOUT_DELAY))
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -333,13 +339,36 @@ class OpenAIServer:
         record, response = await self._reply(http_request)
         # Send the reply here (not after returning) so that ``replied_at`` is when its bytes went out.
         try:
-            await response.prepare(http_request)
-            await response.write_eof()
+            if record is not None and record.fault == "drip":
+                response = await self._drip(http_request, response, record.drip_seconds)
+            else:
+                await response.prepare(http_request)
+                await response.write_eof()
         except ConnectionError:  # the client is gone (killed, or gave up on a late reply)
             return response
         if record is not None:
             record.replied_at = time.monotonic()
         return response
+
+    async def _drip(self, http_request: web.Request, complete: web.Response, seconds: float) -> web.StreamResponse:
+        """Headers at once, then a space every DRIP_INTERVAL s (JSON allows leading whitespace), then the
+        completion: a client bounded per read never times out; only a total deadline stops it."""
+        assert self._stopped is not None
+        body = complete.body if isinstance(complete.body, bytes) else b""
+        spaces = int(seconds / DRIP_INTERVAL)
+        stream = web.StreamResponse(status=complete.status, headers={"Content-Type": "application/json"})
+        stream.content_length = spaces + len(body)
+        await stream.prepare(http_request)
+        for _ in range(spaces):
+            await stream.write(b" ")
+            try:
+                await asyncio.wait_for(self._stopped.wait(), timeout=DRIP_INTERVAL)
+                break  # the server stops: the reply is cut short
+            except asyncio.TimeoutError:
+                pass
+        await stream.write(body)
+        await stream.write_eof()
+        return stream
 
     async def _reply(self, http_request: web.Request) -> tuple[RecordedRequest | None, web.Response]:
         received_at = time.monotonic()
@@ -352,13 +381,16 @@ class OpenAIServer:
         record = RecordedRequest(http_request.path, model, body, dict(http_request.headers), received_at)
         fault = self._take_fault(model)
         record.fault = fault.kind if fault else None
+        record.drip_seconds = fault.delay if fault is not None and fault.kind == "drip" else 0.0
         with self._lock:
             self.requests.append(record)
 
-        if fault is not None and fault.kind in ("429", "500", "401"):
+        if fault is not None and fault.kind in ("429", "500", "401", "400"):
             record.status = int(fault.kind)
-            messages = {429: "Rate limit reached, slow down", 500: "Internal server error", 401: "Invalid API key"}
-            kinds = {429: "rate_limit_error", 500: "server_error", 401: "invalid_request_error"}
+            messages = {429: "Rate limit reached, slow down", 500: "Internal server error", 401: "Invalid API key",
+                        400: "Invalid image: unsupported format"}
+            kinds = {429: "rate_limit_error", 500: "server_error", 401: "invalid_request_error",
+                     400: "invalid_request_error"}
             headers = {"Retry-After": str(fault.retry_after)} if fault.kind == "429" else {}
             return record, web.json_response(
                 {"error": {"message": messages[record.status], "type": kinds[record.status], "code": None}},
