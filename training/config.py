@@ -1,8 +1,9 @@
 """The curriculum config: one dataclass, help text on every field, read from YAML with CLI overrides on top.
 
 Defaults are the paper's (Chiron-o1 fine-tunes InternVL3 on the three MMRP stages): LoRA r=16, alpha=32 on the
-language model with the vision tower and projector frozen; AdamW at 4e-5 with cosine decay and 3% warmup; one
-epoch per stage; global batch 16; bf16 where the hardware has it; sequences up to 8192 tokens.
+language model with the vision tower and projector frozen; AdamW at 4e-5 with cosine decay and 3% warmup, weight
+decay 0.05 (the published 8B script; its 2B script uses 0.01); one epoch per stage; global batch 16; bf16 where the
+hardware has it; sequences up to 8192 tokens; InternVL images in at most 6 tiles (``max_dynamic_patch 6``).
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ class StageSettings:
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Samples per forward pass per process."})
     max_length: int = field(
         default=8192,
-        metadata={"help": "Longest training sequence in tokens (image tokens included); longer answers are cut."},
+        metadata={
+            "help": "Longest training sequence in tokens (image tokens included). Nothing is ever cut: a sample "
+            "longer than this is left out of the stage and counted (manifest, log, model card)."
+        },
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "AdamW weight decay (published scripts: 0.05 for 8B, 0.01 for 2B)."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     seed: int = field(default=42, metadata={"help": "Seed of the LoRA init, the data order and dropout."})
     save_steps: int = field(
@@ -128,6 +134,28 @@ class CurriculumConfig(StageSettings):
     save_merged_model: bool = field(
         default=False, metadata={"help": "Also write the merged full model (base + adapter) to OUTPUT/merged."}
     )
+    image_max_tiles: int = field(
+        default=6,
+        metadata={
+            "help": "InternVL (and other tiling processors with max_patches): at most this many 448-px tiles per "
+            "image, plus a thumbnail when there is more than one (the published scripts' max_dynamic_patch: 6; "
+            "the processor's own default is 12). Fewer tiles, fewer image tokens."
+        },
+    )
+    image_min_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Qwen2-VL/Qwen2.5-VL: the least pixels an image is resized to (min_pixels); unset: the "
+            "processor's own."
+        },
+    )
+    image_max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Qwen2-VL/Qwen2.5-VL: the most pixels an image is resized to (max_pixels; every 28x28 pixels is "
+            "one image token), e.g. 1003520 = 1280 tokens; unset: the processor's own."
+        },
+    )
     precision: str = field(
         default="auto",
         metadata={"help": "'auto' (bf16 on GPUs that have it, else fp32), 'bf16', 'fp16' or 'fp32'."},
@@ -156,6 +184,13 @@ class CurriculumConfig(StageSettings):
         default=False,
         metadata={"help": "Continue although a stage file changed since its stage was trained or started."},
     )
+    allow_trainer_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue a run that an older version of this package started with its own trainer (before TRL's "
+            "SFTTrainer): the unfinished stage resumes from its checkpoint with the new trainer and length policy."
+        },
+    )
     extra_training_args: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": "More TrainingArguments/SFTConfig fields passed as they are, e.g. {optim: adamw_8bit}."},
@@ -181,6 +216,14 @@ class CurriculumConfig(StageSettings):
         if not 0 <= self.lora_dropout < 1:
             problems.append("lora_dropout: must be in [0, 1)")
         problems += _check_settings(self, "")
+        if self.image_max_tiles < 1:
+            problems.append("image_max_tiles: must be at least 1")
+        for name in ("image_min_pixels", "image_max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name}: must be positive (or unset)")
+        if self.image_min_pixels and self.image_max_pixels and self.image_min_pixels > self.image_max_pixels:
+            problems.append("image_min_pixels: must not exceed image_max_pixels")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             problems.append(f"deepspeed: no file at {self.deepspeed}")
         if isinstance(self.report_to, str) and "," in self.report_to:
@@ -283,6 +326,10 @@ def _check_settings(settings: StageSettings, prefix: str) -> list[str]:
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, with an error naming the field."""
     kind = str(annotation)
+    if kind.endswith(" | None"):
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""}):
+            return None
+        kind = kind[: -len(" | None")]
     try:
         if kind == "float" and not isinstance(value, bool):
             return float(value)

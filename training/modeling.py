@@ -24,6 +24,7 @@ __all__ = [
     "language_model_target_modules",
     "resolve_dtype",
     "tokenizer_of",
+    "apply_image_budget",
 ]
 
 logger = logging.getLogger(__name__)
@@ -173,3 +174,61 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def apply_image_budget(
+    processing_class: Any, *, max_tiles: int, min_pixels: int | None = None, max_pixels: int | None = None
+) -> dict[str, Any]:
+    """Set how many image tokens an image may cost, on the processor itself, and return what was set.
+
+    Tiling processors (InternVL's, ``max_patches``) get ``max_tiles``; pixel-budget processors (Qwen2-VL/2.5-VL,
+    ``size.shortest_edge``/``size.longest_edge``) get ``min_pixels``/``max_pixels`` where given. The settings stay on
+    the processor, so they are saved with every checkpoint, adapter and merged model and serve the same way.
+    Pixel settings on a processor without a pixel budget are an error rather than silently ignored.
+    """
+    image_processor = getattr(processing_class, "image_processor", None)
+    applied: dict[str, Any] = {}
+    if image_processor is None:
+        return applied
+    name = type(image_processor).__name__
+    if hasattr(image_processor, "max_patches"):
+        image_processor.max_patches = max_tiles
+        applied["max_patches"] = max_tiles
+        if getattr(image_processor, "min_patches", 1) > max_tiles:
+            image_processor.min_patches = max_tiles
+    size = getattr(image_processor, "size", None)
+    has_pixel_budget = size is not None and "longest_edge" in _size_keys(size) and hasattr(image_processor, "merge_size")
+    if min_pixels is not None or max_pixels is not None:
+        if not has_pixel_budget:
+            raise TrainingConfigError(
+                f"image_min_pixels/image_max_pixels apply to processors with a pixel budget (Qwen2-VL, Qwen2.5-VL); "
+                f"this model's image processor is {name}: unset them"
+                + (" and use image_max_tiles" if "max_patches" in applied else "")
+            )
+        values = dict(_size_items(size))
+        if min_pixels is not None:
+            values["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            values["longest_edge"] = max_pixels
+        if values["shortest_edge"] > values["longest_edge"]:
+            raise TrainingConfigError(
+                f"image_min_pixels {values['shortest_edge']} exceeds the processor's max_pixels {values['longest_edge']}"
+            )
+        image_processor.size = type(size)(**values) if not isinstance(size, dict) else values
+    if has_pixel_budget:
+        values = dict(_size_items(image_processor.size))
+        applied["min_pixels"], applied["max_pixels"] = values["shortest_edge"], values["longest_edge"]
+    return applied
+
+
+def _size_items(size: Any) -> list[tuple[str, Any]]:
+    if isinstance(size, dict):
+        return [(key, value) for key, value in size.items() if value is not None]
+    return [(key, getattr(size, key)) for key in _size_keys(size)]
+
+
+def _size_keys(size: Any) -> list[str]:
+    if isinstance(size, dict):
+        return [key for key, value in size.items() if value is not None]
+    keys = getattr(size, "__dataclass_fields__", None) or vars(size)
+    return [key for key in keys if getattr(size, key, None) is not None]
