@@ -1,4 +1,8 @@
-"""The curriculum fine-tune on tiny models made on the spot: CPU, offline, a few steps per stage."""
+"""The curriculum fine-tune on tiny models made on the spot: CPU, offline, a few steps per stage.
+
+LLaVA and a text Llama run everywhere; the paper's family (InternVL "-hf") and Qwen2.5-VL need torchvision for their
+processors and are skipped, saying so, where it does not load.
+"""
 
 from __future__ import annotations
 
@@ -19,22 +23,34 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
+pytest.importorskip("trl")
 
 from tests import tiny_models  # noqa: E402
 from training import (  # noqa: E402
     DataChangedError,
+    ManifestError,
     ModelLoadError,
     StageDataError,
     TrainingConfigError,
     load_config,
     run_curriculum,
 )
-from training.collator import IGNORE_INDEX, CompletionOnlyCollator  # noqa: E402
 from training.data import read_stage_file  # noqa: E402
 from training.modeling import load_processing_class  # noqa: E402
+from training.sft import IGNORE_INDEX, stage_records, vision_collator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("stage1", "stage2", "stage3")
+NEEDS_TORCHVISION = pytest.mark.skipif(
+    not tiny_models.has_torchvision(),
+    reason="the InternVL and Qwen2.5-VL processors need torchvision built for this torch "
+    "(pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1)",
+)
+FAMILY_PARAMS = [
+    pytest.param("llava", id="llava"),
+    pytest.param("internvl", id="internvl", marks=NEEDS_TORCHVISION),
+    pytest.param("qwen2_5_vl", id="qwen2_5_vl", marks=NEEDS_TORCHVISION),
+]
 
 
 def tiny_config(base: Path, curriculum: Path, output: Path, **overrides):
@@ -67,6 +83,16 @@ def adapter_weights(folder: Path) -> dict[str, "torch.Tensor"]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def collate(processor, samples):
+    """A batch exactly as the trainer builds it: TRL's vision collator over the stage rows, images loaded."""
+    from PIL import Image
+
+    rows = stage_records(samples, is_vlm=True)
+    for row in rows:
+        row["images"] = [Image.open(path).convert("RGB") for path in row["images"]]
+    return vision_collator(processor)(rows)
 
 
 def answer_loss(model, batches) -> float:
@@ -169,10 +195,12 @@ def test_the_final_adapter_generates_and_the_merged_model_matches_it(finished_ru
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_vlm)
+    from PIL import Image
+
     sample = read_stage_file(curriculum / "stage3" / "messages.jsonl", stage="stage3").samples[2]
-    collator = CompletionOnlyCollator(processor, is_vlm=True, max_length=128)
     prompt = processor.apply_chat_template(sample.prompt, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=[collator.load_images(sample.as_row())], return_tensors="pt")
+    images = [Image.open(path).convert("RGB") for path in sample.images]
+    inputs = processor(text=[prompt], images=[images], return_tensors="pt")
 
     base = AutoModelForImageTextToText.from_pretrained(tiny_vlm).eval()
     with torch.no_grad():
@@ -271,9 +299,10 @@ def test_trains_on_the_curriculum_the_dataset_builder_writes(tmp_path, caplog):
     if samples["stage1"] == 0:
         assert statuses["stage1"] == "skipped" and "holds no samples" in caplog.text
     assert statuses["stage2"] == statuses["stage3"] == "done" and samples["stage3"] > 0
-    assert "skipped (no loss)" not in caplog.text  # every prompt fit
+    assert "left out" not in caplog.text  # every sample fit: nothing dropped
     for stage in manifest["stages"][1:]:
         assert stage["global_step"] == 8
+        assert stage["dropped"] == {} and stage["trained_samples"] == stage["samples"]
         assert set(stage["sources"]) <= {"part1_text_qa", "part2_alignment", "part3_cot"} | {
             name for name in stage["sources"] if name.startswith("vqa:")
         }
@@ -282,9 +311,8 @@ def test_trains_on_the_curriculum_the_dataset_builder_writes(tmp_path, caplog):
     from transformers import AutoModelForImageTextToText
 
     processor = load_processing_class(str(base), "vlm")
-    rows = [sample.as_row() for sample in read_stage_file(curriculum / "stage3" / "messages.jsonl", stage="s").samples]
-    collator = CompletionOnlyCollator(processor, is_vlm=True, max_length=512)
-    batches = [collator(rows[i : i + 4]) for i in range(0, len(rows), 4)]
+    samples = read_stage_file(curriculum / "stage3" / "messages.jsonl", stage="s").samples
+    batches = [collate(processor, samples[i : i + 4]) for i in range(0, len(samples), 4)]
     before = answer_loss(AutoModelForImageTextToText.from_pretrained(base), batches)
     tuned = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), str(result.adapter_dir))
     after = answer_loss(tuned, batches)
@@ -431,55 +459,331 @@ def test_a_running_stage_refuses_other_settings(tmp_path):
         Manifest.open(tmp_path, base_model="other", model_kind="vlm")
 
 
-# --- label masking -------------------------------------------------------------------------------------------------
+# --- which tokens carry loss: golden tests per model family --------------------------------------------------------
+
+QWEN_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+# Per family: the prompt as the model sees it (images expanded by the processor), one image's tokens at the tiny
+# models' sizes, and what follows the answer. Everything before the answer is masked; the answer and its
+# end-of-turn tokens are the only labels.
+GOLDEN = {
+    "llava": {
+        "prompt": "<|user|>{images}{question}</s><|assistant|>",
+        "image": "<image>" * 4,  # 16x16 pixels in 8x8 patches
+        "end": "</s>",
+    },
+    "internvl": {
+        "prompt": "<|im_start|>user\n{images}{question}<|im_end|>\n<|im_start|>assistant\n",
+        "image": "<img>" + "<IMG_CONTEXT>" * 4 + "</img>\n",  # one 16-px tile, 4 tokens after the pixel shuffle
+        "end": "<|im_end|>\n",
+    },
+    "qwen2_5_vl": {
+        "prompt": QWEN_SYSTEM + "<|im_start|>user\n{images}{question}<|im_end|>\n<|im_start|>assistant\n",
+        "image": "<|vision_start|>" + "<|image_pad|>" * 6 + "<|vision_end|>",  # 20x24 -> 16x24 px, 6 tokens
+        "end": "<|im_end|>\n",
+    },
+}
+IMAGE_TOKENS = {"llava": "<image>", "internvl": "<IMG_CONTEXT>", "qwen2_5_vl": "<|image_pad|>"}
 
 
-def test_only_the_assistant_answer_carries_labels(tiny_vlm, curriculum):
-    processor = load_processing_class(str(tiny_vlm), "vlm")
-    samples = read_stage_file(curriculum / "stage1" / "messages.jsonl", stage="stage1").samples
-    text_sample, image_sample = samples[0], samples[2]
-    assert not text_sample.images and image_sample.images
-    collator = CompletionOnlyCollator(processor, is_vlm=True, max_length=128)
-    batch = collator([text_sample.as_row(), image_sample.as_row()])
+@pytest.fixture(scope="module")
+def family_model(request, workdir):
+    """``family_model(name)``: the tiny model of that family, built once per module."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name == "llava":
+            return request.getfixturevalue("tiny_vlm")
+        if name not in built:
+            built[name] = tiny_models.FAMILIES[name](workdir / f"tiny-{name}")
+        return built[name]
+
+    return get
+
+
+def family_processor(base: Path, max_tiles: int = 6):
+    from training.modeling import apply_image_budget
+
+    processor = load_processing_class(str(base), "vlm")
+    apply_image_budget(processor, max_tiles=max_tiles)
+    return processor
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_golden_labels_only_the_answer_carries_loss(family, family_model, curriculum):
+    """Text-only, one-image and two-image samples in one batch, through TRL's collator as the trainer uses it."""
+    from training.lengths import measure_lengths
+
+    processor = family_processor(family_model(family))
     tokenizer = processor.tokenizer
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
-    assert batch["pixel_values"].shape[0] == 1  # one image in the batch
-    for row, sample in enumerate([text_sample, image_sample]):
+    stage1 = read_stage_file(curriculum / "stage1" / "messages.jsonl", stage="stage1").samples
+    stage3 = read_stage_file(curriculum / "stage3" / "messages.jsonl", stage="stage3").samples
+    samples = [stage1[0], stage3[0], stage3[3]]
+    assert [len(sample.images) for sample in samples] == [0, 1, 2]
+    batch = collate(processor, samples)
+    golden = GOLDEN[family]
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[family])
+    lengths = measure_lengths(samples, processor, is_vlm=True)
+    for row, sample in enumerate(samples):
         labels, ids, mask = batch["labels"][row], batch["input_ids"][row], batch["attention_mask"][row]
         trained = labels != IGNORE_INDEX
-        answer = sample.completion[0]["content"][0]["text"]
-        assert tokenizer.decode(labels[trained]) == answer + "</s>"  # the answer and its end-of-turn token
-        assert torch.equal(labels[trained], ids[trained])
         first = int(trained.nonzero()[0])
-        assert tokenizer.decode(ids[:first]).endswith("<|assistant|>")  # everything before is prompt
-        assert not trained[:first].any() and not trained[mask == 0].any()
-        assert not trained[ids == image_token].any()
-    assert int((batch["input_ids"][1] == image_token).sum()) == 4  # 16x16 pixels in 8x8 patches
-    padding = batch["attention_mask"] == 0
-    assert padding.any() and (batch["input_ids"][padding] == tokenizer.pad_token_id).all()  # right-padded
+        question = sample.prompt[0]["content"][-1]["text"]
+        answer = sample.completion[0]["content"][0]["text"]
+        expected_prompt = golden["prompt"].format(images=golden["image"] * len(sample.images), question=question)
+        assert tokenizer.decode(ids[:first]) == expected_prompt
+        assert tokenizer.decode(labels[trained]) == answer + golden["end"]
+        assert torch.equal(labels[trained], ids[trained]) and not trained[:first].any()
+        assert trained[first : int(mask.sum())].all()  # the whole answer, uncut, then only padding
+        assert not trained[mask == 0].any() and not trained[ids == image_token].any()
+        assert (ids[mask == 0] == tokenizer.pad_token_id).all()
+        # The length policy counts exactly what the trainer trains on.
+        assert lengths[sample.id] == [first, int(trained.sum())]
+    planes = batch["image_grid_thw"].shape[0] if family == "qwen2_5_vl" else batch["pixel_values"].shape[0]
+    assert planes == 3  # three images (one tile each for InternVL at 20x24 pixels)
 
 
-def test_text_models_mask_the_same_way_and_long_answers_are_cut(tmp_path, curriculum):
-    tokenizer_dir = tiny_models.build_tiny_causal_lm(tmp_path / "tiny-llama")
-    tokenizer = load_processing_class(str(tokenizer_dir), "text")
-    sample = read_stage_file(curriculum / "stage1" / "messages.jsonl", stage="stage1").samples[1]
-    full = CompletionOnlyCollator(tokenizer, is_vlm=False, max_length=128)([sample.as_row()])
-    trained = full["labels"][0] != IGNORE_INDEX
-    assert tokenizer.decode(full["labels"][0][trained]) == sample.completion[0]["content"][0]["text"] + "</s>"
-    prompt_length = int((~trained).sum())
-    cut = CompletionOnlyCollator(tokenizer, is_vlm=False, max_length=prompt_length + 3)([sample.as_row()])
-    assert cut["input_ids"].shape[1] == prompt_length + 3
-    assert int((cut["labels"][0] != IGNORE_INDEX).sum()) == 3
+def test_golden_labels_of_a_text_model(tmp_path, curriculum):
+    """A text-only model: SFTTrainer tokenizes the prompt-completion rows itself; the same tokens carry loss."""
+    from trl import SFTConfig, SFTTrainer
+
+    from training.lengths import measure_lengths
+    from training.sft import stage_dataset
+
+    base = tiny_models.build_tiny_causal_lm(tmp_path / "tiny-llama")
+    tokenizer = load_processing_class(str(base), "text")
+    samples = read_stage_file(curriculum / "stage1" / "messages.jsonl", stage="stage1").samples[:2]
+    from transformers import AutoModelForCausalLM
+
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "out"),
+            completion_only_loss=True,
+            max_length=None,
+            bf16=False,
+            activation_checkpointing=False,
+            report_to="none",
+        ),
+        train_dataset=stage_dataset(samples, is_vlm=False),
+        processing_class=tokenizer,
+    )
+    lengths = measure_lengths(samples, tokenizer, is_vlm=False)
+    for row, sample in zip(trainer.train_dataset, samples, strict=True):
+        ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
+        trained = labels != IGNORE_INDEX
+        first = int(trained.nonzero()[0])
+        question, answer = sample.prompt[0]["content"][-1]["text"], sample.completion[0]["content"][0]["text"]
+        assert tokenizer.decode(ids[:first]) == f"<|user|>{question}</s><|assistant|>"
+        assert tokenizer.decode(labels[trained]) == answer + "</s>" and trained[first:].all()
+        assert lengths[sample.id] == [first, int(trained.sum())]
 
 
-def test_a_prompt_longer_than_max_length_is_kept_out_of_the_loss(tiny_vlm, curriculum, caplog):
-    processor = load_processing_class(str(tiny_vlm), "vlm")
-    sample = read_stage_file(curriculum / "stage3" / "messages.jsonl", stage="stage3").samples[3]
-    with caplog.at_level("WARNING"):
-        batch = CompletionOnlyCollator(processor, is_vlm=True, max_length=16)([sample.as_row()])
-    assert (batch["labels"] == IGNORE_INDEX).all() and batch["input_ids"].shape[1] <= 16
-    assert "pixel_values" not in batch  # no image tokens left, so no pixels either
-    assert sample.id in caplog.text and "max_length" in caplog.text
+# --- the length policy: never train on a cut answer ----------------------------------------------------------------
+
+
+def test_the_length_policy_keeps_what_fits_and_says_why_the_rest_goes():
+    from training.data import Sample
+    from training.lengths import apply_length_policy
+
+    samples = [Sample(id=name, prompt=[], completion=[], images=[]) for name in "abcde"]
+    lengths = {"a": [10, 6], "b": [10, 7], "c": [16, 1], "d": [15, 1], "e": [3, 40]}
+    report = apply_length_policy(samples, lengths, max_length=16)
+    assert [sample.id for sample in report.kept] == ["a", "d"] and report.longest_kept == 16
+    assert report.dropped == {"prompt_over_max_length": ["c"], "answer_over_max_length": ["b", "e"]}
+    assert report.counts() == {"prompt_over_max_length": 1, "answer_over_max_length": 2}
+
+
+def test_a_sample_that_would_be_cut_is_left_out_and_counted(tiny_vlm, curriculum, tmp_path, caplog):
+    """At max_length 48 one answer and one prompt do not fit: both are dropped (never cut), on every count."""
+    from transformers import TrainerCallback
+
+    long_curriculum = tmp_path / "curriculum"
+    shutil.copytree(curriculum, long_curriculum)
+    stage3 = long_curriculum / "stage3" / "messages.jsonl"
+    records = [json.loads(line) for line in stage3.read_text().splitlines()]
+    long_answer = tiny_models.sample(
+        "long-answer", "part3_cot", "What colour is the finding?", " ".join([tiny_models.COT.format(answer="red")] * 3),
+        ["../images/red.png"],
+    )
+    long_prompt = tiny_models.sample(
+        "long-prompt", "part3_cot", " ".join(["Compare the two images."] * 12), "The final answer is: red",
+        ["images/blue.png", "images/grey.png"],
+    )
+    tiny_models.write_stage(long_curriculum / "stage3", [*records, long_answer, long_prompt])
+
+    seen: dict[str, object] = {}
+
+    class SeeTheData(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            seen["collator"] = train_dataloader.collate_fn
+            seen["rows"] = list(train_dataloader.dataset)
+
+    config = tiny_config(tiny_vlm, long_curriculum, tmp_path / "run", stages=["stage3"], max_steps=2, max_length=48)
+    with caplog.at_level("WARNING", logger="training"):
+        run_curriculum(config, callbacks=[SeeTheData()])
+
+    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"][0]
+    assert entry["samples"] == 6 and entry["trained_samples"] == 4 and entry["longest_sequence"] <= 48
+    assert entry["dropped"] == {"prompt_over_max_length": 1, "answer_over_max_length": 1}
+    dropped = json.loads((tmp_path / "run" / "stage3" / "dropped.json").read_text())
+    assert dropped["dropped"] == {"prompt_over_max_length": ["long-prompt"], "answer_over_max_length": ["long-answer"]}
+    assert "2 of 6 samples left out" in caplog.text and "long-answer" in caplog.text
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "stage3 (max_length 48): 1 prompt_over_max_length" in card and "1 answer_over_max_length" in card
+    # The trainer saw the four samples that fit, with TRL's collator as the golden tests use it, and no truncation.
+    assert len(seen["rows"]) == 4
+    assert all(row["completion"][0]["content"][0]["text"].startswith("Step 1") for row in seen["rows"])
+    collator = seen["collator"]
+    assert type(collator).__name__ == "DataCollatorForVisionLanguageModeling"
+    assert collator.completion_only_loss and collator.max_length is None
+    # The lengths were measured once: a rerun with a larger max_length reads them and keeps everything.
+    lengths = json.loads((tmp_path / "run" / "stage3" / "lengths.json").read_text())["lengths"]
+    assert sum(lengths["long-answer"]) > 48 >= sum(lengths["cred-cot"]) and lengths["long-prompt"][0] >= 48
+
+
+def test_a_stage_where_nothing_fits_is_an_error(tiny_vlm, curriculum, tmp_path):
+    config = tiny_config(tiny_vlm, curriculum, tmp_path / "run", stages=["stage3"], max_length=16)
+    with pytest.raises(StageDataError, match=r"stage3.*none of its 4 samples fits in max_length 16.*image_max_tiles"):
+        run_curriculum(config)
+
+
+# --- the paper's family: InternVL "-hf" and Qwen2.5-VL -----------------------------------------------------------
+
+
+class CrashAt:
+    """A callback that raises in the middle of a stage, as a crash would (the checkpoint before it stays)."""
+
+    def __new__(cls, stage: str, step: int):
+        from transformers import TrainerCallback
+
+        class _Crash(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stage in args.output_dir and state.global_step == step:
+                    raise RuntimeError(f"crash in {stage} at step {step}")
+
+        return _Crash()
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS[1:])
+def test_the_papers_family_trains_every_stage_and_resumes_exactly(family, family_model, curriculum, tmp_path):
+    """All three stages on a tiny InternVL / Qwen2.5-VL; a run that crashes in stage 2 and is rerun ends with the
+    same losses and weights as one that did not."""
+    from transformers import AutoProcessor
+
+    base = family_model(family)
+    overrides = dict(max_steps=4, max_length=256, lr_scheduler_type="cosine", warmup_ratio=0.25)
+    reference = tmp_path / "reference"
+    run_curriculum(tiny_config(base, curriculum, reference, **overrides))
+    resumed = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="crash in stage2 at step 3"):
+        run_curriculum(tiny_config(base, curriculum, resumed, **overrides), callbacks=[CrashAt("stage2", 3)])
+    manifest = json.loads((resumed / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"]] == ["done", "running"]
+    assert manifest["stages"][1]["checkpoint"] == "stage2/checkpoints/checkpoint-2"
+    run_curriculum(tiny_config(base, curriculum, resumed, **overrides))
+
+    expected = json.loads((reference / "manifest.json").read_text())
+    got = json.loads((resumed / "manifest.json").read_text())
+    assert got["trainer"] == "trl-sft" and got["model_kind"] == "vlm"
+    for stage_ref, stage_got in zip(expected["stages"], got["stages"], strict=True):
+        name = stage_ref["name"]
+        assert stage_got["status"] == "done" and stage_got["global_step"] == 4 and stage_got["dropped"] == {}
+        losses = lambda run: [e["loss"] for e in log_history(run / name / "checkpoints" / "checkpoint-4") if "loss" in e]  # noqa: E731
+        assert losses(resumed) == pytest.approx(losses(reference), abs=1e-4)
+        assert losses(reference)[-1] < losses(reference)[0], (name, losses(reference))
+        ref_weights, got_weights = adapter_weights(reference / name / "adapter"), adapter_weights(resumed / name / "adapter")
+        assert ref_weights.keys() == got_weights.keys()
+        assert all(torch.allclose(ref_weights[k], got_weights[k], atol=1e-5) for k in ref_weights)
+        assert all(".language_model." in key for key in ref_weights)  # LoRA on the language model only
+    # The image budget is on the processor saved beside the adapter, so serving sees images as training did.
+    saved = AutoProcessor.from_pretrained(resumed / "adapter").image_processor
+    if family == "internvl":
+        assert got["image_budget"] == {"max_patches": 6} and saved.max_patches == 6
+    else:
+        assert got["image_budget"] == {"min_pixels": 64, "max_pixels": 1024}
+        assert (saved.size.shortest_edge, saved.size.longest_edge) == (64, 1024)
+
+
+@NEEDS_TORCHVISION
+def test_the_image_budget_sets_internvl_tiles_and_qwen_pixels(family_model, tmp_path):
+    from PIL import Image
+
+    from training.modeling import apply_image_budget
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(wide)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+
+    def image_tokens(processor, token: str) -> int:
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = processor(text=[prompt], images=[[Image.open(wide).convert("RGB")]], return_tensors="pt")["input_ids"]
+        return int((ids == processor.tokenizer.convert_tokens_to_ids(token)).sum())
+
+    internvl = load_processing_class(str(family_model("internvl")), "vlm")
+    assert image_tokens(internvl, "<IMG_CONTEXT>") == 9 * 4  # the processor's default 12 tiles: 4x2 + thumbnail
+    assert apply_image_budget(internvl, max_tiles=6) == {"max_patches": 6}
+    assert image_tokens(internvl, "<IMG_CONTEXT>") == 3 * 4  # at most 6: 2x1 + thumbnail
+    with pytest.raises(TrainingConfigError, match="pixel budget.*GotOcr2ImageProcessor.*image_max_tiles"):
+        apply_image_budget(internvl, max_tiles=6, max_pixels=4096)
+
+    qwen = load_processing_class(str(family_model("qwen2_5_vl")), "vlm")
+    assert image_tokens(qwen, "<|image_pad|>") == 10  # 64x32 resized to 40x16 (max_pixels 1024): 10 tokens of 8x8
+    assert apply_image_budget(qwen, max_tiles=6, max_pixels=256) == {"min_pixels": 64, "max_pixels": 256}
+    assert image_tokens(qwen, "<|image_pad|>") == 2  # at most 256 pixels: 16x8
+
+
+def test_pixel_settings_on_a_model_without_a_pixel_budget_are_refused(tiny_vlm, curriculum, tmp_path):
+    with pytest.raises(TrainingConfigError, match="image_max_pixels apply to processors with a pixel budget"):
+        run_curriculum(tiny_config(tiny_vlm, curriculum, tmp_path / "run", image_max_pixels=1024))
+
+
+# --- sharded parameters with mixed stages, and runs of the earlier trainer ----------------------------------------
+
+
+def test_zero3_or_fsdp_on_a_stage_that_mixes_text_and_images_is_refused(tmp_path, curriculum, monkeypatch):
+    """Refused at the start, before any model loads (the base model here does not even exist)."""
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    missing_model = tmp_path / "no-model"
+    with pytest.raises(
+        TrainingConfigError, match=r"ZeRO-3 .*would hang.*stage1 \(2 with images, 2 text-only\).*ZeRO-1 or ZeRO-2"
+    ):
+        run_curriculum(tiny_config(missing_model, curriculum, tmp_path / "out", deepspeed=str(zero3)))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(TrainingConfigError, match=r"FSDP \(accelerate launch.*stage1 \(2 with images"):
+        run_curriculum(tiny_config(missing_model, curriculum, tmp_path / "out"))
+    # Stages of one kind each do not hang: the check lets them through (to the missing model here).
+    text_only = tiny_models.build_curriculum(tmp_path / "text-curriculum", with_images=False)
+    with pytest.raises(ModelLoadError):
+        run_curriculum(tiny_config(missing_model, text_only, tmp_path / "out"))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    zero1 = tmp_path / "zero1.json"
+    zero1.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    with pytest.raises(ModelLoadError):
+        run_curriculum(tiny_config(missing_model, curriculum, tmp_path / "out", deepspeed=str(zero1)))
+
+
+def test_a_run_the_earlier_trainer_started_is_refused_unless_allowed(tiny_vlm, curriculum, tmp_path):
+    from training.manifest import Manifest
+
+    output = tmp_path / "old-run"
+    output.mkdir()
+    old = {  # what the version with its own collator wrote: format 1, no trainer
+        "format": 1,
+        "base_model": str(tiny_vlm),
+        "model_kind": "vlm",
+        "stages": [{"name": "stage1", "status": "running", "checkpoint": "stage1/checkpoints/checkpoint-2"}],
+        "final": None,
+    }
+    (output / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ManifestError, match=r"earlier version.*cut answers.*new output_dir.*--allow-trainer-change"):
+        run_curriculum(tiny_config(tiny_vlm, curriculum, output))
+    manifest = Manifest.open(output, base_model=str(tiny_vlm), model_kind="vlm", allow_trainer_change=True)
+    assert manifest.data["trainer"] == "trl-sft" and manifest.data["format"] == 2
+    assert manifest.data["trainer_changes"][0]["from"] == "transformers-trainer"
+    # A format-1 manifest of a run that never started a stage is simply taken over.
+    (output / "manifest.json").write_text(json.dumps({**old, "stages": []}))
+    assert Manifest.open(output, base_model=str(tiny_vlm), model_kind="vlm").data["trainer"] == "trl-sft"
 
 
 # --- text-only model, merging between stages ---------------------------------------------------------------------
@@ -587,6 +891,10 @@ def test_the_shipped_configs_hold_the_paper_defaults(tmp_path):
     assert (config.lora_r, config.lora_alpha, config.learning_rate) == (16, 32, 4e-5)
     assert (config.lr_scheduler_type, config.warmup_ratio, config.num_train_epochs) == ("cosine", 0.03, 1)
     assert (config.global_batch_size, config.max_length, config.precision) == (16, 8192, "auto")
+    assert (config.weight_decay, config.image_max_tiles) == (0.05, 6)  # the published 8B script
+    assert load_config(None, base_model="m", curriculum_dir="c").weight_decay == 0.05  # the default too
+    small = load_config(REPO / "training" / "configs" / "curriculum_internvl3_2b.yaml", curriculum_dir=str(tmp_path))
+    assert (small.base_model, small.weight_decay, small.image_max_tiles) == ("OpenGVLab/InternVL3-2B-hf", 0.01, 6)
     assert [stage.name for stage in config.resolved_stages] == list(STAGES)
     assert config.resolved_stages[0].data == (tmp_path / "stage1" / "messages.jsonl").absolute()
     zero = json.loads((REPO / "training" / "configs" / "deepspeed_zero1.json").read_text())
@@ -609,6 +917,9 @@ def test_the_command_line(tmp_path, capsys):
         "--learning-rate",
         "--merge-between-stages",
         "--allow-data-change",
+        "--allow-trainer-change",
+        "--image-max-tiles",
+        "--image-max-pixels",
         "--deepspeed",
         "accelerate launch",
         "torchrun",
@@ -620,3 +931,7 @@ def test_the_command_line(tmp_path, capsys):
     config_file.write_text("base_model: m\ncurriculum_dir: nowhere\n")
     assert main(["--config", str(config_file), "--learning_rate", "1e-4", "--stages", "[stage1]"]) == 2
     assert "no stage file" in capsys.readouterr().err
+    assert main(["--config", str(config_file), "--image-max-tiles", "0"]) == 2
+    assert "image_max_tiles: must be at least 1" in capsys.readouterr().err
+    assert main(["--config", str(config_file), "--image-max-pixels", "many"]) == 2
+    assert "image_max_pixels: expected int" in capsys.readouterr().err

@@ -4,6 +4,10 @@
   chat template that renders ``{"type": "image"}`` parts as ``<image>``;
 - a tiny LLaVA (CLIP vision tower 16x16 pixels in 8x8 patches -> 4 image tokens, a 2-layer Llama) with the
   slow CLIP image processor (no torchvision needed);
+- the paper's family: a tiny InternVL in the "-hf" layout (``InternVLForConditionalGeneration``: InternViT tiles of
+  16x16 pixels, 4 tokens per tile after the pixel shuffle, a 2-layer Qwen2), and a tiny Qwen2.5-VL (4-pixel patches
+  merged 2x2, so 64 pixels per image token), each with its model's chat template and special tokens. Their
+  processors need torchvision (``has_torchvision()``);
 - a tiny Llama causal LM for text-only stages;
 - stage files in the dataset builder's layout: ``DIR/stageN/messages.jsonl`` with images relative to the file.
 """
@@ -47,7 +51,14 @@ def corpus() -> list[str]:
     return texts * 20
 
 
-def build_tokenizer(extra_texts: list[str] = ()) -> Any:
+def build_tokenizer(
+    extra_texts: list[str] = (),
+    *,
+    special_tokens: list[str] = SPECIAL_TOKENS,
+    chat_template: str = CHAT_TEMPLATE,
+    **tokens: Any,
+) -> Any:
+    """A byte-level BPE tokenizer trained on the spot; ``tokens`` name its bos/eos/pad and extra special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,24 +67,29 @@ def build_tokenizer(extra_texts: list[str] = ()) -> Any:
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400 if not extra_texts else 1000,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     backend.train_from_iterator(corpus() + list(extra_texts), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        chat_template=CHAT_TEMPLATE,
-    )
+    if not tokens:
+        tokens = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template, **tokens)
 
 
-def _text_config(tokenizer: Any) -> Any:
-    from transformers import LlamaConfig
+def has_torchvision() -> bool:
+    """The InternVL and Qwen2.5-VL processors need torchvision, and a torchvision built for the installed torch."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # not installed, or built for another torch ("operator torchvision::nms does not exist")
+        return False
+    return True
 
-    return LlamaConfig(
+
+def _text_config(tokenizer: Any, model_type: str = "llama", **extra: Any) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        model_type,
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -86,6 +102,7 @@ def _text_config(tokenizer: Any) -> Any:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
 
 
@@ -131,6 +148,145 @@ def build_tiny_vlm(path: Path, seed: int = 0, extra_texts: list[str] = ()) -> Pa
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# InternVL3's "-hf" chat template (as transformers' conversion script writes it): ChatML, each image an <IMG_CONTEXT>
+# line that the processor expands to <img> + 4 tokens per tile + </img>.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+INTERNVL_TILE = 16  # pixels per tile side (448 in InternVL3)
+CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_internvl(path: Path, seed: int = 0, extra_texts: list[str] = (), max_tiles: int = 12) -> Path:
+    """Save a tiny InternVL ("-hf" layout, ``InternVLForConditionalGeneration``) and its processor to ``path``.
+
+    The image processor tiles like InternVL's (``max_patches``, default 12 as InternVL3 ships it; a thumbnail is
+    added when there is more than one tile); each 16x16 tile is 16 patches of 4x4, 4 tokens after the pixel shuffle.
+    """
+    import torch
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(
+        extra_texts,
+        special_tokens=[*CHATML_TOKENS, "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    tile = {"height": INTERNVL_TILE, "width": INTERNVL_TILE}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, max_patches=max_tiles),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=tile),
+        image_seq_length=4,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    vision = InternVLVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=[INTERNVL_TILE, INTERNVL_TILE],
+        patch_size=[4, 4],
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer, "qwen2"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+        downsample_ratio=0.5,
+    )
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_tiny_qwen2_5_vl(path: Path, seed: int = 0, extra_texts: list[str] = ()) -> Path:
+    """Save a tiny Qwen2.5-VL and its processor (Qwen2.5-VL's own chat template, as TRL ships it) to ``path``.
+
+    Images are resized to between 64 and 1024 pixels (min_pixels/max_pixels), cut in 4x4 patches merged 2x2:
+    one image token per 64 pixels.
+    """
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+    from trl.chat_template_utils import qwen2_5_vl_chat_template
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(
+        extra_texts,
+        special_tokens=[*CHATML_TOKENS, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+        chat_template=qwen2_5_vl_chat_template,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    patches = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=64, max_pixels=1024, **patches),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**patches),
+        chat_template=qwen2_5_vl_chat_template,
+    )
+    text = _text_config(
+        tokenizer, "qwen2_5_vl_text", rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]}
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=text.hidden_size,
+        window_size=8,
+        fullatt_block_indexes=[0],
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=text.to_dict(),
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+FAMILIES = {"llava": build_tiny_vlm, "internvl": build_tiny_internvl, "qwen2_5_vl": build_tiny_qwen2_5_vl}
 
 
 def build_tiny_causal_lm(path: Path, seed: int = 0) -> Path:

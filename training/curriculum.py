@@ -5,11 +5,15 @@ Layout of ``output_dir``::
     manifest.json            what each stage trained on, its status, checkpoint, adapter and metrics
     stage1/checkpoints/      Trainer checkpoints (checkpoint-N: adapter, optimizer, scheduler, RNG, trainer state)
     stage1/adapter/          the stage's LoRA adapter when it finished
+    stage1/lengths.json      every sample's prompt and answer tokens (the length policy's cache)
+    stage1/dropped.json      the samples left out because they do not fit in max_length, by reason
     stage2/ ... stage3/
     adapter/                 the final adapter (PEFT; load onto the base model, or serve with vLLM --enable-lora)
     merged/                  the merged full model (save_merged_model, or always with merge_between_stages)
     README.md                model card: data, hashes, stage metrics, how to load and serve
 
+Each stage trains with TRL's ``SFTTrainer`` on prompt-completion rows (completion-only loss; TRL's vision collator
+for a VLM), after the length policy (:mod:`training.lengths`) has left out what would not fit in ``max_length``.
 A rerun of the same command skips finished stages and resumes the running one from its last complete
 checkpoint with the Trainer's own resume (same data order, optimizer, LR schedule and RNG state). A stage
 whose file is empty is skipped (recorded as such); the next stage continues from the weights before it.
@@ -29,15 +33,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
 
-from .collator import CompletionOnlyCollator
 from .config import CurriculumConfig, StageConfig, StageSettings
 from .data import StageData, read_stage_file
 from .errors import ManifestError, StageDataError, TrainingConfigError
+from .lengths import REASONS, apply_length_policy, cached_lengths, processor_fingerprint, write_dropped
 from .manifest import Manifest
 from .model_card import write_model_card
 from .modeling import (
+    apply_image_budget,
     count_parameters,
     detect_model_kind,
     language_model_target_modules,
@@ -45,14 +51,18 @@ from .modeling import (
     load_processing_class,
     resolve_dtype,
 )
+from .parallel import check_mixed_stages, sharded_parameters
+from .sft import stage_dataset
 
-__all__ = ["run_curriculum", "CurriculumResult", "StageDataset", "last_complete_checkpoint", "build_stage_model"]
+__all__ = ["run_curriculum", "CurriculumResult", "last_complete_checkpoint", "build_stage_model"]
 
 logger = logging.getLogger("training")
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Settings a resumed stage may change: they do not touch its data order or LR schedule.
 _RESUMABLE_CHANGES = {"save_steps", "save_total_limit", "logging_steps"}
+# Run-wide settings that decide which samples a stage keeps (so a running stage must resume with them).
+_IMAGE_SETTINGS = ("image_max_tiles", "image_min_pixels", "image_max_pixels")
 
 
 def _load_base(config: CurriculumConfig, kind: Any, precision: Any) -> Any:
@@ -75,19 +85,6 @@ class CurriculumResult:
     adapter_dir: Path | None
     merged_dir: Path | None
     stages: list[dict[str, Any]] = field(default_factory=list)
-
-
-class StageDataset(torch.utils.data.Dataset):
-    """The samples of a stage file as rows for :class:`CompletionOnlyCollator` (images load in the collator)."""
-
-    def __init__(self, stage_data: StageData) -> None:
-        self.rows = [sample.as_row() for sample in stage_data.samples]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.rows[index]
 
 
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -143,25 +140,24 @@ def _lora_config(config: CurriculumConfig, model: torch.nn.Module) -> Any:
 
 
 def build_stage_model(
-    config: CurriculumConfig, kind: str, precision: str, previous_adapters: Sequence[Path], seed: int
-) -> torch.nn.Module:
-    """The base model with the earlier stages' weights and a trainable adapter for this stage.
+    config: CurriculumConfig, kind: str, precision: str, previous_adapters: Sequence[Path]
+) -> tuple[torch.nn.Module, Any]:
+    """The model a stage starts from, and the LoRA config of a fresh adapter (None when one is carried on).
 
     Carried adapter: the last stage's adapter is loaded trainable. ``merge_between_stages``: every earlier
     adapter is merged in, in order (each was trained on top of the ones before), and a fresh adapter is added.
+    A fresh adapter is put on by ``SFTTrainer`` (after it seeds the run, so the LoRA init follows ``seed``).
     """
-    from peft import PeftModel, get_peft_model
-    from transformers import set_seed
+    from peft import PeftModel
 
     model = _load_base(config, kind, precision)
-    set_seed(seed)
     if config.merge_between_stages:
         for adapter in previous_adapters:
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        return get_peft_model(model, _lora_config(config, model))
+        return model, _lora_config(config, model)
     if previous_adapters:
-        return PeftModel.from_pretrained(model, str(previous_adapters[-1]), is_trainable=True)
-    return get_peft_model(model, _lora_config(config, model))
+        return PeftModel.from_pretrained(model, str(previous_adapters[-1]), is_trainable=True), None
+    return model, _lora_config(config, model)
 
 
 class ManifestCallback(TrainerCallback):
@@ -190,7 +186,8 @@ def _training_arguments(
     checkpoints_dir: Path,
     world_size: int,
     stage: str,
-) -> TrainingArguments:
+    kind: str,
+) -> SFTConfig:
     arguments: dict[str, Any] = dict(
         output_dir=str(checkpoints_dir),
         per_device_train_batch_size=settings.per_device_train_batch_size,
@@ -212,19 +209,26 @@ def _training_arguments(
         save_total_limit=settings.save_total_limit,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        activation_checkpointing=config.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        # transformers 5's name for gradient checkpointing; TRL's own default (on) is overridden both ways.
+        activation_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=config.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
-        remove_unused_columns=False,
         dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
+        # A VLM stage may mix text-only samples, whose batches leave the vision tower out: TRL then lets DDP look
+        # for unused parameters (None); a text model has none.
+        ddp_find_unused_parameters=None if kind == "vlm" else False,
         report_to=config.report_to,
         run_name=f"{Path(config.output_dir).name}-{stage}",
         deepspeed=config.deepspeed,
+        # The loss is the answer's alone; the length policy has dropped whatever would not fit, so TRL never
+        # truncates (it would cut answers, or image tokens apart from their pixels).
+        completion_only_loss=True,
+        max_length=None,
     )
     arguments.update(config.extra_training_args)
     try:
-        return TrainingArguments(**arguments)
+        return SFTConfig(**arguments)
     except (TypeError, ValueError, ImportError) as exc:
         message = str(exc)
         if "tensorboard" in message.lower():
@@ -259,6 +263,16 @@ def run_curriculum(config: CurriculumConfig, *, callbacks: Sequence[Any] = ()) -
             + ", ".join(str(data.path) for data in stage_data.values())
             + ". Build the curriculum from MICS output (mics dataset build) first."
         )
+    check_mixed_stages(
+        {
+            stage.name: (
+                sum(1 for sample in stage_data[stage.name].samples if sample.images),
+                sum(1 for sample in stage_data[stage.name].samples if not sample.images),
+            )
+            for stage in stages
+        },
+        sharded_parameters(config.deepspeed, config.extra_training_args),
+    )
     kind = detect_model_kind(config.base_model, config.model_kind, trust_remote_code=config.trust_remote_code)
     if kind == "text":
         for stage in stages:
@@ -269,12 +283,23 @@ def run_curriculum(config: CurriculumConfig, *, callbacks: Sequence[Any] = ()) -
                     "text-only model. Use a vision-language base model, or a stage file of text-only samples."
                 )
     precision = resolve_dtype(config.precision)
-    manifest = Manifest.open(output_dir, base_model=config.base_model, model_kind=kind)
+    manifest = Manifest.open(
+        output_dir, base_model=config.base_model, model_kind=kind, allow_trainer_change=config.allow_trainer_change
+    )
     manifest.check_stage_order([stage.name for stage in stages])
     for stage in stages:
         data = stage_data[stage.name]
         manifest.check_data(stage.name, data.sha256, str(data.path), allow_change=config.allow_data_change)
     processing_class = load_processing_class(config.base_model, kind, trust_remote_code=config.trust_remote_code)
+    image_budget = apply_image_budget(
+        processing_class,
+        max_tiles=config.image_max_tiles,
+        min_pixels=config.image_min_pixels,
+        max_pixels=config.image_max_pixels,
+    )
+    if image_budget:
+        logger.info("Image budget: %s", ", ".join(f"{key}={value}" for key, value in image_budget.items()))
+    manifest.data["image_budget"] = image_budget
 
     trained: list[Path] = []  # adapters of the stages trained so far, in order
     for stage in stages:
@@ -306,6 +331,7 @@ def run_curriculum(config: CurriculumConfig, *, callbacks: Sequence[Any] = ()) -
                 kind=kind,
                 precision=precision,
                 processing_class=processing_class,
+                image_budget=image_budget,
                 previous_adapters=list(trained),
                 manifest=manifest,
                 output_dir=output_dir,
@@ -337,6 +363,7 @@ def _train_stage(
     kind: str,
     precision: str,
     processing_class: Any,
+    image_budget: dict[str, Any],
     previous_adapters: list[Path],
     manifest: Manifest,
     output_dir: Path,
@@ -346,25 +373,69 @@ def _train_stage(
 ) -> None:
     settings = stage.settings(config.stage_defaults())
     hyperparameters = dataclasses.asdict(settings)
+    hyperparameters.update({name: getattr(config, name) for name in _IMAGE_SETTINGS})
     manifest.check_settings(
         stage.name, {key: value for key, value in hyperparameters.items() if key not in _RESUMABLE_CHANGES}
     )
     stage_dir = output_dir / stage.name
     checkpoints_dir = stage_dir / "checkpoints"
     resume_from = last_complete_checkpoint(checkpoints_dir)
+    is_vlm = kind == "vlm"
+    args = _training_arguments(config, settings, precision, checkpoints_dir, world_size, stage.name, kind)
 
-    model = build_stage_model(config, kind, precision, previous_adapters, settings.seed)
-    if config.gradient_checkpointing:
-        model.enable_input_require_grads()
-    trainable, total = count_parameters(model)
-    args = _training_arguments(config, settings, precision, checkpoints_dir, world_size, stage.name)
+    # The length policy, on the whole stage file before the data is sharded: the main process measures (or reads
+    # its cache) first, the others then read what it wrote, so every process keeps the same samples.
+    fingerprint = processor_fingerprint(processing_class, is_vlm=is_vlm, image_budget=image_budget)
+    with args.main_process_first(local=False, desc=f"measuring stage {stage.name}"):
+        lengths = cached_lengths(
+            stage_dir,
+            data.samples,
+            processing_class,
+            is_vlm=is_vlm,
+            data_sha256=data.sha256,
+            fingerprint=fingerprint,
+            write=is_main,
+        )
+    report = apply_length_policy(data.samples, lengths, settings.max_length)
+    dropped = report.counts()
+    if not report.kept:
+        raise StageDataError(
+            f"Stage {stage.name!r}: none of its {len(data.samples)} samples fits in max_length {settings.max_length} "
+            f"({', '.join(f'{count} {reason}' for reason, count in dropped.items())}). Raise max_length, or lower "
+            "the image budget (image_max_tiles, image_max_pixels)."
+        )
+    if dropped:
+        logger.warning(
+            "Stage %s: %d of %d samples left out because they do not fit in max_length %d (%s); no answer is cut. "
+            "First ids: %s. All ids: %s",
+            stage.name,
+            report.dropped_total,
+            len(data.samples),
+            settings.max_length,
+            ", ".join(f"{count} {reason}: {REASONS[reason]}" for reason, count in dropped.items()),
+            ", ".join([sample.id for sample in data.samples if sample.id in report.dropped_ids][:5]),
+            stage_dir / "dropped.json",
+        )
+
+    model, peft_config = build_stage_model(config, kind, precision, previous_adapters)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=stage_dataset(report.kept, is_vlm=is_vlm),
+        processing_class=processing_class,
+        peft_config=peft_config,
+        callbacks=[ManifestCallback(manifest, stage.name, output_dir), *callbacks],
+    )
+    trainable, total = count_parameters(trainer.model)
     logger.info(
-        "Stage %s: %d samples (%d images) from %s; global batch %d = %d per device x %d accumulation x %d "
-        "process(es); %s of %s parameters trainable; %s",
+        "Stage %s: %d of %d samples (%d images) from %s, longest %d tokens; global batch %d = %d per device x %d "
+        "accumulation x %d process(es); %s of %s parameters trainable; %s",
         stage.name,
+        len(report.kept),
         len(data.samples),
-        data.image_count,
+        sum(len(sample.images) for sample in report.kept),
         data.path,
+        report.longest_kept,
         settings.global_batch_size,
         args.per_device_train_batch_size,
         args.gradient_accumulation_steps,
@@ -374,23 +445,20 @@ def _train_stage(
         f"resuming from {resume_from}" if resume_from else "starting",
     )
     if is_main:
+        write_dropped(stage_dir, report)
         entry = manifest.update_stage(
             stage.name,
             status="running",
             **data.summary(),
+            trained_samples=len(report.kept),
+            dropped=dropped,
+            longest_sequence=report.longest_kept,
             hyperparameters=hyperparameters,
             trainable_parameters=trainable,
         )
         entry.setdefault("started", _now())
         manifest.save()
 
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=StageDataset(data),
-        data_collator=CompletionOnlyCollator(processing_class, is_vlm=kind == "vlm", max_length=settings.max_length),
-        callbacks=[ManifestCallback(manifest, stage.name, output_dir), *callbacks],
-    )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     adapter_dir = stage_dir / "adapter"
     trainer.save_model(str(adapter_dir))

@@ -1,8 +1,10 @@
 """The run manifest: ``OUTPUT/manifest.json`` records what each stage trained on and where it stands.
 
-Per stage: status (``pending``, ``running``, ``done``), the stage file with its sha256, sample and image
-counts, the hyperparameters, the last checkpoint, the stage's adapter and its metrics. A rerun reads it to skip
-finished stages and resume the running one, and refuses to continue on a stage file that changed since.
+Per stage: status (``pending``, ``running``, ``done``, ``skipped``), the stage file with its sha256, sample and
+image counts, the samples trained and those left out by the length policy (by reason), the hyperparameters, the
+last checkpoint, the stage's adapter and its metrics. A rerun reads it to skip finished stages and resume the
+running one, and refuses to continue on a stage file that changed since. ``trainer`` names what trained the run:
+a run that an earlier version started with its own trainer (format 1) is refused on resume unless allowed.
 It is rewritten atomically (temp file + rename), by the main process only.
 """
 
@@ -19,7 +21,12 @@ from .errors import DataChangedError, ManifestError
 __all__ = ["Manifest", "MANIFEST_NAME"]
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# What trains the stages now: TRL's SFTTrainer (prompt-completion, completion-only loss) and the length policy that
+# drops what would not fit. Format 1 manifests were written by this package's own collator on transformers' Trainer,
+# which cut long answers at max_length.
+TRAINER = "trl-sft"
+LEGACY_TRAINER = "transformers-trainer"
 
 
 def _now() -> str:
@@ -32,8 +39,11 @@ class Manifest:
         self.data = data
 
     @classmethod
-    def open(cls, output_dir: Path, *, base_model: str, model_kind: str) -> "Manifest":
-        """Read the manifest of ``output_dir`` or start a new one; refuse one made for another base model."""
+    def open(
+        cls, output_dir: Path, *, base_model: str, model_kind: str, allow_trainer_change: bool = False
+    ) -> "Manifest":
+        """Read the manifest of ``output_dir`` or start a new one; refuse one made for another base model or
+        (unless allowed) one that another trainer started."""
         path = Path(output_dir) / MANIFEST_NAME
         if path.is_file():
             try:
@@ -47,11 +57,14 @@ class Manifest:
                     f"{path.parent} holds a run of base model {data.get('base_model')!r}, not {base_model!r}. "
                     "Use a new output_dir for another base model."
                 )
-            return cls(path, data)
+            manifest = cls(path, data)
+            manifest._check_trainer(allow_trainer_change)
+            return manifest
         return cls(
             path,
             {
                 "format": FORMAT_VERSION,
+                "trainer": TRAINER,
                 "base_model": base_model,
                 "model_kind": model_kind,
                 "created": _now(),
@@ -60,6 +73,24 @@ class Manifest:
                 "final": None,
             },
         )
+
+    def _check_trainer(self, allow_change: bool) -> None:
+        trainer = self.data.get("trainer", LEGACY_TRAINER)
+        if trainer == TRAINER:
+            return
+        started = [entry["name"] for entry in self.stages if entry.get("status") != "pending"]
+        if started and not allow_change:
+            raise ManifestError(
+                f"{self.path.parent} was started by an earlier version of this package with its own trainer "
+                f"({trainer}; stages {started}), which cut answers longer than max_length. This version trains with "
+                "TRL's SFTTrainer and leaves such samples out, so continuing would change the data mid-run. Start "
+                "again in a new output_dir, or pass --allow-trainer-change to continue this run with the new trainer "
+                "(finished stages are kept; a running stage resumes from its last checkpoint)."
+            )
+        if started:
+            self.data.setdefault("trainer_changes", []).append({"from": trainer, "to": TRAINER, "at": _now()})
+        self.data["trainer"] = TRAINER
+        self.data["format"] = FORMAT_VERSION
 
     @property
     def stages(self) -> list[dict[str, Any]]:

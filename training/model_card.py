@@ -26,6 +26,8 @@ def _stage_row(entry: dict[str, Any]) -> str:
         entry.get("status", ""),
         f"`{entry.get('data', '')}`",
         entry.get("samples", ""),
+        entry.get("trained_samples", ""),
+        sum((entry.get("dropped") or {}).values()) if "dropped" in entry else "",
         entry.get("images", ""),
         f"`{(entry.get('data_sha256') or '')[:16]}`",
         entry.get("global_step", ""),
@@ -35,6 +37,32 @@ def _stage_row(entry: dict[str, Any]) -> str:
         _number(metrics.get("train_loss")),
     ]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _dropped_lines(manifest: "Manifest") -> list[str]:
+    from .lengths import REASONS
+
+    budget = manifest.data.get("image_budget") or {}
+    lines = []
+    if budget:
+        lines += [
+            "Image budget: " + ", ".join(f"{key} {value}" for key, value in budget.items()) + " (saved with the "
+            "processor in `adapter/` and `merged/`).",
+            "",
+        ]
+    lines += [
+        "Length policy: no answer was cut. A sample longer than max_length was left out of its stage "
+        "(ids in `<stage>/dropped.json`):",
+        "",
+    ]
+    for entry in manifest.stages:
+        if "dropped" not in entry:
+            continue
+        max_length = (entry.get("hyperparameters") or {}).get("max_length")
+        counts = entry.get("dropped") or {}
+        reasons = "; ".join(f"{count} {reason} ({REASONS.get(reason, reason)})" for reason, count in counts.items())
+        lines.append(f"- {entry['name']} (max_length {max_length}): {reasons or 'none left out'}")
+    return lines + [""]
 
 
 def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
@@ -51,17 +79,19 @@ def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
         "",
         f"# Curriculum fine-tune of {config.base_model}",
         "",
-        "LoRA fine-tune on the Chiron-o1 curriculum (MICS reasoning data), stage by stage (`python -m training`).",
+        "LoRA fine-tune on the Chiron-o1 curriculum (MICS reasoning data), stage by stage (`python -m training`, "
+        "TRL's SFTTrainer).",
         f"LoRA r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout} on the language model; "
         "vision tower and projector frozen; only the assistant's answers carry loss.",
         "",
         "## Data and metrics",
         "",
-        "| stage | status | stage file | samples | images | sha256 | steps | lr | first loss | last loss | train loss"
-        " |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stage | status | stage file | samples | trained | dropped | images | sha256 | steps | lr | first loss "
+        "| last loss | train loss |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(_stage_row(entry) for entry in manifest.stages),
         "",
+        *_dropped_lines(manifest),
         "Sources per stage:",
         "",
     ]
