@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 _ENV_REFERENCE = "os.environ/"
+_litellm: Any = None
 _written_deployments: "weakref.WeakKeyDictionary[Any, list[dict[str, Any]]]" = weakref.WeakKeyDictionary()
 
 
@@ -36,6 +37,9 @@ def import_litellm() -> Any:
     the environment. LiteLLM would otherwise load a ``.env`` found upward from its own install folder (a
     different file whenever the venv is not inside the project): ``LITELLM_MODE=PRODUCTION`` switches
     that off, so the one file read is the one our settings read."""
+    global _litellm
+    if _litellm is not None:
+        return _litellm  # every call asks for it: no file system work after the first
     from ..config import load_env_file
 
     try:
@@ -47,6 +51,7 @@ def import_litellm() -> Any:
     import litellm
 
     litellm.suppress_debug_info = True
+    _litellm = litellm
     return litellm
 
 
