@@ -7,15 +7,18 @@ here ever holds a secret and nothing secret reaches the cache.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+import annotated_types
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
-from .errors import ConfigError
+from .errors import ConfigError, MicsError
 
-__all__ = ["Settings", "load_settings", "load_yaml_model"]
+__all__ = ["Settings", "load_settings", "load_yaml_model", "check_router_config"]
 
 ENV_PREFIX = "MICS_"
 
@@ -28,8 +31,66 @@ def _split_names(value: Any) -> Any:
 
 def _split_floats(value: Any) -> Any:
     if isinstance(value, str):
-        return [float(part) for part in value.split(",") if part.strip()]
+        return [part.strip() for part in value.split(",") if part.strip()]  # pydantic parses each, finite only
     return value
+
+
+_ROUTER_ENTRY_FIELDS = ("model_name", "litellm_params")
+
+
+def check_router_config(path: Path, variable: str = "MICS_ROUTER_CONFIG") -> dict[str, Any]:
+    """Read and check a LiteLLM Router config before LiteLLM is imported: UTF-8 YAML, a non-empty
+    ``model_list`` of ``{model_name, litellm_params: {model, ...}}`` entries, ``router_settings`` a mapping.
+    Its key values (``api_key``, ...) are registered with the secret scrubber. Raises :class:`ConfigError`."""
+    import yaml
+
+    from .redact import add_secrets, is_secret_name
+
+    where = f"{variable}: {str(path)!r}"
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a Router config") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_list"), list) or not config["model_list"]:
+        raise ConfigError(f"{where} needs a non-empty 'model_list' (a list of model_name + litellm_params entries)")
+    for number, entry in enumerate(config["model_list"], start=1):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: model_list entry {number} is not a mapping")
+        missing = [field for field in _ROUTER_ENTRY_FIELDS if field not in entry]
+        if missing:
+            raise ConfigError(f"{where}: model_list entry {number} lacks {', '.join(missing)}; each entry needs "
+                              "model_name (the name MICS_* settings use) and litellm_params (with model)")
+        if not isinstance(entry["model_name"], str) or not entry["model_name"].strip():
+            raise ConfigError(f"{where}: model_list entry {number}: model_name must be a non-empty string")
+        params = entry["litellm_params"]
+        if not isinstance(params, dict) or not isinstance(params.get("model"), str) or not params["model"].strip():
+            raise ConfigError(f"{where}: model_list entry {number} ({entry['model_name']}): litellm_params must be "
+                              "a mapping with model (a LiteLLM name, e.g. hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct)")
+    router_settings = config.get("router_settings")
+    if router_settings is not None and not isinstance(router_settings, dict):
+        raise ConfigError(f"{where}: router_settings must be a mapping of litellm.Router arguments")
+    # The keys it holds are secrets from now on, wherever a message might repeat them.
+    stack: list[Any] = [config]
+    secrets = []
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and is_secret_name(key) and isinstance(item, str):
+                    secrets.append(item)
+                stack.append(item)
+        elif isinstance(value, list):
+            stack.extend(value)
+    add_secrets(secrets)
+    return config
 
 
 class Settings(BaseSettings):
@@ -41,6 +102,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
+        allow_inf_nan=False,  # "nan" would pass every range check and fail every call
     )
 
     mentors: Annotated[list[str], NoDecode] = Field(
@@ -70,9 +132,16 @@ class Settings(BaseSettings):
         description="Temperatures every intern samples at, comma-separated.",
     )
     samples_per_temperature: int = Field(default=1, ge=1, le=64, description="Intern samples per temperature.")
-    mentor_temperature: float = Field(default=0.7, ge=0, le=2, description="Mentor sampling temperature.")
+    mentor_temperature: float = Field(
+        default=1.2, ge=0, le=2, description="Mentor sampling temperature (published: 1.2, as interns' first)."
+    )
     judge_temperature: float = Field(default=0.0, ge=0, le=2, description="Judge sampling temperature.")
-    mentor_max_tokens: int = Field(default=2048, ge=16, description="Reply budget of a mentor call.")
+    mentor_max_tokens: int | None = Field(
+        default=None,
+        ge=16,
+        description="Reply budget of a mentor call; empty for none, as published (a thinking mentor cut off "
+        "mid-solution would score 0).",
+    )
     intern_max_tokens: int = Field(default=1024, ge=16, description="Reply budget of an intern call.")
     judge_max_tokens: int = Field(default=16, ge=1, description="Reply budget of a judge call.")
     judge_attempts: int = Field(
@@ -80,11 +149,24 @@ class Settings(BaseSettings):
     )
     seed: int = Field(default=0, description="Run seed; with the item id it fixes every random choice.")
 
+    intern_mode: Literal["answer", "continue"] = Field(
+        default="answer",
+        description="'answer': interns give only the final answer after the prefix (published), so the score "
+        "measures how far the mentor's steps carry them; 'continue': they write the missing steps first.",
+    )
+    mentor_image_max_side: int = Field(
+        default=512,
+        ge=64,
+        description="Longest image side sent to mentors (published: API mentors get 512 px); interns, "
+        "generation and evaluation use MICS_IMAGE_MAX_SIDE.",
+    )
     image_max_side: int = Field(
         default=1536, ge=64, description="Images with a longer side are downscaled to this many pixels."
     )
     image_max_pixels: int = Field(
-        default=80_000_000, ge=1, description="Images with more pixels than this are refused."
+        default=40_000_000, ge=1,
+        description="Images with more pixels than this are refused (40 M: the largest mammograms, 4,800 x "
+        "6,000, with 40% to spare).",
     )
 
     cache_path: Path | None = Field(
@@ -149,20 +231,66 @@ class Settings(BaseSettings):
     def _parse_temperatures(cls, value: Any) -> Any:
         return _split_floats(value)
 
-    @field_validator("cache_path", "router_config", "prompt_dir", mode="before")
+    @field_validator("model_concurrency_overrides")
     @classmethod
-    def _empty_path_is_none(cls, value: Any) -> Any:
+    def _check_overrides(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, limit in value.items():
+            if not name.strip():
+                raise ValueError("a model name is empty")
+            if limit < 1:
+                raise ValueError(f"the limit of {name!r} is {limit}; each must be a whole number >= 1")
+        return value
+
+    @field_validator("prompt_dir")
+    @classmethod
+    def _check_prompt_dir(cls, value: Path | None) -> Path | None:
+        from .errors import PromptError
+        from .prompts import check_prompt_dir
+
+        if value is None:
+            return value
+        if not value.is_dir():
+            raise ValueError(f"{str(value)!r} is not a folder; point it at a folder of templates (mentor.md, "
+                             "intern.md, judge.md, ...) or leave it unset for the shipped ones")
+        try:
+            check_prompt_dir(value)
+        except PromptError as exc:
+            raise ValueError(str(exc).removeprefix("MICS_PROMPT_DIR: ")) from None
+        return value
+
+    @field_validator("router_config")
+    @classmethod
+    def _check_router_config(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                check_router_config(value, variable="")
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix(": ")) from None
+        return value
+
+    @field_validator("cache_path")
+    @classmethod
+    def _check_cache_path(cls, value: Path | None) -> Path | None:
+        if value is not None and value.is_dir():
+            raise ValueError(f"{str(value)!r} is a folder; give a file path, e.g. {str(value / 'mics_cache.sqlite')!r}")
+        return value
+
+    @field_validator("cache_path", "router_config", "prompt_dir", "mentor_max_tokens", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
             return None
         return value
 
-    @model_validator(mode="after")
-    def _check_temperatures(self) -> "Settings":
-        if not self.intern_temperatures:
-            raise ValueError("intern_temperatures: give at least one temperature")
-        if any(t < 0 or t > 2 for t in self.intern_temperatures):
-            raise ValueError("intern_temperatures: each must be between 0 and 2")
-        return self
+    @field_validator("intern_temperatures")
+    @classmethod
+    def _check_temperatures(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("give at least one temperature, e.g. 1.2,0.3")
+        outside = [t for t in value if t < 0 or t > 2]
+        if outside:
+            raise ValueError(f"{outside[0]:g} is outside 0 to 2; give comma-separated finite numbers from 0 to 2")
+        return value
 
     def check_roles(self) -> "Settings":
         """Fail with a message naming the variable when the model roles cannot run a search."""
@@ -257,8 +385,51 @@ def load_settings(**overrides: Any) -> Settings:
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else ""
             message = error["msg"].removeprefix("Value error, ")
+            if field in Settings.model_fields and error["type"] != "value_error":
+                allowed = _allowed(field)
+                message += f" (got {_shown(error.get('input'))}{'; allowed: ' + allowed if allowed else ''})"
             problems.append(f"{ENV_PREFIX}{field.upper()}: {message}" if field else message)
         raise ConfigError("Invalid settings: " + "; ".join(problems)) from None
+    except SettingsError as exc:  # a JSON-valued variable that is not JSON
+        match = re.search(r'field "(\w+)"', str(exc))
+        field = match.group(1) if match else ""
+        raise ConfigError(
+            f"Invalid settings: {ENV_PREFIX}{field.upper()}: not valid JSON"
+            + (f" (allowed: {_allowed(field)})" if field else "")
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Invalid settings: the .env file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (MicsError, OSError) as exc:
+        raise ConfigError(f"Invalid settings: {exc}") from None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _allowed(field: str) -> str:
+    """The range a setting takes, in words, from its declared bounds."""
+    info = Settings.model_fields[field]
+    bounds = {}
+    for item in info.metadata:
+        for name in ("ge", "gt", "le", "lt"):
+            if isinstance(item, getattr(annotated_types, name.capitalize())):
+                bounds[name] = getattr(item, name)
+    annotation = str(info.annotation)
+    if field == "model_concurrency_overrides":
+        return 'a JSON object of model name -> whole number >= 1, e.g. {"openai/gpt-4o": 8}'
+    kind = "whole number" if "int" in annotation else "finite number" if "float" in annotation else ""
+    if not kind:
+        return ""
+    parts = []
+    for name, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if name in bounds:
+            parts.append(f"{word} {bounds[name]:g}" if isinstance(bounds[name], float) else f"{word} {bounds[name]}")
+    text = f"a {kind}" + (" " + " and ".join(parts) if parts else "")
+    if annotation.startswith("list"):
+        text = "comma-separated, each " + text + (" from 0 to 2" if field == "intern_temperatures" else "")
+    return text
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

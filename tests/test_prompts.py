@@ -70,3 +70,45 @@ def test_prompts_ship_inside_the_wheel(tmp_path):
         assert f"mics_agents/prompts/{name}.md" in names
     assert "mics_agents/examples/cases.jsonl" in names
     assert {"mics_agents/report/assets/report.js", "mics_agents/report/assets/report.css"} <= set(names)
+
+
+# -- MICS_PROMPT_DIR (issue 15): a template there replaces the shipped one, a missing one falls back, one
+#    that does not render is an error at start-up ---------------------------------------------------------
+
+
+def test_a_template_missing_from_the_prompt_dir_falls_back_to_the_shipped_one(tmp_path):
+    from mics_agents.prompts import check_prompt_dir
+
+    (tmp_path / "judge.md").write_text((ROOT / "prompts" / "judge.md").read_text() + "\nBe brief.\n")
+    assert load_prompt("mentor", tmp_path) == load_prompt("mentor")  # not there: the shipped one
+    assert "Be brief." in load_prompt("judge", tmp_path).user
+    assert check_prompt_dir(tmp_path) == ["judge"]
+    assert load_settings(prompt_dir=tmp_path).prompt_dir == tmp_path
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("<!-- user -->\n{{question}} {{reference}} {{candidate}} {{extra}}\n", ["unknown field(s) {{extra}}"]),
+        ("<!-- user -->\n{{question}}\n", ["missing field(s) {{candidate}}, {{reference}}"]),
+        ("no parts here {{question}} {{reference}} {{candidate}}\n", ["has no '<!-- user -->' part"]),
+    ],
+)
+def test_a_template_that_does_not_render_is_a_config_error_naming_the_file(tmp_path, text, fragments):
+    from mics_agents.errors import ConfigError
+
+    (tmp_path / "judge.md").write_text(text)
+    with pytest.raises(ConfigError, match="MICS_PROMPT_DIR") as caught:
+        load_settings(prompt_dir=tmp_path)
+    message = str(caught.value)
+    assert "judge.md" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_a_template_that_is_not_utf8_is_a_config_error(tmp_path):
+    from mics_agents.errors import ConfigError
+
+    (tmp_path / "intern.md").write_bytes(b"<!-- user -->\n\xff {{question}} {{prefix}}\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(prompt_dir=tmp_path)
