@@ -130,3 +130,87 @@ def test_the_cache_keeps_to_its_byte_budget():
         cache.put((index,), ImagePart(bytes(100), "image/png", str(index)))
     assert cache.get((0,)) is None and cache.get((2,)) is None
     assert cache.get((3,)) is not None and cache.get((4,)) is not None
+
+
+# -- issue 15: paths the OS refuses, 16-bit scans, and memory bounded by design ----------------------------
+
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [("a\x00b.png", "embedded null byte"), ("x" * 5000 + ".png", "cannot be used"), ("loop-a.png", "ymlink loop")],
+)
+async def test_paths_the_os_refuses_are_image_errors(tmp_path, name, fragment):
+    (tmp_path / "loop-a.png").symlink_to("loop-b.png")
+    (tmp_path / "loop-b.png").symlink_to("loop-a.png")
+    with pytest.raises(ImageError, match=fragment) as caught:
+        await load_images([name], max_side=64, max_pixels=10**6, base_dir=tmp_path)
+    assert len(str(caught.value)) < 400, "a long path is shown cut"
+
+
+async def test_a_16_bit_scan_is_downscaled_to_8_bit_grey():
+    image = Image.new("I;16", (300, 200))
+    image.putpixel((10, 10), 4000)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    [part] = await load_images(buffer.getvalue(), max_side=100, max_pixels=10**6)
+    decoded = Image.open(io.BytesIO(part.data))
+    assert decoded.size == (100, 67) and decoded.mode == "L"
+
+
+async def test_a_file_above_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import mics_agents.images as images_module
+
+    monkeypatch.setattr(images_module, "MAX_IMAGE_FILE_BYTES", 100)
+    (tmp_path / "a.png").write_bytes(png_bytes((64, 64)) + bytes(200))
+    with pytest.raises(ImageError, match="MiB file, above the 0 MiB"):
+        await load_images(["a.png"], max_side=64, max_pixels=10**6, base_dir=tmp_path)
+
+
+async def test_decodes_across_the_process_share_one_memory_budget(monkeypatch, tmp_path):
+    """Eight loads at once, a budget that fits two decodes: never more than two decode together."""
+    import time
+
+    import mics_agents.images as images_module
+
+    one = images_module.decode_cost(400, 400, "RGB", len(png_bytes((400, 400))))
+    monkeypatch.setattr(images_module, "decode_budget", images_module._DecodeBudget(2 * one + 10))
+    running, peak = [0], [0]
+    lock = threading.Lock()
+    original = images_module._finish
+
+    def watched(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(images_module, "_finish", watched)
+    sources = [png_bytes((400, 400), (index, 0, 0)) for index in range(8)]
+    parts = await load_images(sources, max_side=64, max_pixels=10**6)
+    assert len(parts) == 8 and peak[0] == 2
+
+
+def test_an_image_larger_than_the_whole_budget_still_decodes_alone():
+    from mics_agents.images import _DecodeBudget
+
+    budget = _DecodeBudget(100)
+    with budget.hold(10**9):
+        assert budget.free == 0
+    assert budget.free == 100
+
+
+def test_the_report_refuses_thumbnails_above_the_cap(tmp_path, monkeypatch):
+    import mics_agents.report.data as report_data
+
+    (tmp_path / "big.png").write_bytes(png_bytes((120, 100)))
+    (tmp_path / "small.png").write_bytes(png_bytes((20, 10)))
+    monkeypatch.setattr(report_data, "DEFAULT_MAX_PIXELS", 5_000)
+    warnings: list[str] = []
+    urls = report_data._thumbnails(["big.png", "small.png"], tmp_path, 32, warnings)
+    assert urls["big.png"] is None and urls["small.png"].startswith("data:image/jpeg;base64,")
+    assert any("above 5,000 pixels" in warning for warning in warnings)

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import ImageError, InputError
+from ..images import DEFAULT_MAX_PIXELS, decode_budget, decode_cost, to_8bit
 from ..outputs import default_failed_path, failure_key, success_line, winning_lines
 
 __all__ = ["ReportData", "build_report_data", "STATUSES", "DEFAULT_THUMBNAIL_SIZE"]
@@ -74,7 +75,7 @@ def _read_jsonl(path: Path, warnings: list[str], bad_lines: list[int]) -> Iterat
                 continue
             try:
                 record = json.loads(raw_line)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 record = None
             if not isinstance(record, dict):
                 bad_lines.append(number)
@@ -320,48 +321,73 @@ def _inside(folder: Path, relative: str) -> Path | None:
     return candidate if candidate.is_relative_to(root) and candidate.is_file() else None
 
 
-def thumbnail_data_url(path: Path, size: int = DEFAULT_THUMBNAIL_SIZE) -> str:
-    """A JPEG thumbnail (longest side ``size`` px) as a data URL. Raises OSError/ValueError on a bad image."""
+def thumbnail_data_url(path: Path, size: int = DEFAULT_THUMBNAIL_SIZE, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """A JPEG thumbnail (longest side ``size`` px) as a data URL. Raises OSError/ValueError on a bad image,
+    :class:`ImageError` on one above ``max_pixels``. Decodes under the process's decode budget, like a run."""
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster on big images
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float scans: stretch to 8 bits
-            image = image.convert("I") if image.mode.startswith("I;16") else image
-            low, high = image.getextrema()
-            scale = 255.0 / (high - low) if high > low else 1.0
-            image = image.point(lambda value: (value - low) * scale).convert("L")
-        if image.mode in ("RGBA", "LA", "P", "PA"):
-            image = image.convert("RGBA")
-            background = Image.new("RGB", image.size, (255, 255, 255))
-            background.paste(image, mask=image.getchannel("A"))
-            image = background
-        image = image.convert("RGB") if image.mode != "L" else image
-        image.thumbnail((size, size))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80, optimize=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as probe:  # the header only: its size as the decode will see it
+            probe.draft("RGB", (size, size))
+            width, height, mode = probe.width, probe.height, probe.mode
+        if width * height > max_pixels:
+            raise ImageError(f"{path.name} is {width}x{height} pixels, above the cap of {max_pixels:,}")
+        # Every buffer of the decode is freed inside the budget's hold: none outlives it.
+        with decode_budget.hold(decode_cost(width, height, mode, path.stat().st_size)):
+            with Image.open(path) as opened:
+                opened.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster on big images
+                opened.load()
+                image = opened.convert("I") if opened.mode.startswith("I;16") else opened
+                factor = max(image.size) // (2 * size)
+                if factor >= 2:
+                    image = image.reduce(factor)  # before anything else makes a full-size copy
+                image = to_8bit(image)
+                if image.mode in ("RGBA", "LA", "P", "PA"):
+                    image = image.convert("RGBA")
+                    background = Image.new("RGB", image.size, (255, 255, 255))
+                    background.paste(image, mask=image.getchannel("A"))
+                    image = background
+                image = image.convert("RGB") if image.mode != "L" else image
+                image.thumbnail((size, size))
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=80, optimize=True)
+                del image
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _thumbnails(paths: list[str], image_dir: Path, size: int, warnings: list[str]) -> dict[str, str | None]:
     from PIL import Image
 
+    too_large: list[str] = []
+
     def one(relative: str) -> str | None:
-        path = _inside(image_dir, relative)
-        if path is None:
-            return None
         try:
-            return thumbnail_data_url(path, size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            path = _inside(image_dir, relative)
+            if path is None:
+                return None
+            return thumbnail_data_url(path, size, max_pixels=DEFAULT_MAX_PIXELS)
+        except ImageError:
+            too_large.append(relative)
+            return None
+        except (OSError, ValueError, SyntaxError, EOFError, RuntimeError, MemoryError, Image.DecompressionBombError):
             return None
 
+    # Threads overlap file reads and decodes; the decode budget bounds how much memory they hold at once.
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding and resizing release the GIL
         urls = dict(zip(paths, pool.map(one, paths)))
-    missing = [path for path, url in urls.items() if url is None]
+    missing = [path for path, url in urls.items() if url is None and path not in too_large]
     if missing:
         warnings.append(
             f"{len(missing)} of {len(paths)} image(s) not found or unreadable under {image_dir} (e.g. {missing[0]})"
+        )
+    if too_large:
+        warnings.append(
+            f"{len(too_large)} image(s) above {DEFAULT_MAX_PIXELS:,} pixels shown without a thumbnail "
+            f"(e.g. {too_large[0]}): a run refuses them too"
         )
     return urls
 
@@ -377,7 +403,10 @@ def _outcomes(successes: _Numbered, failures: _Numbered, output: Path, failed: P
             record["rid"] = f"{output.name}:{number}"
     for number, record in failures:
         search = record.get("search") if isinstance(record.get("search"), dict) else {}
-        record["rid"] = _text(record.get("rid")) or _text(search.get("rid")) or f"{failed.name}:{number}"
+        line = record.get("line") if isinstance(record.get("line"), int) else None
+        # A line without a usable id is shown by its line number (its key is made up: see data.made_up_key).
+        record["rid"] = (_text(record.get("rid")) or _text(search.get("rid"))
+                         or (f"line-{line}" if line is not None else f"{failed.name}:{number}"))
     kept, kept_failures = winning_lines([success_line(record) for _, record in successes],
                                         [failure_key(record) for _, record in failures])
     return [successes[i] for i in kept], [failures[i] for i in kept_failures]
