@@ -19,6 +19,7 @@ __all__ = [
     "PromptError",
     "StoreError",
     "OutputBusyError",
+    "ForeignOutputError",
 ]
 
 
@@ -48,6 +49,11 @@ class StoreError(MicsError):
 
 class OutputBusyError(MicsError):
     """Another process owns the output file (it holds the lock beside it). The message names it."""
+
+
+class ForeignOutputError(MicsError):
+    """An output or failed file holds lines mics-agents did not write (an input file given as --output, an
+    edited line): refused before anything is written."""
 
 
 class ModelError(MicsError):

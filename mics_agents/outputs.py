@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MicsError, OutputBusyError
+from .data import current_failure_key
+from .errors import ForeignOutputError, MicsError, OutputBusyError
 
 __all__ = [
     "OutputFiles",
@@ -44,6 +45,8 @@ __all__ = [
     "settle",
     "success_line",
     "failure_key",
+    "foreign_success",
+    "foreign_failure",
     "default_failed_path",
     "lock_path",
     "FINAL_FAILURES",
@@ -167,7 +170,35 @@ def success_line(record: dict[str, Any]) -> Line:
 
 
 def failure_key(record: dict[str, Any]) -> str | None:
-    return _key(record.get("key", record.get("rid")))
+    """The item a failed-file line is about; the made-up keys of earlier versions read as today's."""
+    return current_failure_key(record)
+
+
+def foreign_success(record: Any, group_key: str | None = None) -> str | None:
+    """Why a success-file line is not one mics-agents wrote, or None. Every command's success lines have
+    always carried these fields: ``rid`` and ``gt_answer`` (mics run, merge, eval), or the item field and
+    ``id`` (mics generate). An input line (``messages``, or ``question``/``answer`` but no ``gt_answer``) is
+    not one."""
+    if not isinstance(record, dict):
+        return f"it is a JSON {type(record).__name__}, not an object"
+    required = (group_key, "id") if group_key else ("rid", "gt_answer")
+    missing = [name for name in required if name not in record]
+    if missing:
+        return f"it has no {' or '.join(repr(name) for name in missing)} field"
+    return None
+
+
+def foreign_failure(record: Any) -> str | None:
+    """Why a failed-file line is not one mics-agents wrote (``{rid, key, line, error: {kind, message},
+    input}``), or None."""
+    if not isinstance(record, dict):
+        return f"it is a JSON {type(record).__name__}, not an object"
+    error = record.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("kind"), str):
+        return "its 'error' is not an object with a 'kind'"
+    if "key" not in record and "rid" not in record:
+        return "it names no item (no 'key' or 'rid')"
+    return None
 
 
 def _group_size(value: Any) -> int:
@@ -235,36 +266,57 @@ class _Entry:
     end: int
 
 
-def _decode(raw: bytes, path: Path, number: int) -> dict[str, Any]:
+def _decode(raw: bytes, path: Path, number: int, *, objects_only: bool = True) -> Any:
     try:
         record = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise MicsError(
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "nested too deeply"
+        raise ForeignOutputError(
             f"{path}:{number} is not valid JSON ({reason}); the file was edited or corrupted. "
-            "Fix or remove that line and rerun."
+            "Fix or remove that line and rerun (nothing was written)."
         ) from None
-    if not isinstance(record, dict):
-        raise MicsError(f"{path}:{number} is not a JSON object; the file was edited. Fix or remove that line and rerun.")
+    if objects_only and not isinstance(record, dict):
+        raise ForeignOutputError(f"{path}:{number} is not a JSON object; the file was edited. Fix or remove that line "
+                                 "and rerun (nothing was written).")
     return record
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, int, int, bytes]]:
-    """(line number, start, end, bytes) of each non-blank line."""
+def _refuse_foreign(path: Path, number: int, reason: str, *, failures: bool) -> None:
+    what = "a failed file" if failures else "an output"
+    if number == 1:
+        raise ForeignOutputError(
+            f"{path} is not {what} of mics-agents: its first line is not a line we write ({reason}). Is it your "
+            f"input file? Give the run {what} of its own (nothing was written)."
+        )
+    raise ForeignOutputError(
+        f"{path}:{number} is not a line mics-agents writes ({reason}); someone edited the file. Fix or remove "
+        "that line and rerun (nothing was written)."
+    )
+
+
+def _numbered_lines(path: Path, *, whole_only: bool = False) -> Iterator[tuple[int, int, int, bytes]]:
+    """(line number, start, end, bytes) of each non-blank line; ``whole_only`` leaves out a last line without
+    its newline (a torn write, which the repair cuts)."""
     if not path.exists():
         return
     with open(path, "rb") as handle:
         offset = 0
         for number, raw in enumerate(handle, start=1):
             start, offset = offset, offset + len(raw)
+            if whole_only and not raw.endswith(b"\n"):
+                return
             if raw.strip():
                 yield number, start, offset, raw
 
 
-def _scan(path: Path, *, failures: bool) -> list[_Entry]:
+def _scan(path: Path, *, failures: bool, group_key: str | None = None, whole_only: bool = False) -> list[_Entry]:
+    """The lines of a file; a line mics-agents does not write raises :class:`ForeignOutputError`."""
     entries = []
-    for number, start, end, raw in _numbered_lines(path):
-        record = _decode(raw, path, number)
+    for number, start, end, raw in _numbered_lines(path, whole_only=whole_only):
+        record = _decode(raw, path, number, objects_only=False)
+        reason = foreign_failure(record) if failures else foreign_success(record, group_key)
+        if reason:
+            _refuse_foreign(path, number, reason, failures=failures)
         if failures:
             error = record.get("error")
             kind = error.get("kind") if isinstance(error, dict) else None
@@ -387,7 +439,14 @@ def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _encode(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    """One line. Only ``\\n`` ends it: U+2028, U+0085 and the like stay inside (every reader here splits on
+    ``\\n`` alone). Text with a lone surrogate (from a ``"\\ud800"`` escape in the input) has no UTF-8
+    form; such a record is written with ASCII escapes, which reads back to the same text."""
+    text = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode("ascii")
 
 
 def _remove_leftover_temporaries(path: Path) -> None:
@@ -418,12 +477,17 @@ class OutputFiles:
         left half-written; an item to redo keeps its failure line until its new outcome is written."""
         state = ResumeState()
         for path in (self.output, self.failed):
+            if path.is_dir():
+                raise ForeignOutputError(f"{path} is a folder; give the run a file to write (nothing was written)")
+        # Every line is read, and known to be ours, before anything is written (a torn last line is left
+        # out here and cut below): an input given as --output is refused untouched.
+        successes = _scan(self.output, failures=False, group_key=self.group_key, whole_only=True)
+        failures = _scan(self.failed, failures=True, whole_only=True)
+        for path in (self.output, self.failed):
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_leftover_temporaries(path)
             state.repaired_lines += _repair_tail(path)
-        successes = _scan(self.output, failures=False)
         state.repaired_lines += _cut_unfinished_group(self.output, successes)
-        failures = _scan(self.failed, failures=True)
         kept, failed = winning_lines([entry.line for entry in successes], [entry.line.key for entry in failures])
         succeeded = {successes[index].line.key for index in kept} - {None}
         state.done |= succeeded
@@ -440,7 +504,7 @@ class OutputFiles:
     def compact(self) -> int:
         """Rewrite each file to the lines that stand (blocking; only when no write is under way).
         Returns how many lines it dropped."""
-        successes = _scan(self.output, failures=False)
+        successes = _scan(self.output, failures=False, group_key=self.group_key)
         failures = _scan(self.failed, failures=True)
         kept, failed = winning_lines([entry.line for entry in successes], [entry.line.key for entry in failures])
         dropped = 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from mics_agents.data import shard_of
+from mics_agents.data import duplicate_key, made_up_key, shard_of
 
 from .openai_server import OpenAIServer, RecordedRequest, simulated_brain_with_roles
 
@@ -531,8 +531,8 @@ def test_bad_input_corpus_becomes_bad_input_lines_and_the_run_goes_on(tmp_path):
     assert result.returncode == 0, result.stderr
     records = lines_by_item(output)
     expected_bad = {
-        "line-2": ["line 2:", "invalid JSON"],
-        "line-3": ["line 3:", "expected a JSON object, got list"],
+        made_up_key(2): ["line 2:", "invalid JSON"],
+        made_up_key(3): ["line 3:", "expected a JSON object, got list"],
         "no-question": ["line 4:", "field 'question' is missing or empty"],
         "no-answer": ["line 5:", "field 'messages[1].content' is missing or empty"],
         "missing-image": ["line 7:", "image 'scans/nope.png' not found"],
@@ -540,7 +540,7 @@ def test_bad_input_corpus_becomes_bad_input_lines_and_the_run_goes_on(tmp_path):
         "truncated": ["line 9:", "image 'truncated.png' is corrupt and cannot be decoded"],
         "not-an-image": ["line 10:", "image 'notes.png' is not a supported image file"],
         "too-big": ["line 11:", "image 'huge.png' is 80x80 = 6,400 pixels, above the cap of 5,000 (MICS_IMAGE_MAX_PIXELS)"],
-        "ok-1@line13": ["line 13:", "duplicate id 'ok-1' (first seen on line 1)"],
+        duplicate_key("ok-1", 13): ["line 13:", "duplicate id 'ok-1' (first seen on line 1)"],
     }
     assert sorted(records) == sorted([*expected_bad, "ok-1", "wide-image"])
     for key, fragments in expected_bad.items():
@@ -550,7 +550,7 @@ def test_bad_input_corpus_becomes_bad_input_lines_and_the_run_goes_on(tmp_path):
         assert message.startswith(fragments[0]), (key, message)
         for fragment in fragments[1:]:
             assert fragment in message, (key, message)
-    assert records["line-2"]["input"] == lines[1]  # the raw text is kept for the person fixing it
+    assert records[made_up_key(2)]["input"] == lines[1]  # the raw text is kept for the person fixing it
     assert records["no-answer"]["input"]["rid"] == "no-answer"
     # The good items ran (with these texts the simulated search succeeds); the wide image was sent
     # downscaled to 64 px on its longer side.
