@@ -19,7 +19,8 @@ def _counts(stats: "RunStats") -> str:
     rate = f"{100 * stats.success / stats.ended:.0f}%" if stats.ended else "-"
     return (
         f"success {stats.success} ({rate}), no_path {stats.no_path}, model_error {stats.model_error}, "
-        f"bad_input {stats.bad_input} | calls {stats.calls} ({stats.cached_calls} cached), "
+        f"bad_input {stats.bad_input}{f', internal_error {stats.internal_error}' if stats.internal_error else ''} | "
+        f"calls {stats.calls} ({stats.cached_calls} cached), "
         f"{stats.tokens:,} tokens, ${stats.spent_usd:.4f} spent"
     )
 
@@ -98,6 +99,8 @@ def summary_table(stats: "RunStats", *, output: str, failed: str) -> Table:
         ("successes", output),
         ("failures", failed),
     ]
+    if stats.internal_error:
+        rows.insert(7, ("internal_error (a defect: please report; retried next run)", str(stats.internal_error)))
     if stats.no_items:
         rows.insert(7, ("no_items (nothing usable generated)", str(stats.no_items)))
     if stats.records != stats.success:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,13 +21,14 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from .data import InputItem, parse_record, read_items, shard_of
-from .errors import InputError, MicsError
-from .outputs import OutputFiles, OutputLock
+from .errors import InputError, MicsError, ModelError
+from .outputs import OutputFiles, OutputLock, ResumeState
+from .redact import scrub, scrub_data
 from .results import Usage
 from .search import Searcher
 from .store import Store
 
-__all__ = ["RunOptions", "RunStats", "BatchRun", "Outcome", "Worker", "MicsWorker", "run_id_for"]
+__all__ = ["RunOptions", "RunStats", "BatchRun", "Outcome", "Worker", "MicsWorker", "run_id_for", "internal_error"]
 
 StopReason = Literal["completed", "budget", "interrupted"]
 _READ_BATCH = 256
@@ -105,6 +107,20 @@ class MicsWorker:
         await self.searcher.aclose()
 
 
+def internal_error(exc: BaseException, where: str = "") -> Outcome:
+    """An exception nobody expected, as the item's ``internal_error``: a defect of ours, not of the item,
+    reported with where it happened; the item is retried on the next run."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    place = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    text = " ".join(str(exc).split())[:500] or "(no message)"
+    message = (
+        f"{where}internal error{place}: {type(exc).__name__}: {text}. This is a defect in mics-agents, not a "
+        "problem of this item: please report it with this line. The item is retried on the next run."
+    )
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return Outcome(failure="internal_error", message=message, extra={"traceback": trace[-4000:]})
+
+
 @dataclass
 class RunStats:
     total: int = 0
@@ -113,6 +129,7 @@ class RunStats:
     no_path: int = 0
     model_error: int = 0
     bad_input: int = 0
+    internal_error: int = 0  # defects of ours, retried on the next run
     no_items: int = 0
     records: int = 0
     drops: Counter = field(default_factory=Counter)
@@ -131,7 +148,7 @@ class RunStats:
 
     @property
     def ended(self) -> int:
-        return self.success + self.no_path + self.model_error + self.bad_input + self.no_items
+        return self.success + self.no_path + self.model_error + self.bad_input + self.internal_error + self.no_items
 
     @property
     def remaining(self) -> int:
@@ -146,6 +163,7 @@ class RunStats:
             "no_path": self.no_path,
             "model_error": self.model_error,
             "bad_input": self.bad_input,
+            "internal_error": self.internal_error,
             "no_items": self.no_items,
             "records": self.records,
             "drops": dict(sorted(self.drops.items())),
@@ -168,7 +186,14 @@ class BatchRun:
     """One session of a run. ``on_update`` is called after each ended item (progress display).
 
     ``output_lock``: the lock on the output that the caller already holds; without one, ``run()`` takes
-    it (and raises :class:`~mics_agents.errors.OutputBusyError` if another process has it).
+    it (and raises :class:`~mics_agents.errors.OutputBusyError` if another process has it). ``resume``: what
+    :meth:`OutputFiles.prepare` already found, when the caller prepared the files itself (under that lock,
+    before opening the worker, so a foreign file is refused before any model is set up).
+
+    Every item ends with one line whatever happens to it: bad input is ``bad_input``, a model call that
+    keeps failing ``model_error``, and any other exception in one item ``internal_error`` (a defect of
+    ours, retried on the next run); the run goes on. Only a problem of the run itself (settings, the cache,
+    the output files) stops it.
     """
 
     def __init__(
@@ -178,11 +203,13 @@ class BatchRun:
         *,
         on_update: Callable[[RunStats], None] | None = None,
         output_lock: OutputLock | None = None,
+        resume: ResumeState | None = None,
     ) -> None:
         self.worker: Worker = MicsWorker(worker) if isinstance(worker, Searcher) else worker
         self.options = options
         self.files = OutputFiles(options.output, options.failed, group_key=self.worker.group_key)
         self.output_lock = output_lock
+        self._resume = resume
         self._read_all_input = False
         self.run_id = run_id_for(options.output)
         self.stats = RunStats()
@@ -255,7 +282,7 @@ class BatchRun:
             return await self._run()
 
     async def _run(self) -> RunStats:
-        resume = await asyncio.to_thread(self.files.prepare, retry_failed=self.options.retry_failed)
+        resume = self._resume or await asyncio.to_thread(self.files.prepare, retry_failed=self.options.retry_failed)
         self.stats.total, self.stats.already_done = await asyncio.to_thread(self._count_scope, resume.done)
         self.stats.repaired_lines = resume.repaired_lines
         self.stats.retried_failures = resume.retried_failures
@@ -310,9 +337,9 @@ class BatchRun:
         self.stats.in_flight += 1
         try:
             if item.error:
-                outcome = Outcome(failure="bad_input", message=item.error)
+                outcome = Outcome(failure=item.failure, message=item.error)
             else:
-                outcome = await self.worker(item, self.options.image_dir or self.options.data.parent)
+                outcome = await self._work(item)
             if outcome.usage is not None:
                 self._count_usage(outcome.usage)
             self.stats.drops.update(outcome.drops)
@@ -325,6 +352,20 @@ class BatchRun:
         finally:
             self.stats.in_flight -= 1
             self.on_update(self.stats)
+
+    async def _work(self, item: InputItem) -> Outcome:
+        """The worker's outcome for one item; an exception becomes the item's failure, never the run's,
+        unless it is a problem of the whole run (settings, prompts, the cache, the output)."""
+        try:
+            return await self.worker(item, self.options.image_dir or self.options.data.parent)
+        except InputError as exc:
+            return Outcome(failure="bad_input", message=f"line {item.line}: {exc}")
+        except ModelError as exc:
+            return Outcome(failure="model_error", message=f"{exc} (retried on the next run)")
+        except MicsError:
+            raise  # ConfigError, PromptError, StoreError ...: the run cannot go on, and says why
+        except Exception as exc:
+            return internal_error(exc, f"line {item.line}: ")
 
     def _count_usage(self, usage: Usage) -> None:
         self.stats.calls += usage.calls
@@ -339,9 +380,11 @@ class BatchRun:
             "rid": item.rid,
             "key": item.key,
             "line": item.line,
-            "error": {"kind": kind, "message": outcome.message},
+            "error": {"kind": kind, "message": scrub(outcome.message)},
             "input": item.raw,
             **outcome.extra,
         }
-        await self.files.append_failure(record)
-        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        # A provider's error may echo the API key; nothing secret reaches the file.
+        await self.files.append_failure(scrub_data(record))
+        if hasattr(self.stats, kind):
+            setattr(self.stats, kind, getattr(self.stats, kind) + 1)

@@ -198,3 +198,92 @@ async def test_a_retried_item_keeps_its_failure_line_until_the_run_completes(tmp
     stats, successes, failures, _ = await run_once(tmp_path, Counting())
     assert stats.already_done == 2 and stats.ended == 2 and stats.compacted_lines == 4
     assert sorted(r["rid"] for r in successes + failures) == [f"case-{i}" for i in range(4)]
+
+
+# -- issue 15: an exception in one item is that item's line, and the run goes on ---------------------------
+
+
+class Flaky:
+    """A worker that searches nothing: case-1 raises a bug, case-2 a bad image, case-3 a model error whose
+    message echoes the API key; the rest succeed."""
+
+    group_key = None
+    store = None
+
+    def __init__(self, *, broken: bool = True) -> None:
+        self.broken = broken
+
+    def parse(self, record, line):
+        from mics_agents.data import parse_record
+
+        return parse_record(record, line)
+
+    async def __call__(self, item, image_dir):
+        from mics_agents.errors import ImageError, ModelCallError
+        from mics_agents.runner import Outcome
+
+        if self.broken and item.rid == "case-1":
+            return {}["a bug"]  # KeyError: a defect of ours
+        if item.rid == "case-2":
+            raise ImageError("image 'x.png' is corrupt")
+        if self.broken and item.rid == "case-3":
+            raise ModelCallError("openai/judge: BadRequestError: Incorrect API key provided: sk-live-0123456789abcdef")
+        return Outcome(records=[{"rid": item.rid, "gt_answer": item.answer, "reasoning": "ok"}])
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_an_unexpected_exception_is_that_items_internal_error_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-0123456789abcdef")
+    data = make_dataset(tmp_path, 6)
+    output = tmp_path / "out.jsonl"
+    stats = await BatchRun(Flaky(), RunOptions(data=data, output=output)).run()
+    assert (stats.success, stats.internal_error, stats.bad_input, stats.model_error) == (3, 1, 1, 1)
+    failures = {record["rid"]: record for record in lines_of(tmp_path / "out_failed.jsonl")}
+    bug = failures["case-1"]["error"]
+    assert bug["kind"] == "internal_error" and "KeyError: 'a bug'" in bug["message"]
+    assert "defect in mics-agents" in bug["message"] and "retried on the next run" in bug["message"]
+    assert "test_runner.py" in bug["message"] and "Traceback" in failures["case-1"]["traceback"]
+    assert failures["case-2"]["error"] == {"kind": "bad_input", "message": f"line 3: image 'x.png' is corrupt"}
+    assert failures["case-3"]["error"]["kind"] == "model_error"
+    assert "sk-live-0123456789abcdef" not in (tmp_path / "out_failed.jsonl").read_text()
+    assert stats.as_dict()["internal_error"] == 1
+
+    # The next run retries the internal error and the model error (fixed now), not the bad input.
+    again = await BatchRun(Flaky(broken=False), RunOptions(data=data, output=output)).run()
+    assert (again.already_done, again.success, again.bad_input) == (4, 2, 0)
+    assert {record["rid"] for record in lines_of(tmp_path / "out_failed.jsonl")} == {"case-2"}
+
+
+async def test_a_problem_of_the_whole_run_still_stops_it(tmp_path):
+    from mics_agents.errors import StoreError
+
+    class Broken(Flaky):
+        async def __call__(self, item, image_dir):
+            raise StoreError("the cache database is corrupt")
+
+    data = make_dataset(tmp_path, 3)
+    try:
+        await BatchRun(Broken(), RunOptions(data=data, output=tmp_path / "out.jsonl", concurrency=1)).run()
+    except StoreError as exc:
+        assert "corrupt" in str(exc)
+    else:
+        raise AssertionError("a StoreError must stop the run")
+
+
+async def test_a_cache_file_that_cannot_be_opened_leaves_no_thread_behind(tmp_path):
+    import threading
+
+    import pytest
+
+    from mics_agents.errors import StoreError
+
+    (tmp_path / "garbage.sqlite").write_text("this is not a database\n" * 10)
+    before = set(threading.enumerate())
+    with pytest.raises(StoreError, match="not a database"):
+        await Store.open(tmp_path / "garbage.sqlite")
+    left = [thread for thread in set(threading.enumerate()) - before if not thread.daemon]
+    for thread in left:
+        thread.join(timeout=5)  # told to stop: it ends as soon as it sees that
+    assert not any(thread.is_alive() for thread in left), "a live aiosqlite thread would keep the process running"
