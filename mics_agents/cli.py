@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from .redact import ScrubbingWriter
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -29,8 +32,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Everything printed goes through the secret scrubber: a provider's error may echo the API key.
+console = Console(file=ScrubbingWriter(lambda: sys.stdout))  # type: ignore[arg-type]
+err_console = Console(file=ScrubbingWriter(lambda: sys.stderr), stderr=True)  # type: ignore[arg-type]
 
 EXIT_CONFIG_ERROR = 2
 EXIT_BUDGET = 3
@@ -38,9 +42,21 @@ EXIT_INTERRUPTED = 130
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 
 
+def _say(label: str, message: object, *, colour: str = "bold red") -> None:
+    """One line on stderr, with every secret masked (a provider's error may echo the API key)."""
+    from .redact import scrub
+
+    text = " ".join(scrub(str(message)).split())
+    err_console.print(f"[{colour}]{label}:[/] {escape(text)}", soft_wrap=True)
+
+
 def _fail_config(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]Configuration error:[/] {message}")
+    _say("Configuration error", message)
     return typer.Exit(EXIT_CONFIG_ERROR)
+
+
+class _StartFailed(Exception):
+    """A run could not start (its worker could not be opened): exit 2, with what to do."""
 
 
 def _print_result(result: "SearchResult", *, show_reasoning: bool) -> None:
@@ -54,7 +70,9 @@ def _print_result(result: "SearchResult", *, show_reasoning: bool) -> None:
             f"  trend={result.trend}  path={' -> '.join(result.generated_by)}"
         )
     else:
-        summary += f"  {result.message}"
+        from .redact import scrub
+
+        summary += f"  {escape(scrub(result.message))}"
     usage = result.usage
     summary += f"\n[dim]{usage.calls} calls ({usage.cached_calls} cached), {usage.input_tokens + usage.output_tokens} tokens, ${usage.cost_usd:.4f}[/]"
     console.print(Panel(summary, title=result.rid, title_align="left"))
@@ -97,7 +115,7 @@ def demo(
 
     # The demo starts its output afresh each time; its calls replay from the cache.
     stats = _run_batch(open_searcher, options, settings, fresh=True)
-    first = output.read_text(encoding="utf-8").splitlines()[:1] if output.exists() else []
+    first = output.read_bytes().split(b"\n")[:1] if output.exists() and output.stat().st_size else []
     if first:
         record = json.loads(first[0])
         console.print(f"\n[bold]{record['rid']}[/] (mentors {' -> '.join(record['generated_by'])}):")
@@ -143,36 +161,82 @@ def _own_output(options: "RunOptions", *, fresh: bool) -> "OutputLock":
     try:
         lock.acquire()
     except OutputBusyError as exc:
-        err_console.print(f"[bold red]Output in use:[/] {escape(str(exc))}", soft_wrap=True)
+        _say("Output in use", exc)
         raise typer.Exit(EXIT_CONFIG_ERROR) from None
     except MicsError as exc:
-        err_console.print(f"[bold red]Run stopped:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(1) from None
+        _say("Cannot start", exc)
+        raise typer.Exit(EXIT_CONFIG_ERROR) from None
     if fresh:
         for path in (options.output, options.failed or default_failed_path(options.output)):
             path.unlink(missing_ok=True)
     return lock
 
 
-def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None, fresh: bool = False) -> "RunStats":
-    """Run a batch with progress, Ctrl-C handling (first: finish items in flight; second: abort) and a summary."""
+def _check_start(settings: "Settings", data: Path | None = None) -> None:
+    """What a run checks before it imports LiteLLM or opens anything (the settings were checked as they
+    loaded: ranges, MICS_PROMPT_DIR and its templates, the Router YAML): the input file and the cache file.
+    Raises :class:`MicsError` saying what to fix."""
+    from .errors import ConfigError
+    from .store import check_cache_file
+
+    if data is not None:
+        if not data.exists():
+            raise ConfigError(f"input file {str(data)!r} not found")
+        if not data.is_file():
+            raise ConfigError(f"input {str(data)!r} is not a file; give a JSONL file, one case per line")
+        try:
+            with open(data, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"input file {str(data)!r} cannot be read: {exc.strerror or exc}") from None
+    check_cache_file(settings.cache_path)
+
+
+def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None, fresh: bool = False, group_key: str | None = None) -> "RunStats":
+    """Run a batch with progress, Ctrl-C handling (first: finish items in flight; second: abort) and a summary.
+
+    Start-up, in order, each failure exiting 2 with one line and nothing left open: the lock on the output,
+    the output files read back (files we did not write are refused before anything is written), then the
+    worker opened (LiteLLM imported, the cache connected). ``group_key``: the worker's (see OutputFiles)."""
+    from .errors import MicsError
+    from .outputs import OutputFiles
+
     lock = _own_output(options, fresh=fresh)
     try:
-        return _run_owned_batch(open_worker, options, settings, lock, log_every=log_every, json_summary=json_summary)
+        try:
+            files = OutputFiles(options.output, options.failed, group_key=group_key)
+            resume = files.prepare(retry_failed=options.retry_failed)
+        except MicsError as exc:
+            _say("Output refused", exc)
+            raise typer.Exit(EXIT_CONFIG_ERROR) from None
+        except OSError as exc:
+            _say("Output refused", f"{exc.filename or options.output}: {exc.strerror or exc}")
+            raise typer.Exit(EXIT_CONFIG_ERROR) from None
+        try:
+            return _run_owned_batch(open_worker, options, settings, lock, log_every=log_every,
+                                    json_summary=json_summary, resume=resume)
+        except _StartFailed as exc:
+            _say("Cannot start", exc.__cause__ or exc)
+            raise typer.Exit(EXIT_CONFIG_ERROR) from None
     finally:
         lock.release()
 
 
-def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", lock: "OutputLock", *, log_every: float, json_summary: Optional[Path]) -> "RunStats":
+def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", lock: "OutputLock", *, log_every: float, json_summary: Optional[Path], resume: Any = None) -> "RunStats":
     import signal
 
+    from .errors import MicsError
     from .progress import ProgressReporter, summary_table
     from .runner import BatchRun
 
     reporter = ProgressReporter(err_console, log_every=log_every)
 
     async def execute() -> "RunStats":
-        batch = BatchRun(await open_worker(), options, on_update=reporter, output_lock=lock)
+        try:
+            worker = await open_worker()
+        except MicsError as exc:  # whatever it opened, it closed
+            raise _StartFailed(str(exc)) from exc
+        batch = BatchRun(worker, options, on_update=reporter, output_lock=lock, resume=resume)
         try:
             store = batch.worker.store
             if store is not None:
@@ -232,6 +296,7 @@ def _batch_command(
     check_roles: bool,
     log_every: float,
     json_summary: Optional[Path],
+    group_key: str | None = None,
     **option_values: object,
 ) -> None:
     """What mics run and mics generate share: settings and options from the flags, the batch, exit codes."""
@@ -245,17 +310,17 @@ def _batch_command(
         if check_roles:
             settings.check_roles()
         shard_index = parse_shard(shard)
-    except (ConfigError, ValueError) as exc:
+        _check_start(settings, data)
+    except (MicsError, ValueError) as exc:
         raise _fail_config(str(exc)) from None
-    if not data.is_file():
-        raise _fail_config(f"input file {str(data)!r} not found")
     options = RunOptions(data=data, shard=shard_index, **option_values)  # type: ignore[arg-type]
     try:
-        stats = _run_batch(lambda: open_worker(settings), options, settings, log_every=log_every, json_summary=json_summary)
+        stats = _run_batch(lambda: open_worker(settings), options, settings, log_every=log_every,
+                           json_summary=json_summary, group_key=group_key)
     except ConfigError as exc:
         raise _fail_config(str(exc)) from None
     except MicsError as exc:
-        err_console.print(f"[bold red]Run stopped:[/] {exc}")
+        _say("Run stopped", exc)
         raise typer.Exit(1) from None
     raise typer.Exit(_exit_code(stats))
 
@@ -330,16 +395,16 @@ def search_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the Chiron-o1 record as JSON.")] = False,
 ) -> None:
     """Search one case with the models set in MICS_MENTORS, MICS_INTERNS and MICS_JUDGE."""
-    from .errors import ConfigError, InputError
+    from .errors import InputError, MicsError
     from .search import search
 
     try:
         result = asyncio.run(search(question, image or None, answer=answer, case_info=case_info, rid=rid))
-    except ConfigError as exc:
-        raise _fail_config(str(exc)) from None
     except InputError as exc:
-        err_console.print(f"[bold red]Bad input:[/] {exc}")
+        _say("Bad input", exc)
         raise typer.Exit(1) from None
+    except MicsError as exc:  # settings, prompts, the cache
+        raise _fail_config(str(exc)) from None
     if as_json:
         console.print_json(json.dumps(result.to_record(), ensure_ascii=False))
     else:
@@ -456,6 +521,7 @@ def generate(
 ) -> None:
     """Make Part 1 text QA or MICS input (VQA pairs) from raw cases with an LLM; resumable like mics run."""
     from .generate import open_generation_worker
+    from .outputs import GROUP_KEY
     from .runner import run_id_for
 
     async def open_worker(settings: "Settings"):
@@ -464,7 +530,7 @@ def generate(
     _batch_command(
         open_worker,
         {"cache_path": cache, "generator": model},
-        data=data, shard=shard, check_roles=False, log_every=log_every, json_summary=json_summary,
+        data=data, shard=shard, check_roles=False, log_every=log_every, json_summary=json_summary, group_key=GROUP_KEY,
         output=output, image_dir=image_dir, failed=failed, concurrency=concurrency, limit=limit,
         retry_failed=retry_failed, budget_usd=budget_usd,
     )
@@ -510,7 +576,8 @@ def eval_command(
             raise ConfigError("--mics-score needs interns: set MICS_INTERNS")
         benchmarks = _named_paths([spec if "=" in spec else f"{Path(spec).stem}={spec}" for spec in benchmark], "--benchmark")
         roots = _named_paths(image_root, "--image-root")
-    except ConfigError as exc:
+        _check_start(settings)
+    except MicsError as exc:
         raise _fail_config(str(exc)) from None
     # The evaluated model's answers are keyed by the output folder too: a checkpoint retrained and served
     # under the same name is evaluated into a new folder, and must never be graded with the old one's replies.
@@ -535,16 +602,30 @@ def eval_command(
 
         async def open_worker(name: str = name) -> EvalWorker:
             store = await Store.open(settings.cache_path) if settings.cache_path else None
-            run_id = run_id_for(predictions_path)
-            [evaluated] = open_models([model], settings, store, run_id=run_id, namespace=evaluated_namespace)
-            [grader] = open_models([judge_name], settings, store, run_id=run_id) if judge_name else [None]
-            interns = open_models(settings.interns, settings, store, run_id=run_id) if mics_score else []
-            return EvalWorker(evaluated, settings, store, benchmark=name, judge=grader, interns=interns)
+            opened: list = []
+            try:
+                run_id = run_id_for(predictions_path)
+                opened += open_models([model], settings, store, run_id=run_id, namespace=evaluated_namespace)
+                opened += open_models([judge_name], settings, store, run_id=run_id) if judge_name else []
+                interns = open_models(settings.interns, settings, store, run_id=run_id) if mics_score else []
+                opened += interns
+                grader = opened[1] if judge_name else None
+                return EvalWorker(opened[0], settings, store, benchmark=name, judge=grader, interns=interns)
+            except BaseException:
+                # Closed here: an open cache connection's (non-daemon) thread would keep the process alive.
+                for opened_model in opened:
+                    await opened_model.aclose()
+                if store is not None:
+                    await store.close()
+                raise
 
         try:
             stats = _run_batch(open_worker, options, settings, log_every=log_every)
         except ConfigError as exc:
             raise _fail_config(str(exc)) from None
+        except MicsError as exc:
+            _say("Run stopped", exc)
+            raise typer.Exit(1) from None
         if stats.stop_reason != "completed":
             raise typer.Exit(_exit_code(stats))
         try:
@@ -558,7 +639,7 @@ def eval_command(
             raise typer.Exit(EXIT_CONFIG_ERROR) from None
         if regraded:
             console.print(f"{name}: regraded {regraded} stored predictions graded by an older grader (grader v{GRADER_VERSION}).")
-        failures[name] = stats.model_error + stats.bad_input
+        failures[name] = stats.model_error + stats.bad_input + stats.internal_error
 
     results = {
         "model": model,
@@ -688,4 +769,16 @@ def report(
 
 
 def main() -> None:
-    app()
+    from .images import return_freed_buffers_to_the_os
+
+    return_freed_buffers_to_the_os()  # so the decode budget bounds resident memory, not just live buffers
+    try:
+        app()
+    except Exception as exc:  # a defect: say so, and show where, without any secret
+        import traceback
+
+        from .redact import scrub
+
+        sys.stderr.write(scrub("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+        sys.stderr.write("mics: internal error: this is a defect in mics-agents; please report it with the lines above.\n")
+        raise SystemExit(1) from None

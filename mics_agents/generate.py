@@ -217,11 +217,17 @@ async def open_generation_worker(
     if model is None and not name:
         raise ConfigError("MICS_GENERATOR is not set (nor MICS_MENTORS to fall back on); e.g. MICS_GENERATOR=openai/gpt-4o")
     store = await Store.open(settings.cache_path) if settings.cache_path else None
-    if model is None:
-        from .models.factory import open_models
+    try:
+        if model is None:
+            from .models.factory import open_models
 
-        [model] = open_models([name], settings, store, run_id=run_id)
-    elif store is not None:
-        model = with_store(model, store, run_id=run_id, namespace=settings.cache_namespace_for(model.name))
-    worker_class = QaWorker if kind == "qa" else VqaWorker
-    return worker_class(model, settings, store)
+            [model] = open_models([name], settings, store, run_id=run_id)
+        elif store is not None:
+            model = with_store(model, store, run_id=run_id, namespace=settings.cache_namespace_for(model.name))
+        worker_class = QaWorker if kind == "qa" else VqaWorker
+        return worker_class(model, settings, store)
+    except BaseException:
+        # Closed here: an open cache connection's (non-daemon) thread would keep the process alive.
+        if store is not None:
+            await store.close()
+        raise

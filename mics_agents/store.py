@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 from types import TracebackType
 
@@ -22,7 +24,7 @@ import aiosqlite
 from .errors import StoreError
 from .models.base import ModelResponse
 
-__all__ = ["Store", "MIGRATIONS", "WRITE_ATTEMPTS"]
+__all__ = ["Store", "MIGRATIONS", "WRITE_ATTEMPTS", "check_cache_file"]
 
 # A cache write that fails (a full disk freed meanwhile, a lock held past busy_timeout) is tried this often.
 WRITE_ATTEMPTS = 3
@@ -63,6 +65,52 @@ MIGRATIONS: list[str] = [
 ]
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_cache_file(path: str | Path | None, variable: str = "MICS_CACHE_PATH") -> None:
+    """Check the cache file can be opened, without opening it for real (blocking, stdlib sqlite3, closed
+    before returning): start-up calls this before LiteLLM is imported, so a wrong file is reported in well
+    under a second. A missing file is fine if its folder can be made and written. Raises :class:`StoreError`."""
+    if path is None or str(path) == ":memory:":
+        return
+    location = Path(path).expanduser()
+    where = f"{variable}: the cache {str(path)!r}"
+    if location.is_dir():
+        raise StoreError(f"{where} is a folder; give a file path, e.g. {str(location / 'mics_cache.sqlite')!r}")
+    if not location.exists():
+        folder = location.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{where} cannot be created: {exc.strerror or exc} ({str(folder)!r})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"{where} cannot be created: the folder {str(folder)!r} is not writable")
+        return
+    try:
+        with open(location, "rb") as handle:
+            header = handle.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise StoreError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    if header and header != _SQLITE_HEADER:
+        raise StoreError(f"{where} is not an SQLite database (the file holds something else); point "
+                         f"{variable} at another file, or move this one away")
+    if not header:
+        return  # an empty file: SQLite makes a database of it
+    try:
+        with closing(sqlite3.connect(location, timeout=5.0)) as connection:
+            version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"{where} cannot be opened: {exc}; point {variable} at another file, or move this "
+                         "one away") from None
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"{where} has schema version {version}, newer than this mics-agents knows ({len(MIGRATIONS)}); "
+            f"upgrade mics-agents or point {variable} at another file"
+        )
+
+
 class Store:
     """One connection to the SQLite file. Use ``async with await Store.open(path)`` or call ``close()``."""
 
@@ -78,7 +126,11 @@ class Store:
     async def open(cls, path: str | Path) -> "Store":
         location = str(path)
         if location != ":memory:":
-            Path(location).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(location).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the folder of the cache database {location!r}: "
+                                 f"{exc.strerror or exc}. Check the path (MICS_CACHE_PATH).") from None
         try:
             # Autocommit: each cache write is one statement and one trip to the database thread, durable
             # when it returns; migrations open their own transactions.
