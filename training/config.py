@@ -230,6 +230,13 @@ class CurriculumConfig(StageSettings):
             self.report_to = [part.strip() for part in self.report_to.split(",") if part.strip()]
         if not isinstance(self.extra_training_args, dict):
             problems.append("extra_training_args: must be a mapping of TrainingArguments fields")
+        else:
+            # The length policy and the loss are ours: TRL truncating would cut answers again.
+            for key in sorted(set(self.extra_training_args) & {"max_length", "completion_only_loss", "truncation_mode"}):
+                problems.append(
+                    f"extra_training_args.{key}: set by the curriculum (answers are never cut; use the max_length "
+                    "field, which leaves out what does not fit)"
+                )
         stages: list[StageConfig] = []
         if not isinstance(self.stages, list) or not self.stages:
             problems.append("stages: give a list of stage names or mappings")

@@ -17,7 +17,6 @@ keyed by the stage file's hash and the processor's settings, so a resumed run do
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -71,22 +70,6 @@ class LengthReport:
         return {sample_id for ids in self.dropped.values() for sample_id in ids}
 
 
-def _load_images(sample: Sample) -> list[Any]:
-    from PIL import Image
-
-    images = []
-    for path in sample.images:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise StageDataError(
-                f"Sample {sample.id!r}: cannot read image {path}: {exc}. Fix or replace the file, or rebuild the "
-                "stage without this sample."
-            ) from None
-    return images
-
-
 def _common_prefix(left: Sequence[int], right: Sequence[int]) -> int:
     length = 0
     for a, b in zip(left, right, strict=False):
@@ -108,21 +91,27 @@ def _measure_text(tokenizer: Any, sample: Sample) -> tuple[int, int]:
 
 
 def measure_lengths(samples: Sequence[Sample], processing_class: Any, *, is_vlm: bool) -> dict[str, list[int]]:
-    """``{sample id: [prompt tokens, answer tokens]}``, counted as the trainer's collator builds the sequence."""
-    from .sft import stage_records
+    """``{sample id: [prompt tokens, answer tokens]}``, counted as the trainer's collator builds the sequence:
+    the very rows the trainer gets (images decoded by ``datasets``), one at a time through TRL's collator."""
+    from .sft import stage_dataset
 
     lengths: dict[str, list[int]] = {}
     collator = vision_collator(processing_class) if is_vlm else None
+    dataset = stage_dataset(samples, is_vlm=True) if is_vlm else None
     started, reported = time.monotonic(), time.monotonic()
     for index, sample in enumerate(samples):
         if is_vlm:
-            [row] = stage_records([sample], is_vlm=True)
-            example = {
-                "prompt": copy.deepcopy(row["prompt"]),
-                "completion": copy.deepcopy(row["completion"]),
-                "images": _load_images(sample),
-            }
-            batch = collator([example])
+            try:
+                example = dataset[index]
+                batch = collator([example])
+            except (OSError, ValueError) as exc:
+                unreadable = [path for path in sample.images if not _readable(path)]
+                if not unreadable:
+                    raise
+                raise StageDataError(
+                    f"Sample {sample.id!r}: cannot read image {unreadable[0]}: {exc}. Fix or replace the file, or "
+                    "rebuild the stage without this sample."
+                ) from None
             total = int(batch["attention_mask"].sum())
             answer = int((batch["labels"] != IGNORE_INDEX).sum())
             lengths[sample.id] = [total - answer, answer]
@@ -132,6 +121,17 @@ def measure_lengths(samples: Sequence[Sample], processing_class: Any, *, is_vlm:
             reported = time.monotonic()
             logger.info("Measured %d/%d samples (%.0f s)", index + 1, len(samples), reported - started)
     return lengths
+
+
+def _readable(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def apply_length_policy(
