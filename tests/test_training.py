@@ -37,14 +37,14 @@ from training import (  # noqa: E402
 )
 from training.data import read_stage_file  # noqa: E402
 from training.modeling import load_processing_class  # noqa: E402
-from training.sft import IGNORE_INDEX, stage_records, vision_collator  # noqa: E402
+from training.sft import IGNORE_INDEX, stage_dataset, vision_collator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("stage1", "stage2", "stage3")
 NEEDS_TORCHVISION = pytest.mark.skipif(
     not tiny_models.has_torchvision(),
-    reason="the InternVL and Qwen2.5-VL processors need torchvision built for this torch "
-    "(pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1)",
+    reason="the InternVL and Qwen2.5-VL processors need torchvision, which the CPU-only torch of constraints.txt "
+    "lacks: `bash tests/run_vlm_families.sh` runs these tests in a venv with torch 2.14.1 + torchvision 0.29.1",
 )
 FAMILY_PARAMS = [
     pytest.param("llava", id="llava"),
@@ -86,13 +86,8 @@ def adapter_weights(folder: Path) -> dict[str, "torch.Tensor"]:
 
 
 def collate(processor, samples):
-    """A batch exactly as the trainer builds it: TRL's vision collator over the stage rows, images loaded."""
-    from PIL import Image
-
-    rows = stage_records(samples, is_vlm=True)
-    for row in rows:
-        row["images"] = [Image.open(path).convert("RGB") for path in row["images"]]
-    return vision_collator(processor)(rows)
+    """A batch exactly as the trainer builds it: TRL's vision collator over the stage's dataset rows."""
+    return vision_collator(processor)(list(stage_dataset(samples, is_vlm=True)))
 
 
 def answer_loss(model, batches) -> float:
@@ -547,7 +542,6 @@ def test_golden_labels_of_a_text_model(tmp_path, curriculum):
     from trl import SFTConfig, SFTTrainer
 
     from training.lengths import measure_lengths
-    from training.sft import stage_dataset
 
     base = tiny_models.build_tiny_causal_lm(tmp_path / "tiny-llama")
     tokenizer = load_processing_class(str(base), "text")
@@ -841,6 +835,15 @@ def test_a_missing_image_names_the_sample(tmp_path, curriculum):
         run_curriculum(tiny_config(tmp_path / "no-model-needed", broken, tmp_path / "out"))
 
 
+def test_an_unreadable_image_names_the_sample(tiny_vlm, tmp_path, curriculum):
+    broken = tmp_path / "curriculum"
+    shutil.copytree(curriculum, broken)
+    (broken / "stage3" / "images" / "grey.png").write_bytes(b"not a png")
+    config = tiny_config(tiny_vlm, broken, tmp_path / "out", stages=["stage3"])
+    with pytest.raises(StageDataError, match=r"Sample 'cgrey-cot2': cannot read image .*grey.png"):
+        run_curriculum(config)
+
+
 def test_bad_stage_lines_name_file_line_and_problem(tmp_path):
     record = tiny_models.sample("a-1", "part3_cot", "Q?", "A.", [])
     record["messages"][0]["content"].insert(0, {"type": "image"})  # a placeholder without an image path
@@ -874,6 +877,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(None, base_model="m")
     with pytest.raises(TrainingConfigError, match="lora_r: expected int"):
         load_config(None, base_model="m", curriculum_dir="c", lora_r="sixteen")
+    with pytest.raises(TrainingConfigError, match=r"extra_training_args.max_length: set by the curriculum"):
+        load_config(None, base_model="m", curriculum_dir="c", extra_training_args={"max_length": 512})
 
     from training.curriculum import gradient_accumulation
 
