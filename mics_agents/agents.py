@@ -32,6 +32,8 @@ class Case:
     answer: str
     images: tuple[ImagePart, ...] = ()
     case_info: str = ""
+    # The same images at the size mentors get (MICS_MENTOR_IMAGE_MAX_SIDE); None: as ``images``.
+    mentor_images: tuple[ImagePart, ...] | None = None
 
 
 def render_case_info(case_info: str | Mapping[str, Any] | None) -> str:
@@ -95,7 +97,7 @@ class Mentor:
         request = ModelRequest(
             messages=prompt_messages(
                 self.template,
-                case.images,
+                case.images if case.mentor_images is None else case.mentor_images,
                 case_info=case.case_info or "(no case record given)",
                 question=case.question,
                 answer=case.answer,
@@ -121,11 +123,17 @@ class InternReply:
     responses: tuple[ModelResponse, ...]
 
 
+INTERN_TEMPLATES = {"answer": "intern", "continue": "intern_continue"}
+
+
 class Intern:
+    """Answers from a reasoning prefix. In ``answer`` mode (the published one) it gives only the final
+    answer, so its score measures the mentor's steps; in ``continue`` mode it writes the missing steps first."""
+
     def __init__(self, model: Model, settings: Settings) -> None:
         self.model = model
         self.settings = settings
-        self.template = load_prompt("intern", settings.prompt_dir)
+        self.template = load_prompt(INTERN_TEMPLATES[settings.intern_mode], settings.prompt_dir)
 
     @property
     def name(self) -> str:

@@ -18,9 +18,11 @@ from pydantic_settings.exceptions import SettingsError
 
 from .errors import ConfigError, MicsError
 
-__all__ = ["Settings", "load_settings", "load_yaml_model", "check_router_config"]
+__all__ = ["Settings", "Strategy", "load_settings", "load_yaml_model", "check_router_config"]
 
 ENV_PREFIX = "MICS_"
+
+Strategy = Literal["mics", "vanilla"]
 
 
 def _split_names(value: Any) -> Any:
@@ -149,6 +151,12 @@ class Settings(BaseSettings):
     )
     seed: int = Field(default=0, description="Run seed; with the item id it fixes every random choice.")
 
+    strategy: Strategy = Field(
+        default="mics",
+        description="'mics': the mentor-intern search; 'vanilla': one mentor writes the whole solution with no "
+        "intern guidance, scored once by the same interns and judge (the paper's baseline arm).",
+    )
+    vanilla_mentor: str = Field(default="", description="The mentor of the vanilla strategy; the first of MICS_MENTORS when empty.")
     intern_mode: Literal["answer", "continue"] = Field(
         default="answer",
         description="'answer': interns give only the final answer after the prefix (published), so the score "
@@ -292,9 +300,22 @@ class Settings(BaseSettings):
             raise ValueError(f"{outside[0]:g} is outside 0 to 2; give comma-separated finite numbers from 0 to 2")
         return value
 
+    @property
+    def search_mentors(self) -> list[str]:
+        """The mentors a search asks: all of MICS_MENTORS, or the one mentor of the vanilla strategy."""
+        if self.strategy == "vanilla":
+            name = self.vanilla_mentor or (self.mentors[0] if self.mentors else "")
+            return [name] if name else []
+        return list(self.mentors)
+
     def check_roles(self) -> "Settings":
         """Fail with a message naming the variable when the model roles cannot run a search."""
-        if len(self.mentors) < 2:
+        if self.strategy == "vanilla" and not self.search_mentors:
+            raise ConfigError(
+                f"the vanilla strategy needs one mentor: set {ENV_PREFIX}VANILLA_MENTOR (or --vanilla-mentor) or "
+                f"{ENV_PREFIX}MENTORS, e.g. MICS_VANILLA_MENTOR=openai/gpt-4o"
+            )
+        if self.strategy == "mics" and len(self.mentors) < 2:
             raise ConfigError(
                 f"{ENV_PREFIX}MENTORS needs at least two mentor models (got {len(self.mentors)}). "
                 "Set it to comma-separated LiteLLM names, e.g. "

@@ -78,6 +78,7 @@ class Node(BaseModel):
 
 class SearchResult(BaseModel):
     rid: str
+    strategy: Literal["mics", "vanilla"] = "mics"
     question: str
     gt_answer: str
     images: list[str] = Field(default_factory=list)
@@ -105,6 +106,7 @@ class SearchResult(BaseModel):
         generated_by, search_id``) plus ``mics_score``, ``trend``, ``tree`` and ``usage``."""
         return {
             "rid": self.rid,
+            "strategy": self.strategy,
             "images": self.images,
             "question": self.question,
             "gt_answer": self.gt_answer,

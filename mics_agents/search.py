@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from .agents import Case, Intern, Judge, Mentor, render_case_info
 from .answers import render_steps
-from .config import Settings, load_settings
+from .config import Settings, Strategy, load_settings
 from .errors import ConfigError, InputError, ModelCallError
 from .images import ImageCache, ImageSource, load_images
 from .models.base import Model
@@ -75,6 +75,8 @@ class _Run:
         return [step for node in self.path for step in node.steps]
 
     async def execute(self) -> SearchResult:
+        if self.settings.strategy == "vanilla":
+            return await self.execute_vanilla(self.searcher.mentors[0])
         for depth in range(1, self.settings.max_depth + 1):
             self.depth = depth
             take = self.settings.initial_steps if depth == 1 else 1
@@ -104,6 +106,22 @@ class _Run:
             scores = {node.mentor: float(node.score or 0.0) for node in candidates}
             self._select(by_mentor[pick_to_continue(scores, self.selected_before, self.rng)])
         return await self._success("0")
+
+    async def execute_vanilla(self, mentor: Mentor) -> SearchResult:
+        """The paper's baseline arm: one mentor writes the whole solution with no intern guidance; the
+        same interns and judge score the full path once, so its MICS-Score compares with a search's."""
+        self.depth = 1
+        solution, response = await mentor.propose(self.case, [])
+        self.usage.add(response)
+        if not solution.steps:
+            self.history[mentor.name].append(0.0)
+            return self._failure("no_path", f"mentor {mentor.name} wrote no reasoning step for this case")
+        node = self._add_node(_Proposal(mentor.name, solution.steps, [], solution.final_answer, reused=False), None, 1, 0)
+        await self._score(node, [])
+        self.history[mentor.name].append(float(node.score or 0.0))
+        self._select(node)
+        self.depth = len(solution.steps)
+        return await self._success("1" if node.score == 1.0 else "0")
 
     async def _propose(self, mentor: Mentor, prefix: list[str], take: int, parent: Node | None) -> _Proposal | None:
         if parent is not None and parent.mentor == mentor.name and parent.rest:
@@ -175,13 +193,15 @@ class _Run:
 
     def _base(self) -> dict[str, Any]:
         path_scores = [float(node.score) for node in self.path if node.score is not None]
+        vanilla = self.settings.strategy == "vanilla"
         return {
+            "strategy": self.settings.strategy,
             "rid": self.case.rid,
             "question": self.case.question,
             "gt_answer": self.case.answer,
             "images": [image.label for image in self.case.images],
             "path_scores": path_scores,
-            "trend": path_trend(path_scores) if path_scores else None,
+            "trend": path_trend(path_scores) if path_scores and not vanilla else None,
             "scores": self.history,
             "generated_by": [node.mentor for node in self.path],
             "final_depth": self.depth,
@@ -235,9 +255,16 @@ class Searcher:
         store: Store | None = None,
         owns_store: bool = False,
         run_id: str | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         self.settings = settings or load_settings()
-        if len(mentors) < 2:
+        if strategy is not None and strategy != self.settings.strategy:
+            self.settings = self.settings.model_copy(update={"strategy": strategy})
+        if self.settings.strategy == "vanilla":
+            mentors = mentors[:1]  # the vanilla mentor (the first given)
+            if not mentors:
+                raise ConfigError("the vanilla strategy needs one mentor: set MICS_VANILLA_MENTOR or MICS_MENTORS")
+        elif len(mentors) < 2:
             raise ConfigError(f"MICS needs at least two mentors (got {len(mentors)}): set MICS_MENTORS")
         if not interns:
             raise ConfigError("MICS needs at least one intern: set MICS_INTERNS")
@@ -257,17 +284,23 @@ class Searcher:
         self.grader = Grader(self.judge)
 
     @classmethod
-    async def open(cls, settings: Settings | None = None, *, run_id: str | None = None) -> "Searcher":
+    async def open(
+        cls, settings: Settings | None = None, *, run_id: str | None = None, strategy: Strategy | None = None
+    ) -> "Searcher":
         """Models from ``MICS_MENTORS`` / ``MICS_INTERNS`` / ``MICS_JUDGE`` via LiteLLM (and the Router
-        config if one is set), cached in ``MICS_CACHE_PATH`` unless that is empty."""
+        config if one is set), cached in ``MICS_CACHE_PATH`` unless that is empty. ``strategy`` overrides
+        ``MICS_STRATEGY`` (``vanilla`` asks only ``MICS_VANILLA_MENTOR``, or the first mentor)."""
+        settings = settings or load_settings()
+        if strategy is not None and strategy != settings.strategy:
+            settings = settings.model_copy(update={"strategy": strategy})
         from .models.factory import open_model, open_router
         from .models.providers import check_credentials, import_litellm
 
-        settings = (settings or load_settings()).check_roles()
+        settings = settings.check_roles()
         await asyncio.to_thread(import_litellm)  # seconds of import, kept off the event loop
         router = open_router(settings)
         # A provider key missing is a configuration error now, before any call (and before the store opens).
-        check_credentials([*settings.mentors, *settings.interns, settings.judge], router)
+        check_credentials([*settings.search_mentors, *settings.interns, settings.judge], router)
 
         store = await Store.open(settings.cache_path) if settings.cache_path else None
         models: dict[str, Model] = {}  # one model per name, even when a name plays two roles
@@ -279,7 +312,7 @@ class Searcher:
 
         try:
             return cls(
-                mentors=[model(name) for name in settings.mentors],
+                mentors=[model(name) for name in settings.search_mentors],
                 interns=[model(name) for name in settings.interns],
                 judge=model(settings.judge),
                 settings=settings,
@@ -330,6 +363,17 @@ class Searcher:
             base_dir=image_dir,
             cache=self._images,
         )
+        mentor_images = None
+        if loaded and self.settings.mentor_image_max_side < self.settings.image_max_side:
+            mentor_images = tuple(
+                await load_images(
+                    images,
+                    max_side=self.settings.mentor_image_max_side,
+                    max_pixels=self.settings.image_max_pixels,
+                    base_dir=image_dir,
+                    cache=self._images,
+                )
+            )
         if rid is None:
             digest = hashlib.sha256("\x00".join([question, answer, *(image.sha256 for image in loaded)]).encode())
             rid = digest.hexdigest()[:16]
@@ -339,6 +383,7 @@ class Searcher:
             answer=answer.strip(),
             images=tuple(loaded),
             case_info=render_case_info(case_info),
+            mentor_images=mentor_images,
         )
 
     async def search_case(self, case: Case) -> SearchResult:

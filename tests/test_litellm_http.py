@@ -35,7 +35,7 @@ JUDGE = "openai/judge"
 # With these texts the simulated models give a three-iteration search with judge calls (no mocks: the
 # path is decided by the server's replies).
 QUESTION = (
-    "Case 5: a 58-year-old smoker has sudden pleuritic chest pain and shortness of breath. "
+    "Case 7: a 58-year-old smoker has sudden pleuritic chest pain and shortness of breath. "
     "What is the most likely diagnosis?"
 )
 ANSWER = "Left tension pneumothorax"

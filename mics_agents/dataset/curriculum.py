@@ -36,6 +36,9 @@ class Recipe(BaseModel):
     keep_trends: list[str] = Field(default_factory=lambda: ["increasing"], description="MICS trends kept by QC.")
     keep_single_step: bool = Field(default=True, description="Keep paths decided in one iteration (no trend).")
     keep_search_id_zero: bool = Field(default=False, description="Keep paths that never reached a full score.")
+    include_vanilla: bool = Field(
+        default=False, description="Also train on vanilla-strategy records (one mentor, no intern guidance)."
+    )
     keep_ungraded: bool = Field(
         default=False,
         description="Keep paths whose final answer no grading rule decided and no judge was asked about "
@@ -77,11 +80,17 @@ def _unit_hash(seed: int, text: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def is_held_out(case_id: str, fraction: float, seed: int) -> bool:
+    """Whether a case is in the test split: a hash of its id, so the choice never depends on which of its
+    samples survive quality control."""
+    return _unit_hash(seed, case_id) < fraction
+
+
 def split_by_case(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """(train, test): a case id is on one side only. External VQA sets stay in train."""
     train, test = [], []
     for sample in samples:
-        held_out = not sample.source.startswith(VQA) and _unit_hash(seed, sample.case_id) < fraction
+        held_out = not sample.source.startswith(VQA) and is_held_out(sample.case_id, fraction, seed)
         (test if held_out else train).append(sample)
     return train, test
 

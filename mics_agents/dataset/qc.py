@@ -3,7 +3,8 @@
 Every dropped record is counted by reason. By default a path must have an increasing MICS-Score trend
 (a path decided in a single iteration has no trend: it is kept, having met the strictest test, a full
 score, unless ``keep_single_step`` is off), a ``search_id`` of 1 (a full score), steps, and a final
-answer that the grader (:mod:`mics_agents.grading`) found the same as the ground truth.
+answer that the grader (:mod:`mics_agents.grading`) found the same as the ground truth. Records of the
+vanilla strategy (one mentor, no intern guidance) are left out unless ``include_vanilla`` is set.
 
 The search records that verdict as ``final_answer_grade``. Records written before it did are graded
 here by :func:`grade_final_answers`: the rules, then the judge when one is given; what neither decides
@@ -30,6 +31,7 @@ class QcOptions:
     keep_single_step: bool = True
     keep_search_id_zero: bool = False
     keep_ungraded: bool = False
+    include_vanilla: bool = False
 
 
 @dataclass
@@ -83,10 +85,13 @@ def quality_control(records: Iterable[dict[str, Any]], options: QcOptions = QcOp
 def _drop_reason(record: dict[str, Any], options: QcOptions) -> str | None:
     if record.get("search_id") is None:
         return "not_a_success"
+    if record.get("strategy") == "vanilla" and not options.include_vanilla:
+        return "vanilla"  # the baseline arm: no intern guidance chose its steps
     if record["search_id"] == "0" and not options.keep_search_id_zero:
         return "search_id_0"
     single_step = str(record.get("final_depth")) == "1"
-    if not (single_step and options.keep_single_step) and record.get("trend") not in options.keep_trends:
+    scored_once = record.get("strategy") == "vanilla"  # one scored path has no trend to keep or drop on
+    if not scored_once and not (single_step and options.keep_single_step) and record.get("trend") not in options.keep_trends:
         return f"trend_{record.get('trend')}"
     solution = parse_solution(record.get("reasoning") or "")
     if not solution.steps:

@@ -2,11 +2,14 @@
 with ``litellm.acompletion``, or through a ``litellm.Router`` when its ``model_list`` has the name.
 
 One attempt per call, under the transport's total deadline; LiteLLM's own retries are off, since the
-retrying wrapper does them once, with backoff, jitter and Retry-After.
+retrying wrapper does them once, with backoff, jitter and Retry-After. A parameter a model refuses (an
+o-series model and a temperature other than 1) is named once in a log line and then dropped by LiteLLM
+(``drop_params``), instead of failing every call.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..errors import MalformedReplyError
@@ -24,6 +27,7 @@ class LiteLLMTransport(Transport):
         super().__init__(name, timeout=timeout)
         self.router = router if router is not None and name in router_model_names(router) else None
         self._api_bases: list[str | None] | None = None
+        self._drop_params = False  # set once LiteLLM says this model refuses a parameter we send
 
     def endpoint_bases(self) -> list[str | None]:
         if self._api_bases is None:
@@ -37,6 +41,11 @@ class LiteLLMTransport(Transport):
             else:
                 self._api_bases = [resolve_api_base(self.name)]
         return self._api_bases
+
+    async def _complete(self, arguments: dict[str, Any]) -> Any:
+        if self.router is not None:
+            return await self.router.acompletion(**arguments)
+        return await import_litellm().acompletion(**arguments)
 
     def _is_transient(self, exc: BaseException) -> bool:
         litellm = import_litellm()
@@ -65,10 +74,21 @@ class LiteLLMTransport(Transport):
         }
         if request.max_tokens is not None:
             arguments["max_tokens"] = request.max_tokens
-        if self.router is not None:
-            response = await self.router.acompletion(**arguments)
-        else:
-            response = await litellm.acompletion(**arguments)
+        if self._drop_params:
+            arguments["drop_params"] = True
+        try:
+            response = await self._complete(arguments)
+        except litellm.UnsupportedParamsError as exc:
+            if self._drop_params:
+                raise
+            # A reasoning model refusing a sampling temperature, say: say which parameter once per model,
+            # then let LiteLLM drop what this model does not take, here and on every later call.
+            self._drop_params = True
+            reason = " ".join(str(exc).split()).removeprefix("litellm.UnsupportedParamsError: ")
+            logging.getLogger("mics_agents").warning(
+                "%s: %s Sending without it from now on (LiteLLM drop_params).", self.name, reason.split(" To drop")[0]
+            )
+            response = await self._complete({**arguments, "drop_params": True})
         choices = getattr(response, "choices", None) or []
         message = getattr(choices[0], "message", None) if choices else None
         text = getattr(message, "content", None) if message is not None else None

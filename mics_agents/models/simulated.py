@@ -46,7 +46,7 @@ def _mentor_text(name: str, user_text: str, has_images: bool) -> str:
         "Check the remaining candidate against the patient's presentation and the imaging pattern.",
     ]
     # Where this mentor's plan names the answer differs by mentor and case: some reveal it early.
-    reveal_at = 2 + _rng(name, question).randrange(3)
+    reveal_at = 2 + _rng(name, question).randrange(2)
     plan.insert(reveal_at - 1, f"{_REVEAL}{answer}.")
     remaining = plan[done:] or [f"Taken together, the evidence supports {answer}."]
     steps = "\n\n".join(f"### Step {done + i + 1}: {step}" for i, step in enumerate(remaining))
@@ -66,7 +66,9 @@ def _intern_text(user_text: str, temperature: float, seed: str) -> str:
         answer = rng.choice(sorted(options))
     else:
         answer = rng.choice(["Cannot be determined", "No", "Yes", "Normal study"])
-    return f"### Step 1: Reading the question and the reasoning so far.\n\n### The final answer is: {answer}"
+    if "### Step k" in _section(user_text, "Your task"):  # the 'continue' intern writes its steps first
+        return f"### Step 1: Reading the question and the reasoning so far.\n\n### The final answer is: {answer}"
+    return f"### The final answer is: {answer}"
 
 
 def _judge_text(user_text: str) -> str:
