@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .outputs import OutputLock
+    from .progress import RunKind
     from .results import SearchResult
     from .runner import RunOptions, RunStats, Worker
     from .search import Searcher
@@ -145,10 +146,20 @@ def _exit_code(stats: "RunStats") -> int:
 
 
 def _search_settings(settings: "Settings") -> dict:
-    """The settings that shape search results, recorded per run to warn when a resume changes them."""
-    keys = ("mentors", "interns", "judge", "max_depth", "initial_steps", "intern_temperatures",
-            "samples_per_temperature", "mentor_temperature", "judge_temperature", "seed")
-    return {key: getattr(settings, key) for key in keys}
+    """The settings that shape search results, recorded per run to warn when a resume changes them:
+    models, search knobs, what interns are asked (mode and prompt versions), image sizes, the strategy."""
+    from .agents import INTERN_TEMPLATES
+    from .prompts import load_prompt
+
+    keys = ("strategy", "mentors", "interns", "judge", "max_depth", "initial_steps", "intern_temperatures",
+            "samples_per_temperature", "mentor_temperature", "judge_temperature", "seed", "intern_mode",
+            "mentor_image_max_side", "image_max_side", "mentor_max_tokens", "intern_max_tokens")
+    recorded = {key: getattr(settings, key) for key in keys}
+    if settings.strategy == "vanilla":
+        recorded["vanilla_mentor"] = settings.search_mentors[0]
+    templates = ("mentor", INTERN_TEMPLATES[settings.intern_mode], "judge")
+    recorded["prompt_versions"] = {name: load_prompt(name, settings.prompt_dir).version for name in templates}
+    return recorded
 
 
 def _own_output(options: "RunOptions", *, fresh: bool) -> "OutputLock":
@@ -192,7 +203,7 @@ def _check_start(settings: "Settings", data: Path | None = None) -> None:
     check_cache_file(settings.cache_path)
 
 
-def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None, fresh: bool = False, group_key: str | None = None) -> "RunStats":
+def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None, fresh: bool = False, group_key: str | None = None, kind: "RunKind | None" = None) -> "RunStats":
     """Run a batch with progress, Ctrl-C handling (first: finish items in flight; second: abort) and a summary.
 
     Start-up, in order, each failure exiting 2 with one line and nothing left open: the lock on the output,
@@ -214,7 +225,7 @@ def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", option
             raise typer.Exit(EXIT_CONFIG_ERROR) from None
         try:
             return _run_owned_batch(open_worker, options, settings, lock, log_every=log_every,
-                                    json_summary=json_summary, resume=resume)
+                                    json_summary=json_summary, resume=resume, kind=kind)
         except _StartFailed as exc:
             _say("Cannot start", exc.__cause__ or exc)
             raise typer.Exit(EXIT_CONFIG_ERROR) from None
@@ -222,14 +233,15 @@ def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", option
         lock.release()
 
 
-def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", lock: "OutputLock", *, log_every: float, json_summary: Optional[Path], resume: Any = None) -> "RunStats":
+def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", lock: "OutputLock", *, log_every: float, json_summary: Optional[Path], resume: Any = None, kind: "RunKind | None" = None) -> "RunStats":
     import signal
 
     from .errors import MicsError
-    from .progress import ProgressReporter, summary_table
+    from .progress import MICS_RUN, ProgressReporter, summary_table
     from .runner import BatchRun
 
-    reporter = ProgressReporter(err_console, log_every=log_every)
+    kind = kind or MICS_RUN
+    reporter = ProgressReporter(err_console, log_every=log_every, kind=kind)
 
     async def execute() -> "RunStats":
         try:
@@ -277,7 +289,7 @@ def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", 
     from .outputs import default_failed_path
 
     failed = options.failed or default_failed_path(options.output)
-    err_console.print(summary_table(stats, output=str(options.output), failed=str(failed)))
+    err_console.print(summary_table(stats, output=str(options.output), failed=str(failed), kind=kind))
     if stats.stop_reason == "budget":
         err_console.print(f"[yellow]Budget of ${options.budget_usd} reached: no new items started. Rerun with a larger --budget-usd to continue.[/]")
     elif stats.stop_reason == "interrupted":
@@ -297,6 +309,7 @@ def _batch_command(
     log_every: float,
     json_summary: Optional[Path],
     group_key: str | None = None,
+    kind: "RunKind | None" = None,
     **option_values: object,
 ) -> None:
     """What mics run and mics generate share: settings and options from the flags, the batch, exit codes."""
@@ -316,13 +329,18 @@ def _batch_command(
     options = RunOptions(data=data, shard=shard_index, **option_values)  # type: ignore[arg-type]
     try:
         stats = _run_batch(lambda: open_worker(settings), options, settings, log_every=log_every,
-                           json_summary=json_summary, group_key=group_key)
+                           json_summary=json_summary, group_key=group_key, kind=kind)
     except ConfigError as exc:
         raise _fail_config(str(exc)) from None
     except MicsError as exc:
         _say("Run stopped", exc)
         raise typer.Exit(1) from None
     raise typer.Exit(_exit_code(stats))
+
+
+class StrategyChoice(str, Enum):
+    mics = "mics"
+    vanilla = "vanilla"
 
 
 @app.command()
@@ -342,6 +360,10 @@ def run(
     router_config: Annotated[Optional[Path], typer.Option(help="LiteLLM Router config (default: MICS_ROUTER_CONFIG).")] = None,
     json_summary: Annotated[Optional[Path], typer.Option(help="Also write the summary as JSON here.")] = None,
     log_every: Annotated[float, typer.Option(help="Seconds between log lines when not on a terminal.")] = 10.0,
+    strategy: Annotated[Optional[StrategyChoice], typer.Option(help="mics: the search; vanilla: one mentor's whole "
+                                                            "solution, scored once (default: MICS_STRATEGY).")] = None,
+    vanilla_mentor: Annotated[Optional[str], typer.Option(help="The vanilla strategy's mentor (default: "
+                                                          "MICS_VANILLA_MENTOR, else the first mentor).")] = None,
 ) -> None:
     """Run MICS over a JSONL dataset; rerun the same command to resume.
 
@@ -356,7 +378,8 @@ def run(
 
     _batch_command(
         open_searcher,
-        {"max_depth": max_depth, "seed": seed, "cache_path": cache, "router_config": router_config},
+        {"max_depth": max_depth, "seed": seed, "cache_path": cache, "router_config": router_config,
+         "strategy": strategy.value if strategy else None, "vanilla_mentor": vanilla_mentor},
         data=data, shard=shard, check_roles=True, log_every=log_every, json_summary=json_summary,
         output=output, image_dir=image_dir, failed=failed, concurrency=concurrency, limit=limit,
         retry_failed=retry_failed, budget_usd=budget_usd,
@@ -489,6 +512,10 @@ def dataset_build(
         console.print(f"Graded the final answers of {report.graded_here} older MICS records with {how}.")
     for stage, count in report.stages.items():
         console.print(f"{stage}: {count} samples -> {output / stage}")
+    eval_file = output / "test" / "eval.jsonl"
+    console.print(f"test: {report.eval_items} held-out questions -> {eval_file} "
+                  f"(score a model: mics eval --model MODEL --benchmark in_domain={eval_file} --output results/)",
+                  soft_wrap=True)
     console.print(f"test: {report.test} samples -> {output / 'test'}")
     for step, reasons in report.drops.items():
         console.print(f"dropped in {step}: " + ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items())))
@@ -522,6 +549,7 @@ def generate(
     """Make Part 1 text QA or MICS input (VQA pairs) from raw cases with an LLM; resumable like mics run."""
     from .generate import open_generation_worker
     from .outputs import GROUP_KEY
+    from .progress import GENERATION
     from .runner import run_id_for
 
     async def open_worker(settings: "Settings"):
@@ -531,7 +559,7 @@ def generate(
         open_worker,
         {"cache_path": cache, "generator": model},
         data=data, shard=shard, check_roles=False, log_every=log_every, json_summary=json_summary, group_key=GROUP_KEY,
-        output=output, image_dir=image_dir, failed=failed, concurrency=concurrency, limit=limit,
+        kind=GENERATION, output=output, image_dir=image_dir, failed=failed, concurrency=concurrency, limit=limit,
         retry_failed=retry_failed, budget_usd=budget_usd,
     )
 
@@ -561,10 +589,12 @@ def eval_command(
     """
     from .config import load_settings
     from .errors import ConfigError, MicsError
+    from collections import Counter
+
     from .evaluation import EvalWorker, detect_layout, prepare_benchmark, results_markdown, summarize
-    from .evaluation.loaders import default_image_dir
     from .grading import GRADER_VERSION
     from .outputs import OutputLock, rewrite_jsonl
+    from .progress import EVALUATION
     from .models.factory import open_models
     from .runner import RunOptions, run_id_for
     from .store import Store
@@ -587,18 +617,22 @@ def eval_command(
     )
 
     predictions: dict[str, list[dict]] = {}
-    failures: dict[str, int] = {}
+    failures: dict[str, dict[str, int]] = {}
+    layouts: dict[str, str] = {}
     for name, path in benchmarks.items():
         try:
-            layout = detect_layout(path)
-            prepared, count, embedded = prepare_benchmark(path, output / name, layout)
+            prepared = prepare_benchmark(path, output / name, detect_layout(path), roots.get(name))
         except (MicsError, OSError, ValueError, KeyError) as exc:
-            err_console.print(f"[bold red]Benchmark {name}:[/] cannot read {path}: {exc}")
+            _say(f"Benchmark {name}", f"cannot read {path}: {exc}")
             raise typer.Exit(1) from None
-        image_dir = output / name if embedded else roots.get(name) or default_image_dir(path, layout)
-        console.print(f"[bold]{name}[/]: {count} questions ({layout} layout), images from {image_dir}")
+        layouts[name] = prepared.layout
+        console.print(f"[bold]{name}[/]: {prepared.count} questions ({prepared.layout} layout), images from "
+                      f"{prepared.image_root}", soft_wrap=True)
+        for warning in prepared.warnings:
+            _say("Warning", warning, colour="yellow")
         predictions_path = output / name / "predictions.jsonl"
-        options = RunOptions(data=prepared, output=predictions_path, image_dir=image_dir, concurrency=concurrency, limit=limit)
+        options = RunOptions(data=prepared.items, output=predictions_path, image_dir=prepared.image_root,
+                             concurrency=concurrency, limit=limit)
 
         async def open_worker(name: str = name) -> EvalWorker:
             store = await Store.open(settings.cache_path) if settings.cache_path else None
@@ -620,7 +654,7 @@ def eval_command(
                 raise
 
         try:
-            stats = _run_batch(open_worker, options, settings, log_every=log_every)
+            stats = _run_batch(open_worker, options, settings, log_every=log_every, kind=EVALUATION)
         except ConfigError as exc:
             raise _fail_config(str(exc)) from None
         except MicsError as exc:
@@ -639,12 +673,23 @@ def eval_command(
             raise typer.Exit(EXIT_CONFIG_ERROR) from None
         if regraded:
             console.print(f"{name}: regraded {regraded} stored predictions graded by an older grader (grader v{GRADER_VERSION}).")
-        failures[name] = stats.model_error + stats.bad_input + stats.internal_error
+        # Predictions of items the benchmark no longer holds as loaded now (a loader that learned the split).
+        current = [record for record in predictions[name] if str(record.get("rid")) in prepared.ids]
+        if len(current) < len(predictions[name]):
+            _say("Note", f"{name}: {len(predictions[name]) - len(current)} stored predictions are for items not in "
+                 "the benchmark as loaded now (e.g. train rows); they are left out", colour="yellow")
+        predictions[name] = current
+        failures[name] = {kind: getattr(stats, kind) for kind in ("bad_input", "model_error", "internal_error")
+                          if getattr(stats, kind)}
 
     results = {
         "model": model,
         "judge": judge_name,
-        "benchmarks": {name: {**summarize(items), "not_scored": failures[name]} for name, items in predictions.items()},
+        "benchmarks": {
+            name: {**summarize(items), "layout": layouts[name], "not_scored": sum(failures[name].values()),
+                   "not_scored_by_kind": failures[name]}
+            for name, items in predictions.items()
+        },
         "overall": summarize(item for items in predictions.values() for item in items),
     }
     output.mkdir(parents=True, exist_ok=True)
@@ -652,6 +697,15 @@ def eval_command(
     markdown = results_markdown(results)
     (output / "results.md").write_text(markdown, encoding="utf-8")
     console.print(markdown, markup=False, highlight=False)
+    if results["overall"]["graded"] == 0:
+        totals: Counter = Counter()
+        for counts in failures.values():
+            totals.update(counts)
+        reasons = ", ".join(f"{count} {kind}" for kind, count in sorted(totals.items()))
+        ungraded = results["overall"]["n"]
+        _say("No answer was graded", f"{reasons or 'no item failed'}; {ungraded} answered but ungraded (open answers "
+             "without a judge get recall only). See */predictions_failed.jsonl; results.json says the same")
+        raise typer.Exit(1)
     if any(failures.values()):
         err_console.print("[yellow]Some questions could not be scored (see */predictions_failed.jsonl); rerun to retry model errors.[/]")
 
@@ -677,16 +731,23 @@ def _regrade(predictions: list[dict], judge_name: str | None, settings: Any) -> 
 
 @app.command()
 def compare(
-    folders: Annotated[list[Path], typer.Argument(help="Result folders of mics eval.")],
+    paths: Annotated[list[Path], typer.Argument(help="Result folders of mics eval, or output files of mics run "
+                                                     "(e.g. the MICS and the vanilla arm on one input).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the table here (markdown).")] = None,
 ) -> None:
-    """Compare several mics eval result folders side by side."""
+    """Compare runs side by side: mics eval folders (accuracy per benchmark), or mics run outputs (full-score
+    paths, MICS-Score, depth, trend, and calls and cost per kept path)."""
+    from .errors import InputError
     from .evaluation import compare_results
+    from .run_comparison import compare_runs
 
+    run_outputs = [path for path in paths if path.suffix == ".jsonl"]
     try:
-        table = compare_results(folders)
-    except FileNotFoundError as exc:
-        err_console.print(f"[bold red]{exc}[/]")
+        if run_outputs and len(run_outputs) != len(paths):
+            raise InputError("give either mics eval result folders or mics run output files (.jsonl), not both")
+        table = compare_runs(paths) if run_outputs else compare_results(paths)
+    except (FileNotFoundError, InputError) as exc:
+        err_console.print(f"[bold red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from None
     if output:
         output.write_text(table, encoding="utf-8")

@@ -4,6 +4,7 @@ otherwise, and a summary table at the end."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -12,13 +13,29 @@ from rich.table import Table
 if TYPE_CHECKING:
     from .runner import RunStats
 
-__all__ = ["ProgressReporter", "summary_table"]
+__all__ = ["ProgressReporter", "summary_table", "RunKind", "MICS_RUN", "EVALUATION", "GENERATION"]
 
 
-def _counts(stats: "RunStats") -> str:
+@dataclass(frozen=True)
+class RunKind:
+    """How a batch job speaks of itself: an evaluation's items are *answered* (whether rightly is graded
+    afterwards), never a "success" of a MICS run."""
+
+    title: str
+    ended_ok: str
+    has_no_path: bool = True
+
+
+MICS_RUN = RunKind("MICS run", "success")
+EVALUATION = RunKind("Evaluation", "answered", has_no_path=False)
+GENERATION = RunKind("Generation", "success", has_no_path=False)
+
+
+def _counts(stats: "RunStats", kind: RunKind = MICS_RUN) -> str:
     rate = f"{100 * stats.success / stats.ended:.0f}%" if stats.ended else "-"
+    no_path = f"no_path {stats.no_path}, " if kind.has_no_path else ""
     return (
-        f"success {stats.success} ({rate}), no_path {stats.no_path}, model_error {stats.model_error}, "
+        f"{kind.ended_ok} {stats.success} ({rate}), {no_path}model_error {stats.model_error}, "
         f"bad_input {stats.bad_input}{f', internal_error {stats.internal_error}' if stats.internal_error else ''} | "
         f"calls {stats.calls} ({stats.cached_calls} cached), "
         f"{stats.tokens:,} tokens, ${stats.spent_usd:.4f} spent"
@@ -28,8 +45,9 @@ def _counts(stats: "RunStats") -> str:
 class ProgressReporter:
     """Call it with the stats after every change; ``close()`` when the run ends."""
 
-    def __init__(self, console: Console, *, log_every: float = 10.0) -> None:
+    def __init__(self, console: Console, *, log_every: float = 10.0, kind: RunKind = MICS_RUN) -> None:
         self.console = console
+        self.kind = kind
         self.log_every = log_every
         self._progress = None
         self._task = None
@@ -48,7 +66,7 @@ class ProgressReporter:
             if due and state != self._last_logged:
                 self._last_log, self._last_logged = now, state
                 self.console.print(
-                    f"[mics] {stats.ended}/{todo} items ({stats.already_done} done before) | {_counts(stats)}",
+                    f"[mics] {stats.ended}/{todo} items ({stats.already_done} done before) | {_counts(stats, self.kind)}",
                     highlight=False,
                     markup=False,
                     soft_wrap=True,
@@ -59,7 +77,7 @@ class ProgressReporter:
 
         if self._progress is None:
             self._progress = Progress(
-                TextColumn("[bold]MICS"),
+                TextColumn(f"[bold]{self.kind.title}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
@@ -71,7 +89,7 @@ class ProgressReporter:
             )
             self._progress.start()
             self._task = self._progress.add_task("", total=todo)
-        self._progress.update(self._task, completed=stats.ended, total=todo, description=_counts(stats))
+        self._progress.update(self._task, completed=stats.ended, total=todo, description=_counts(stats, self.kind))
 
     def close(self) -> None:
         if self._progress is not None:
@@ -79,16 +97,16 @@ class ProgressReporter:
             self._progress = None
 
 
-def summary_table(stats: "RunStats", *, output: str, failed: str) -> Table:
-    table = Table(title="MICS run", show_header=False, title_justify="left")
+def summary_table(stats: "RunStats", *, output: str, failed: str, kind: RunKind = MICS_RUN) -> Table:
+    table = Table(title=kind.title, show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
     rows = [
         ("stopped because", stats.stop_reason),
         ("items in scope", str(stats.total)),
         ("done before this session", str(stats.already_done)),
-        ("success", str(stats.success)),
-        ("no_path", str(stats.no_path)),
+        (kind.ended_ok, str(stats.success)),
+        *([("no_path", str(stats.no_path))] if kind.has_no_path else []),
         ("model_error (retried next run)", str(stats.model_error)),
         ("bad_input", str(stats.bad_input)),
         ("not started", str(stats.remaining)),

@@ -294,3 +294,78 @@ def test_a_recipe_with_an_unknown_source_is_refused(tmp_path):
         load_recipe(path)
     path.write_text("stages:\n  s1: {vqa: 0.5, 'vqa:rad': 2}\ntest_fraction: 0.1\n")
     assert load_recipe(path).stages["s1"]["vqa:rad"] == 2
+
+
+def test_the_held_out_cases_go_from_build_to_a_score(corpus, tmp_path, monkeypatch):
+    """dataset build -> test/eval.jsonl (every held-out case, QC or not) -> mics eval over HTTP, and mics eval
+    reads the test split's messages.jsonl and llava.json as they are."""
+    from typer.testing import CliRunner
+
+    from mics_agents.cli import app
+    from mics_agents.dataset.curriculum import is_held_out
+
+    from .openai_server import OpenAIServer, request_from_openai
+
+    report = build(corpus, tmp_path / "ds")
+    eval_file = tmp_path / "ds" / "test" / "eval.jsonl"
+    items = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    expected = sorted(case["rid"] for case in map(json.loads, corpus["cases"].read_text().splitlines())
+                      if is_held_out(case["rid"], 0.25, 5))
+    assert [item["id"] for item in items] == expected and report.eval_items == len(expected) > 0
+    assert all((eval_file.parent / image).is_file() for item in items for image in item["images"])
+    assert {item["answer_type"] for item in items} <= {"choice", "open"} and "choice" in {i["answer_type"] for i in items}
+
+    answers = {item["question"].split(":")[0]: item["answer"] for item in items}
+
+    def brain(model: str, body: dict) -> str:
+        text = request_from_openai(body).messages[-1].plain_text()
+        case = next((key for key in answers if key in text), None)
+        return f"### The final answer is: {answers[case] if case else 'A'}"
+
+    monkeypatch.chdir(tmp_path)
+    with OpenAIServer(brain) as server:
+        monkeypatch.setenv("OPENAI_API_BASE", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        arguments = ["eval", "--model", "openai/model-a", "--judge", "none", "--output", str(tmp_path / "scores"),
+                     "--benchmark", f"in_domain={eval_file}",
+                     "--benchmark", f"messages={tmp_path / 'ds' / 'test' / 'messages.jsonl'}",
+                     "--benchmark", f"llava={tmp_path / 'ds' / 'test' / 'llava.json'}"]
+        result = CliRunner().invoke(app, arguments)
+        assert result.exit_code == 0, result.output
+        case_questions = [r for r in server.recorded() if "which finding?" in json.dumps(r.body)]
+        assert case_questions and all("data:image/" in json.dumps(r.body) for r in case_questions), \
+            "every case question went out with its images"
+    results = json.loads((tmp_path / "scores" / "results.json").read_text())
+    in_domain = results["benchmarks"]["in_domain"]
+    assert in_domain["n"] == len(items) and in_domain["closed"]["accuracy"] == 1.0
+    assert results["benchmarks"]["messages"]["n"] == results["benchmarks"]["llava"]["n"] > 0
+
+
+async def test_training_samples_and_the_evaluation_prompt_share_one_task_format(corpus, tmp_path):
+    """A model is evaluated in the format it was trained in: the same instruction after the question and
+    the same final-answer line, for general VQA, text QA and MICS chain-of-thought samples alike."""
+    from mics_agents.evaluation import EvalWorker
+    from mics_agents.models import FunctionModel
+    from mics_agents.task_format import task_prompt
+
+    build(corpus, tmp_path / "ds")
+    rows = messages(tmp_path / "ds" / "stage3")
+    by_source = {}
+    for row in rows:
+        by_source.setdefault(row["source"].split(":")[0], row)
+    vqa = by_source["vqa"]
+    user = next(part["text"] for part in vqa["messages"][0]["content"] if part["type"] == "text")
+    target = vqa["messages"][1]["content"][0]["text"]
+    question = user.split("\n")[0]  # "Is there a fracture k?"
+    assert user == task_prompt(question, "closed") and target == "### The final answer is: no"
+    for source in ("part1_text_qa", "part3_cot"):
+        row = by_source[source]
+        text = next(part["text"] for part in row["messages"][0]["content"] if part["type"] == "text")
+        assert "Answer the question." in text and "### The final answer is:" in row["messages"][1]["content"][0]["text"]
+
+    model = FunctionModel("evaluated", lambda request: "### The final answer is: no")
+    worker = EvalWorker(model, load_settings(cache_path=None), None, benchmark="b")
+    item = worker.parse({"id": "v0", "question": question, "answer": "no", "images": [], "answer_type": "closed"}, 1)
+    outcome = await worker(item, tmp_path)
+    assert outcome.failure is None
+    assert model.requests[0].messages[-1].plain_text() == user

@@ -41,9 +41,14 @@ def write_vqa_rad(folder: Path) -> Path:
     (images / "synpic1.jpg").write_bytes(png_bytes())
     records = [
         {"qid": 1, "image_name": "synpic1.jpg", "question": "Is there a pneumothorax?", "answer": "yes",
-         "answer_type": "CLOSED", "image_organ": "CHEST", "question_type": "PRES"},
+         "answer_type": "CLOSED", "image_organ": "CHEST", "question_type": "PRES", "phrase_type": "test_freeform"},
         {"qid": 2, "image_name": "synpic1.jpg", "question": "Where is the lesion?", "answer": "right lung",
-         "answer_type": "OPEN", "image_organ": "CHEST", "question_type": "POS"},
+         "answer_type": "OPEN", "image_organ": "CHEST", "question_type": "POS", "phrase_type": "test_para"},
+        # The train rows of the same release: never part of the test set.
+        {"qid": 3, "image_name": "synpic1.jpg", "question": "Is this a CT?", "answer": "no",
+         "answer_type": "CLOSED", "image_organ": "CHEST", "question_type": "MODALITY", "phrase_type": "freeform"},
+        {"qid": 4, "image_name": "synpic1.jpg", "question": "Is the heart enlarged?", "answer": "no",
+         "answer_type": "CLOSED", "image_organ": "CHEST", "question_type": "SIZE", "phrase_type": "para"},
     ]
     path = folder / "VQA_RAD Dataset Public.json"
     path.write_text(json.dumps(records))
@@ -106,11 +111,18 @@ def write_medxpertqa(folder: Path) -> Path:
 
 
 def write_chiron(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "x.png").write_bytes(png_bytes())
-    records = [{"rid": "t1", "messages": [{"content": "**Question:** What is seen on the CT?"},
-                                          {"content": "**Correct Answer:** Appendicitis"}], "images": ["x.png"]},
-               {"id": "t2", "question": "Is it benign?", "gt_answer": "no", "images": []}]
+    """Chiron-o1's eval_data.json as published: images under img_name (relative to the file), <image> marks."""
+    (folder / "images" / "197271" / "ct_group1").mkdir(parents=True)
+    for index in range(2):
+        (folder / "images" / "197271" / "ct_group1" / f"{index}.jpeg").write_bytes(png_bytes(80 + index))
+    records = [
+        {"id": 1, "img_name": ["images/197271/ct_group1/0.jpeg", "images/197271/ct_group1/1.jpeg"],
+         "question": "What is the most likely diagnosis? Please base your response on the keyframes "
+                     "(Modality 1: <image>\n<image>) and reason step-by-step.",
+         "reasoning": "### Step 1: Look at the image.\n### Step 2: Conclude.\n### The final answer is: Appendicitis",
+         "answer": "Appendicitis", "answer_type": "OPEN"},
+        {"id": "t2", "question": "Is it benign?", "gt_answer": "no", "images": []},
+    ]
     path = folder / "eval_data.json"
     path.write_text(json.dumps(records))
     return path
@@ -119,7 +131,7 @@ def write_chiron(folder: Path) -> Path:
 def test_each_published_layout_loads(tmp_path):
     vqa_rad = list(load_benchmark(write_vqa_rad(tmp_path / "rad")))
     assert [(i.id, i.answer, i.answer_type, i.images) for i in vqa_rad] == [
-        ("1", "yes", "closed", ["synpic1.jpg"]), ("2", "right lung", "open", ["synpic1.jpg"])]
+        ("1", "yes", "closed", ["synpic1.jpg"]), ("2", "right lung", "open", ["synpic1.jpg"])], "test rows only"
     slake = list(load_benchmark(write_slake(tmp_path / "slake")))
     assert [(i.id, i.answer, i.modality) for i in slake] == [("10", "Liver", "CT")], "only English questions"
     [pmc] = load_benchmark(write_pmc_vqa(tmp_path / "pmc"))
@@ -130,8 +142,10 @@ def test_each_published_layout_loads(tmp_path):
     [mxq] = load_benchmark(write_medxpertqa(tmp_path / "mxq"))
     assert mxq.answer == "C. OA" and mxq.images == ["MM-1-a.jpeg"]
     chiron = list(load_benchmark(write_chiron(tmp_path / "chiron")))
-    assert [(i.id, i.question, i.answer) for i in chiron] == [
-        ("t1", "What is seen on the CT?", "Appendicitis"), ("t2", "Is it benign?", "no")]
+    assert [(i.id, i.answer, i.answer_type) for i in chiron] == [("1", "Appendicitis", "open"), ("t2", "no", "closed")]
+    assert chiron[0].images == ["images/197271/ct_group1/0.jpeg", "images/197271/ct_group1/1.jpeg"]
+    assert "<image>" not in chiron[0].question and "(Modality 1: Image 1\nImage 2)" in chiron[0].question
+    assert chiron[0].modality == "CT"
     assert [detect_layout(p) for p in (tmp_path / "rad" / "VQA_RAD Dataset Public.json", tmp_path / "slake" / "test.json",
                                        tmp_path / "pmc" / "test_2.csv", tmp_path / "mmmu" / "Clinical_Medicine-validation.parquet",
                                        tmp_path / "mxq" / "test.jsonl", tmp_path / "chiron" / "eval_data.json")] == [
@@ -139,9 +153,10 @@ def test_each_published_layout_loads(tmp_path):
 
 
 def test_parquet_images_are_written_out_once(tmp_path):
-    items, count, embedded = prepare_benchmark(write_mmmu(tmp_path / "mmmu"), tmp_path / "out")
-    [record] = [json.loads(line) for line in items.read_text().splitlines()]
-    assert embedded and count == 1 and (tmp_path / "out" / record["images"][0]).read_bytes() == png_bytes()
+    prepared = prepare_benchmark(write_mmmu(tmp_path / "mmmu"), tmp_path / "out")
+    [record] = [json.loads(line) for line in prepared.items.read_text().splitlines()]
+    assert prepared.image_root == tmp_path / "out" and prepared.count == 1
+    assert (tmp_path / "out" / record["images"][0]).read_bytes() == png_bytes()
 
 
 @pytest.mark.parametrize(
@@ -208,12 +223,12 @@ def answering_model(answers: dict[str, str], calls: list | None = None) -> Funct
 
 
 async def run_eval(tmp_path: Path, path: Path, model, *, judge=None, interns=None, name="bench", **options):
-    prepared, _, embedded = prepare_benchmark(path, tmp_path / name)
+    options.pop("image_dir", None)  # the loader knows where a layout keeps its images
+    prepared = prepare_benchmark(path, tmp_path / name)
     worker = EvalWorker(model, load_settings(cache_path=None, samples_per_temperature=1), None,
                         benchmark=name, judge=judge, interns=interns)
-    image_dir = tmp_path / name if embedded else options.pop("image_dir", path.parent)
     output = tmp_path / name / "predictions.jsonl"
-    stats = await BatchRun(worker, RunOptions(data=prepared, output=output, image_dir=image_dir, **options)).run()
+    stats = await BatchRun(worker, RunOptions(data=prepared.items, output=output, image_dir=prepared.image_root, **options)).run()
     return stats, [json.loads(line) for line in output.read_text().splitlines()]
 
 
@@ -252,11 +267,11 @@ async def test_mics_score_of_the_models_own_reasoning(tmp_path):
         seen_prefixes.append(text)
         return "### The final answer is: Appendicitis" if request.temperature < 1 else "### The final answer is: Colitis"
 
-    model = answering_model({"CT": "Appendicitis", "benign": "no"})
+    model = answering_model({"diagnosis": "Appendicitis", "benign": "no"})
     _, predictions = await run_eval(tmp_path, path, model, interns=[FunctionModel("intern", intern)])
     by_id = {p["rid"]: p for p in predictions}
     # Interns at temperatures 1.2 and 0.3: one right, one wrong.
-    assert by_id["t1"]["mics_score"] == 0.5
+    assert by_id["1"]["mics_score"] == 0.5
     assert all("### Step 1: Look at the image." in text and "### Step 2: Conclude." in text for text in seen_prefixes)
     assert all("Appendicitis" not in text.split("## Reasoning so far")[0] for text in seen_prefixes)
 
@@ -311,7 +326,10 @@ def test_the_eval_command_over_http_and_compare(tmp_path, monkeypatch):
     assert results["benchmarks"]["slake"]["accuracy"] == 1.0
     assert results["benchmarks"]["pmc"]["correct"] == 1
     assert results["overall"]["n"] == 4 and results["overall"]["correct"] == 3
-    assert "| vqa_rad | 2 | 2 | 50.0" in (tmp_path / "a" / "results.md").read_text()
+    # VQA-RAD: the closed question right (exact), the open one wrong (judge): reported apart.
+    assert "| vqa_rad | 2 | 100.0 (20.7-100.0) | 0.0 (0.0-79.3) |" in (tmp_path / "a" / "results.md").read_text()
+    assert results["benchmarks"]["vqa_rad"]["closed"]["accuracy"] == 1.0
+    assert results["benchmarks"]["vqa_rad"]["open"]["accuracy"] == 0.0
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.json").write_text(json.dumps({**results, "model": "openai/model-b"}))
     table = compare_results([tmp_path / "a", tmp_path / "b"])
@@ -378,3 +396,74 @@ def test_without_a_judge_open_answers_get_recall_and_old_predictions_are_regrade
     assert (regraded["graded"], regraded["correct"]) == (1, 0)
     rewritten = [json.loads(line) for line in predictions_path.open(encoding="utf-8", newline="\n")]
     assert {record["grader_version"] for record in rewritten} == {GRADER_VERSION}
+
+
+def _eval_cli(tmp_path: Path, monkeypatch, brain, *arguments: str):
+    from typer.testing import CliRunner
+
+    from mics_agents.cli import app
+
+    from .openai_server import OpenAIServer
+
+    monkeypatch.chdir(tmp_path)
+    with OpenAIServer(brain) as server:
+        monkeypatch.setenv("OPENAI_API_BASE", server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        result = CliRunner().invoke(app, ["eval", "--model", "openai/model-a", "--judge", "none", *arguments])
+        return result, server.recorded()
+
+
+def test_chiron_eval_data_sends_every_image_in_place_of_its_token(tmp_path, monkeypatch):
+    path = write_chiron(tmp_path / "chiron")
+    result, requests = _eval_cli(tmp_path, monkeypatch, lambda model, body: "### The final answer is: Appendicitis",
+                                 "--benchmark", f"chiron={path}", "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    first = next(r for r in requests if "keyframes" in json.dumps(r.body))
+    content = first.body["messages"][-1]["content"]
+    images = [part["image_url"]["url"] for part in content if part["type"] == "image_url"]
+    assert len(images) == 2 and all(url.startswith("data:image/") for url in images)
+    text = " ".join(part["text"] for part in content if part["type"] == "text")
+    assert "<image>" not in text and "Image 1" in text and "Image 2" in text
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "published Chiron-o1 way" in markdown
+
+
+def test_a_plain_benchmark_finds_images_beside_its_own_file(tmp_path, monkeypatch):
+    bench = _plain_benchmark(tmp_path / "bench")
+    (tmp_path / "bench" / "images").mkdir()  # a folder named images must not capture the paths
+    result, requests = _eval_cli(tmp_path, monkeypatch, lambda model, body: "### The final answer is: no",
+                                 "--benchmark", f"b={bench}", "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert len(requests) == 3 and all("data:image/" in json.dumps(r.body) for r in requests)
+
+
+def test_a_benchmark_where_every_item_fails_writes_results_and_exits_non_zero(tmp_path, monkeypatch):
+    bench = _plain_benchmark(tmp_path / "bench")
+    (tmp_path / "bench" / "b0.png").unlink()
+    result, requests = _eval_cli(tmp_path, monkeypatch, lambda model, body: "### The final answer is: no",
+                                 "--benchmark", f"b={bench}", "--output", str(tmp_path / "out"))
+    assert result.exit_code == 1 and requests == []
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "No answer was graded" in " ".join(result.output.split()) and "3 bad_input" in result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["overall"]["graded"] == 0 and results["benchmarks"]["b"]["not_scored_by_kind"] == {"bad_input": 3}
+
+
+def test_predictions_of_items_no_longer_in_the_benchmark_are_left_out(tmp_path, monkeypatch):
+    path = write_vqa_rad(tmp_path / "rad")
+    out = tmp_path / "out"
+    (out / "rad").mkdir(parents=True)
+    # An evaluation made before the loader knew the split graded a train row (qid 3) too.
+    stale = {"rid": "3", "benchmark": "rad", "question": "Is this a CT?", "gt_answer": "no", "options": {},
+             "answer_type": "closed", "modality": "other", "response": "### The final answer is: no",
+             "prediction": "no", "parse": "marker", "parse_ok": True, "correct": True, "strict_correct": True,
+             "judged_by": "exact", "recall": None, "grader_version": 2, "mics_score": None, "usage": {}}
+    (out / "rad" / "predictions.jsonl").write_text(json.dumps(stale) + "\n")
+    result, _ = _eval_cli(tmp_path, monkeypatch, lambda model, body: "### The final answer is: no",
+                          "--benchmark", f"rad={path}", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    assert "1 stored predictions are for items not in the benchmark" in " ".join(result.output.split())
+    results = json.loads((out / "results.json").read_text())
+    assert results["benchmarks"]["rad"]["n"] == 2
+    assert "2 questions" in result.output and "published vqa_rad test split has 451" in " ".join(result.output.split())

@@ -12,7 +12,9 @@ from typing import Any
 from ..errors import InputError
 from ..outputs import settle
 from .alignment import AlignmentOptions, alignment_samples
-from .curriculum import Recipe, assemble_stage, split_by_case
+from .curriculum import Recipe, assemble_stage, is_held_out, split_by_case
+from ..task_format import final_answer_line, task_prompt
+from .evalset import answer_type_of, write_eval_items
 from .exports import export_samples, place_images
 from .images import ImageCatalog
 from .qc import QcOptions, grade_final_answers, needs_final_answer_grade, quality_control
@@ -43,6 +45,7 @@ class BuildReport:
     drops: dict[str, dict[str, int]]
     output: Path
     graded_here: int = 0  # MICS records whose final answer this build graded (older output files)
+    eval_items: int = 0  # questions of held-out cases in test/eval.jsonl
 
 
 def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
@@ -88,11 +91,14 @@ def build_dataset(options: BuildOptions) -> BuildReport:
     # Cases: the case id behind each item id, and the captions Part 2 is made from.
     case_of: dict[str, str] = {}
     cases: dict[str, dict[str, Any]] = {}
+    held_out_items: list[tuple[dict[str, Any], str]] = []
     for record in _read_jsonl(options.cases, "cases"):
         view = _case_view(record)
         item_id = str(record.get("rid") or record.get("id") or view["case_id"])
         case_of[item_id] = view["case_id"]
         cases.setdefault(view["case_id"], view)
+        if is_held_out(view["case_id"], recipe.test_fraction, options.seed):
+            held_out_items.append((record, view["case_id"]))
 
     samples: list[Sample] = []
 
@@ -104,7 +110,8 @@ def build_dataset(options: BuildOptions) -> BuildReport:
         graded_here = asyncio.run(_grade_older_records(mics_records, options.judge))
     qc = quality_control(
         mics_records,
-        QcOptions(tuple(recipe.keep_trends), recipe.keep_single_step, recipe.keep_search_id_zero, recipe.keep_ungraded),
+        QcOptions(tuple(recipe.keep_trends), recipe.keep_single_step, recipe.keep_search_id_zero, recipe.keep_ungraded,
+                  recipe.include_vanilla),
     )
     drops["qc"] = qc.dropped
     for record in qc.kept:
@@ -119,7 +126,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
                 id=f"{rid}-cot",
                 case_id=case_id,
                 source=PART3,
-                prompt=record["question"],
+                prompt=task_prompt(record["question"], answer_type_of(record["question"], str(record.get("gt_answer") or ""))),
                 response=record["reasoning"],
                 images=[info.path for info in infos],
                 modality=detect_modality(record["question"], cases.get(case_id, {}).get("text", ""),
@@ -135,10 +142,10 @@ def build_dataset(options: BuildOptions) -> BuildReport:
                 drops["part1"]["missing_question_or_answer"] += 1
                 continue
             rationale = str(record.get("rationale") or "").strip()
-            response = (f"{rationale}\n\n" if rationale else "") + f"### The final answer is: {answer}"
+            response = (f"{rationale}\n\n" if rationale else "") + final_answer_line(answer)
             case_id = str(record.get("case_id") or record.get("id"))
             samples.append(
-                Sample(f"{record.get('id')}-qa", case_id, PART1, question, response, [], "none")
+                Sample(f"{record.get('id')}-qa", case_id, PART1, task_prompt(question, "choice"), response, [], "none")
             )
 
     # Part 2: image-text alignment from captions.
@@ -164,7 +171,8 @@ def build_dataset(options: BuildOptions) -> BuildReport:
                 continue
             item_id = str(record.get("id") or record.get("qid") or len(samples))
             samples.append(
-                Sample(f"{name}-{item_id}", f"vqa:{name}:{item_id}", f"vqa:{name}", question, answer,
+                Sample(f"{name}-{item_id}", f"vqa:{name}:{item_id}", f"vqa:{name}",
+                       task_prompt(question, answer_type_of(question, answer)), final_answer_line(answer),
                        [info.path for info in infos], detect_modality(question, images=images, case=record))
             )
 
@@ -176,6 +184,10 @@ def build_dataset(options: BuildOptions) -> BuildReport:
     for stage, stage_samples in stages.items():
         export_samples(stage_samples, options.output / stage, name=f"mmrp_{stage}", image_paths=image_paths, pool=train)
     export_samples(test, options.output / "test", name="mmrp_test", image_paths=image_paths)
+    eval_count, drops["eval"] = write_eval_items(
+        held_out_items, catalog, options.image_dir, options.output / "test" / "eval.jsonl",
+        options.output / "test" / "images",
+    )
     write_stats(dataset_stats(stages, test, mics_records, drops, caption_cleaning), options.output)
     return BuildReport(
         stages={stage: len(items) for stage, items in stages.items()},
@@ -183,6 +195,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
         drops={step: dict(counter) for step, counter in drops.items() if counter},
         output=options.output,
         graded_here=graded_here,
+        eval_items=eval_count,
     )
 
 

@@ -59,9 +59,20 @@ def _block(predictions: list[dict[str, Any]]) -> dict[str, Any]:
     return block
 
 
+def _closed(prediction: dict[str, Any]) -> bool:
+    """Closed by the benchmark's own label (VQA-RAD/SLAKE CLOSED, multiple choice); else a yes/no answer."""
+    return prediction.get("answer_type") in ("closed", "choice")
+
+
 def summarize(predictions: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """All predictions, then closed and open questions apart (as the VQA-RAD/SLAKE/PathVQA papers report
+    them), by modality and answer type, and the published Chiron-o1 figure: accuracy over parsed answers."""
     predictions = list(predictions)
     summary = _block(predictions)
+    summary["closed"] = _block([p for p in predictions if _closed(p)])
+    summary["open"] = _block([p for p in predictions if not _closed(p)])
+    parsed = [p for p in predictions if p.get("parse_ok") and p.get("correct") is not None]
+    summary["accuracy_over_parsed"] = sum(p["correct"] is True for p in parsed) / len(parsed) if parsed else None
     for key in ("modality", "answer_type"):
         groups: dict[str, list[dict[str, Any]]] = {}
         for prediction in predictions:
@@ -70,43 +81,58 @@ def summarize(predictions: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _cell(block: dict[str, Any]) -> str:
-    if not block.get("graded", block["n"]):
+def _cell(block: dict[str, Any] | None) -> str:
+    if not block or not block.get("graded", block.get("n")):
         return "-"
     low, high = block["ci95"]
     return f"{100 * block['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f})"
 
 
-def _percent(block: dict[str, Any], key: str) -> str:
-    return f"{100 * block[key]:.1f}" if key in block and block.get("graded", 1) else "-"
+def _percent(block: dict[str, Any] | None, key: str) -> str:
+    return f"{100 * block[key]:.1f}" if block and block.get(key) is not None and block.get("graded", 1) else "-"
+
+
+def _recall(block: dict[str, Any] | None) -> str:
+    return f"{100 * block['recall']:.1f}" if block and "recall" in block else "-"
 
 
 def results_markdown(results: dict[str, Any]) -> str:
+    """The tables papers print: closed accuracy, open accuracy and recall per benchmark, then the details."""
+    judge = results.get("judge")
     lines = [
         f"# Evaluation of `{results['model']}`",
         "",
-        f"Graded by: {results.get('judge') or 'rules only (no judge): open answers get token recall, not a verdict'}.",
-        "Accuracy counts a reply without a readable answer as wrong; strict accuracy also needs the",
-        "`### The final answer is:` line. Recall: share of the reference's words in open answers.",
+        f"Graded by: {judge or 'rules only (no judge): open answers get token recall, not a verdict'}.",
+        "Closed: yes/no and multiple choice by the benchmark's own label. Accuracy counts a reply without a",
+        "readable answer as wrong; strict accuracy also needs the `### The final answer is:` line. Open recall:",
+        "share of the reference's words in the answer (offline; the published Chiron-o1 evaluation uses BERTScore).",
         "",
-        "| benchmark | n | graded | accuracy % (95% CI) | strict % | parse failures | open recall % | MICS-Score |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| benchmark | n | closed accuracy % (95% CI) | open accuracy % (95% CI) | open recall % | strict % | parse failures | MICS-Score |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     rows = list(results["benchmarks"].items()) + [("**overall**", results["overall"])]
     for name, block in rows:
         mics = f"{block['mics_score']:.3f}" if "mics_score" in block else "-"
-        recall = f"{100 * block['recall']:.1f}" if "recall" in block else "-"
         lines.append(
-            f"| {name} | {block['n']} | {block.get('graded', block['n'])} | {_cell(block)} | "
-            f"{_percent(block, 'strict_accuracy')} | {block['parse_failures']} "
-            f"({100 * block['parse_failure_rate']:.1f}%) | {recall} | {mics} |"
+            f"| {name} | {block['n']} | {_cell(block.get('closed'))} | {_cell(block.get('open'))} | "
+            f"{_recall(block.get('open'))} | {_percent(block, 'strict_accuracy')} | {block['parse_failures']} "
+            f"({100 * block['parse_failure_rate']:.1f}%) | {mics} |"
         )
+    published = [(name, block) for name, block in results["benchmarks"].items() if block.get("layout") == "chiron"]
+    if published:
+        lines += ["", "Computed the published Chiron-o1 way (judge accuracy over parsed answers, unparsed ones left out):", ""]
+        lines += [f"- {name}: {_percent(block, 'accuracy_over_parsed')}% of "
+                  f"{block['n'] - block['parse_failures']} parsed" for name, block in published]
     lines += ["", "## By modality (all benchmarks)", "", "| modality | n | accuracy % (95% CI) |", "| --- | ---: | --- |"]
     for name, block in results["overall"]["by_modality"].items():
         lines.append(f"| {name} | {block['n']} | {_cell(block)} |")
     judged_by = results["overall"].get("judged_by") or {}
     if judged_by:
         lines += ["", "How answers were graded: " + ", ".join(f"{kind} {count}" for kind, count in judged_by.items()) + "."]
+    not_scored = {name: block.get("not_scored_by_kind") for name, block in results["benchmarks"].items()
+                  if block.get("not_scored_by_kind")}
+    for name, kinds in not_scored.items():
+        lines.append(f"Not scored in {name}: " + ", ".join(f"{count} {kind}" for kind, count in kinds.items()) + ".")
     return "\n".join(lines) + "\n"
 
 

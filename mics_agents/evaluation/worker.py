@@ -9,24 +9,24 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..agents import Case, Intern, Judge, open_judge, prompt_messages
+from ..agents import Case, Intern, Judge, open_judge
 from ..answers import parse_options, parse_solution
 from ..config import Settings
 from ..data import InputItem
 from ..errors import InputError, ModelCallError
 from ..grading import GRADER_VERSION, Grade, Grader, leading_yes_no, normalize, resolve_option, token_recall
 from ..images import load_images
-from ..models.base import Model, ModelRequest
+from ..models.base import ChatMessage, Model, ModelRequest, TextPart
 from ..prompts import load_prompt
 from ..results import Usage
 from ..runner import Outcome
 from ..scoring import mics_score
+from ..task_format import task_prompt
 from ..store import Store
 
 __all__ = ["EvalWorker", "extract_prediction", "grade_prediction", "needs_regrade", "regrade_predictions"]
 
 _LETTER_CLAIM = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*[:\-]?\s*\(?\**([A-J])\**\)?(?![A-Za-z])", re.IGNORECASE)
-_HINTS = {"choice": " (the letter of one option)", "closed": " (yes or no)", "open": ""}
 
 
 def extract_prediction(text: str, options: dict[str, str], *, yes_no: bool = False) -> tuple[str | None, str | None]:
@@ -169,8 +169,9 @@ class EvalWorker:
         options = record.get("options") or {}
         try:
             response = await self.model.request(ModelRequest(
-                messages=prompt_messages(self.template, case.images, question=case.question,
-                                         answer_hint=_HINTS.get(record.get("answer_type", "open"), "")),
+                # The same user turn the curriculum's samples were built with (mics_agents.task_format).
+                messages=(ChatMessage("user", (*case.images, TextPart(
+                    task_prompt(case.question, record.get("answer_type", "open"), self.settings.prompt_dir)))),),
                 temperature=self.settings.eval_temperature,
                 max_tokens=self.settings.eval_max_tokens,
                 prompt_version=self.template.version,
