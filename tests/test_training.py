@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("stage1", "stage2", "stage3")
 NEEDS_TORCHVISION = pytest.mark.skipif(
     not tiny_models.has_torchvision(),
-    reason="the InternVL and Qwen2.5-VL processors need torchvision, which the CPU-only torch of constraints.txt "
-    "lacks: `bash tests/run_vlm_families.sh` runs these tests in a venv with torch 2.14.1 + torchvision 0.29.1",
+    reason="the InternVL and Qwen2.5-VL processors need torchvision built for the installed torch: "
+    "pip install -c constraints.txt -e '.[train]' installs torch 2.14.1 + torchvision 0.29.1",
 )
 FAMILY_PARAMS = [
     pytest.param("llava", id="llava"),
