@@ -25,9 +25,14 @@ Stages run in order; each continues from the previous one's weights. Rerun the s
 finished stages are skipped and the running one resumes from its last checkpoint. OUTPUT/manifest.json
 records each stage's data hash, status, checkpoint and metrics.
 
+Samples longer than max_length (image tokens included) are left out and counted, never cut: see the manifest,
+the log, the model card and OUTPUT/STAGE/dropped.json.
+
 Scale out with the usual launchers, same config:
-  accelerate launch --config_file training/configs/fsdp.yaml -m training --config curriculum.yaml
   torchrun --nproc_per_node 8 -m training --config curriculum.yaml --deepspeed training/configs/deepspeed_zero1.json
+  accelerate launch --config_file training/configs/fsdp.yaml -m training --config curriculum.yaml
+FSDP and ZeRO-3 are refused for stages that mix text-only and image samples (they would hang); ZeRO-1/2 and DDP
+are not affected.
 """
 
 
