@@ -217,6 +217,13 @@ def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", option
         try:
             files = OutputFiles(options.output, options.failed, group_key=group_key)
             resume = files.prepare(retry_failed=options.retry_failed)
+            if resume.older_grader:
+                from .grading import GRADER_VERSION
+
+                _say("Note", f"{resume.older_grader} finished records of {options.output} were graded by an older "
+                     f"grader than this one (v{GRADER_VERSION}); their scores stand as they were, since only a new "
+                     "search could change them. To redo them, move their lines out of the output and rerun.",
+                     colour="yellow")
         except MicsError as exc:
             _say("Output refused", exc)
             raise typer.Exit(EXIT_CONFIG_ERROR) from None

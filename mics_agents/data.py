@@ -280,6 +280,7 @@ def _decode_line(number: int, raw_line: bytes, whole: bool, parse: Callable[[Any
     problem = _scan_value(record)
     if problem and problem.startswith("nested"):
         return _unparsed(number, text.strip()[:_RAW_KEPT_CHARS], f"line {number}: {problem}")
+    record = failure_input(record) if is_failure_record(record) else record  # a *_failed.jsonl fed back
     try:
         item = parse(record, number)
     except Exception as exc:  # a defect of the parser, not of the line: say so, and go on
@@ -339,6 +340,39 @@ def read_items(path: Path, parse: Callable[[Any, int], InputItem] = parse_record
             yield item
 
 
+# What a failed-file line adds to the item's own fields (which sit beside them at top level).
+FAILURE_FIELDS = ("key", "line", "error", "search", "traceback")
+
+
+def is_failure_record(record: Any) -> bool:
+    """A line of a ``*_failed.jsonl``: ``error`` is an object with a ``kind``."""
+    return isinstance(record, dict) and isinstance(record.get("error"), dict) and "kind" in record["error"]
+
+
+def failure_record(rid: Any, key: str, line: int, error: dict[str, Any], raw: Any) -> dict[str, Any]:
+    """A failed-file line: the item's input fields at top level beside ``error``, so the file can be fed back
+    to ``mics run`` once the data is fixed. Input that is not an object, or that holds a field of ours, is
+    kept whole under ``input`` instead (the layout of earlier versions, which every reader still takes), as
+    is the input of an item whose id was made up or differs from the input's own ``rid``."""
+    flat = (
+        isinstance(raw, dict)
+        and "input" not in raw
+        and not any(name in raw for name in FAILURE_FIELDS)
+        and _MADE_UP not in key  # an item whose id was made up keeps its input untouched
+        and raw.get("rid", rid) == rid  # and the input's own id is never overwritten
+    )
+    if flat:
+        return {**raw, "rid": rid, "key": key, "line": line, "error": error}
+    return {"rid": rid, "key": key, "line": line, "error": error, "input": raw}
+
+
+def failure_input(record: dict[str, Any]) -> Any:
+    """The item's own input of a failed-file line, in either layout."""
+    if "input" in record:
+        return record["input"]
+    return {name: value for name, value in record.items() if name not in FAILURE_FIELDS}
+
+
 def current_failure_key(record: dict[str, Any]) -> str | None:
     """The key of a failed-file line, translating the made-up keys of earlier versions (``line-N`` for a
     line without a usable id, ``ID@lineN`` for a repeated id) to today's, so their lines still count on
@@ -350,6 +384,8 @@ def current_failure_key(record: dict[str, Any]) -> str | None:
     line = record.get("line")
     if _MADE_UP in key or not isinstance(line, int) or isinstance(line, bool):
         return key
+    if "input" not in record:
+        return key  # input fields at top level: written by this version, whose keys need no translation
     raw = record.get("input")
     rid = record.get("rid")
     if key == f"line-{line}" and not isinstance(raw, dict):

@@ -33,6 +33,7 @@ from typing import Any
 
 from .data import current_failure_key
 from .errors import ForeignOutputError, MicsError, OutputBusyError
+from .grading import GRADER_VERSION
 
 __all__ = [
     "OutputFiles",
@@ -254,6 +255,7 @@ class ResumeState:
     counts: Counter = field(default_factory=Counter)
     repaired_lines: int = 0
     retried_failures: int = 0
+    older_grader: int = 0  # finished MICS records an older grader graded: their scores stand as they were
 
 
 @dataclass
@@ -264,6 +266,7 @@ class _Entry:
     kind: str | None
     start: int
     end: int
+    older_grader: bool = False  # a MICS record graded by an older grader (mics_agents.grading)
 
 
 def _decode(raw: bytes, path: Path, number: int, *, objects_only: bool = True) -> Any:
@@ -322,7 +325,8 @@ def _scan(path: Path, *, failures: bool, group_key: str | None = None, whole_onl
             kind = error.get("kind") if isinstance(error, dict) else None
             entries.append(_Entry(Line(failure_key(record)), kind, start, end))
         else:
-            entries.append(_Entry(success_line(record), None, start, end))
+            older = "search_id" in record and record.get("grader_version") != GRADER_VERSION
+            entries.append(_Entry(success_line(record), None, start, end, older_grader=older))
     return entries
 
 
@@ -490,6 +494,7 @@ class OutputFiles:
         state.repaired_lines += _cut_unfinished_group(self.output, successes)
         kept, failed = winning_lines([entry.line for entry in successes], [entry.line.key for entry in failures])
         succeeded = {successes[index].line.key for index in kept} - {None}
+        state.older_grader = sum(successes[index].older_grader for index in kept)
         state.done |= succeeded
         state.counts["success"] = len(succeeded)
         for index in failed:

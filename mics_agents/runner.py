@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from .data import InputItem, parse_record, read_items, shard_of
+from .data import InputItem, failure_record, parse_record, read_items, shard_of
 from .errors import InputError, MicsError, ModelError
 from .outputs import OutputFiles, OutputLock, ResumeState
 from .redact import scrub, scrub_data
@@ -376,14 +376,8 @@ class BatchRun:
 
     async def _fail(self, item: InputItem, outcome: Outcome) -> None:
         kind = outcome.failure or "bad_input"
-        record: dict[str, Any] = {
-            "rid": item.rid,
-            "key": item.key,
-            "line": item.line,
-            "error": {"kind": kind, "message": scrub(outcome.message)},
-            "input": item.raw,
-            **outcome.extra,
-        }
+        record = failure_record(item.rid, item.key, item.line, {"kind": kind, "message": scrub(outcome.message)}, item.raw)
+        record.update(outcome.extra)
         # A provider's error may echo the API key; nothing secret reaches the file.
         await self.files.append_failure(scrub_data(record))
         if hasattr(self.stats, kind):

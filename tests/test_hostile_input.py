@@ -199,7 +199,12 @@ def records_by_key(successes: bytes, failures: bytes) -> dict[str, dict]:
 
 def to_legacy(record: dict) -> dict:
     """A failed-file line as versions before this one wrote it: made-up keys ``line-N`` (or the str() of an id
-    refused today, like ``True``) and ``ID@lineN``."""
+    refused today, like ``True``) and ``ID@lineN``, the item's input nested under ``input``."""
+    if "input" not in record:  # earlier versions nested the item's input under "input"
+        from mics_agents.data import FAILURE_FIELDS, failure_input
+
+        record = {**{k: v for k, v in record.items() if k in FAILURE_FIELDS}, "rid": record["rid"],
+                  "input": failure_input(record)}
     key, number = record["key"], record["line"]
     if key == made_up_key(number):
         raw = record.get("input")

@@ -238,3 +238,17 @@ def test_temporary_files_of_an_output_with_glob_characters_in_its_name_are_found
     files.prepare()
     assert files.compact() == 1
     assert sorted(os.listdir(tmp_path)) == ["run[1].jsonl"]
+
+
+def test_resume_counts_finished_records_an_older_grader_graded(tmp_path):
+    from mics_agents.grading import GRADER_VERSION
+    from mics_agents.outputs import OutputFiles
+
+    out = tmp_path / "out.jsonl"
+    current = {"rid": "a", "gt_answer": "x", "search_id": "1", "grader_version": GRADER_VERSION}
+    older = {**current, "rid": "b", "grader_version": GRADER_VERSION - 1}
+    unversioned = {"rid": "c", "gt_answer": "x", "search_id": "1"}  # written before verdicts had versions
+    lines = [current, older, unversioned]
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    state = OutputFiles(out).prepare()
+    assert state.done == {"a", "b", "c"} and state.older_grader == 2

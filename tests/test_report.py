@@ -153,8 +153,8 @@ def scale_up(run: dict[str, Path], folder: Path, count: int, seed: int = 0) -> d
             record["rid"] = f"item-{index:05d}"
             if "key" in record:  # a failure line names its item by key
                 record["key"] = record["rid"]
-            search = record.get("search", record)
-            if "question" in search:
+            search = record.get("search") if is_failure else record
+            if search and "question" in search:
                 search["question"] = f"[{index}] {words(12)}\n" + search["question"]
                 for node in search["tree"]:
                     node["step"] += " " + words(20)

@@ -287,3 +287,26 @@ async def test_a_cache_file_that_cannot_be_opened_leaves_no_thread_behind(tmp_pa
     for thread in left:
         thread.join(timeout=5)  # told to stop: it ends as soon as it sees that
     assert not any(thread.is_alive() for thread in left), "a live aiosqlite thread would keep the process running"
+
+
+async def test_a_failed_file_fed_back_as_input_runs_its_items_in_either_layout(tmp_path):
+    """Failure lines keep the item's input fields at top level beside ``error``, so a user can fix the data
+    and feed ``*_failed.jsonl`` to another run; files of earlier versions (input under ``input``) work too."""
+    from mics_agents.data import FAILURE_FIELDS, failure_input
+
+    make_dataset(tmp_path, 4)
+    await run_once(tmp_path, Counting(broken_intern=True))
+    failed = lines_of(tmp_path / "out_failed.jsonl")
+    assert len(failed) == 4 and all(record["question"].startswith("Case ") and "error" in record for record in failed)
+    legacy = tmp_path / "legacy_failed.jsonl"
+    legacy.write_text("".join(json.dumps({**{k: v for k, v in r.items() if k in FAILURE_FIELDS}, "rid": r["rid"],
+                                          "input": failure_input(r)}) + "\n" for r in failed))
+
+    for source, name in ((tmp_path / "out_failed.jsonl", "again"), (legacy, "legacy")):
+        output = tmp_path / f"{name}.jsonl"
+        searcher = await Counting().searcher(None, output)
+        options = RunOptions(data=source, output=output, image_dir=tmp_path / "images")
+        stats = await BatchRun(searcher, options).run()
+        assert stats.bad_input == 0 and stats.ended == 4, name
+        outcomes = lines_of(output) + lines_of(tmp_path / f"{name}_failed.jsonl")
+        assert sorted(record["rid"] for record in outcomes) == [f"case-{i}" for i in range(4)]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import failure_input
 from ..errors import ImageError, InputError
 from ..images import DEFAULT_MAX_PIXELS, decode_budget, decode_cost, to_8bit
 from ..outputs import default_failed_path, failure_key, success_line, winning_lines
@@ -447,7 +448,7 @@ def build_report_data(
         search = record.get("search") if isinstance(record.get("search"), dict) else {}
         builder.add(
             kind, {**search, "rid": record["rid"]}, line=record.get("line") if isinstance(record.get("line"), int) else None,
-            error=_text(error.get("message")), raw_input=record.get("input"), has_input="input" in record,
+            error=_text(error.get("message")), raw_input=failure_input(record), has_input=True,
         )
 
     images: dict[str, str | None] = {}
