@@ -55,6 +55,8 @@ def render_case_info(case_info: str | Mapping[str, Any] | None) -> str:
     captions = case_info.get("caption") or []
     if isinstance(captions, str):
         captions = [captions]
+    if not isinstance(captions, (list, tuple)) or not all(isinstance(caption, str) for caption in captions):
+        raise InputError(f"case_info caption must be a string or a list of strings, not {captions!r:.60}")
     image_number = 0
     findings = []
     for caption in captions:

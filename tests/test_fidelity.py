@@ -218,7 +218,8 @@ async def test_a_parameter_the_model_refuses_is_dropped_and_named_once(tmp_path,
     with OpenAIServer(lambda model, body: "### The final answer is: yes") as server:
         monkeypatch.setenv("OPENAI_API_BASE", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        settings = load_settings(cache_path=None, max_retries=0)
+        # On LiteLLM's path (a local openai/ endpoint would go direct under MICS_TRANSPORT=auto).
+        settings = load_settings(cache_path=None, max_retries=0, transport="litellm")
         [model] = open_models(["openai/o3-mini"], settings, None)
         try:
             with caplog.at_level(logging.WARNING, logger="mics_agents"):
@@ -232,3 +233,12 @@ async def test_a_parameter_the_model_refuses_is_dropped_and_named_once(tmp_path,
     assert len(bodies) == 2 and all("temperature" not in body for body in bodies)
     named = [r for r in caplog.records if "o3-mini" in r.getMessage() and "temperature" in r.getMessage()]
     assert len(named) == 1
+
+
+async def test_a_caption_that_is_not_text_is_bad_input_for_search_too():
+    from mics_agents.errors import InputError
+
+    searcher = Searcher(mentors=[simulated_mentor("m/a"), simulated_mentor("m/b")], interns=[simulated_intern("i")],
+                        judge=simulated_judge(), settings=load_settings(cache_path=None))
+    with pytest.raises(InputError, match="caption"):
+        await searcher.search("Q?", answer="A", case_info={"caption": 5})

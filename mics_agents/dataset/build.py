@@ -71,6 +71,8 @@ def _case_view(record: dict[str, Any]) -> dict[str, Any]:
     captions = record.get("caption", info.get("caption")) or []
     if isinstance(captions, str):
         captions = [captions]
+    # A case whose captions are not text has none for alignment (mics run refused it as bad_input).
+    captions = [caption for caption in captions if isinstance(caption, str)] if isinstance(captions, list) else []
     text_parts = [str(record.get("presentation") or info.get("presentation") or ""), *map(str, captions)]
     if isinstance(record.get("case_info"), str):
         text_parts.append(record["case_info"])
