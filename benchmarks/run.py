@@ -78,7 +78,7 @@ def make_dataset(path: Path, items: int) -> Path:
 
 
 def _settings(cache: Path | None, concurrency: int, **extra: Any):
-    extra.setdefault("transport", os.environ.get("MICS_TRANSPORT", "litellm"))
+    extra.setdefault("transport", os.environ.get("MICS_TRANSPORT", "auto"))
     from mics_agents.config import load_settings
 
     return load_settings(
@@ -185,6 +185,44 @@ def throughput(items: int, latency: float, concurrency: int, sequential_items: i
     }
 
 
+def process(items: int, latency: float, concurrency: int) -> dict[str, Any]:
+    """The real ``mics run`` process over ``items`` cases with default settings (only the models, the server
+    and the calls in flight set): wall time from launch to exit, start-up included, against the lower bound
+    of its calls, and when the server saw the first request."""
+    with tempfile.TemporaryDirectory() as folder, latency_server(latency) as port:
+        root = Path(folder)
+        data = make_dataset(root / "data.jsonl", items)
+        env = {name: value for name, value in os.environ.items() if not name.startswith("MICS_")}
+        env.update(MICS_MENTORS=",".join(MENTORS), MICS_INTERNS=",".join(INTERNS), MICS_JUDGE=JUDGE,
+                   MICS_MODEL_CONCURRENCY=str(concurrency), MICS_MAX_CALLS_IN_FLIGHT=str(concurrency))
+        if "MICS_TRANSPORT" in os.environ:
+            env["MICS_TRANSPORT"] = os.environ["MICS_TRANSPORT"]
+        mics = str(Path(sys.executable).with_name("mics"))
+        before = server_requests(port)
+        launched = time.time()
+        started = time.perf_counter()
+        result = subprocess.run(
+            [mics, "run", str(data), "--output", str(root / "out.jsonl"), "--cache", str(root / "cache.sqlite"),
+             "--concurrency", str(concurrency)], env=env, cwd=root, capture_output=True, text=True, timeout=900,
+        )
+        wall = time.perf_counter() - started
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-2000:])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
+            stats = json.loads(response.read())
+        calls = int(stats["requests"]) - before
+        records = _records(root / "out.jsonl")
+        critical = max(_critical_rounds(record) for record in records) * latency
+        bound = max(critical, calls * latency / concurrency)
+    first = stats.get("first_request_at")
+    return {
+        "items": items, "latency_s": latency, "concurrency": concurrency, "model_calls": calls,
+        "process_wall_s": wall, "lower_bound_s": bound, "ratio_to_bound": wall / bound,
+        "target_s": 1.25 * bound + 1.0,
+        "first_request_after_launch_s": None if first is None else first - launched,
+    }
+
+
 def resume(items: int, concurrency: int) -> dict[str, Any]:
     """A finished run of ``items`` items, then (1) the same command again and (2) the run with its output
     removed, so that every call replays from the cache."""
@@ -263,7 +301,8 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="mics-agents performance harness")
-    parser.add_argument("what", choices=["throughput", "resume", "memory", "startup", "all"])
+    parser.add_argument("what", choices=["throughput", "process", "resume", "memory", "startup", "all"])
+    parser.add_argument("--process-items", type=int, default=120)
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -277,6 +316,8 @@ def main() -> None:
         results["startup"] = startup()
     if args.what in ("throughput", "all"):
         results["throughput"] = throughput(args.items, args.latency, args.concurrency, args.sequential_items)
+    if args.what in ("process", "all"):
+        results["process"] = process(args.process_items, args.latency, args.concurrency)
     if args.what in ("resume", "all"):
         results["resume"] = resume(args.resume_items, args.concurrency)
     if args.what in ("memory", "all"):

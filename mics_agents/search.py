@@ -294,13 +294,15 @@ class Searcher:
         if strategy is not None and strategy != settings.strategy:
             settings = settings.model_copy(update={"strategy": strategy})
         from .models.factory import open_model, open_router
-        from .models.providers import check_credentials, import_litellm
+        from .models.providers import check_credentials, import_litellm, needs_litellm
 
         settings = settings.check_roles()
-        await asyncio.to_thread(import_litellm)  # seconds of import, kept off the event loop
+        names = [*settings.search_mentors, *settings.interns, settings.judge]
+        if needs_litellm(names, settings.transport, settings.router_config):
+            await asyncio.to_thread(import_litellm)  # seconds of import, kept off the event loop
         router = open_router(settings)
         # A provider key missing is a configuration error now, before any call (and before the store opens).
-        check_credentials([*settings.search_mentors, *settings.interns, settings.judge], router)
+        check_credentials(names, router)
 
         store = await Store.open(settings.cache_path) if settings.cache_path else None
         models: dict[str, Model] = {}  # one model per name, even when a name plays two roles

@@ -3,8 +3,9 @@
     CachedModel(ValidatingModel(RetryingModel(LimitingModel(transport))))
 
 - the transport sends one attempt under a total deadline: :class:`~.direct.DirectTransport` for
-  ``hosted_vllm/`` (and ``openai/`` on a base URL of one's own) with ``MICS_TRANSPORT=direct``, else
-  :class:`~.litellm_model.LiteLLMTransport` (through the Router config when it routes the name);
+  ``hosted_vllm/`` (and ``openai/`` on a base URL other than OpenAI's own API) unless
+  ``MICS_TRANSPORT=litellm``, else :class:`~.litellm_model.LiteLLMTransport` (through the Router config when
+  it routes the name). LiteLLM is imported only when a model goes through it;
 - the limiting wrapper holds a slot for each attempt only, so a call backing off holds none;
 - the retrying wrapper tries again after errors that may pass;
 - the validating wrapper refuses a reply the request's validator refuses, before the cache sees it;
@@ -38,18 +39,23 @@ def open_router(settings: "Settings") -> Any:
 
 
 def _transport(name: str, settings: "Settings", router: Any) -> Model:
-    from .litellm_model import LiteLLMTransport
-    from .providers import router_model_names
+    prices = settings.prices_for(name)
+    if router is not None:
+        from .providers import router_model_names
 
-    if router is not None and name in router_model_names(router):
-        return LiteLLMTransport(name, timeout=settings.request_timeout, router=router)
-    if settings.transport == "direct":
+        if name in router_model_names(router):
+            from .litellm_model import LiteLLMTransport
+
+            return LiteLLMTransport(name, timeout=settings.request_timeout, router=router, prices=prices)
+    if settings.transport != "litellm":  # "auto" (and "direct", its old name)
         from .direct import DirectTransport, direct_endpoint
 
         endpoint = direct_endpoint(name)
         if endpoint is not None:
-            return DirectTransport(name, endpoint, timeout=settings.request_timeout)
-    return LiteLLMTransport(name, timeout=settings.request_timeout)
+            return DirectTransport(name, endpoint, timeout=settings.request_timeout, prices=prices)
+    from .litellm_model import LiteLLMTransport
+
+    return LiteLLMTransport(name, timeout=settings.request_timeout, prices=prices)
 
 
 def open_model(name: str, settings: "Settings", *, router: Any = None) -> Model:

@@ -23,8 +23,11 @@ __all__ = ["LiteLLMTransport"]
 class LiteLLMTransport(Transport):
     """A model reached through ``litellm.acompletion``, or through ``router`` when it routes this name."""
 
-    def __init__(self, name: str, *, timeout: float, router: Any | None = None) -> None:
+    def __init__(
+        self, name: str, *, timeout: float, router: Any | None = None, prices: tuple[float, float] | None = None
+    ) -> None:
         super().__init__(name, timeout=timeout)
+        self.prices = prices  # MICS_PRICES for this name, else LiteLLM's own price
         self.router = router if router is not None and name in router_model_names(router) else None
         self._api_bases: list[str | None] | None = None
         self._drop_params = False  # set once LiteLLM says this model refuses a parameter we send
@@ -95,11 +98,17 @@ class LiteLLMTransport(Transport):
         if not isinstance(text, str) or not text.strip():
             raise MalformedReplyError(f"{self.name}: reply has no text (choices={len(choices)})", model=self.name)
         usage = getattr(response, "usage", None)
+        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        if self.prices is not None:
+            cost = input_tokens * self.prices[0] + output_tokens * self.prices[1]
+        else:
+            cost = cost_of(litellm, response)
         return ModelResponse(
             text=text,
             model=self.name,
-            input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-            cost_usd=cost_of(litellm, response),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost,
             finish_reason=getattr(choices[0], "finish_reason", None),
         )

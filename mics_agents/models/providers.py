@@ -25,7 +25,11 @@ __all__ = [
     "check_credentials",
     "token_prices",
     "cost_of",
+    "direct_target",
+    "needs_litellm",
 ]
+
+_OPENAI_OWN_API = "api.openai.com"
 
 _ENV_REFERENCE = "os.environ/"
 _litellm: Any = None
@@ -151,10 +155,36 @@ def _missing_for(model: str, api_key: Any = None, api_base: Any = None) -> list[
     return missing if all(_is_key_variable(name) for name in missing) else []
 
 
+def direct_target(model: str) -> tuple[str, str, str | None] | None:
+    """(wire model, base URL, key) when ``model``'s endpoint takes the OpenAI request unchanged, else None.
+
+    Read from the variables LiteLLM reads, without importing it: ``hosted_vllm/NAME`` on
+    ``HOSTED_VLLM_API_BASE`` (key ``HOSTED_VLLM_API_KEY``, if any), and ``openai/NAME`` on
+    ``OPENAI_API_BASE`` / ``OPENAI_BASE_URL`` when that is not OpenAI's own API, whose reasoning models need
+    LiteLLM's parameter mapping (``drop_params`` for an o-series temperature)."""
+    provider, _, wire_model = model.partition("/")
+    if provider not in ("hosted_vllm", "openai") or not wire_model:
+        return None
+    base = configured_api_base(provider)
+    if not base or (provider == "openai" and _OPENAI_OWN_API in base):
+        return None
+    return wire_model, base, os.environ.get(f"{provider.upper()}_API_KEY") or None
+
+
+def needs_litellm(names: list[str], transport: str, router_config: Any = None) -> bool:
+    """Whether any of these models goes through LiteLLM (a Router config always does: LiteLLM reads it)."""
+    if router_config or transport == "litellm":
+        return True
+    return any(direct_target(name) is None for name in names)
+
+
 def missing_credentials(name: str, router: Any = None) -> list[str]:
     """The credential variables model ``name`` (a LiteLLM name, or a Router ``model_name``) lacks. Keys a
     Router deployment gives (``api_key``, ``os.environ/VAR`` when VAR is set) are not missing."""
-    if router is not None and name in router_model_names(router):
+    routed = router is not None and name in router_model_names(router)
+    if not routed and direct_target(name) is not None:
+        return []  # an endpoint of one's own: it may need no key (and LiteLLM need not be imported to say so)
+    if routed:
         for deployment in _written_deployments.get(router) or router_deployments(router):
             if deployment.get("model_name") != name:
                 continue
