@@ -223,6 +223,75 @@ def process(items: int, latency: float, concurrency: int) -> dict[str, Any]:
     }
 
 
+async def _image_calls(
+    transport: str, cases: int, calls_per_case: int, images: tuple[int, int], sizes: tuple[int, int],
+    concurrency: int, seed: int,
+) -> dict[str, Any]:
+    """Intern-like calls with images through the model stack (limits, retries, validation; no cache): each
+    case has its own images, shared by all its calls, as a search's candidates share their case's images."""
+    import hashlib
+    import random
+
+    from mics_agents.models.base import ChatMessage, ImagePart, ModelRequest, TextPart
+    from mics_agents.models.factory import open_models
+
+    rng = random.Random(seed)
+    settings = _settings(None, concurrency, transport=transport)
+    (model,) = open_models(["openai/intern-1"], settings)
+    case_images = []
+    for case in range(cases):
+        parts = []
+        for index in range(rng.randint(*images)):
+            data = rng.randbytes(rng.randint(*sizes))
+            parts.append(ImagePart(data=data, mime="image/png", sha256=hashlib.sha256(data).hexdigest(), label=f"{case}-{index}"))
+        case_images.append(tuple(parts))
+
+    def request(case: int, call: int) -> ModelRequest:
+        prefix = "\n".join(f"### Step {step}: finding {case}.{call}.{step}" for step in range(1 + call % 4))
+        return ModelRequest(
+            messages=(
+                ChatMessage.text("system", "You are an intern."),
+                ChatMessage("user", (*case_images[case], TextPart(f"## Question\nCase {case}: which finding?\nA. Mass\nB. Cyst\n\n"
+                                                                   f"## Reasoning so far\n{prefix}\n\n## Your task\nanswer"))),
+            ),
+            temperature=(0.3, 0.7, 1.0)[call % 3],
+            max_tokens=32,
+        )
+
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(case: int, call: int) -> None:
+        async with semaphore:
+            await model.request(request(case, call))
+
+    try:
+        await one(0, 0)  # warm-up: imports and connections
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(one(case, call) for case in range(cases) for call in range(calls_per_case)))
+        elapsed, used = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        await model.aclose()
+    calls = cases * calls_per_case
+    sent = sum(len(image.data) for parts in case_images for image in parts) * calls_per_case
+    return {"transport": transport, "calls": calls, "wall_s": elapsed, "calls_per_s": calls / elapsed,
+            "cpu_ms_per_call": 1000 * used / calls, "image_mb_per_call": sent / calls / 1e6}
+
+
+def images(cases: int, calls_per_case: int, concurrency: int, latency: float) -> dict[str, Any]:
+    """Client CPU per call with images (process time over all threads / calls), per transport: 1-5 images of
+    0.2-1 MB per case, and 3 images of ~0.5 MB (the target's case)."""
+    results: dict[str, Any] = {"cases": cases, "calls_per_case": calls_per_case, "concurrency": concurrency,
+                               "latency_s": latency}
+    with latency_server(latency):
+        for transport in ("auto", "litellm"):
+            for label, count, size in (("1-5 images of 0.2-1 MB", (1, 5), (200_000, 1_000_000)),
+                                       ("3 images of ~0.5 MB", (3, 3), (450_000, 550_000))):
+                results.setdefault(label, {})[transport] = asyncio.run(
+                    _image_calls(transport, cases, calls_per_case, count, size, concurrency, seed=1)
+                )
+    return results
+
+
 def resume(items: int, concurrency: int) -> dict[str, Any]:
     """A finished run of ``items`` items, then (1) the same command again and (2) the run with its output
     removed, so that every call replays from the cache."""
@@ -301,7 +370,9 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="mics-agents performance harness")
-    parser.add_argument("what", choices=["throughput", "process", "resume", "memory", "startup", "all"])
+    parser.add_argument("what", choices=["throughput", "process", "images", "resume", "memory", "startup", "all"])
+    parser.add_argument("--image-cases", type=int, default=20)
+    parser.add_argument("--image-calls-per-case", type=int, default=30)
     parser.add_argument("--process-items", type=int, default=120)
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--latency", type=float, default=0.1)
@@ -318,6 +389,8 @@ def main() -> None:
         results["throughput"] = throughput(args.items, args.latency, args.concurrency, args.sequential_items)
     if args.what in ("process", "all"):
         results["process"] = process(args.process_items, args.latency, args.concurrency)
+    if args.what in ("images", "all"):
+        results["images"] = images(args.image_cases, args.image_calls_per_case, args.concurrency, args.latency)
     if args.what in ("resume", "all"):
         results["resume"] = resume(args.resume_items, args.concurrency)
     if args.what in ("memory", "all"):

@@ -52,6 +52,7 @@ class ImagePart:
     label: str = ""
     key_sha256: str = ""
     _data_url: str | None = field(default=None, repr=False)
+    _json_part: bytes | None = field(default=None, repr=False)
 
     @property
     def cache_id(self) -> str:
@@ -70,6 +71,17 @@ class ImagePart:
             encoded = base64.b64encode(self.data).decode("ascii")
             object.__setattr__(self, "_data_url", f"data:{self.mime};base64,{encoded}")
         return self._data_url  # type: ignore[return-value]
+
+    def json_part(self) -> bytes:
+        """This image's OpenAI content part as JSON bytes, encoded once: the direct transport splices it into
+        every request body, so a call never serialises the image again (base64 needs no JSON escaping)."""
+        if self._json_part is None:
+            url = self.data_url().encode("ascii")
+            object.__setattr__(self, "_json_part", b'{"type":"image_url","image_url":{"url":"' + url + b'"}}')
+        return self._json_part  # type: ignore[return-value]
+
+    def json_part_ready(self) -> bool:
+        return self._json_part is not None
 
 
 Part = Union[TextPart, ImagePart]

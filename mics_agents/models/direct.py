@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MalformedReplyError
-from .base import ModelRequest, ModelResponse
+from .base import ImagePart, ModelRequest, ModelResponse, TextPart
 from .clients import register_closer
 from .providers import direct_target
 from .transport import Transport
 
 __all__ = [
-    "DirectEndpoint", "DirectTransport", "HTTPStatusError", "direct_endpoint", "post_chat_completion", "close_session",
+    "DirectEndpoint", "DirectTransport", "HTTPStatusError", "direct_endpoint", "post_chat_completion", "request_body", "request_pieces", "close_session",
 ]
 
 @dataclass(frozen=True)
@@ -67,10 +67,14 @@ class DirectTransport(Transport):
         return [self.endpoint.url]
 
     async def _send(self, request: ModelRequest, timeout: float) -> ModelResponse:
-        payload: dict[str, Any] = {"messages": request.openai_messages(), "temperature": request.temperature}
+        extra: dict[str, Any] = {"temperature": request.temperature}
         if request.max_tokens is not None:
-            payload["max_tokens"] = request.max_tokens
-        reply = await post_chat_completion(self.endpoint, payload, timeout)
+            extra["max_tokens"] = request.max_tokens
+        if _needs_a_thread(request):
+            body = await asyncio.to_thread(request_pieces, request, self.endpoint.model, extra)
+        else:
+            body = request_pieces(request, self.endpoint.model, extra)
+        reply = await post_chat_completion(self.endpoint, body, timeout)
         choices = reply.get("choices") or [] if isinstance(reply, dict) else []
         message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
         text = message.get("content") if isinstance(message, dict) else None
@@ -102,13 +106,89 @@ def _session() -> Any:
     return session
 
 
-async def post_chat_completion(endpoint: DirectEndpoint, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+# Bodies with more image bytes than this, or with an image not yet base64-encoded, are assembled in a worker
+# thread: a copy of megabytes (or a first encoding) would otherwise hold up every other call on the loop.
+OFF_LOOP_IMAGE_BYTES = 4 * 1024 * 1024
+
+
+def _needs_a_thread(request: ModelRequest) -> bool:
+    images = [part for message in request.messages for part in message.parts if isinstance(part, ImagePart)]
+    if not images:
+        return False
+    return any(not image.json_part_ready() for image in images) or sum(len(image.data) for image in images) * 4 // 3 > OFF_LOOP_IMAGE_BYTES
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def request_body(request: ModelRequest, wire_model: str, extra: dict[str, Any]) -> bytes:
+    """The JSON body of the OpenAI chat request: the same JSON as ``{"model", "messages", **extra}``, with
+    each image's content part spliced in as the bytes it was encoded to once (:meth:`ImagePart.json_part`)."""
+    return b"".join(request_pieces(request, wire_model, extra))
+
+
+def request_pieces(request: ModelRequest, wire_model: str, extra: dict[str, Any]) -> list[bytes]:
+    """:func:`request_body` in pieces, sent as they are: an image's part is never copied into one body."""
+    pieces = [b'{"model":', _dumps(wire_model), b',"messages":[']
+    for index, message in enumerate(request.messages):
+        if index:
+            pieces.append(b",")
+        pieces += [b'{"role":', _dumps(message.role), b',"content":']
+        if all(isinstance(part, TextPart) for part in message.parts):
+            pieces += [_dumps(message.plain_text()), b"}"]
+            continue
+        pieces.append(b"[")
+        for number, part in enumerate(message.parts):
+            if number:
+                pieces.append(b",")
+            if isinstance(part, ImagePart):
+                pieces.append(part.json_part())
+            else:
+                pieces += [b'{"type":"text","text":', _dumps(part.text), b"}"]
+        pieces.append(b"]}")
+    pieces.append(b"]")
+    for name, value in extra.items():
+        pieces += [b',"', name.encode("ascii"), b'":', _dumps(value)]
+    pieces.append(b"}")
+    return pieces
+
+
+def _pieces_payload(pieces: list[bytes]) -> Any:
+    """An aiohttp body written piece by piece with one Content-Length, so image parts go to the socket from
+    the bytes they were encoded to once."""
+    import aiohttp.payload
+
+    class PiecesPayload(aiohttp.payload.Payload):
+        def __init__(self, value: list[bytes]) -> None:
+            super().__init__(value, content_type="application/json")
+            self._size = sum(len(piece) for piece in value)
+
+        def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+            return b"".join(self._value).decode(encoding, errors)
+
+        async def write(self, writer: Any) -> None:
+            for piece in self._value:
+                await writer.write(piece)
+
+        async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+            await self.write(writer)
+
+    return PiecesPayload(pieces)
+
+
+async def post_chat_completion(endpoint: DirectEndpoint, body: Any, timeout: float) -> dict[str, Any]:
+    """POST ``body`` (JSON bytes from :func:`request_body`, or a payload dict without the model) and read the
+    reply's JSON; a non-2xx reply raises :class:`HTTPStatusError`."""
     import aiohttp
 
     headers = {"Content-Type": "application/json"}
     if endpoint.api_key:
         headers["Authorization"] = f"Bearer {endpoint.api_key}"
-    body = json.dumps({**payload, "model": endpoint.model}, ensure_ascii=False).encode("utf-8")
+    if isinstance(body, dict):
+        body = json.dumps({**body, "model": endpoint.model}, ensure_ascii=False).encode("utf-8")
+    elif isinstance(body, list):
+        body = _pieces_payload(body)
     async with _session().post(
         endpoint.url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
     ) as response:
