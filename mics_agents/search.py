@@ -22,7 +22,7 @@ from .answers import render_steps
 from .config import Settings, Strategy, load_settings
 from .errors import ConfigError, InputError, ModelCallError
 from .images import ImageCache, ImageSource, load_images
-from .models.base import Model
+from .models.base import Model, case_affinity
 from .models.factory import with_store
 from .grading import GRADER_VERSION, Grader
 from .results import FinalAnswerGrade, InternSample, Node, SearchResult, Usage
@@ -391,7 +391,8 @@ class Searcher:
     async def search_case(self, case: Case) -> SearchResult:
         run = _Run(self, case)
         try:
-            return await run.execute()
+            with case_affinity(case.rid):  # replicas of a model: the case's calls go to one (prefix cache)
+                return await run.execute()
         except ModelCallError as exc:
             return run._failure("model_error", str(exc))
 

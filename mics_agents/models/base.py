@@ -8,11 +8,13 @@ retrying, limiting, validating, caching). ``models/factory.py`` stacks them.
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, Union
 
 from ..errors import ModelRequestsForbidden
@@ -28,6 +30,8 @@ __all__ = [
     "RequestPolicy",
     "set_request_policy",
     "request_policy",
+    "case_affinity",
+    "affinity_key",
 ]
 
 
@@ -268,3 +272,29 @@ def check_request_allowed(model_name: str, api_bases: list[str | None]) -> None:
                 f"{base or 'its provider default (a remote API)'}. Point its *_API_BASE at 127.0.0.1.",
                 model=model_name,
             )
+
+
+_case_affinity: "contextvars.ContextVar[str | None]" = contextvars.ContextVar("mics_case_affinity", default=None)
+
+
+@contextmanager
+def case_affinity(case_id: str) -> Iterator[None]:
+    """Calls made inside (and in tasks started inside) belong to case ``case_id``: a transport with several
+    replicas of a model sends them all to one, whose prefix cache then holds the case's images and question."""
+    token = _case_affinity.set(case_id)
+    try:
+        yield
+    finally:
+        _case_affinity.reset(token)
+
+
+def affinity_key(request: ModelRequest) -> str:
+    """What a request's replica is chosen by: its case (:func:`case_affinity`), else its images, else its
+    first message's text."""
+    case = _case_affinity.get()
+    if case is not None:
+        return "case:" + case
+    images = [part.cache_id for message in request.messages for part in message.parts if isinstance(part, ImagePart)]
+    if images:
+        return "images:" + ",".join(images)
+    return "text:" + (request.messages[0].plain_text()[:2000] if request.messages else "")

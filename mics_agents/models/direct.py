@@ -11,19 +11,21 @@ per call against LiteLLM's 3 ms (benchmarks/README.md).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MalformedReplyError
-from .base import ImagePart, ModelRequest, ModelResponse, TextPart
+from ..errors import MalformedReplyError, TransientModelError
+from .base import ImagePart, ModelRequest, ModelResponse, TextPart, affinity_key
 from .clients import register_closer
 from .providers import direct_target
 from .transport import Transport
 
 __all__ = [
-    "DirectEndpoint", "DirectTransport", "HTTPStatusError", "direct_endpoint", "post_chat_completion", "request_body", "request_pieces", "close_session",
+    "DirectEndpoint", "DirectTransport", "HTTPStatusError", "direct_endpoint", "direct_replicas", "post_chat_completion", "request_body", "request_pieces", "close_session",
 ]
 
 @dataclass(frozen=True)
@@ -42,6 +44,17 @@ class HTTPStatusError(Exception):
         self.headers = headers
 
 
+def direct_replicas(router: Any, name: str) -> list[DirectEndpoint] | None:
+    """The endpoints of a Router name's deployments when every one takes the request unchanged
+    (:func:`~.providers.direct_deployments`), else None (the Router sends them)."""
+    from .providers import direct_deployments
+
+    targets = direct_deployments(router, name)
+    if targets is None:
+        return None
+    return [DirectEndpoint(base.rstrip("/") + "/chat/completions", key, wire) for wire, base, key in targets]
+
+
 def direct_endpoint(model_name: str) -> DirectEndpoint | None:
     """Where to send ``model_name`` directly, or None when it must go through LiteLLM
     (:func:`~.providers.direct_target`; LiteLLM is not imported)."""
@@ -53,18 +66,66 @@ def direct_endpoint(model_name: str) -> DirectEndpoint | None:
 
 
 class DirectTransport(Transport):
-    """One attempt as one POST to an OpenAI-compatible server, on the loop's shared aiohttp session."""
+    """One attempt as one POST to an OpenAI-compatible server, on the loop's shared aiohttp session.
+
+    With several replicas (a Router config's deployments of one name), every call of one case goes to the
+    same replica, so vLLM's prefix cache holds the case's images and question: rendezvous hashing of the
+    case (:func:`~.base.affinity_key`) over the replicas, skipping one that failed in the last
+    ``cooldown`` seconds (a 429, a 5xx, a dropped connection), as the Router would."""
 
     def __init__(
-        self, name: str, endpoint: DirectEndpoint, *, timeout: float, prices: tuple[float, float] | None = None
+        self,
+        name: str,
+        endpoint: DirectEndpoint | list[DirectEndpoint],
+        *,
+        timeout: float,
+        prices: tuple[float, float] | None = None,
+        cooldown: float = 5.0,
+        allowed_fails: int = 3,
     ) -> None:
         super().__init__(name, timeout=timeout)
-        self.endpoint = endpoint
+        self.replicas = list(endpoint) if isinstance(endpoint, list) else [endpoint]
+        self.endpoint = self.replicas[0]
         # USD per input and output token (MICS_PRICES); a server of one's own costs nothing we can know.
         self.prices = prices or (0.0, 0.0)
+        self.cooldown = cooldown
+        self.allowed_fails = allowed_fails  # per replica per minute before it cools down (a 429: at once)
+        self._cooling_until: dict[int, float] = {}
+        self._fails: dict[int, list[float]] = {}
 
     def endpoint_bases(self) -> list[str | None]:
-        return [self.endpoint.url]
+        return [replica.url for replica in self.replicas]
+
+    def pick(self, key: str) -> int:
+        """The replica (its index) for affinity key ``key``: the highest hash of (key, replica) among those
+        not cooling down; if all are, the highest of all."""
+        if len(self.replicas) == 1:
+            return 0
+        ranked = sorted(
+            range(len(self.replicas)),
+            key=lambda index: hashlib.blake2b(f"{key}\0{self.replicas[index].url}".encode(), digest_size=8).digest(),
+            reverse=True,
+        )
+        now = time.monotonic()
+        for index in ranked:
+            if self._cooling_until.get(index, 0.0) <= now:
+                return index
+        wait = min(self._cooling_until.values()) - now
+        # Every replica is cooling down: wait as the Router would (its RouterRateLimitError), not hammer one.
+        raise TransientModelError(
+            f"all {len(self.replicas)} replicas are cooling down after failures", model=self.name,
+            status_code=429, retry_after=max(0.0, wait),
+            hint="Check the servers behind this name are up (the Router config's model_list).",
+        )
+
+    def _failed(self, replica: int, exc: BaseException) -> None:
+        now = time.monotonic()
+        fails = [at for at in self._fails.get(replica, []) if now - at < 60.0] + [now]
+        too_many = isinstance(exc, HTTPStatusError) and exc.status_code == 429 or len(fails) > self.allowed_fails
+        if too_many:
+            self._cooling_until[replica] = now + self.cooldown
+            fails = []
+        self._fails[replica] = fails
 
     async def _send(self, request: ModelRequest, timeout: float) -> ModelResponse:
         extra: dict[str, Any] = {"temperature": request.temperature}
@@ -74,7 +135,13 @@ class DirectTransport(Transport):
             body = await asyncio.to_thread(request_pieces, request, self.endpoint.model, extra)
         else:
             body = request_pieces(request, self.endpoint.model, extra)
-        reply = await post_chat_completion(self.endpoint, body, timeout)
+        replica = self.pick(affinity_key(request))
+        try:
+            reply = await post_chat_completion(self.replicas[replica], body, timeout)
+        except BaseException as exc:
+            if len(self.replicas) > 1 and _cools_down(exc):
+                self._failed(replica, exc)
+            raise
         choices = reply.get("choices") or [] if isinstance(reply, dict) else []
         message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
         text = message.get("content") if isinstance(message, dict) else None
@@ -109,6 +176,15 @@ def _session() -> Any:
 # Bodies with more image bytes than this, or with an image not yet base64-encoded, are assembled in a worker
 # thread: a copy of megabytes (or a first encoding) would otherwise hold up every other call on the loop.
 OFF_LOOP_IMAGE_BYTES = 4 * 1024 * 1024
+
+
+def _cools_down(exc: BaseException) -> bool:
+    """A failure that says this replica is overloaded or gone (the next calls go elsewhere for a while)."""
+    if isinstance(exc, HTTPStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return isinstance(exc, (OSError, asyncio.TimeoutError, TimeoutError)) or (
+        type(exc).__module__.startswith("aiohttp")
+    )
 
 
 def _needs_a_thread(request: ModelRequest) -> bool:

@@ -44,6 +44,19 @@ def _transport(name: str, settings: "Settings", router: Any) -> Model:
         from .providers import router_model_names
 
         if name in router_model_names(router):
+            if settings.transport != "litellm":
+                from .direct import DirectTransport, direct_replicas
+
+                replicas = direct_replicas(router, name)
+                if replicas is not None:  # replicas of a server of one's own: one case, one replica
+                    # LiteLLM 1.110 keeps them in router.settings() (the attributes are deprecated).
+                    router_settings = router.settings() if callable(getattr(router, "settings", None)) else router
+                    allowed_fails = getattr(router_settings, "allowed_fails", None)
+                    return DirectTransport(
+                        name, replicas, timeout=settings.request_timeout, prices=prices,
+                        cooldown=float(getattr(router_settings, "cooldown_time", None) or 5.0),
+                        allowed_fails=allowed_fails if isinstance(allowed_fails, int) else 3,
+                    )
             from .litellm_model import LiteLLMTransport
 
             return LiteLLMTransport(name, timeout=settings.request_timeout, router=router, prices=prices)

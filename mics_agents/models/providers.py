@@ -26,6 +26,7 @@ __all__ = [
     "token_prices",
     "cost_of",
     "direct_target",
+    "direct_deployments",
     "needs_litellm",
 ]
 
@@ -169,6 +170,36 @@ def direct_target(model: str) -> tuple[str, str, str | None] | None:
     if not base or (provider == "openai" and _OPENAI_OWN_API in base):
         return None
     return wire_model, base, os.environ.get(f"{provider.upper()}_API_KEY") or None
+
+
+def _from_environment(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(_ENV_REFERENCE):
+        return os.environ.get(value[len(_ENV_REFERENCE):]) or None
+    return value
+
+
+def direct_deployments(router: Any, name: str) -> list[tuple[str, str, str | None]] | None:
+    """(wire model, base URL, key) for each Router deployment of ``name``, as the config file wrote them,
+    when every one takes the OpenAI request unchanged (``hosted_vllm/`` or ``openai/`` with an ``api_base``
+    that is not OpenAI's own API, and no other parameter for LiteLLM to apply); else None."""
+    deployments = [d for d in _written_deployments.get(router) or router_deployments(router) if d.get("model_name") == name]
+    if not deployments:
+        return None
+    targets = []
+    for deployment in deployments:
+        params = dict(deployment.get("litellm_params") or {})
+        model = str(params.pop("model", "") or "")
+        base = _from_environment(params.pop("api_base", None))
+        key = _from_environment(params.pop("api_key", None))
+        params.pop("rpm", None), params.pop("tpm", None)  # the Router's own budgets, not request parameters
+        provider, _, wire = model.partition("/")
+        if params or provider not in ("hosted_vllm", "openai") or not wire:
+            return None
+        base = base or configured_api_base(provider)
+        if not isinstance(base, str) or not base or (provider == "openai" and _OPENAI_OWN_API in base):
+            return None
+        targets.append((wire, base, key if isinstance(key, str) and key else os.environ.get(f"{provider.upper()}_API_KEY") or None))
+    return targets
 
 
 def needs_litellm(names: list[str], transport: str, router_config: Any = None) -> bool:
