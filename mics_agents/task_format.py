@@ -12,7 +12,14 @@ from pathlib import Path
 
 from .prompts import load_prompt
 
-__all__ = ["ANSWER_HINTS", "task_prompt", "strip_task_instruction", "final_answer_line", "task_template_version"]
+__all__ = [
+    "ANSWER_HINTS",
+    "task_prompt",
+    "strip_task_instruction",
+    "final_answer_line",
+    "task_template_version",
+    "write_task_format",
+]
 
 # What the final-answer line should hold, by answer type.
 ANSWER_HINTS = {"choice": " (the letter of one option)", "closed": " (yes or no)", "open": ""}
@@ -44,3 +51,17 @@ def final_answer_line(answer: str) -> str:
 def task_template_version(prompt_dir: Path | None = None) -> str:
     """The instruction's version, recorded in model cards and evaluation results."""
     return load_prompt("eval", prompt_dir).version
+
+
+def write_task_format(path: Path, prompt_dir: Path | None = None) -> None:
+    """Record the task format a curriculum was built with (``curriculum/task_format.json``), for the model card."""
+    import json
+
+    record = {
+        "template": "eval",
+        "template_version": task_template_version(prompt_dir),
+        "user_turn": task_prompt("<question>", "open", prompt_dir),
+        "answer_hints": ANSWER_HINTS,
+        "target_ends_with": final_answer_line("<answer>"),
+    }
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")

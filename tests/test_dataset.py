@@ -369,3 +369,17 @@ async def test_training_samples_and_the_evaluation_prompt_share_one_task_format(
     outcome = await worker(item, tmp_path)
     assert outcome.failure is None
     assert model.requests[0].messages[-1].plain_text() == user
+
+
+def test_the_build_records_its_task_format_and_the_model_card_shows_it(corpus, tmp_path):
+    from types import SimpleNamespace
+
+    from mics_agents.task_format import task_prompt
+    from training.model_card import _task_format_lines
+
+    build(corpus, tmp_path / "ds")
+    recorded = json.loads((tmp_path / "ds" / "task_format.json").read_text())
+    assert recorded["user_turn"] == task_prompt("<question>", "open")
+    card = "\n".join(_task_format_lines(SimpleNamespace(curriculum_dir=str(tmp_path / "ds"))))
+    assert "## Prompt format" in card and recorded["template_version"] in card and recorded["user_turn"] in card
+    assert _task_format_lines(SimpleNamespace(curriculum_dir=None)) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,29 @@ def _dropped_lines(manifest: "Manifest") -> list[str]:
     return lines + [""]
 
 
+def _task_format_lines(config: "CurriculumConfig") -> list[str]:
+    """The prompt format the curriculum's question samples were built with (``task_format.json`` of the
+    dataset builder), which ``mics eval`` asks in too."""
+    path = Path(config.curriculum_dir) / "task_format.json" if config.curriculum_dir else None
+    if path is None or not path.is_file():
+        return []
+    task = json.loads(path.read_text(encoding="utf-8"))
+    return [
+        "## Prompt format",
+        "",
+        f"Question samples were built with the task format `mics eval` uses (template `{task['template']}`, "
+        f"version `{task['template_version']}`): the user turn is",
+        "",
+        "```",
+        task["user_turn"],
+        "```",
+        "",
+        f"and every target ends with `{task['target_ends_with']}`. Ask the model in this format "
+        "(`mics eval` does) to measure what it was taught.",
+        "",
+    ]
+
+
 def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
     final = manifest.data.get("final") or {}
     is_vlm = manifest.data.get("model_kind") == "vlm"
@@ -98,7 +122,9 @@ def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
     for entry in manifest.stages:
         sources = ", ".join(f"{name or '(none)'}: {count}" for name, count in (entry.get("sources") or {}).items())
         lines.append(f"- {entry['name']}: {sources or '(empty)'}")
-    lines += ["", "Hyperparameters per stage, checkpoints and full hashes are in `manifest.json`.", "", "## Use", ""]
+    lines += ["", "Hyperparameters per stage, checkpoints and full hashes are in `manifest.json`.", ""]
+    lines += _task_format_lines(config)
+    lines += ["## Use", ""]
     if config.merge_between_stages:
         lines += ["The stages were merged into the weights between stages: use the merged model in `merged/`.", ""]
     else:

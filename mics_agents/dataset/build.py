@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..outputs import settle
 from .alignment import AlignmentOptions, alignment_samples
 from .curriculum import Recipe, assemble_stage, is_held_out, split_by_case
-from ..task_format import final_answer_line, task_prompt
+from ..task_format import final_answer_line, task_prompt, write_task_format
 from .evalset import answer_type_of, write_eval_items
 from .exports import export_samples, place_images
 from .images import ImageCatalog
@@ -191,6 +191,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
         options.output / "test" / "images",
     )
     write_stats(dataset_stats(stages, test, mics_records, drops, caption_cleaning), options.output)
+    write_task_format(options.output / "task_format.json")
     return BuildReport(
         stages={stage: len(items) for stage, items in stages.items()},
         test=len(test),
