@@ -188,7 +188,8 @@ def test_counts_and_distributions_match_the_records(run_files, report):
     assert summary["items"] == len(report.items) == len(successes) + len(failures)
     kinds = Counter(failure["error"]["kind"] for failure in failures)
     assert summary["status"] == {"success": len(successes), "no_path": kinds["no_path"],
-                                 "model_error": kinds["model_error"], "bad_input": kinds["bad_input"]}
+                                 "model_error": kinds["model_error"], "bad_input": kinds["bad_input"],
+                                 "internal_error": 0}
     assert summary["depth"] == dict(sorted(Counter(r["final_depth"] for r in successes).items()))
     assert sum(summary["trend"].values()) == len(successes)
     assert summary["trend"] == {trend: count for trend, count in summary["trend"].items() if count}

@@ -32,7 +32,7 @@ from ..outputs import default_failed_path, failure_key, success_line, winning_li
 
 __all__ = ["ReportData", "build_report_data", "STATUSES", "DEFAULT_THUMBNAIL_SIZE"]
 
-STATUSES = ("success", "no_path", "model_error", "bad_input")
+STATUSES = ("success", "no_path", "model_error", "bad_input", "internal_error")
 DEFAULT_THUMBNAIL_SIZE = 160
 # A bad input line is shown as it was read, cut to this many characters (a line can be a whole file).
 MAX_INPUT_CHARS = 4000

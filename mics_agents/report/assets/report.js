@@ -4,12 +4,13 @@
   'use strict';
 
   const SVG_NS = 'http://www.w3.org/2000/svg';
-  const STATUS_LABELS = { success: 'success', no_path: 'no path', model_error: 'model error', bad_input: 'bad input' };
+  const STATUS_LABELS = { success: 'success', no_path: 'no path', model_error: 'model error', bad_input: 'bad input', internal_error: 'internal error' };
   const STATUS_HELP = {
     success: 'a mentor step led interns to the answer',
     no_path: 'every candidate scored 0',
     model_error: 'a model call failed for good; retried on the next run',
     bad_input: 'the input line could not be used',
+    internal_error: 'a defect of mics-agents (please report it); retried on the next run',
   };
   const TREND_COLORS = { increasing: '#1a7f37', constant: '#0969da', fluctuating: '#bf8700', 'non-increasing': '#cf222e', none: '#8c959f' };
   const PALETTE = ['#0969da', '#d4580b', '#1a7f37', '#8250df', '#bf3989', '#0a7c86', '#9a6700', '#57606a'];
