@@ -580,6 +580,8 @@ def eval_command(
                                                  "MICS_JUDGE; none: rules only, open answers get token recall).")] = None,
     image_root: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: where a benchmark's images are (default: beside its file).")] = None,
     mics_score: Annotated[bool, typer.Option(help="Also score the model's reasoning: MICS_INTERNS continue from its steps.")] = False,
+    bertscore: Annotated[bool, typer.Option(help="Also BERTScore (roberta-large) of open answers, as the published "
+                                                 "evaluation; needs bert-score and the model in the HF cache.")] = False,
     cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH).")] = None,
     cache_namespace: Annotated[Optional[str], typer.Option(
         help="Cache namespace of the evaluated model's answers (default: MICS_CACHE_NAMESPACE, else the output "
@@ -680,6 +682,13 @@ def eval_command(
             raise typer.Exit(EXIT_CONFIG_ERROR) from None
         if regraded:
             console.print(f"{name}: regraded {regraded} stored predictions graded by an older grader (grader v{GRADER_VERSION}).")
+        if bertscore:
+            from .evaluation.similarity import add_bertscore
+
+            try:
+                add_bertscore(predictions[name])
+            except ConfigError as exc:
+                raise _fail_config(str(exc)) from None
         # Predictions of items the benchmark no longer holds as loaded now (a loader that learned the split).
         current = [record for record in predictions[name] if str(record.get("rid")) in prepared.ids]
         if len(current) < len(predictions[name]):

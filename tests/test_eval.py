@@ -467,3 +467,32 @@ def test_predictions_of_items_no_longer_in_the_benchmark_are_left_out(tmp_path, 
     results = json.loads((out / "results.json").read_text())
     assert results["benchmarks"]["rad"]["n"] == 2
     assert "2 questions" in result.output and "published vqa_rad test split has 451" in " ".join(result.output.split())
+
+
+def test_bertscore_is_optional_and_scores_parsed_open_answers_as_published(tmp_path, monkeypatch):
+    """With bert-score present (here a stand-in module), open answers get an F1 each, unparsed ones none;
+    without it, --bertscore is a configuration error naming what to install."""
+    import sys
+    import types
+
+    calls = []
+
+    def fake_score(candidates, references, model_type, lang, verbose):
+        calls.append((list(candidates), list(references), model_type))
+        return None, None, [0.5 + 0.1 * index for index in range(len(candidates))]
+
+    bench = _plain_benchmark(tmp_path / "bench")
+    monkeypatch.setitem(sys.modules, "bert_score", types.SimpleNamespace(score=fake_score))
+    result, _ = _eval_cli(tmp_path, monkeypatch, lambda model, body: "### The final answer is: left lung",
+                          "--benchmark", f"b={bench}", "--output", str(tmp_path / "out"), "--bertscore")
+    assert result.exit_code == 0, result.output
+    [(candidates, references, model_type)] = calls
+    assert model_type == "roberta-large" and sorted(references) == ["ct", "left lower lobe"] and candidates == ["left lung"] * 2
+    block = json.loads((tmp_path / "out" / "results.json").read_text())["benchmarks"]["b"]["open"]
+    assert block["bertscore_n"] == 2 and block["bertscore_f1"] == pytest.approx(0.55)
+    assert "BERTScore F1" in (tmp_path / "out" / "results.md").read_text()
+
+    monkeypatch.setitem(sys.modules, "bert_score", None)  # not installed
+    missing, _ = _eval_cli(tmp_path, monkeypatch, lambda model, body: "### The final answer is: left lung",
+                           "--benchmark", f"b={bench}", "--output", str(tmp_path / "out2"), "--bertscore")
+    assert missing.exit_code == 2 and "pip install bert-score" in " ".join(missing.output.split())

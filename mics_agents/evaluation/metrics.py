@@ -52,6 +52,10 @@ def _block(predictions: list[dict[str, Any]]) -> dict[str, Any]:
     if recalls:
         block["recall"] = sum(recalls) / len(recalls)
         block["recall_n"] = len(recalls)
+    similarities = [p["bertscore_f1"] for p in predictions if p.get("bertscore_f1") is not None]
+    if similarities:
+        block["bertscore_f1"] = sum(similarities) / len(similarities)
+        block["bertscore_n"] = len(similarities)
     scores = [p["mics_score"] for p in predictions if p.get("mics_score") is not None]
     if scores:
         block["mics_score"] = sum(scores) / len(scores)
@@ -126,6 +130,11 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += ["", "## By modality (all benchmarks)", "", "| modality | n | accuracy % (95% CI) |", "| --- | ---: | --- |"]
     for name, block in results["overall"]["by_modality"].items():
         lines.append(f"| {name} | {block['n']} | {_cell(block)} |")
+    scored = [(name, block["open"]) for name, block in results["benchmarks"].items()
+              if (block.get("open") or {}).get("bertscore_f1") is not None]
+    if scored:
+        lines += ["", "Open answers, BERTScore F1 (roberta-large, parsed answers only, as published):", ""]
+        lines += [f"- {name}: {block['bertscore_f1']:.4f} over {block['bertscore_n']}" for name, block in scored]
     judged_by = results["overall"].get("judged_by") or {}
     if judged_by:
         lines += ["", "How answers were graded: " + ", ".join(f"{kind} {count}" for kind, count in judged_by.items()) + "."]
