@@ -37,15 +37,28 @@ def _role(model: str) -> str:
     return "intern"
 
 
-def build_app(latency: float, jitter: float, error_rate: float, seed: int) -> web.Application:
+def build_app(latency: float, jitter: float, error_rate: float, seed: int, bucket_rate: float = 0.0) -> web.Application:
     rng = random.Random(seed)
-    counters: dict = {"requests": 0, "errors": 0, "in_flight": 0, "peak_in_flight": 0, "first_request_at": None}
+    counters: dict = {"requests": 0, "errors": 0, "in_flight": 0, "peak_in_flight": 0, "first_request_at": None,
+                      "rate_limited": 0}
+    # A provider's hidden rate limit: a token bucket of bucket_rate requests/s (a second's worth at most);
+    # beyond it, HTTP 429 with Retry-After: 1.
+    bucket = {"tokens": bucket_rate, "at": time.monotonic()}
 
     async def completions(request: web.Request) -> web.Response:
         if counters["first_request_at"] is None:
             counters["first_request_at"] = time.time()  # wall clock: the benchmark compares it across processes
         body = await request.json()
         counters["requests"] += 1
+        if bucket_rate > 0:
+            now = time.monotonic()
+            bucket["tokens"] = min(bucket_rate, bucket["tokens"] + (now - bucket["at"]) * bucket_rate)
+            bucket["at"] = now
+            if bucket["tokens"] < 1:
+                counters["rate_limited"] += 1
+                return web.json_response({"error": {"message": "rate limited", "type": "rate_limit"}}, status=429,
+                                         headers={"Retry-After": "1"})
+            bucket["tokens"] -= 1
         counters["in_flight"] += 1
         counters["peak_in_flight"] = max(counters["peak_in_flight"], counters["in_flight"])
         try:
@@ -73,8 +86,10 @@ def build_app(latency: float, jitter: float, error_rate: float, seed: int) -> we
     return app
 
 
-async def serve(port: int, latency: float, jitter: float, error_rate: float, lifetime: float, seed: int) -> None:
-    runner = web.AppRunner(build_app(latency, jitter, error_rate, seed), access_log=None)
+async def serve(
+    port: int, latency: float, jitter: float, error_rate: float, lifetime: float, seed: int, bucket_rate: float = 0.0
+) -> None:
+    runner = web.AppRunner(build_app(latency, jitter, error_rate, seed, bucket_rate), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
     await site.start()
@@ -93,8 +108,9 @@ def main() -> None:
     parser.add_argument("--error-rate", type=float, default=0.0, help="share of requests answered with HTTP 500")
     parser.add_argument("--lifetime", type=float, default=1800.0, help="stop after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bucket-rate", type=float, default=0.0, help="requests/s before 429s (0: no limit)")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.latency, args.jitter, args.error_rate, args.lifetime, args.seed))
+    asyncio.run(serve(args.port, args.latency, args.jitter, args.error_rate, args.lifetime, args.seed, args.bucket_rate))
 
 
 if __name__ == "__main__":

@@ -40,11 +40,12 @@ def _free_port() -> int:
 
 
 @contextmanager
-def latency_server(latency: float, jitter: float = 0.0, error_rate: float = 0.0) -> Iterator[int]:
+def latency_server(latency: float, jitter: float = 0.0, error_rate: float = 0.0, bucket_rate: float = 0.0) -> Iterator[int]:
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.latency_server", "--port", str(port), "--latency", str(latency),
-         "--jitter", str(jitter), "--error-rate", str(error_rate), "--lifetime", "3600"],
+         "--jitter", str(jitter), "--error-rate", str(error_rate), "--lifetime", "3600",
+         "--bucket-rate", str(bucket_rate)],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -292,6 +293,62 @@ def images(cases: int, calls_per_case: int, concurrency: int, latency: float) ->
     return results
 
 
+async def _rate_limited_calls(port: int, seconds: float, limit: int, workers: int, adaptive: bool) -> dict[str, Any]:
+    from mics_agents.models.base import ChatMessage, ModelRequest, TextPart
+    from mics_agents.models.factory import open_model
+
+    settings = _settings(None, limit, max_retries=50, adaptive_concurrency=adaptive)
+    model = open_model("openai/intern-1", settings)
+    done: list[float] = []
+    failed = 0
+    started = time.perf_counter()
+    numbers = iter(range(10**9))
+
+    async def worker() -> None:
+        nonlocal failed
+        while time.perf_counter() - started < seconds:
+            number = next(numbers)
+            text = f"## Question\nCase {number}: which finding?\n\n## Reasoning so far\n(none)\n\n## Your task\nanswer"
+            try:
+                await model.request(ModelRequest(messages=(ChatMessage("user", (TextPart(text),)),), temperature=0.3))
+                done.append(time.perf_counter() - started)
+            except Exception:
+                failed += 1
+
+    async def stats_at(moment: float) -> dict[str, Any]:
+        await asyncio.sleep(moment)
+        return await asyncio.to_thread(lambda: json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats").read()))
+
+    try:
+        early_task = asyncio.create_task(stats_at(seconds - 20))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        early = await early_task
+    finally:
+        await model.aclose()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats") as response:
+        end = json.loads(response.read())
+    requests = end["requests"] - early["requests"]
+    refused = end["rate_limited"] - early["rate_limited"]
+    return {"adaptive": adaptive, "configured_limit": limit, "workers": workers,
+            "throughput_last_20_s": sum(1 for at in done if seconds - 20 <= at < seconds) / 20,
+            "requests_last_20_s": requests, "answered_429_last_20_s": refused,
+            "share_429_last_20_s": refused / max(1, requests), "calls_failed": failed,
+            "share_429_overall": end["rate_limited"] / max(1, end["requests"])}
+
+
+def ratelimit(rate: float, seconds: float, limit: int, latency: float) -> dict[str, Any]:
+    """A provider with a hidden token bucket of ``rate`` requests/s (429, Retry-After 1 beyond it), asked by
+    2 x ``limit`` callers with a configured limit of ``limit`` in flight, for ``seconds``; with and without
+    the adaptive limit."""
+    results: dict[str, Any] = {"bucket_rate": rate, "seconds": seconds, "latency_s": latency}
+    for adaptive in (True, False):
+        with latency_server(latency, bucket_rate=rate) as port:
+            results["adaptive" if adaptive else "fixed"] = asyncio.run(
+                _rate_limited_calls(port, seconds, limit, 2 * limit, adaptive)
+            )
+    return results
+
+
 def resume(items: int, concurrency: int) -> dict[str, Any]:
     """A finished run of ``items`` items, then (1) the same command again and (2) the run with its output
     removed, so that every call replays from the cache."""
@@ -370,7 +427,7 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="mics-agents performance harness")
-    parser.add_argument("what", choices=["throughput", "process", "images", "resume", "memory", "startup", "all"])
+    parser.add_argument("what", choices=["throughput", "process", "images", "ratelimit", "resume", "memory", "startup", "all"])
     parser.add_argument("--image-cases", type=int, default=20)
     parser.add_argument("--image-calls-per-case", type=int, default=30)
     parser.add_argument("--process-items", type=int, default=120)
@@ -391,6 +448,8 @@ def main() -> None:
         results["process"] = process(args.process_items, args.latency, args.concurrency)
     if args.what in ("images", "all"):
         results["images"] = images(args.image_cases, args.image_calls_per_case, args.concurrency, args.latency)
+    if args.what in ("ratelimit", "all"):
+        results["ratelimit"] = ratelimit(50.0, 30.0, 200, args.latency)
     if args.what in ("resume", "all"):
         results["resume"] = resume(args.resume_items, args.concurrency)
     if args.what in ("memory", "all"):

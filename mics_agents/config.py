@@ -228,6 +228,11 @@ class Settings(BaseSettings):
     retry_initial_wait: float = Field(default=1.0, ge=0, description="First backoff wait in seconds.")
     retry_max_wait: float = Field(default=60.0, ge=0, description="Longest backoff wait in seconds.")
     model_concurrency: int = Field(default=32, ge=1, description="Calls in flight per model.")
+    adaptive_concurrency: bool = Field(
+        default=True,
+        description="On a 429 a model's calls in flight halve, then grow back by one per round of successful "
+        "calls up to its limit (AIMD), so a rate-limited provider is not flooded with retries.",
+    )
     max_calls_in_flight: int = Field(
         default=0, ge=0, description="Model calls in flight over all models together; 0 for no limit."
     )

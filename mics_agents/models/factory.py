@@ -78,6 +78,7 @@ def open_model(name: str, settings: "Settings", *, router: Any = None) -> Model:
         _transport(name, settings, router),
         limit=settings.concurrency_for(name),
         overall=settings.max_calls_in_flight,
+        adaptive=settings.adaptive_concurrency,
     )
     return RetryingModel(
         limited,

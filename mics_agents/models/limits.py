@@ -10,10 +10,12 @@ back, so a later searcher with a larger limit is not held to an earlier, smaller
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections import Counter, deque
 from types import TracebackType
 
+from ..errors import TransientModelError
 from .base import Model, ModelRequest, ModelResponse, WrapperModel
 
 __all__ = ["LimitingModel", "ModelLimit", "model_limit"]
@@ -31,11 +33,49 @@ class ModelLimit:
         self.in_flight = 0
         self._limits: Counter[int] = Counter()  # the limit of each open model of this name
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # Adaptive (AIMD) window under the configured limit: None until the server first answers 429.
+        self.window: float | None = None
+        self.epoch = 0  # counts decreases: one 429 burst from calls started in one epoch halves it once
+        self.decreases = 0
+        self._hold_until = 0.0  # no additive increase before this (the last 429's Retry-After)
+
+    @property
+    def configured(self) -> int | None:
+        """The smallest limit registered, or None (no open model: no limit)."""
+        return min(self._limits) if self._limits else None
 
     @property
     def limit(self) -> int | None:
-        """The smallest limit registered, or None (no open model: no limit)."""
-        return min(self._limits) if self._limits else None
+        """The limit in force: the configured one, or less while the server is answering 429."""
+        configured = self.configured
+        if configured is None or self.window is None:
+            return configured
+        return max(1, min(configured, int(self.window)))
+
+    def rate_limited(self, started_in: int, retry_after: float | None = None) -> None:
+        """A call started in epoch ``started_in`` got a 429: halve the window (multiplicative decrease),
+        once per epoch, so a burst of 429s from the calls that were in flight together counts once; and do
+        not grow it again before the server's Retry-After has passed."""
+        if retry_after:
+            self._hold_until = max(self._hold_until, time.monotonic() + min(retry_after, 60.0))
+        if started_in != self.epoch:
+            return
+        configured = self.configured or max(1, self.in_flight)
+        current = self.window if self.window is not None else float(min(configured, max(1, self.in_flight + 1)))
+        self.window = max(1.0, current / 2)
+        self.epoch += 1
+        self.decreases += 1
+
+    def succeeded(self) -> None:
+        """A call went through: the window grows by one slot per window of calls (additive increase) up to
+        the configured limit, where adapting stops."""
+        if self.window is None or time.monotonic() < self._hold_until:
+            return
+        configured = self.configured
+        self.window += 1.0 / max(1.0, self.window)
+        if configured is None or self.window >= configured:
+            self.window = None
+        self._wake()
 
     def register(self, limit: int) -> None:
         self._limits[limit] += 1
@@ -122,8 +162,10 @@ class LimitingModel(WrapperModel):
     none. The model's own slot is taken first, so a call waiting for its model never holds an overall one.
     """
 
-    def __init__(self, inner: Model, *, limit: int, overall: int = 0) -> None:
+    def __init__(self, inner: Model, *, limit: int, overall: int = 0, adaptive: bool = True) -> None:
         super().__init__(inner)
+        # Halve this name's limit on a 429 and add one slot per window of successes, back up to ``limit``.
+        self.adaptive = adaptive
         if limit < 1 or overall < 0:
             raise ValueError(f"{inner.name}: a limit must be >= 1 (got {limit}), overall >= 0 (got {overall})")
         self.limit_value = limit
@@ -147,11 +189,22 @@ class LimitingModel(WrapperModel):
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         registration = self._registration()
-        async with registration.limit:
-            if registration.overall is None:
-                return await self.inner.request(request)
-            async with registration.overall:
-                return await self.inner.request(request)
+        limit = registration.limit
+        async with limit:
+            epoch = limit.epoch
+            try:
+                if registration.overall is None:
+                    response = await self.inner.request(request)
+                else:
+                    async with registration.overall:
+                        response = await self.inner.request(request)
+            except TransientModelError as exc:
+                if self.adaptive and exc.status_code == 429:
+                    limit.rate_limited(epoch, exc.retry_after)
+                raise
+            if self.adaptive:
+                limit.succeeded()
+            return response
 
     async def aclose(self) -> None:
         """Take this model's limits back (a larger limit of another open model may apply again), then close
