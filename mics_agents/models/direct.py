@@ -98,7 +98,7 @@ class DirectTransport(Transport):
 
     def pick(self, key: str) -> int:
         """The replica (its index) for affinity key ``key``: the highest hash of (key, replica) among those
-        not cooling down; if all are, the highest of all."""
+        not cooling down. When all are, a transient error carrying the time until the first is back."""
         if len(self.replicas) == 1:
             return 0
         ranked = sorted(
@@ -113,8 +113,9 @@ class DirectTransport(Transport):
         wait = min(self._cooling_until.values()) - now
         # Every replica is cooling down: wait as the Router would (its RouterRateLimitError), not hammer one.
         raise TransientModelError(
+            # No status: it is our own cooldown, not the server's 429, so the adaptive limit stays as it is.
             f"all {len(self.replicas)} replicas are cooling down after failures", model=self.name,
-            status_code=429, retry_after=max(0.0, wait),
+            retry_after=max(0.0, wait),
             hint="Check the servers behind this name are up (the Router config's model_list).",
         )
 
@@ -131,11 +132,12 @@ class DirectTransport(Transport):
         extra: dict[str, Any] = {"temperature": request.temperature}
         if request.max_tokens is not None:
             extra["max_tokens"] = request.max_tokens
-        if _needs_a_thread(request):
-            body = await asyncio.to_thread(request_pieces, request, self.endpoint.model, extra)
-        else:
-            body = request_pieces(request, self.endpoint.model, extra)
         replica = self.pick(affinity_key(request))
+        wire_model = self.replicas[replica].model
+        if _needs_a_thread(request):
+            body = await asyncio.to_thread(request_pieces, request, wire_model, extra)
+        else:
+            body = request_pieces(request, wire_model, extra)
         try:
             reply = await post_chat_completion(self.replicas[replica], body, timeout)
         except BaseException as exc:
