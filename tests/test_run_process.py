@@ -130,6 +130,11 @@ def write_dataset(folder: Path) -> Dataset:
 # -- running mics ---------------------------------------------------------------------------------
 
 
+# USD per token, as LiteLLM's table has them for these names.
+PRICES = json.dumps({"openai/gpt-4o": {"input": 2.5e-6, "output": 1e-5},
+                     "openai/gpt-4o-mini": {"input": 1.5e-7, "output": 6e-7}})
+
+
 def mics_env(server: OpenAIServer, **variables: str) -> dict[str, str]:
     """The machine's environment without its MICS_* and provider variables, pointed at ``server``."""
     env = {
@@ -444,8 +449,8 @@ def test_budget_stops_new_items_and_a_larger_budget_continues(reference, tmp_pat
     args = run_args(data, output, cache)
     args[args.index("--concurrency") + 1] = "2"
     with OpenAIServer(simulated_brain_with_roles(PRICED_ROLES), lifetime=120) as server:
-        # Mentors LiteLLM knows the price of (its local cost map), so calls cost something.
-        env = mics_env(server, MICS_MENTORS="openai/gpt-4o,openai/gpt-4o-mini")
+        # Mentors with prices (MICS_PRICES, since the direct client reaches the local server), so calls cost something.
+        env = mics_env(server, MICS_MENTORS="openai/gpt-4o,openai/gpt-4o-mini", MICS_PRICES=PRICES)
         stopped = run_mics([*args, "--budget-usd", "0.0001", "--json-summary", str(tmp_path / "s1.json")], env, tmp_path)
         first_session = server.recorded()
         first_lines = lines_by_item(output)
@@ -551,7 +556,8 @@ def test_bad_input_corpus_becomes_bad_input_lines_and_the_run_goes_on(tmp_path):
         for fragment in fragments[1:]:
             assert fragment in message, (key, message)
     assert records[made_up_key(2)]["input"] == lines[1]  # the raw text is kept for the person fixing it
-    assert records["no-answer"]["input"]["rid"] == "no-answer"
+    # An object's fields sit beside "error", so the fixed file can be fed back to mics run.
+    assert records["no-answer"]["rid"] == "no-answer" and "messages" in records["no-answer"]
     # The good items ran (with these texts the simulated search succeeds); the wide image was sent
     # downscaled to 64 px on its longer side.
     assert kinds(records)["ok-1"] == kinds(records)["wide-image"] == "success"
@@ -677,10 +683,11 @@ def test_a_second_run_on_the_same_output_exits_2_naming_the_holder(reference, tm
 
 # -- 9. a journal that only appends (issue 13) --------------------------------------------------------
 
-# Mentors and an intern LiteLLM has prices for, so that a budget can stop a rerun part-way.
+# Mentors and an intern with prices, so that a budget can stop a rerun part-way. The test server is a local
+# endpoint, which MICS_TRANSPORT=auto reaches with the direct client: MICS_PRICES gives the prices there.
 JOURNAL_ROLES = {"gpt-4o": "mentor", "mentor-b": "mentor", "gpt-4o-mini": "intern", "intern-2": "intern", "judge": "judge"}
 JOURNAL_MODELS = {"MICS_MENTORS": "openai/gpt-4o,openai/mentor-b", "MICS_INTERNS": "openai/gpt-4o-mini,openai/intern-2",
-                  "MICS_MAX_RETRIES": "1"}
+                  "MICS_MAX_RETRIES": "1", "MICS_PRICES": PRICES}
 
 
 def whole_lines(path: Path) -> list[bytes]:
