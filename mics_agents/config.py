@@ -196,8 +196,8 @@ class Settings(BaseSettings):
     prices: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description='USD per token per model as JSON, e.g. {"openai/my-model": {"input": 2.5e-6, "output": 1e-5}}: '
-        "the cost recorded (and counted by --budget-usd) on either transport; models not named cost what LiteLLM's "
-        "table says through LiteLLM, and 0 through the direct client (local servers).",
+        "the cost recorded (and counted by --budget-usd) on either transport; a model not named costs what LiteLLM's "
+        "price table lists for it, on both, and 0 when unlisted (hosted_vllm/, local servers).",
     )
     request_timeout: float = Field(
         default=180.0, gt=0,

@@ -19,7 +19,7 @@ from mics_agents.models.direct import DirectTransport
 from mics_agents.models.factory import _transport
 from mics_agents.models.litellm_model import LiteLLMTransport
 
-from .openai_server import OpenAIServer
+from .openai_server import OpenAIServer, simulated_brain_with_roles
 from .test_litellm_http import SECRET, comparable, fault_free_run, make_settings, png, run_search, server  # noqa: F401
 from .test_run_process import MICS, failed_path, mics_env, read_jsonl, run_args, write_dataset
 from .test_startup import stand_in_litellm
@@ -139,3 +139,27 @@ def test_mics_run_with_only_local_models_never_imports_litellm(tmp_path):
     ended = read_jsonl(tmp_path / "out.jsonl") + read_jsonl(failed_path(tmp_path / "out.jsonl"))
     assert sorted(record["rid"] for record in ended) == sorted(data.keys)
     assert not any(record.get("error_kind") in ("model_error", "internal_error") for record in ended)
+
+
+async def test_a_model_litellm_lists_costs_the_same_on_the_direct_client(monkeypatch):
+    """openai/gpt-4o-mini on a gateway of one's own: LiteLLM prices it from its table whatever the base URL;
+    the direct client reads the same table (as JSON), so --budget-usd stops alike."""
+    from mics_agents.models.base import ChatMessage, ModelRequest, TextPart
+    from mics_agents.models.factory import open_model
+
+    request = ModelRequest(
+        messages=(ChatMessage("user", (TextPart("## Question\nWhat is it?\n\n## Reasoning so far\n(none)"),)),),
+        temperature=0.3,
+    )
+    costs = {}
+    with OpenAIServer(simulated_brain_with_roles({"gpt-4o-mini": "intern"})) as gateway:
+        monkeypatch.setenv("OPENAI_API_BASE", gateway.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+        for transport in ("litellm", "auto"):
+            model = open_model("openai/gpt-4o-mini", make_settings(None, transport=transport))
+            try:
+                costs[transport] = (await model.request(request)).cost_usd
+            finally:
+                await model.aclose()
+        assert gateway.errors == []
+    assert costs["auto"] == pytest.approx(costs["litellm"]) and costs["auto"] > 0

@@ -3,7 +3,7 @@ loop, for the endpoints where LiteLLM's per-call work buys nothing (``MICS_TRANS
 
 It applies to ``hosted_vllm/`` models and ``openai/`` models on a base URL other than OpenAI's own API (a
 vLLM or other OpenAI-compatible server): standard parameters, no provider quirks to translate, prices from
-``MICS_PRICES`` (else 0). The base URL and key come from LiteLLM's usual variables, read without importing
+``MICS_PRICES``, else LiteLLM's table (``providers.listed_prices``), else 0. The base URL and key come from LiteLLM's usual variables, read without importing
 it (``providers.direct_target``); every other model keeps going through the LiteLLM transport. Measured on 2 cores: about 0.5 ms of client CPU
 per call against LiteLLM's 3 ms (benchmarks/README.md).
 """

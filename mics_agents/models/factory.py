@@ -65,6 +65,10 @@ def _transport(name: str, settings: "Settings", router: Any) -> Model:
 
         endpoint = direct_endpoint(name)
         if endpoint is not None:
+            if prices is None:  # priced as LiteLLM would price it, so --budget-usd stops alike
+                from .providers import listed_prices
+
+                prices = listed_prices(name)
             return DirectTransport(name, endpoint, timeout=settings.request_timeout, prices=prices)
     from .litellm_model import LiteLLMTransport
 
