@@ -2,7 +2,7 @@
 
 The rules run in a fixed order and stop at the first that decides:
 
-1. ``exact``: equal after normalisation (case, whitespace, markdown, trailing punctuation, articles).
+1. ``exact``: equal after normalisation (case, whitespace, markdown, trailing punctuation, a leading article).
 2. ``option``: only when the question's options are known (parsed from ``A.`` / ``(B)`` / ``C)`` lines or
    given), and both answers resolve to an option by letter or by the option's text. Without options a
    leading ``E.`` is part of the answer ("E. coli"), never a letter.
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 # Raise whenever a rule changes what it decides: stored verdicts of an older version get regraded.
-GRADER_VERSION = 2
+GRADER_VERSION = 3
 
 JudgedBy = Literal["exact", "option", "yes_no", "judge", "recall", "unparsed", "truncated"]
 
@@ -51,7 +51,8 @@ _MARKUP = re.compile(r"[*_`$]")
 _ANSWER_PREFIX = re.compile(
     r"^(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*", re.IGNORECASE
 )
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b\s*")
+# Only a leading article: inside an answer "a" is often meaning ("hepatitis A", "type A dissection").
+_LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+")
 _NUMBER_UNIT = re.compile(r"(\d)\s*([a-zµ%°])")
 _EDGE_PUNCTUATION = " \t.,;:!?\"'“”‘’"
 # A letter answer: "B", "(B)", "B.", "B)", "B:" alone, or followed by space and text ("B. Pneumonia").
@@ -72,7 +73,7 @@ def normalize(text: str) -> str:
     """The form two answers are compared in by the ``exact`` rule."""
     text = _plain(text).lower()
     text = _NUMBER_UNIT.sub(r"\1 \2", text)  # "5mm" and "5 mm" are the same answer
-    without_articles = _ARTICLES.sub("", text).strip()
+    without_articles = _LEADING_ARTICLE.sub("", text).strip()
     if without_articles.strip(_EDGE_PUNCTUATION):
         text = without_articles
     return re.sub(r"\s+", " ", text).strip(_EDGE_PUNCTUATION)

@@ -29,6 +29,10 @@ CASES = [
     (OPEN, "an aneurysm", "Aneurysm.", (True, "exact")),
     (OPEN, "5mm", "5 mm", (True, "exact")),
     (OPEN, "\\boxed{Pneumonia}", "pneumonia", (True, "exact")),
+    # an article inside an answer is part of it: "hepatitis A" is not "hepatitis"
+    (OPEN, "Hepatitis", "Hepatitis A", JUDGE),
+    (OPEN, "Type aortic dissection", "Type A aortic dissection", JUDGE),
+    (OPEN, "Vitamin A deficiency", "Vitamin deficiency", JUDGE),
     (OPEN, "Left", "left.", (True, "exact")),
     # abbreviated genera: a leading "E." without options is part of the answer
     (OPEN, "E. faecalis endocarditis", "E. coli pyelonephritis", JUDGE),
