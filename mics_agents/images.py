@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
 __all__ = [
-    "ImageSource", "ImageCache", "load_images", "load_image_sync", "decode_budget", "to_8bit",
+    "ImageSource", "ImageCache", "load_images", "load_image_sync", "smaller_copy", "decode_budget", "to_8bit",
     "DEFAULT_MAX_PIXELS", "DECODE_BUDGET_BYTES", "MAX_IMAGE_FILE_BYTES", "decode_cost",
     "return_freed_buffers_to_the_os",
 ]
@@ -326,6 +326,34 @@ def resized_image_key(original_sha256: str, max_side: int) -> str:
     """The cache key of an image resized (or re-encoded) from a file whose bytes hash to ``original_sha256``."""
     return hashlib.sha256(f"mics-image/{RESIZE_RECIPE}:{original_sha256}:max_side={max_side}".encode()).hexdigest()
 
+
+
+def smaller_copy(part: ImagePart, max_side: int) -> ImagePart:
+    """``part`` at most ``max_side`` pixels on its longest side (blocking: call through a thread).
+
+    Made from an image already loaded (checked, oriented, downscaled), so a case's original files are read,
+    decoded and hashed once however many sizes its roles get. The cache key derives from ``part``'s key and
+    the size, stable across Pillow builds like every image key.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(part.data)) as image:
+        if max(image.size) <= max_side:
+            return part
+        image.load()
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        if part.mime == "image/jpeg" and image.mode in ("RGB", "L"):
+            image.save(buffer, format="JPEG", quality=92)
+            mime = "image/jpeg"
+        else:
+            if image.mode not in ("RGB", "RGBA", "L", "LA"):
+                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            image.save(buffer, format="PNG")
+            mime = "image/png"
+    data = buffer.getvalue()
+    key = hashlib.sha256(f"mics-image/{RESIZE_RECIPE}:{part.cache_id}:max_side={max_side}".encode()).hexdigest()
+    return ImagePart(data, mime, hashlib.sha256(data).hexdigest(), part.label, key_sha256=key)
 
 
 async def load_images(

@@ -21,7 +21,7 @@ from .agents import Case, Intern, Judge, Mentor, render_case_info
 from .answers import render_steps
 from .config import Settings, Strategy, load_settings
 from .errors import ConfigError, InputError, ModelCallError
-from .images import ImageCache, ImageSource, load_images
+from .images import ImageCache, ImageSource, load_images, smaller_copy
 from .models.base import Model, case_affinity
 from .models.factory import with_store
 from .grading import GRADER_VERSION, Grader
@@ -367,15 +367,9 @@ class Searcher:
         )
         mentor_images = None
         if loaded and self.settings.mentor_image_max_side < self.settings.image_max_side:
-            mentor_images = tuple(
-                await load_images(
-                    images,
-                    max_side=self.settings.mentor_image_max_side,
-                    max_pixels=self.settings.image_max_pixels,
-                    base_dir=image_dir,
-                    cache=self._images,
-                )
-            )
+            side = self.settings.mentor_image_max_side
+            # From the images just loaded: each original file is read, decoded and hashed once per case.
+            mentor_images = tuple(await asyncio.gather(*(asyncio.to_thread(smaller_copy, part, side) for part in loaded)))
         if rid is None:
             digest = hashlib.sha256("\x00".join([question, answer, *(image.sha256 for image in loaded)]).encode())
             rid = digest.hexdigest()[:16]

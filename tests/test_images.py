@@ -214,3 +214,21 @@ def test_the_report_refuses_thumbnails_above_the_cap(tmp_path, monkeypatch):
     urls = report_data._thumbnails(["big.png", "small.png"], tmp_path, 32, warnings)
     assert urls["big.png"] is None and urls["small.png"].startswith("data:image/jpeg;base64,")
     assert any("above 5,000 pixels" in warning for warning in warnings)
+
+
+def test_a_smaller_copy_comes_from_the_loaded_image_with_a_stable_key_of_its_own():
+    """Mentors' 512 px images are made from the already loaded image (no second read, decode or hash of
+    the original); an image already small enough is the same part."""
+    import io
+
+    from PIL import Image
+
+    from mics_agents.images import load_image_sync, smaller_copy
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1200, 800), (90, 30, 200)).save(buffer, format="PNG")
+    loaded = load_image_sync(buffer.getvalue(), max_side=1536, max_pixels=10_000_000)
+    small = smaller_copy(loaded, 512)
+    assert Image.open(io.BytesIO(small.data)).size == (512, 341) and small.mime == "image/png"
+    assert small.cache_id != loaded.cache_id and smaller_copy(loaded, 512).cache_id == small.cache_id
+    assert smaller_copy(loaded, 2048) is loaded
