@@ -4,11 +4,11 @@ them. Read from the runs' output files by the journal's rule, so a run still und
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .dataset.build import read_jsonl
 from .dataset.qc import QcOptions, grade_final_answers, needs_final_answer_grade, quality_control
 from .errors import InputError
 from .outputs import default_failed_path, settle
@@ -17,20 +17,7 @@ __all__ = ["run_summary", "compare_runs"]
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    with open(path, encoding="utf-8", newline="\n") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(f"{path}:{number} is not valid JSON; is it a mics run output?") from None
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    return read_jsonl(path, "mics run output") if path.is_file() else []  # a run may have no failed file
 
 
 def run_summary(output: Path) -> dict[str, Any]:

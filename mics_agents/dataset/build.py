@@ -11,9 +11,9 @@ from typing import Any
 
 from ..errors import InputError
 from ..outputs import settle
+from ..task_format import final_answer_line, task_prompt, write_task_format
 from .alignment import AlignmentOptions, alignment_samples
 from .curriculum import Recipe, assemble_stage, is_held_out, split_by_case
-from ..task_format import final_answer_line, task_prompt, write_task_format
 from .evalset import answer_type_of, write_eval_items
 from .exports import export_samples, place_images
 from .images import ImageCatalog
@@ -21,7 +21,7 @@ from .qc import QcOptions, grade_final_answers, needs_final_answer_grade, qualit
 from .samples import PART1, PART3, Sample, detect_modality
 from .stats import dataset_stats, write_stats
 
-__all__ = ["BuildOptions", "BuildReport", "build_dataset"]
+__all__ = ["BuildOptions", "BuildReport", "build_dataset", "read_jsonl"]
 
 
 @dataclass
@@ -48,7 +48,8 @@ class BuildReport:
     eval_items: int = 0  # questions of held-out cases in test/eval.jsonl
 
 
-def _read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file; a missing file or a line that is not JSON is an :class:`InputError`."""
     if not path.is_file():
         raise InputError(f"{what} file {str(path)!r} not found")
     records = []
@@ -94,7 +95,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
     case_of: dict[str, str] = {}
     cases: dict[str, dict[str, Any]] = {}
     held_out_items: list[tuple[dict[str, Any], str]] = []
-    for record in _read_jsonl(options.cases, "cases"):
+    for record in read_jsonl(options.cases, "cases"):
         view = _case_view(record)
         item_id = str(record.get("rid") or record.get("id") or view["case_id"])
         case_of[item_id] = view["case_id"]
@@ -106,7 +107,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
 
     # Part 3: MICS chain-of-thought that passes quality control.
     # One success per item by the journal's rule (a run's file may hold a cut group or a repeat until it compacts).
-    mics_records = settle([record for path in options.mics for record in _read_jsonl(path, "MICS output")], [])[0]
+    mics_records = settle([record for path in options.mics for record in read_jsonl(path, "MICS output")], [])[0]
     graded_here = 0
     if any(needs_final_answer_grade(record) for record in mics_records):
         graded_here = asyncio.run(_grade_older_records(mics_records, options.judge))
@@ -138,7 +139,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
 
     # Part 1: text multiple-choice QA made from case text (mics generate qa).
     if options.text_qa is not None:
-        for record in settle(_read_jsonl(options.text_qa, "text QA"), [])[0]:
+        for record in settle(read_jsonl(options.text_qa, "text QA"), [])[0]:
             question, answer = str(record.get("question") or "").strip(), str(record.get("answer") or "").strip()
             if not question or not answer:
                 drops["part1"]["missing_question_or_answer"] += 1
@@ -162,7 +163,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
 
     # General medical VQA sets, images relative to their own file.
     for name, path in sorted(options.vqa.items()):
-        for record in _read_jsonl(path, f"VQA set {name!r}"):
+        for record in read_jsonl(path, f"VQA set {name!r}"):
             question, answer = str(record.get("question") or "").strip(), str(record.get("answer") or "").strip()
             images = record.get("images") or []
             if isinstance(images, str):
