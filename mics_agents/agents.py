@@ -7,7 +7,7 @@ interns see the question, images and prefix only; the judge sees question, refer
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -142,30 +142,45 @@ class Intern:
         return self.model.name
 
     async def finish(self, case: Case, prefix: list[str], temperature: float, sample_index: int) -> InternReply:
-        """The intern's answer after ``prefix``. Interns are never shown the answer or the case record.
+        """The intern's answer after ``prefix`` (:meth:`finish_samples` for one sample)."""
+        return (await self.finish_samples(case, prefix, temperature, [sample_index]))[0]
+
+    async def finish_samples(
+        self, case: Case, prefix: list[str], temperature: float, sample_indices: Sequence[int]
+    ) -> list[InternReply]:
+        """The intern's answers after ``prefix``, one per sample index, asked together (one request with
+        ``n`` where the model's endpoint takes it). Interns are never shown the answer or the case record.
 
         A reply cut off by the token budget is asked once more with twice the budget (a different
         request, so a different cache entry); cut off again, it counts as truncated and has no answer.
         """
         messages = prompt_messages(self.template, case.images, question=case.question, prefix=render_steps(prefix) or NO_PREFIX)
         budget = self.settings.intern_max_tokens
-        responses: list[ModelResponse] = []
+        responses: dict[int, list[ModelResponse]] = {index: [] for index in sample_indices}
+        pending = list(responses)
         for max_tokens in (budget, 2 * budget):
-            response = await self.model.request(
-                ModelRequest(
-                    messages=messages,
-                    temperature=temperature,
-                    max_tokens=max_tokens,
-                    sample_index=sample_index,
-                    prompt_version=self.template.version,
-                    timeout=self.settings.timeout_for("intern"),
-                )
+            request = ModelRequest(
+                messages=messages,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                prompt_version=self.template.version,
+                timeout=self.settings.timeout_for("intern"),
             )
-            responses.append(response)
-            if response.finish_reason != "length":
-                answer = parse_solution(response.text).final_answer
-                return InternReply(answer, answer is not None, False, tuple(responses))
-        return InternReply(None, False, True, tuple(responses))
+            replies = await self.model.request_samples(request, pending)
+            for index, response in zip(pending, replies):
+                responses[index].append(response)
+            pending = [index for index, response in zip(pending, replies) if response.finish_reason == "length"]
+            if not pending:
+                break
+        return [self._reply(tuple(responses[index])) for index in sample_indices]
+
+    @staticmethod
+    def _reply(responses: tuple[ModelResponse, ...]) -> InternReply:
+        last = responses[-1]
+        if last.finish_reason == "length":
+            return InternReply(None, False, True, responses)
+        answer = parse_solution(last.text).final_answer
+        return InternReply(answer, answer is not None, False, responses)
 
 
 class Judge:

@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from .agents import Case, Intern, Judge, Mentor, render_case_info
+from .agents import Case, Intern, InternReply, Judge, Mentor, render_case_info
 from .answers import render_steps
 from .config import Settings, Strategy, load_settings
 from .errors import ConfigError, InputError, ModelCallError
 from .images import ImageCache, ImageSource, load_images, smaller_copy
-from .models.base import Model, case_affinity
+from .models.base import Model, case_affinity, gather_all
 from .models.factory import with_store
 from .grading import GRADER_VERSION, Grader
 from .results import FinalAnswerGrade, InternSample, Node, SearchResult, Usage
@@ -31,20 +31,6 @@ from .store import Store
 
 __all__ = ["Searcher", "search"]
 
-T = TypeVar("T")
-
-
-async def _gather_all(awaitables: Sequence[Awaitable[T]]) -> list[T]:
-    """Run all at once and let all finish, then raise the first error.
-
-    Letting siblings of a failed call finish means their (paid) replies reach the cache and are not
-    bought again when the item is retried.
-    """
-    results = await asyncio.gather(*awaitables, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results  # type: ignore[return-value]
 
 
 @dataclass
@@ -82,7 +68,7 @@ class _Run:
             take = self.settings.initial_steps if depth == 1 else 1
             prefix = self.prefix()
             parent = self.path[-1] if self.path else None
-            proposals = await _gather_all([self._propose(mentor, prefix, take, parent) for mentor in self.searcher.mentors])
+            proposals = await gather_all([self._propose(mentor, prefix, take, parent) for mentor in self.searcher.mentors])
             candidates = [self._add_node(proposal, parent, depth, len(prefix)) for proposal in proposals if proposal]
             if not candidates:
                 for mentor_scores in self.history.values():
@@ -91,7 +77,7 @@ class _Run:
                     return self._failure("no_path", "no mentor wrote a reasoning step for this case")
                 return await self._success("0")  # the mentors have nothing left to add: the path ends here
 
-            await _gather_all([self._score(node, prefix) for node in candidates])
+            await gather_all([self._score(node, prefix) for node in candidates])
             by_mentor = {node.mentor: node for node in candidates}
             for mentor, mentor_scores in self.history.items():
                 mentor_scores.append(by_mentor[mentor].score if mentor in by_mentor else 0.0)  # type: ignore[arg-type]
@@ -150,19 +136,26 @@ class _Run:
 
     async def _score(self, node: Node, prefix: list[str]) -> None:
         path = prefix + node.steps
-        samples = await _gather_all(
+        groups = await gather_all(
             [
-                self._sample(intern, path, temperature, sample_index)
+                self._samples(intern, path, temperature)
                 for intern in self.searcher.interns
                 for temperature in self.settings.intern_temperatures
-                for sample_index in range(self.settings.samples_per_temperature)
             ]
         )
-        node.samples = samples
-        node.score = mics_score(sample.correct for sample in samples)
+        node.samples = [sample for group in groups for sample in group]
+        node.score = mics_score(sample.correct for sample in node.samples)
 
-    async def _sample(self, intern: Intern, path: list[str], temperature: float, sample_index: int) -> InternSample:
-        reply = await intern.finish(self.case, path, temperature, sample_index)
+    async def _samples(self, intern: Intern, path: list[str], temperature: float) -> list[InternSample]:
+        """One intern's samples at one temperature: asked together (one request with ``n`` where its endpoint
+        takes it), then each answer graded."""
+        indices = range(self.settings.samples_per_temperature)
+        replies = await intern.finish_samples(self.case, path, temperature, indices)
+        return await gather_all([
+            self._grade(intern, temperature, index, reply) for index, reply in zip(indices, replies)
+        ])
+
+    async def _grade(self, intern: Intern, temperature: float, sample_index: int, reply: InternReply) -> InternSample:
         for response in reply.responses:
             self.usage.add(response)
         if reply.answer is None:

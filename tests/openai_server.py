@@ -120,9 +120,14 @@ def _image_part(url: str) -> ImagePart:
     return ImagePart(data, mime, hashlib.sha256(data).hexdigest())
 
 
+# Not on the wire: the server adds it to the body a brain sees for choice k of a request with ``n``.
+SAMPLE_FIELD = "x_test_choice"
+
+
 def request_from_openai(body: dict[str, Any]) -> ModelRequest:
     """The :class:`ModelRequest` a chat-completions body was made from (sample index and prompt version
-    are not sent over the wire, so they stay at their defaults)."""
+    are not sent over the wire, so they stay at their defaults; choice k of a request with ``n`` is sample
+    k)."""
     messages = []
     for message in body["messages"]:
         content = message.get("content")
@@ -138,6 +143,7 @@ def request_from_openai(body: dict[str, Any]) -> ModelRequest:
         messages=tuple(messages),
         temperature=float(body.get("temperature", 1.0)),
         max_tokens=body.get("max_tokens"),
+        sample_index=int(body.get(SAMPLE_FIELD, 0)),
     )
 
 
@@ -180,8 +186,10 @@ class OpenAIServer:
         lifetime: float = 300.0,
         latency: float | tuple[float, float] = 0.0,
         latency_seed: int = 0,
+        honours_n: bool = True,
     ) -> None:
         self.brain = brain
+        self.honours_n = honours_n  # False: answers one choice whatever ``n`` asks, as some servers do
         self.lifetime = lifetime
         # Seconds every successful reply takes, like a model generating; (low, high) draws each reply's
         # latency uniformly from that range (seeded by ``latency_seed``).
@@ -423,29 +431,35 @@ class OpenAIServer:
                 with self._lock:
                     self.in_flight[model] -= 1
         try:
-            text = "" if fault is not None and fault.kind == "empty_content" else self.brain(model, body)
+            count = (body.get("n") or 1) if self.honours_n else 1
+            # With n, each choice is answered as its own sample: the brain sees the choice as the sample index.
+            texts = [
+                "" if fault is not None and fault.kind == "empty_content"
+                else self.brain(model, body if count == 1 else {**body, SAMPLE_FIELD: choice})
+                for choice in range(count)
+            ]
         except Exception as exc:  # a brain bug should be loud in the test, not a hang
             message = f"brain failed for {model}: {type(exc).__name__}: {exc}"
             with self._lock:
                 self.errors.append(message)
             record.status = 400
             return record, web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=400)
-        return record, web.json_response(self._completion(model, text, body))
+        return record, web.json_response(self._completion(model, texts, body))
 
-    def _completion(self, model: str, text: str | None, body: dict[str, Any], *, empty: bool = False) -> dict:
+    def _completion(self, model: str, texts: list[str] | None, body: dict[str, Any], *, empty: bool = False) -> dict:
         prompt_tokens = sum(len(_message_text(message).split()) for message in body.get("messages", []))
-        words = (text or "").split(" ")
-        finish_reason = "stop"
         budget = body.get("max_tokens") or body.get("max_completion_tokens")
-        if isinstance(budget, int) and len(words) > budget:
-            # As a real server does: one word is one token here, and the reply stops at the budget.
-            text, finish_reason = " ".join(words[:budget]), "length"
-        completion_tokens = len((text or "").split())
-        choices = (
-            []
-            if empty
-            else [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}]
-        )
+        choices = []
+        completion_tokens = 0
+        for index, text in enumerate([] if empty else texts or []):
+            words = text.split(" ")
+            finish_reason = "stop"
+            if isinstance(budget, int) and len(words) > budget:
+                # As a real server does: one word is one token here, and the reply stops at the budget.
+                text, finish_reason = " ".join(words[:budget]), "length"
+            completion_tokens += len(text.split())
+            choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                            "finish_reason": finish_reason, "logprobs": None})
         return {
             "id": f"chatcmpl-test-{next(self._ids)}",
             "object": "chat.completion",

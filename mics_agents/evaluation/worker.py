@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..agents import Case, Intern, Judge, open_judge
+from ..agents import Case, Intern, InternReply, Judge, open_judge
 from ..answers import parse_options, parse_solution
 from ..config import Settings
 from ..data import InputItem
@@ -138,8 +138,7 @@ class EvalWorker:
         if not self.interns or not steps:
             return None
 
-        async def sample(intern: Intern, temperature: float, index: int) -> bool:
-            reply = await intern.finish(case, steps, temperature, index)
+        async def verdict(reply: InternReply) -> bool:
             for response in reply.responses:
                 usage.add(response)
             if reply.answer is None:
@@ -149,12 +148,17 @@ class EvalWorker:
                 usage.add(response)
             return bool(grade.correct)
 
-        verdicts = await asyncio.gather(*(
-            sample(intern, temperature, index)
+        async def samples(intern: Intern, temperature: float) -> list[bool]:
+            # Asked together: one request with n where the intern's endpoint takes it.
+            replies = await intern.finish_samples(case, steps, temperature, range(self.settings.samples_per_temperature))
+            return list(await asyncio.gather(*(verdict(reply) for reply in replies)))
+
+        groups = await asyncio.gather(*(
+            samples(intern, temperature)
             for intern in self.interns
             for temperature in self.settings.intern_temperatures
-            for index in range(self.settings.samples_per_temperature)
         ))
+        verdicts = [correct for group in groups for correct in group]
         return mics_score(verdicts)
 
     async def __call__(self, item: InputItem, image_dir: Path) -> Outcome:

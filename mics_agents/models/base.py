@@ -7,13 +7,14 @@ retrying, limiting, validating, caching). ``models/factory.py`` stacks them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextvars
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, Union
 
@@ -32,6 +33,7 @@ __all__ = [
     "request_policy",
     "case_affinity",
     "affinity_key",
+    "gather_all",
 ]
 
 
@@ -208,6 +210,18 @@ class Model(ABC):
     async def request(self, request: ModelRequest) -> ModelResponse:
         """Answer one request, or raise :class:`~mics_agents.errors.ModelCallError`."""
 
+    async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
+        """Replies to ``request`` sampled at each of ``sample_indices`` (its ``sample_index`` replaced), in
+        that order. Here: one request per sample, all at once; every sibling is let finish before the first
+        error is raised, so paid replies reach the cache. A transport whose endpoint takes ``n`` sends one
+        request for them all (:class:`~.transport.Transport`)."""
+        return await gather_all([self.request(replace(request, sample_index=index)) for index in sample_indices])
+
+    @property
+    def sends_samples_together(self) -> bool:
+        """Whether :meth:`request_samples` sends its samples as one request (``n``), holding one slot."""
+        return False
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources (clients, connections). Most models hold none."""
 
@@ -216,11 +230,22 @@ class Model(ABC):
 
 
 class WrapperModel(Model):
-    """A model around another one, with its name; closing it closes the inner model."""
+    """A model around another one, with its name; closing it closes the inner model.
+
+    :meth:`request_samples` goes through :meth:`request` once per sample, as for any model, so a wrapper
+    that only overrides :meth:`request` is never bypassed. A wrapper that can hand the samples on as one
+    call sets ``passes_samples_on`` and overrides :meth:`request_samples` too (limiting, retrying,
+    validating and caching do)."""
+
+    passes_samples_on: bool = False
 
     def __init__(self, inner: Model) -> None:
         self.inner = inner
         self.name = inner.name
+
+    @property
+    def sends_samples_together(self) -> bool:
+        return self.passes_samples_on and self.inner.sends_samples_together
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         return await self.inner.request(request)
@@ -230,6 +255,18 @@ class WrapperModel(Model):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.inner!r})"
+
+
+async def gather_all(awaitables: "Sequence[Any]") -> list[Any]:
+    """Run all at once and let all finish, then raise the first error (in the order given).
+
+    Letting the siblings of a failed call finish means their (paid) replies reach the cache and are not
+    bought again when the item is retried."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return list(results)
 
 
 RequestPolicy = Literal["allow", "local-only", "deny"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from ..errors import StoreError
 from ..store import Store
-from .base import Model, ModelRequest, ModelResponse, WrapperModel
+from .base import Model, ModelRequest, ModelResponse, WrapperModel, gather_all
 from .validating import usable
 
 __all__ = ["CachedModel"]
@@ -33,21 +35,54 @@ class CachedModel(WrapperModel):
     A reply whose write fails (after the store's own retries) is still returned: paid for, it is used.
     """
 
+    passes_samples_on = True
+
     def __init__(self, inner: Model, store: Store, *, run_id: str | None = None, namespace: str = "") -> None:
         super().__init__(inner)
         self.store = store
         self.run_id = run_id  # the batch run that pays for the calls sent from here
         self.namespace = namespace
         self._in_flight: dict[str, _SharedCall] = {}
+        self._batches: set[asyncio.Task[list[ModelResponse]]] = set()  # samples asked for together
 
     async def request(self, request: ModelRequest) -> ModelResponse:
-        key = request.cache_key(self.name, namespace=self.namespace)
-        call = self._in_flight.get(key)
-        if call is None:
-            # Registered before the first await, so a twin arriving meanwhile waits for this one.
-            call = _SharedCall(asyncio.get_running_loop().create_task(self._fetch(key, request)))
-            self._in_flight[key] = call
-            call.task.add_done_callback(partial(self._forget, key, call))
+        key = self._key(request)
+        call = self._in_flight.get(key) or self._share(key, self._fetch(key, request))
+        return await self._wait_for(key, call)
+
+    async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
+        """Each sample is looked up under its own key (its ``sample_index``), as if asked alone; only the
+        samples not stored are asked for, together (one request with ``n`` where the transport can), and
+        each reply is stored under its own key, so a rerun (with or without ``n``) replays them. A sample
+        already in flight elsewhere is waited for, not asked twice. When the model below sends samples one
+        by one, each is a call of its own here too (a failed one never loses a sibling's paid reply)."""
+        if not self.sends_samples_together:
+            return await super().request_samples(request, sample_indices)
+        requests = [replace(request, sample_index=index) for index in sample_indices]
+        keys = [self._key(sample) for sample in requests]
+        fresh = list(dict.fromkeys(key for key in keys if key not in self._in_flight))
+        if fresh:
+            batch = _Batch(asyncio.get_running_loop().create_task(
+                self._fetch_samples(request, [requests[keys.index(key)] for key in fresh], fresh)
+            ), pickers=len(fresh))
+            self._batches.add(batch.task)
+            batch.task.add_done_callback(self._forget_batch)
+            for position, key in enumerate(fresh):
+                self._share(key, batch.pick(position))
+        return await gather_all([self._wait_for(key, self._in_flight[key]) for key in keys])
+
+    def _key(self, request: ModelRequest) -> str:
+        return request.cache_key(self.name, namespace=self.namespace)
+
+    def _share(self, key: str, fetch: Coroutine[Any, Any, ModelResponse]) -> "_SharedCall":
+        """``fetch`` as the one call in flight for ``key``, registered before the first await, so a twin
+        arriving meanwhile waits for it."""
+        call = _SharedCall(asyncio.get_running_loop().create_task(fetch))
+        self._in_flight[key] = call
+        call.task.add_done_callback(partial(self._forget, key, call))
+        return call
+
+    async def _wait_for(self, key: str, call: "_SharedCall") -> ModelResponse:
         call.waiters += 1
         try:
             response = await asyncio.shield(call.task)
@@ -69,18 +104,40 @@ class CachedModel(WrapperModel):
         if task is not None and not task.cancelled():
             task.exception()  # mark retrieved: its waiters (if any) re-raise it themselves
 
+    def _forget_batch(self, task: "asyncio.Task[list[ModelResponse]]") -> None:
+        self._batches.discard(task)
+        if not task.cancelled():
+            task.exception()  # mark retrieved: the samples' calls re-raise it
+
     async def _fetch(self, key: str, request: ModelRequest) -> ModelResponse:
+        response, stale = await self._lookup(key, request)
+        if response is None:
+            response = await self.inner.request(request)
+            await self._put(key, response, run_id=self.run_id, replace=stale)
+        return response
+
+    async def _fetch_samples(self, request: ModelRequest, samples: list[ModelRequest], keys: list[str]) -> list[ModelResponse]:
+        looked_up = [await self._lookup(key, sample) for key, sample in zip(keys, samples)]
+        replies: list[ModelResponse | None] = [response for response, _ in looked_up]
+        missing = [position for position, response in enumerate(replies) if response is None]
+        if missing:
+            fresh = await self.inner.request_samples(request, [samples[position].sample_index for position in missing])
+            for position, response in zip(missing, fresh):
+                await self._put(keys[position], response, run_id=self.run_id, replace=looked_up[position][1])
+                replies[position] = response
+        return replies  # type: ignore[return-value]
+
+    async def _lookup(self, key: str, request: ModelRequest) -> tuple[ModelResponse | None, bool]:
+        """The stored reply (None: ask for it), and whether a stored one was refused (to be replaced)."""
         response = await self.store.get_call(key)
         if response is None and not self.namespace and request.has_legacy_image_key():
             response = await self.store.get_call(request.cache_key(self.name, legacy_images=True))
             if response is not None and usable(request, response):
                 await self._put(key, response, run_id=None)  # under today's key; paid for long ago
         # A stored reply the request's validator refuses (cached by an older version) is asked again.
-        stale = response is not None and not usable(request, response)
-        if response is None or stale:
-            response = await self.inner.request(request)
-            await self._put(key, response, run_id=self.run_id, replace=stale)
-        return response
+        if response is not None and not usable(request, response):
+            return None, True
+        return response, False
 
     async def _put(self, key: str, response: ModelResponse, *, run_id: str | None, replace: bool = False) -> None:
         try:
@@ -96,7 +153,7 @@ class CachedModel(WrapperModel):
 
     async def aclose(self) -> None:
         """Cancel calls still in flight (their callers are gone or going), then close the wrapped model."""
-        tasks = [call.task for call in self._in_flight.values()]
+        tasks = [call.task for call in self._in_flight.values()] + list(self._batches)
         for task in tasks:
             task.cancel()
         try:
@@ -112,6 +169,24 @@ class _SharedCall:
     task: "asyncio.Task[ModelResponse]"
     waiters: int = 0
     answered: bool = False  # a caller has had the reply as sent
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Samples asked for together: each sample's shared call picks its reply from the batch's. The batch
+    is cancelled only when every one of them is (a cancelled sample never cancels its siblings)."""
+
+    task: "asyncio.Task[list[ModelResponse]]"
+    pickers: int
+
+    async def pick(self, position: int) -> ModelResponse:
+        try:
+            return (await asyncio.shield(self.task))[position]
+        except asyncio.CancelledError:
+            self.pickers -= 1
+            if self.pickers == 0:
+                self.task.cancel()
+            raise
 
 
 def _as_cached(response: ModelResponse) -> ModelResponse:

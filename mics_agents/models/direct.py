@@ -18,11 +18,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MalformedReplyError, TransientModelError
+from ..errors import TransientModelError
 from .base import ImagePart, ModelRequest, ModelResponse, TextPart, affinity_key
 from .clients import register_closer
 from .providers import direct_target
-from .transport import Transport
+from .transport import Transport, choice_responses
 
 __all__ = [
     "DirectEndpoint", "DirectTransport", "HTTPStatusError", "direct_endpoint", "direct_replicas", "post_chat_completion", "request_body", "request_pieces", "close_session",
@@ -129,9 +129,18 @@ class DirectTransport(Transport):
         self._fails[replica] = fails
 
     async def _send(self, request: ModelRequest, timeout: float) -> ModelResponse:
+        return (await self._post(request, 1, timeout))[0]
+
+    async def _send_samples(self, request: ModelRequest, count: int, timeout: float) -> list[ModelResponse]:
+        return await self._post(request, count, timeout)
+
+    async def _post(self, request: ModelRequest, count: int, timeout: float) -> list[ModelResponse]:
+        """One POST asking for ``count`` choices (``n``, sent only above 1); the replies in choice order."""
         extra: dict[str, Any] = {"temperature": request.temperature}
         if request.max_tokens is not None:
             extra["max_tokens"] = request.max_tokens
+        if count > 1:
+            extra["n"] = count
         replica = self.pick(affinity_key(request))
         wire_model = self.replicas[replica].model
         if _needs_a_thread(request):
@@ -145,18 +154,11 @@ class DirectTransport(Transport):
                 self._failed(replica, exc)
             raise
         choices = reply.get("choices") or [] if isinstance(reply, dict) else []
-        message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
-        text = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise MalformedReplyError(f"{self.name}: reply has no text (choices={len(choices)})", model=self.name)
-        usage = reply.get("usage") or {}
-        input_tokens = int(usage.get("prompt_tokens") or 0)
-        output_tokens = int(usage.get("completion_tokens") or 0)
-        price_in, price_out = self.prices
-        return ModelResponse(
-            text=text, model=self.name, input_tokens=input_tokens, output_tokens=output_tokens,
-            cost_usd=input_tokens * price_in + output_tokens * price_out,
-            finish_reason=choices[0].get("finish_reason"),
+        usage = reply.get("usage") or {} if isinstance(reply, dict) else {}
+        return choice_responses(
+            self.name, choices, count,
+            input_tokens=int(usage.get("prompt_tokens") or 0), output_tokens=int(usage.get("completion_tokens") or 0),
+            price=lambda tokens_in, tokens_out: tokens_in * self.prices[0] + tokens_out * self.prices[1],
         )
 
 

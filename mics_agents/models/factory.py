@@ -27,6 +27,7 @@ from .validating import ValidatingModel
 if TYPE_CHECKING:
     from ..config import Settings
     from ..store import Store
+    from .transport import Transport
 
 __all__ = ["open_model", "open_models", "with_store", "open_router"]
 
@@ -38,12 +39,30 @@ def open_router(settings: "Settings") -> Any:
     return load_router(settings.router_config) if settings.router_config else None
 
 
-def _transport(name: str, settings: "Settings", router: Any) -> Model:
+def _transport(name: str, settings: "Settings", router: Any) -> "Transport":
+    """The transport for ``name``, with ``supports_n`` set where its endpoint takes several samples in one
+    request: Router deployments that all declare ``model_info: {supports_n: true}``, and ``hosted_vllm/``
+    servers (vLLM takes ``n``)."""
+    transport = _choose_transport(name, settings, router)
+    if router is not None and name in _routed(router):
+        from .providers import declares_n
+
+        transport.supports_n = declares_n(router, name)
+    else:
+        transport.supports_n = name.startswith("hosted_vllm/")
+    return transport
+
+
+def _routed(router: Any) -> set[str]:
+    from .providers import router_model_names
+
+    return router_model_names(router)
+
+
+def _choose_transport(name: str, settings: "Settings", router: Any) -> "Transport":
     prices = settings.prices_for(name)
     if router is not None:
-        from .providers import router_model_names
-
-        if name in router_model_names(router):
+        if name in _routed(router):
             if settings.transport != "litellm":
                 from .direct import DirectTransport, direct_replicas
 

@@ -13,12 +13,16 @@ import asyncio
 import time
 import weakref
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
+from typing import TypeVar
 
 from ..errors import TransientModelError
 from .base import Model, ModelRequest, ModelResponse, WrapperModel
 
 __all__ = ["LimitingModel", "ModelLimit", "model_limit"]
+
+T = TypeVar("T")
 
 
 class ModelLimit:
@@ -162,6 +166,8 @@ class LimitingModel(WrapperModel):
     none. The model's own slot is taken first, so a call waiting for its model never holds an overall one.
     """
 
+    passes_samples_on = True
+
     def __init__(self, inner: Model, *, limit: int, overall: int = 0, adaptive: bool = True) -> None:
         super().__init__(inner)
         # Halve this name's limit on a 429 and add one slot per window of successes, back up to ``limit``.
@@ -188,23 +194,32 @@ class LimitingModel(WrapperModel):
         return registration
 
     async def request(self, request: ModelRequest) -> ModelResponse:
+        return await self._in_a_slot(lambda: self.inner.request(request))
+
+    async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
+        """One slot for the samples when the inner model sends them as one request (``n``), else one each."""
+        if not self.sends_samples_together:
+            return await super().request_samples(request, sample_indices)
+        return await self._in_a_slot(lambda: self.inner.request_samples(request, sample_indices))
+
+    async def _in_a_slot(self, send: Callable[[], Awaitable[T]]) -> T:
         registration = self._registration()
         limit = registration.limit
         async with limit:
             epoch = limit.epoch
             try:
                 if registration.overall is None:
-                    response = await self.inner.request(request)
+                    result = await send()
                 else:
                     async with registration.overall:
-                        response = await self.inner.request(request)
+                        result = await send()
             except TransientModelError as exc:
                 if self.adaptive and exc.status_code == 429:
                     limit.rate_limited(epoch, exc.retry_after)
                 raise
             if self.adaptive:
                 limit.succeeded()
-            return response
+            return result
 
     async def aclose(self) -> None:
         """Take this model's limits back (a larger limit of another open model may apply again), then close

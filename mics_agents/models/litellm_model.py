@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..errors import MalformedReplyError
 from .base import ModelRequest, ModelResponse
 from .providers import cost_of, import_litellm, resolve_api_base, router_deployments, router_model_names
-from .transport import Transport
+from .transport import Transport, choice_responses
 
 __all__ = ["LiteLLMTransport"]
 
@@ -66,6 +65,12 @@ class LiteLLMTransport(Transport):
         )
 
     async def _send(self, request: ModelRequest, timeout: float) -> ModelResponse:
+        return (await self._complete_choices(request, 1, timeout))[0]
+
+    async def _send_samples(self, request: ModelRequest, count: int, timeout: float) -> list[ModelResponse]:
+        return await self._complete_choices(request, count, timeout)
+
+    async def _complete_choices(self, request: ModelRequest, count: int, timeout: float) -> list[ModelResponse]:
         litellm = import_litellm()
         arguments: dict[str, Any] = {
             "model": self.name,
@@ -77,6 +82,8 @@ class LiteLLMTransport(Transport):
         }
         if request.max_tokens is not None:
             arguments["max_tokens"] = request.max_tokens
+        if count > 1:
+            arguments["n"] = count
         if self._drop_params:
             arguments["drop_params"] = True
         try:
@@ -92,23 +99,20 @@ class LiteLLMTransport(Transport):
                 "%s: %s Sending without it from now on (LiteLLM drop_params).", self.name, reason.split(" To drop")[0]
             )
             response = await self._complete({**arguments, "drop_params": True})
-        choices = getattr(response, "choices", None) or []
-        message = getattr(choices[0], "message", None) if choices else None
-        text = getattr(message, "content", None) if message is not None else None
-        if not isinstance(text, str) or not text.strip():
-            raise MalformedReplyError(f"{self.name}: reply has no text (choices={len(choices)})", model=self.name)
         usage = getattr(response, "usage", None)
         input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        if self.prices is not None:
-            cost = input_tokens * self.prices[0] + output_tokens * self.prices[1]
-        else:
-            cost = cost_of(litellm, response)
-        return ModelResponse(
-            text=text,
-            model=self.name,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=cost,
-            finish_reason=getattr(choices[0], "finish_reason", None),
+        prices = self.prices
+        total = cost_of(litellm, response) if prices is None else 0.0
+
+        def price(tokens_in: int, tokens_out: int) -> float:
+            if prices is not None:
+                return tokens_in * prices[0] + tokens_out * prices[1]
+            # LiteLLM's price of the whole reply, shared out over the samples by their tokens.
+            tokens = input_tokens + output_tokens
+            return total * (tokens_in + tokens_out) / tokens if tokens else total / count
+
+        return choice_responses(
+            self.name, list(getattr(response, "choices", None) or []), count,
+            input_tokens=input_tokens, output_tokens=output_tokens, price=price,
         )

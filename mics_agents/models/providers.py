@@ -29,6 +29,7 @@ __all__ = [
     "direct_deployments",
     "listed_prices",
     "needs_litellm",
+    "declares_n",
 ]
 
 _OPENAI_OWN_API = "api.openai.com"
@@ -201,6 +202,15 @@ def direct_deployments(router: Any, name: str) -> list[tuple[str, str, str | Non
             return None
         targets.append((wire, base, key if isinstance(key, str) and key else os.environ.get(f"{provider.upper()}_API_KEY") or None))
     return targets
+
+
+def declares_n(router: Any, name: str) -> bool:
+    """Whether every Router deployment of ``name`` says in its ``model_info`` that it takes ``n`` (several
+    samples in one request): ``model_info: {supports_n: true}``."""
+    deployments = [d for d in _written_deployments.get(router) or router_deployments(router) if d.get("model_name") == name]
+    return bool(deployments) and all(
+        isinstance(d.get("model_info"), dict) and d["model_info"].get("supports_n") is True for d in deployments
+    )
 
 
 @lru_cache(maxsize=1)

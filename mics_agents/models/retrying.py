@@ -11,7 +11,8 @@ for longer than a run should sit and wait: the call fails at once, saying how lo
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import MalformedReplyError, ModelCallError, TransientModelError
 from .base import Model, ModelRequest, ModelResponse, WrapperModel
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from tenacity import RetryCallState
 
 __all__ = ["RetryingModel"]
+
+T = TypeVar("T")
 
 
 def _attempts(count: int) -> str:
@@ -33,6 +36,8 @@ class _WaitTooLong(Exception):
 
 class RetryingModel(WrapperModel):
     """Up to ``max_retries`` more attempts of a call that failed in a way that may pass."""
+
+    passes_samples_on = True
 
     def __init__(
         self,
@@ -61,6 +66,15 @@ class RetryingModel(WrapperModel):
         return isinstance(exc, (TransientModelError, MalformedReplyError))
 
     async def request(self, request: ModelRequest) -> ModelResponse:
+        return await self._with_retries(lambda: self.inner.request(request))
+
+    async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
+        """One request with ``n`` is tried again as a whole; samples sent one by one, each on its own."""
+        if not self.sends_samples_together:
+            return await super().request_samples(request, sample_indices)
+        return await self._with_retries(lambda: self.inner.request_samples(request, sample_indices))
+
+    async def _with_retries(self, send: Callable[[], Awaitable[T]]) -> T:
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt  # 30 ms: not at import
 
         attempts = self.max_retries + 1
@@ -76,7 +90,7 @@ class RetryingModel(WrapperModel):
                 with attempt:
                     made += 1
                     try:
-                        return await self.inner.request(request)
+                        return await send()
                     except TransientModelError as exc:
                         if exc.retry_after is not None and exc.retry_after > self.max_retry_after:
                             raise _WaitTooLong(exc) from exc

@@ -13,15 +13,18 @@ import asyncio
 import json
 import weakref
 from abc import abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from ..errors import ModelCallError, ModelError, TransientModelError
+from ..errors import MalformedReplyError, ModelCallError, ModelError, TransientModelError
 from .base import Model, ModelRequest, ModelResponse, check_request_allowed
 from .clients import ClientShare
 
-__all__ = ["Transport", "classify_error", "retry_after_seconds", "RETRYABLE_4XX"]
+__all__ = ["Transport", "classify_error", "retry_after_seconds", "split_usage", "choice_responses", "RETRYABLE_4XX"]
+
+T = TypeVar("T")
 
 # 4xx statuses that say "try again": request timeout, conflict, too early, too many requests.
 RETRYABLE_4XX = frozenset({408, 409, 425, 429})
@@ -47,17 +50,39 @@ class Transport(Model):
     def _is_transient(self, exc: BaseException) -> bool:
         return False
 
+    # Whether the endpoint takes ``n`` (several samples of one request in one reply). Set by the factory.
+    supports_n: bool = False
+
+    @property
+    def sends_samples_together(self) -> bool:
+        return self.supports_n
+
+    async def _send_samples(self, request: ModelRequest, count: int, timeout: float) -> list[ModelResponse]:
+        """One attempt asking for ``count`` samples (``n``); transports that can set :attr:`supports_n`."""
+        raise NotImplementedError
+
     async def request(self, request: ModelRequest) -> ModelResponse:
+        timeout = request.timeout or self.default_timeout
+        return await self._attempt(lambda: self._send(request, timeout), timeout)
+
+    async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
+        """One request with ``n`` when the endpoint takes it, else one request per sample. The replies come
+        back in the order of ``sample_indices`` (choice k is sample ``sample_indices[k]``)."""
+        if not self.supports_n or len(sample_indices) < 2:
+            return await super().request_samples(request, sample_indices)
+        timeout = request.timeout or self.default_timeout
+        return await self._attempt(lambda: self._send_samples(request, len(sample_indices), timeout), timeout)
+
+    async def _attempt(self, send: Callable[[], Awaitable[T]], timeout: float) -> T:
         check_request_allowed(self.name, self.endpoint_bases())
         loop = asyncio.get_running_loop()
         if loop not in self._shares:
             # While this model is open it holds a share of the loop's HTTP clients (see clients.py).
             self._shares[loop] = ClientShare()
-        timeout = request.timeout or self.default_timeout
         scope = _deadline(timeout)
         try:
             async with scope:
-                return await self._send(request, timeout)
+                return await send()
         except ModelError:
             raise
         except TimeoutError as exc:
@@ -87,6 +112,60 @@ class Transport(Model):
         for loop, share in shares:
             if loop is running:
                 await share.release()
+
+
+def split_usage(total: int, weights: Sequence[int]) -> list[int]:
+    """``total`` tokens shared out in proportion to ``weights`` (equal shares when they are all 0), in
+    whole tokens that add up to ``total``: a reply with ``n`` choices reports one usage for all of them."""
+    if not weights:
+        return []
+    if sum(weights) <= 0:
+        weights = [1] * len(weights)
+    whole = sum(weights)
+    shares = [total * weight // whole for weight in weights]
+    # The tokens rounding left over go to the largest remainders, earliest first.
+    by_remainder = sorted(range(len(weights)), key=lambda k: (-(total * weights[k] % whole), k))
+    for k in by_remainder[: total - sum(shares)]:
+        shares[k] += 1
+    return shares
+
+
+def choice_responses(
+    name: str, choices: list[Any], count: int, *, input_tokens: int, output_tokens: int,
+    price: Callable[[int, int], float],
+) -> list[ModelResponse]:
+    """One response per choice of an OpenAI reply (dicts or LiteLLM objects), in ``index`` order. The reply's
+    usage is shared out (:func:`~.transport.split_usage`): input tokens equally, output tokens by the
+    length of each choice's text. A choice without text makes the reply malformed (asked again)."""
+    indices = [_get(choice, "index") for choice in choices]
+    if all(isinstance(index, int) for index in indices):
+        choices = [choice for _, choice in sorted(zip(indices, choices), key=lambda pair: pair[0])]
+    if count > 1 and 0 < len(choices) < count:
+        raise ModelCallError(
+            f"{name}: asked for {count} samples in one request (n={count}) but the reply has {len(choices)}: the "
+            "server ignores 'n'. Remove 'supports_n' from this deployment's model_info in the Router config.",
+            model=name,
+        )
+    choices = choices[:count]
+    texts = [_get(_get(choice, "message"), "content") for choice in choices]
+    if len(choices) < count or not all(isinstance(text, str) and text.strip() for text in texts):
+        raise MalformedReplyError(f"{name}: reply has no text (choices={len(choices)})", model=name)
+    inputs = split_usage(input_tokens, [1] * count)
+    outputs = split_usage(output_tokens, [len(text) for text in texts])
+    return [
+        ModelResponse(
+            text=text, model=name, input_tokens=tokens_in, output_tokens=tokens_out,
+            cost_usd=price(tokens_in, tokens_out), finish_reason=_get(choice, "finish_reason"),
+        )
+        for text, choice, tokens_in, tokens_out in zip(texts, choices, inputs, outputs)
+    ]
+
+
+def _get(value: Any, name: str) -> Any:
+    """A field of a reply part: a dict's key (JSON) or an object's attribute (LiteLLM's types)."""
+    if value is None:
+        return None
+    return value.get(name) if isinstance(value, dict) else getattr(value, name, None)
 
 
 class _Deadline:

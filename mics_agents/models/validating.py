@@ -9,6 +9,8 @@ caller's to re-ask (the judge asks with the next ``attempt``, a new request), no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..errors import MalformedReplyError
 from .base import ModelRequest, ModelResponse, WrapperModel
 
@@ -18,11 +20,20 @@ __all__ = ["ValidatingModel", "usable"]
 class ValidatingModel(WrapperModel):
     """Raises :class:`MalformedReplyError` for a reply ``request.validate`` refuses."""
 
+    passes_samples_on = True
+
     async def request(self, request: ModelRequest) -> ModelResponse:
         response = await self.inner.request(request)
         if request.validate is not None:
             request.validate(response.text)  # MalformedReplyError: refused
         return response
+
+    async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
+        """Passed on as one call when there is nothing to check; with a validator, each sample is asked and
+        checked on its own, so one refused reply never takes its accepted siblings down with it."""
+        if request.validate is not None or not self.sends_samples_together:
+            return await super().request_samples(request, sample_indices)
+        return await self.inner.request_samples(request, sample_indices)
 
 
 def usable(request: ModelRequest, response: ModelResponse) -> bool:
