@@ -145,6 +145,13 @@ class Intern:
         """The intern's answer after ``prefix`` (:meth:`finish_samples` for one sample)."""
         return (await self.finish_samples(case, prefix, temperature, [sample_index]))[0]
 
+    def sample_groups(self) -> list[list[int]]:
+        """The sample indices of one temperature, grouped as they are asked: all in one request where the
+        model's endpoint takes ``n``, else one each (so each sample's reply is used as soon as it comes, and
+        one that fails never hides a sibling's paid reply)."""
+        indices = list(range(self.settings.samples_per_temperature))
+        return [indices] if self.model.sends_samples_together else [[index] for index in indices]
+
     async def finish_samples(
         self, case: Case, prefix: list[str], temperature: float, sample_indices: Sequence[int]
     ) -> list[InternReply]:
@@ -154,6 +161,7 @@ class Intern:
         A reply cut off by the token budget is asked once more with twice the budget (a different
         request, so a different cache entry); cut off again, it counts as truncated and has no answer.
         """
+        sample_indices = list(sample_indices)
         messages = prompt_messages(self.template, case.images, question=case.question, prefix=render_steps(prefix) or NO_PREFIX)
         budget = self.settings.intern_max_tokens
         responses: dict[int, list[ModelResponse]] = {index: [] for index in sample_indices}

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from .answers import parse_options, parse_verdict
+from .answers import parse_options
 from .models.base import ModelResponse
 
 __all__ = [

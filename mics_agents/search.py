@@ -147,13 +147,15 @@ class _Run:
         node.score = mics_score(sample.correct for sample in node.samples)
 
     async def _samples(self, intern: Intern, path: list[str], temperature: float) -> list[InternSample]:
-        """One intern's samples at one temperature: asked together (one request with ``n`` where its endpoint
-        takes it), then each answer graded."""
-        indices = range(self.settings.samples_per_temperature)
-        replies = await intern.finish_samples(self.case, path, temperature, indices)
-        return await gather_all([
-            self._grade(intern, temperature, index, reply) for index, reply in zip(indices, replies)
-        ])
+        """One intern's samples at one temperature (one request with ``n`` where its endpoint takes it), each
+        answer graded as soon as its request is answered."""
+
+        async def ask_and_grade(group: list[int]) -> list[InternSample]:
+            replies = await intern.finish_samples(self.case, path, temperature, group)
+            return await gather_all([self._grade(intern, temperature, index, reply) for index, reply in zip(group, replies)])
+
+        graded = await gather_all([ask_and_grade(group) for group in intern.sample_groups()])
+        return [sample for group in graded for sample in group]
 
     async def _grade(self, intern: Intern, temperature: float, sample_index: int, reply: InternReply) -> InternSample:
         for response in reply.responses:

@@ -97,18 +97,20 @@ def load_serve_config(path: Path) -> ServeConfig:
 
 
 def router_config(config: ServeConfig) -> dict[str, Any]:
-    """The LiteLLM Router config: each intern name -> every replica, as ``hosted_vllm/<served name>``."""
+    """The LiteLLM Router config: each intern name -> every replica, as ``hosted_vllm/<served name>``, each
+    declaring ``supports_n`` (vLLM answers several samples of one request)."""
     model_list = []
     for spec in config.models:
         for replica in spec.replicas:
             params: dict[str, Any] = {"model": f"hosted_vllm/{spec.wire_name}", "api_base": replica.api_base}
             if replica.max_parallel_requests:
                 params["max_parallel_requests"] = replica.max_parallel_requests
-            model_list.append({"model_name": spec.name, "litellm_params": params})
+            model_list.append({"model_name": spec.name, "litellm_params": params, "model_info": {"supports_n": True}})
             for lora in spec.lora_modules:
                 model_list.append({
                     "model_name": f"{spec.name}:{lora}",
                     "litellm_params": {**params, "model": f"hosted_vllm/{lora}"},
+                    "model_info": {"supports_n": True},
                 })
     return {
         "model_list": model_list,

@@ -51,10 +51,15 @@ def main() -> None:
             content = message["content"]
             text = content if isinstance(content, str) else "\n".join(p.get("text", "") for p in content if p.get("type") == "text")
             messages.append(ChatMessage(message["role"], (TextPart(text),)))
-        reply = simulated_reply("intern", body["model"], ModelRequest(tuple(messages), float(body.get("temperature", 1.0))))
+        count = int(body.get("n") or 1)  # vLLM answers n choices, each a sample of its own
+        replies = [
+            simulated_reply("intern", body["model"], ModelRequest(tuple(messages), float(body.get("temperature", 1.0)), sample_index=k))
+            for k in range(count)
+        ]
         return web.json_response({"id": "x", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+                                  "choices": [{"index": k, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
+                                              for k, reply in enumerate(replies)],
+                                  "usage": {"prompt_tokens": 10, "completion_tokens": 5 * count, "total_tokens": 10 + 5 * count}})
 
     async def report(request: web.Request) -> web.Response:
         return web.json_response(stats)

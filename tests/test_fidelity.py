@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from mics_agents import Searcher
-from mics_agents.agents import Case, Intern, Mentor, prompt_messages
+from mics_agents.agents import Case, Intern
 from mics_agents.config import load_settings
-from mics_agents.models import FunctionModel, ImagePart
+from mics_agents.models import FunctionModel
 from mics_agents.models.simulated import simulated_intern, simulated_judge, simulated_mentor
 from mics_agents.prompts import load_prompt
 from mics_agents.runner import BatchRun, RunOptions

@@ -245,7 +245,7 @@ async def test_an_unexpected_exception_is_that_items_internal_error_and_the_run_
     assert bug["kind"] == "internal_error" and "KeyError: 'a bug'" in bug["message"]
     assert "defect in mics-agents" in bug["message"] and "retried on the next run" in bug["message"]
     assert "test_runner.py" in bug["message"] and "Traceback" in failures["case-1"]["traceback"]
-    assert failures["case-2"]["error"] == {"kind": "bad_input", "message": f"line 3: image 'x.png' is corrupt"}
+    assert failures["case-2"]["error"] == {"kind": "bad_input", "message": "line 3: image 'x.png' is corrupt"}
     assert failures["case-3"]["error"]["kind"] == "model_error"
     assert "sk-live-0123456789abcdef" not in (tmp_path / "out_failed.jsonl").read_text()
     assert stats.as_dict()["internal_error"] == 1

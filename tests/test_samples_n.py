@@ -143,11 +143,17 @@ async def test_cancelling_one_caller_keeps_the_shared_request_for_the_others(tmp
 
         # When every caller is gone, the request is cancelled and nothing is stored.
         lone = asyncio.create_task(cached.request_samples(request("another"), [0, 1, 2]))
-        await asyncio.sleep(0.02)
+        for _ in range(200):  # bounded: until the request is with the model (after the store lookups)
+            if len(model.calls) == 2:
+                break
+            await asyncio.sleep(0.01)
         lone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await lone
-        await asyncio.sleep(0)
+        for _ in range(100):  # the cancellation reaches the model through the wrappers' tasks
+            if model.cancelled:
+                break
+            await asyncio.sleep(0.01)
         assert model.cancelled == 1
         assert await store.get_call(replace(request("another"), sample_index=0).cache_key("intern")) is None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 from .openai_server import OpenAIServer, simulated_brain
 from .test_run_process import MICS, RUN_TIMEOUT, failed_path, lines_by_item, mics_env, write_dataset

@@ -69,6 +69,7 @@ def test_launch_command_and_router_config(tmp_path):
     assert pool == ["http://127.0.0.1:8001/v1", "http://127.0.0.1:8002/v1", "http://127.0.0.1:9001/v1"]
     assert {route["litellm_params"]["model"] for route in routes if route["model_name"] == "qwen-intern"} == {"hosted_vllm/qwen"}
     assert {route["litellm_params"]["model"] for route in routes if route["model_name"] == "qwen-intern:chiron"} == {"hosted_vllm/chiron"}
+    assert all(route["model_info"] == {"supports_n": True} for route in routes)  # vLLM takes n
 
 
 async def test_serve_starts_replicas_routes_interns_over_them_and_stops(tmp_path):
@@ -107,11 +108,13 @@ async def test_serve_starts_replicas_routes_interns_over_them_and_stops(tmp_path
 
         try:
             replies = await asyncio.gather(*(intern.request(request) for request in requests))
+            samples = await intern.request_samples(requests[0], [0, 1, 2])  # one request with n=3
         finally:
             await intern.aclose()
-        assert all("### The final answer is:" in reply.text for reply in replies)
+        assert all("### The final answer is:" in reply.text for reply in [*replies, *samples])
+        assert len(samples) == 3
         served = [stats(port)["requests"] for port in [*ports, remote]]
-        assert sum(served) == 30 and all(count > 0 for count in served), served
+        assert sum(served) == 31 and all(count > 0 for count in served), served
 
         serve.send_signal(signal.SIGINT)
         serve.wait(timeout=30)

@@ -148,15 +148,15 @@ class EvalWorker:
                 usage.add(response)
             return bool(grade.correct)
 
-        async def samples(intern: Intern, temperature: float) -> list[bool]:
-            # Asked together: one request with n where the intern's endpoint takes it.
-            replies = await intern.finish_samples(case, steps, temperature, range(self.settings.samples_per_temperature))
+        async def samples(intern: Intern, temperature: float, group: list[int]) -> list[bool]:
+            replies = await intern.finish_samples(case, steps, temperature, group)  # one request with n, or one
             return list(await asyncio.gather(*(verdict(reply) for reply in replies)))
 
         groups = await asyncio.gather(*(
-            samples(intern, temperature)
+            samples(intern, temperature, group)
             for intern in self.interns
             for temperature in self.settings.intern_temperatures
+            for group in intern.sample_groups()
         ))
         verdicts = [correct for group in groups for correct in group]
         return mics_score(verdicts)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..store import Store
-from .base import Model, ModelRequest, ModelResponse, WrapperModel, gather_all
+from .base import Model, ModelRequest, ModelResponse, WrapperModel
 from .validating import usable
 
 __all__ = ["CachedModel"]
@@ -48,15 +48,21 @@ class CachedModel(WrapperModel):
     async def request(self, request: ModelRequest) -> ModelResponse:
         key = self._key(request)
         call = self._in_flight.get(key) or self._share(key, self._fetch(key, request))
-        return await self._wait_for(key, call)
+        call.waiters += 1
+        try:
+            response = await asyncio.shield(call.task)
+        finally:
+            self._leave(key, call)
+        return self._hand_out(call, response)
 
     async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
         """Each sample is looked up under its own key (its ``sample_index``), as if asked alone; only the
-        samples not stored are asked for, together (one request with ``n`` where the transport can), and
-        each reply is stored under its own key, so a rerun (with or without ``n``) replays them. A sample
-        already in flight elsewhere is waited for, not asked twice. When the model below sends samples one
-        by one, each is a call of its own here too (a failed one never loses a sibling's paid reply)."""
-        if not self.sends_samples_together:
+        samples not stored are asked for, together (one request with ``n``), and each reply is stored
+        under its own key, so a rerun (with or without ``n``) replays them. A sample already in flight
+        elsewhere is waited for, not asked twice. When the model below sends samples one by one, or a
+        validator may refuse one of them, each is a call of its own here too: a failed or refused sample
+        never loses a sibling's paid reply."""
+        if not self.sends_samples_together or request.validate is not None:
             return await super().request_samples(request, sample_indices)
         requests = [replace(request, sample_index=index) for index in sample_indices]
         keys = [self._key(sample) for sample in requests]
@@ -68,8 +74,20 @@ class CachedModel(WrapperModel):
             self._batches.add(batch.task)
             batch.task.add_done_callback(self._forget_batch)
             for position, key in enumerate(fresh):
-                self._share(key, batch.pick(position))
-        return await gather_all([self._wait_for(key, self._in_flight[key]) for key in keys])
+                self._share(key, batch.pick(position)).task.add_done_callback(batch.dropped)
+        # Joined before the first await, so a caller cancelled at once still leaves (and cancels) them.
+        calls = [self._in_flight[key] for key in keys]
+        for call in calls:
+            call.waiters += 1
+        try:
+            results = await asyncio.gather(*(asyncio.shield(call.task) for call in calls), return_exceptions=True)
+        finally:
+            for key, call in zip(keys, calls):
+                self._leave(key, call)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [self._hand_out(call, response) for call, response in zip(calls, results)]  # type: ignore[arg-type]
 
     def _key(self, request: ModelRequest) -> str:
         return request.cache_key(self.name, namespace=self.namespace)
@@ -82,17 +100,16 @@ class CachedModel(WrapperModel):
         call.task.add_done_callback(partial(self._forget, key, call))
         return call
 
-    async def _wait_for(self, key: str, call: "_SharedCall") -> ModelResponse:
-        call.waiters += 1
-        try:
-            response = await asyncio.shield(call.task)
-        finally:
-            call.waiters -= 1
-            if call.waiters == 0 and not call.task.done():
-                # Its last caller was cancelled: nobody wants the reply. A twin arriving later starts afresh
-                # rather than waiting on a call that is being cancelled.
-                self._forget(key, call)
-                call.task.cancel()
+    def _leave(self, key: str, call: "_SharedCall") -> None:
+        call.waiters -= 1
+        if call.waiters == 0 and not call.task.done():
+            # Its last caller was cancelled: nobody wants the reply. A twin arriving later starts afresh
+            # rather than waiting on a call that is being cancelled.
+            self._forget(key, call)
+            call.task.cancel()
+
+    @staticmethod
+    def _hand_out(call: "_SharedCall", response: ModelResponse) -> ModelResponse:
         if call.answered:
             return _as_cached(response)  # the reply is counted (and paid) once, by the first caller it reached
         call.answered = True
@@ -180,13 +197,15 @@ class _Batch:
     pickers: int
 
     async def pick(self, position: int) -> ModelResponse:
-        try:
-            return (await asyncio.shield(self.task))[position]
-        except asyncio.CancelledError:
+        return (await asyncio.shield(self.task))[position]
+
+    def dropped(self, pick: "asyncio.Task[ModelResponse]") -> None:
+        """A sample's call ended; counted here (not in :meth:`pick`) so that one cancelled before it ever
+        ran counts too."""
+        if pick.cancelled():
             self.pickers -= 1
             if self.pickers == 0:
                 self.task.cancel()
-            raise
 
 
 def _as_cached(response: ModelResponse) -> ModelResponse:
