@@ -3,7 +3,9 @@ latency, in a process of its own so that its CPU is not the client's.
 
     python -m benchmarks.latency_server --port 8765 --latency 0.1 --jitter 0.02 --error-rate 0.01
 
-The role (mentor, intern, judge) comes from the model name. ``GET /stats`` gives the request count.
+The role (mentor, intern, judge) comes from the model name. ``GET /stats`` gives the request count, and for
+intern requests how many found their images + question prefix already seen here (``--prefix-capacity``
+bounds how many prefixes it keeps, as a vLLM replica's prefix cache does).
 Error-rate requests get an HTTP 500 (clients retry them). It stops after ``--lifetime`` seconds.
 """
 
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import hashlib
 import random
 import time
+from collections import OrderedDict
 
 from aiohttp import web
 
@@ -37,10 +40,48 @@ def _role(model: str) -> str:
     return "intern"
 
 
-def build_app(latency: float, jitter: float, error_rate: float, seed: int, bucket_rate: float = 0.0) -> web.Application:
+class PrefixCache:
+    """What a vLLM replica's prefix cache holds, counted for intern requests: the key of each request's shared
+    prefix (its images and the question, which come before the reasoning so far), the ``capacity`` most
+    recently used kept (0: no bound). A request whose prefix is held is a hit."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held: OrderedDict[str, None] = OrderedDict()
+
+    def seen(self, key: str) -> bool:
+        hit = key in self.held
+        self.held[key] = None
+        self.held.move_to_end(key)
+        if self.capacity and len(self.held) > self.capacity:
+            self.held.popitem(last=False)
+        return hit
+
+
+def prefix_key(body: dict) -> str:
+    """The model, images and question of an intern request: everything before its ``## Reasoning so far``."""
+    digest = hashlib.sha256(body["model"].encode())
+    for message in body["messages"]:
+        content = message["content"]
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if part.get("type") == "image_url":
+                digest.update(part["image_url"]["url"].encode())
+            else:
+                text = part.get("text", "")
+                digest.update(text.split("## Reasoning so far", 1)[0].encode())
+                if "## Reasoning so far" in text:
+                    return digest.hexdigest()
+    return digest.hexdigest()
+
+
+def build_app(
+    latency: float, jitter: float, error_rate: float, seed: int, bucket_rate: float = 0.0, prefix_capacity: int = 0
+) -> web.Application:
     rng = random.Random(seed)
     counters: dict = {"requests": 0, "errors": 0, "in_flight": 0, "peak_in_flight": 0, "first_request_at": None,
-                      "rate_limited": 0}
+                      "rate_limited": 0, "intern_requests": 0, "prefix_hits": 0, "prefixes": 0}
+    prefixes = PrefixCache(prefix_capacity)
+    everything_seen: set[str] = set()
     # A provider's hidden rate limit: a token bucket of bucket_rate requests/s (a second's worth at most);
     # beyond it, HTTP 429 with Retry-After: 1.
     bucket = {"tokens": bucket_rate, "at": time.monotonic()}
@@ -50,6 +91,13 @@ def build_app(latency: float, jitter: float, error_rate: float, seed: int, bucke
             counters["first_request_at"] = time.time()  # wall clock: the benchmark compares it across processes
         body = await request.json()
         counters["requests"] += 1
+        if _role(body["model"]) == "intern":
+            counters["intern_requests"] += 1
+            key = prefix_key(body)
+            counters["prefix_hits"] += prefixes.seen(key)
+            if key not in everything_seen:
+                everything_seen.add(key)
+                counters["prefixes"] += 1  # distinct prefixes this replica was ever asked for
         if bucket_rate > 0:
             now = time.monotonic()
             bucket["tokens"] = min(bucket_rate, bucket["tokens"] + (now - bucket["at"]) * bucket_rate)
@@ -87,9 +135,10 @@ def build_app(latency: float, jitter: float, error_rate: float, seed: int, bucke
 
 
 async def serve(
-    port: int, latency: float, jitter: float, error_rate: float, lifetime: float, seed: int, bucket_rate: float = 0.0
+    port: int, latency: float, jitter: float, error_rate: float, lifetime: float, seed: int, bucket_rate: float = 0.0,
+    prefix_capacity: int = 0,
 ) -> None:
-    runner = web.AppRunner(build_app(latency, jitter, error_rate, seed, bucket_rate), access_log=None)
+    runner = web.AppRunner(build_app(latency, jitter, error_rate, seed, bucket_rate, prefix_capacity), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
     await site.start()
@@ -109,8 +158,11 @@ def main() -> None:
     parser.add_argument("--lifetime", type=float, default=1800.0, help="stop after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bucket-rate", type=float, default=0.0, help="requests/s before 429s (0: no limit)")
+    parser.add_argument("--prefix-capacity", type=int, default=0,
+                        help="intern prefixes (images + question) a replica's cache holds (0: no bound)")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.latency, args.jitter, args.error_rate, args.lifetime, args.seed, args.bucket_rate))
+    asyncio.run(serve(args.port, args.latency, args.jitter, args.error_rate, args.lifetime, args.seed, args.bucket_rate,
+                      args.prefix_capacity))
 
 
 if __name__ == "__main__":

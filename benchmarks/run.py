@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,12 +39,16 @@ def _free_port() -> int:
 
 
 @contextmanager
-def latency_server(latency: float, jitter: float = 0.0, error_rate: float = 0.0, bucket_rate: float = 0.0) -> Iterator[int]:
+def latency_server(
+    latency: float, jitter: float = 0.0, error_rate: float = 0.0, bucket_rate: float = 0.0, *,
+    prefix_capacity: int = 0, as_openai_base: bool = True,
+) -> Iterator[int]:
+    """A latency server in its own process; its port. ``as_openai_base``: point ``OPENAI_API_BASE`` at it."""
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.latency_server", "--port", str(port), "--latency", str(latency),
          "--jitter", str(jitter), "--error-rate", str(error_rate), "--lifetime", "3600",
-         "--bucket-rate", str(bucket_rate)],
+         "--bucket-rate", str(bucket_rate), "--prefix-capacity", str(prefix_capacity)],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -53,7 +56,8 @@ def latency_server(latency: float, jitter: float = 0.0, error_rate: float = 0.0,
         line = process.stdout.readline()
         if "listening" not in line:
             raise RuntimeError(f"latency server did not start: {line!r}")
-        os.environ["OPENAI_API_BASE"] = f"http://127.0.0.1:{port}/v1"
+        if as_openai_base:
+            os.environ["OPENAI_API_BASE"] = f"http://127.0.0.1:{port}/v1"
         os.environ.setdefault("OPENAI_API_KEY", "sk-benchmark")
         yield port
     finally:
@@ -61,9 +65,13 @@ def latency_server(latency: float, jitter: float = 0.0, error_rate: float = 0.0,
         process.wait(timeout=10)
 
 
-def server_requests(port: int) -> int:
+def server_stats(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
-        return int(json.loads(response.read())["requests"])
+        return json.loads(response.read())
+
+
+def server_requests(port: int) -> int:
+    return int(server_stats(port)["requests"])
 
 
 def make_dataset(path: Path, items: int) -> Path:
@@ -82,10 +90,11 @@ def _settings(cache: Path | None, concurrency: int, **extra: Any):
     extra.setdefault("transport", os.environ.get("MICS_TRANSPORT", "auto"))
     from mics_agents.config import load_settings
 
-    return load_settings(
+    values: dict[str, Any] = dict(
         mentors=MENTORS, interns=INTERNS, judge=JUDGE, cache_path=cache, model_concurrency=concurrency,
-        max_calls_in_flight=concurrency, retry_initial_wait=0.05, retry_max_wait=1.0, **extra,
+        max_calls_in_flight=concurrency, retry_initial_wait=0.05, retry_max_wait=1.0,
     )
+    return load_settings(**{**values, **extra})
 
 
 def _critical_rounds(record: dict[str, Any]) -> int:
@@ -349,6 +358,82 @@ def ratelimit(rate: float, seconds: float, limit: int, latency: float) -> dict[s
     return results
 
 
+def make_image_dataset(folder: Path, items: int, seed: int = 5) -> Path:
+    """``make_dataset`` with one image per case (its own random pixels, ~50 KB as PNG)."""
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    data = make_dataset(folder / "data.jsonl", items)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    for record in records:
+        name = f"{record['id']}.png"
+        Image.frombytes("L", (160, 160), rng.randbytes(160 * 160)).save(folder / name)
+        record["images"] = [name]
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return data
+
+
+async def _fleet_run(data: Path, output: Path, config: Path, transport: str, concurrency: int) -> dict[str, Any]:
+    from mics_agents.runner import BatchRun, RunOptions, run_id_for
+    from mics_agents.search import Searcher
+
+    # The published search shape: three mentors, three interns, two temperatures.
+    settings = _settings(None, concurrency, transport=transport, router_config=config,
+                         mentors=[*MENTORS, "openai/mentor-c"], interns=[f"intern-pool-{n}" for n in INTERN_POOLS])
+    searcher = await Searcher.open(settings, run_id=run_id_for(output))
+    try:
+        stats = await BatchRun(searcher, RunOptions(data=data, output=output, concurrency=concurrency)).run()
+        return stats.as_dict()
+    finally:
+        await searcher.aclose()
+
+
+INTERN_POOLS = (1, 2, 3)
+
+
+def affinity(items: int, replicas: int, latency: float, concurrency: int, capacities: list[int]) -> dict[str, Any]:
+    """A search over ``items`` cases with images (three mentors, three interns, as published), each intern
+    served by ``replicas`` replicas (a Router config's deployments; the three share the replica processes,
+    each counting its own prefixes): per replica, intern requests whose images + question prefix it
+    has seen (a prefix-cache hit), with each case's calls kept on one replica (the default, direct client) and
+    spread by LiteLLM's Router (its default, random ``simple-shuffle``). Per prefix-cache capacity
+    (prefixes per replica; 0: unbounded); mentors and the judge are on a server of their own."""
+    import yaml
+
+    results: dict[str, Any] = {"items": items, "replicas": replicas, "items_in_flight": concurrency,
+                               "latency_s": latency, "runs": []}
+    for capacity in capacities:
+        for transport, routing in (("auto", "affinity (direct client)"), ("litellm", "random (LiteLLM Router)")):
+            with tempfile.TemporaryDirectory() as folder, latency_server(latency), ExitStack() as fleet:
+                root = Path(folder)
+                ports = [fleet.enter_context(latency_server(latency, prefix_capacity=capacity, as_openai_base=False))
+                         for _ in range(replicas)]
+                config = root / "router.yaml"
+                config.write_text(yaml.safe_dump({"model_list": [
+                    {"model_name": f"intern-pool-{number}",
+                     "litellm_params": {"model": f"openai/intern-{number}", "api_base": f"http://127.0.0.1:{port}/v1",
+                                        "api_key": "os.environ/OPENAI_API_KEY"}}
+                    for number in INTERN_POOLS for port in ports
+                ]}))
+                data = make_image_dataset(root, items)
+                outcome = asyncio.run(_fleet_run(data, root / "out.jsonl", config, transport, concurrency))
+                per_replica = [server_stats(port) for port in ports]
+            calls = sum(stats["intern_requests"] for stats in per_replica)
+            hits = sum(stats["prefix_hits"] for stats in per_replica)
+            loads = [stats["intern_requests"] for stats in per_replica]
+            results["runs"].append({
+                "prefix_capacity": capacity, "routing": routing, "intern_requests": calls, "prefix_hits": hits,
+                "hit_rate": hits / max(1, calls),
+                # A case's first call to a replica cannot hit, however calls are routed: the share of the others.
+                "hit_rate_after_first_contact": hits / max(1, calls - sum(stats["prefixes"] for stats in per_replica)),
+                "intern_requests_per_replica": loads, "busiest_replica_vs_mean": max(loads) * len(loads) / max(1, calls),
+                "outcomes": {k: outcome[k] for k in ("success", "no_path", "model_error", "bad_input")},
+            })
+    return results
+
+
 def resume(items: int, concurrency: int) -> dict[str, Any]:
     """A finished run of ``items`` items, then (1) the same command again and (2) the run with its output
     removed, so that every call replays from the cache."""
@@ -427,7 +512,12 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="mics-agents performance harness")
-    parser.add_argument("what", choices=["throughput", "process", "images", "ratelimit", "resume", "memory", "startup", "all"])
+    parser.add_argument("what", choices=["throughput", "process", "images", "ratelimit", "affinity", "resume", "memory",
+                                         "startup", "all"])
+    parser.add_argument("--affinity-items", type=int, default=120)
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--prefix-capacities", default="0,16",
+                        help="comma-separated prefixes a replica's cache holds (0: no bound)")
     parser.add_argument("--image-cases", type=int, default=20)
     parser.add_argument("--image-calls-per-case", type=int, default=30)
     parser.add_argument("--process-items", type=int, default=120)
@@ -450,6 +540,9 @@ def main() -> None:
         results["images"] = images(args.image_cases, args.image_calls_per_case, args.concurrency, args.latency)
     if args.what in ("ratelimit", "all"):
         results["ratelimit"] = ratelimit(50.0, 30.0, 200, args.latency)
+    if args.what in ("affinity", "all"):
+        capacities = [int(value) for value in args.prefix_capacities.split(",")]
+        results["affinity"] = affinity(args.affinity_items, args.replicas, args.latency, args.concurrency, capacities)
     if args.what in ("resume", "all"):
         results["resume"] = resume(args.resume_items, args.concurrency)
     if args.what in ("memory", "all"):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mics_agents.models.base import ChatMessage, ModelRequest, TextPart, case_affinity
-from mics_agents.models.direct import DirectTransport
+from mics_agents.models.direct import DirectEndpoint, DirectTransport
 from mics_agents.models.factory import _transport, open_model
 from mics_agents.models.providers import load_router
 
@@ -136,3 +136,18 @@ async def test_when_every_replica_cools_down_the_call_waits_the_cooldown(server,
     records = sorted(fleet[0].recorded() + fleet[1].recorded(), key=lambda record: record.received_at)
     assert [record.status for record in records] == [500, 500, 200]
     assert records[2].received_at - records[1].received_at >= 0.95
+
+
+def test_a_new_case_goes_around_a_busy_replica_and_a_case_with_a_home_stays_there():
+    replicas = [DirectEndpoint(f"http://127.0.0.1:{9000 + k}/v1/chat/completions", None, "intern-1") for k in range(4)]
+    transport = DirectTransport("intern-pool", replicas, timeout=5)
+    first_choice = {transport._order(f"case:{n}")[0]: f"case:{n}" for n in range(200)}
+    settled, newcomer = first_choice[0], next(f"case:{n}" for n in range(200, 400) if transport._order(f"case:{n}")[0] == 0)
+    assert transport.pick(settled) == 0  # an idle fleet: every case goes to the first replica of its order
+
+    transport._in_flight[:] = [12, 1, 1, 1]  # replica 0 holds 12 of 15 calls, over 1.25x its share
+    moved = transport.pick(newcomer)
+    assert moved == transport._order(newcomer)[1]  # the next of its own order, not any idle one
+    assert transport.pick(settled) == 0  # a case with a home keeps it whatever the load: its prefix is there
+    transport._in_flight[:] = [0, 0, 0, 0]
+    assert transport.pick(newcomer) == moved  # and so does the newcomer, once it has one

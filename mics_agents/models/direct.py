@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,12 @@ from .transport import Transport, choice_responses
 __all__ = [
     "DirectEndpoint", "DirectTransport", "HTTPStatusError", "direct_endpoint", "direct_replicas", "post_chat_completion", "request_body", "request_pieces", "close_session",
 ]
+
+# A new case makes its home on a replica holding fewer than this many times its share of the calls in flight.
+LOAD_BOUND = 1.25
+# Homes remembered (the most recently used): far more than the cases of a run in flight at once.
+HOMES_KEPT = 50_000
+
 
 @dataclass(frozen=True)
 class DirectEndpoint:
@@ -69,9 +77,9 @@ class DirectTransport(Transport):
     """One attempt as one POST to an OpenAI-compatible server, on the loop's shared aiohttp session.
 
     With several replicas (a Router config's deployments of one name), every call of one case goes to the
-    same replica, so vLLM's prefix cache holds the case's images and question: rendezvous hashing of the
-    case (:func:`~.base.affinity_key`) over the replicas, skipping one that failed in the last
-    ``cooldown`` seconds (a 429, a 5xx, a dropped connection), as the Router would."""
+    same replica, so vLLM's prefix cache holds the case's images and question (:meth:`pick`: rendezvous
+    hashing of the case, :func:`~.base.affinity_key`, with bounded loads), skipping one that failed in the
+    last ``cooldown`` seconds (a 429, a 5xx, a dropped connection), as the Router would."""
 
     def __init__(
         self,
@@ -91,32 +99,49 @@ class DirectTransport(Transport):
         self.cooldown = cooldown
         self.allowed_fails = allowed_fails  # per replica per minute before it cools down (a 429: at once)
         self._cooling_until: dict[int, float] = {}
+        self._in_flight = [0] * len(self.replicas)  # calls sent to each replica and not yet answered
+        self._homes: OrderedDict[str, int] = OrderedDict()  # affinity key -> its replica, most recent last
         self._fails: dict[int, list[float]] = {}
 
     def endpoint_bases(self) -> list[str | None]:
         return [replica.url for replica in self.replicas]
 
     def pick(self, key: str) -> int:
-        """The replica (its index) for affinity key ``key``: the highest hash of (key, replica) among those
-        not cooling down. When all are, a transient error carrying the time until the first is back."""
+        """The replica (its index) for affinity key ``key``: the case's home replica, and while that one cools
+        down, the next in the case's order that does not (the home is kept for when it is back).
+
+        A case's order over the replicas is by the hash of (key, replica) (rendezvous hashing). Its home is
+        chosen at its first call: the first in its order holding fewer than ``LOAD_BOUND`` times its share of
+        the calls in flight (hashing with bounded loads: new cases go around a busy replica, and every later
+        call of a case goes home whatever the load, so its prefix stays in one cache). When every replica
+        is cooling down, a transient error carrying the time until the first is back."""
         if len(self.replicas) == 1:
             return 0
-        ranked = sorted(
+        now = time.monotonic()
+        usable = [index for index in self._order(key) if self._cooling_until.get(index, 0.0) <= now]
+        if not usable:
+            wait = min(self._cooling_until.values()) - now
+            # Every replica is cooling down: wait as the Router would (its RouterRateLimitError), not hammer one.
+            raise TransientModelError(
+                # No status: it is our own cooldown, not the server's 429, so the adaptive limit stays as it is.
+                f"all {len(self.replicas)} replicas are cooling down after failures", model=self.name,
+                retry_after=max(0.0, wait),
+                hint="Check the servers behind this name are up (the Router config's model_list).",
+            )
+        home = self._homes.get(key)
+        if home is None:
+            bound = math.ceil(LOAD_BOUND * (sum(self._in_flight[index] for index in usable) + 1) / len(usable))
+            home = self._homes[key] = next(index for index in usable if self._in_flight[index] < bound)
+            if len(self._homes) > HOMES_KEPT:
+                self._homes.popitem(last=False)
+        self._homes.move_to_end(key)
+        return home if home in usable else usable[0]
+
+    def _order(self, key: str) -> list[int]:
+        return sorted(
             range(len(self.replicas)),
             key=lambda index: hashlib.blake2b(f"{key}\0{self.replicas[index].url}".encode(), digest_size=8).digest(),
             reverse=True,
-        )
-        now = time.monotonic()
-        for index in ranked:
-            if self._cooling_until.get(index, 0.0) <= now:
-                return index
-        wait = min(self._cooling_until.values()) - now
-        # Every replica is cooling down: wait as the Router would (its RouterRateLimitError), not hammer one.
-        raise TransientModelError(
-            # No status: it is our own cooldown, not the server's 429, so the adaptive limit stays as it is.
-            f"all {len(self.replicas)} replicas are cooling down after failures", model=self.name,
-            retry_after=max(0.0, wait),
-            hint="Check the servers behind this name are up (the Router config's model_list).",
         )
 
     def _failed(self, replica: int, exc: BaseException) -> None:
@@ -143,16 +168,20 @@ class DirectTransport(Transport):
             extra["n"] = count
         replica = self.pick(affinity_key(request))
         wire_model = self.replicas[replica].model
-        if _needs_a_thread(request):
-            body = await asyncio.to_thread(request_pieces, request, wire_model, extra)
-        else:
-            body = request_pieces(request, wire_model, extra)
+        self._in_flight[replica] += 1  # counted from the choice on, so a case choosing meanwhile sees it
         try:
-            reply = await post_chat_completion(self.replicas[replica], body, timeout)
-        except BaseException as exc:
-            if len(self.replicas) > 1 and _cools_down(exc):
-                self._failed(replica, exc)
-            raise
+            if _needs_a_thread(request):
+                body = await asyncio.to_thread(request_pieces, request, wire_model, extra)
+            else:
+                body = request_pieces(request, wire_model, extra)
+            try:
+                reply = await post_chat_completion(self.replicas[replica], body, timeout)
+            except BaseException as exc:
+                if len(self.replicas) > 1 and _cools_down(exc):
+                    self._failed(replica, exc)
+                raise
+        finally:
+            self._in_flight[replica] -= 1
         choices = reply.get("choices") or [] if isinstance(reply, dict) else []
         usage = reply.get("usage") or {} if isinstance(reply, dict) else {}
         return choice_responses(
