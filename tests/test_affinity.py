@@ -151,3 +151,26 @@ def test_a_new_case_goes_around_a_busy_replica_and_a_case_with_a_home_stays_ther
     assert transport.pick(settled) == 0  # a case with a home keeps it whatever the load: its prefix is there
     transport._in_flight[:] = [0, 0, 0, 0]
     assert transport.pick(newcomer) == moved  # and so does the newcomer, once it has one
+
+
+async def test_a_replicas_max_parallel_requests_holds_and_the_case_waits_for_its_home(server, fleet, tmp_path):  # noqa: F811
+    config = {"model_list": [
+        {"model_name": "intern-pool",
+         "litellm_params": {"model": "openai/intern-1", "api_base": replica.base_url,
+                            "api_key": "os.environ/OPENAI_API_KEY", "max_parallel_requests": 2}}
+        for replica in fleet
+    ]}
+    (tmp_path / "router.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    router = load_router(tmp_path / "router.yaml")
+    chosen = _transport("intern-pool", make_settings(None), router)
+    assert isinstance(chosen, DirectTransport) and {replica.max_parallel for replica in chosen.replicas} == {2}
+    for replica in fleet:
+        replica.latency = 0.1
+    model = open_model("intern-pool", make_settings(None), router=router)
+    try:
+        with case_affinity("case-9"):
+            await asyncio.gather(*(model.request(intern_request(f"call {k}")) for k in range(6)))
+    finally:
+        await model.aclose()
+    (home,) = served_by(fleet)["CASEMARK1"]  # all six at home, two at a time
+    assert fleet[home].count("intern-1") == 6 and fleet[home].peak_in_flight["intern-1"] == 2

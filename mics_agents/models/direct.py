@@ -11,6 +11,7 @@ per call against LiteLLM's 3 ms (benchmarks/README.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ class DirectEndpoint:
     url: str
     api_key: str | None
     model: str
+    max_parallel: int | None = None  # calls in flight to this endpoint at most (the Router's max_parallel_requests)
 
 
 class HTTPStatusError(Exception):
@@ -60,7 +62,9 @@ def direct_replicas(router: Any, name: str) -> list[DirectEndpoint] | None:
     targets = direct_deployments(router, name)
     if targets is None:
         return None
-    return [DirectEndpoint(base.rstrip("/") + "/chat/completions", key, wire) for wire, base, key in targets]
+    return [
+        DirectEndpoint(base.rstrip("/") + "/chat/completions", key, wire, parallel) for wire, base, key, parallel in targets
+    ]
 
 
 def direct_endpoint(model_name: str) -> DirectEndpoint | None:
@@ -101,6 +105,9 @@ class DirectTransport(Transport):
         self._cooling_until: dict[int, float] = {}
         self._in_flight = [0] * len(self.replicas)  # calls sent to each replica and not yet answered
         self._homes: OrderedDict[str, int] = OrderedDict()  # affinity key -> its replica, most recent last
+        self._slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]]" = (
+            weakref.WeakKeyDictionary()
+        )
         self._fails: dict[int, list[float]] = {}
 
     def endpoint_bases(self) -> list[str | None]:
@@ -136,6 +143,17 @@ class DirectTransport(Transport):
                 self._homes.popitem(last=False)
         self._homes.move_to_end(key)
         return home if home in usable else usable[0]
+
+    def _slot(self, replica: int) -> Any:
+        """One of the replica's ``max_parallel`` slots (a call waits for its home rather than leave it), or
+        nothing to wait for. Per event loop, as asyncio's semaphores are."""
+        limit = self.replicas[replica].max_parallel
+        if limit is None:
+            return contextlib.nullcontext()
+        slots = self._slots.setdefault(asyncio.get_running_loop(), {})
+        if replica not in slots:
+            slots[replica] = asyncio.Semaphore(limit)
+        return slots[replica]
 
     def _order(self, key: str) -> list[int]:
         return sorted(
@@ -175,7 +193,8 @@ class DirectTransport(Transport):
             else:
                 body = request_pieces(request, wire_model, extra)
             try:
-                reply = await post_chat_completion(self.replicas[replica], body, timeout)
+                async with self._slot(replica):
+                    reply = await post_chat_completion(self.replicas[replica], body, timeout)
             except BaseException as exc:
                 if len(self.replicas) > 1 and _cools_down(exc):
                     self._failed(replica, exc)

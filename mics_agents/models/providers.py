@@ -180,10 +180,10 @@ def _from_environment(value: Any) -> Any:
     return value
 
 
-def direct_deployments(router: Any, name: str) -> list[tuple[str, str, str | None]] | None:
-    """(wire model, base URL, key) for each Router deployment of ``name``, as the config file wrote them,
-    when every one takes the OpenAI request unchanged (``hosted_vllm/`` or ``openai/`` with an ``api_base``
-    that is not OpenAI's own API, and no other parameter for LiteLLM to apply); else None."""
+def direct_deployments(router: Any, name: str) -> list[tuple[str, str, str | None, int | None]] | None:
+    """(wire model, base URL, key, ``max_parallel_requests``) for each Router deployment of ``name``, as the
+    config file wrote them, when every one takes the OpenAI request unchanged (``hosted_vllm/`` or ``openai/``
+    with an ``api_base`` that is not OpenAI's own API, and no other parameter for LiteLLM to apply); else None."""
     deployments = [d for d in _written_deployments.get(router) or router_deployments(router) if d.get("model_name") == name]
     if not deployments:
         return None
@@ -194,13 +194,17 @@ def direct_deployments(router: Any, name: str) -> list[tuple[str, str, str | Non
         base = _from_environment(params.pop("api_base", None))
         key = _from_environment(params.pop("api_key", None))
         params.pop("rpm", None), params.pop("tpm", None)  # the Router's own budgets, not request parameters
+        parallel = params.pop("max_parallel_requests", None)  # per deployment: the direct client holds it too
         provider, _, wire = model.partition("/")
         if params or provider not in ("hosted_vllm", "openai") or not wire:
             return None
+        if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+            return None  # not a limit we can hold: the Router says what it makes of it
         base = base or configured_api_base(provider)
         if not isinstance(base, str) or not base or (provider == "openai" and _OPENAI_OWN_API in base):
             return None
-        targets.append((wire, base, key if isinstance(key, str) and key else os.environ.get(f"{provider.upper()}_API_KEY") or None))
+        key = key if isinstance(key, str) and key else os.environ.get(f"{provider.upper()}_API_KEY") or None
+        targets.append((wire, base, key, parallel))
     return targets
 
 
