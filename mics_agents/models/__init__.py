@@ -10,6 +10,7 @@ from .base import (
     ModelResponse,
     TextPart,
     WrapperModel,
+    AroundEachCall,
     request_policy,
     set_request_policy,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "TextPart",
     "ValidatingModel",
     "WrapperModel",
+    "AroundEachCall",
     "open_model",
     "open_models",
     "request_policy",

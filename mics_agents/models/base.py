@@ -28,6 +28,7 @@ __all__ = [
     "ModelResponse",
     "Model",
     "WrapperModel",
+    "AroundEachCall",
     "RequestPolicy",
     "set_request_policy",
     "request_policy",
@@ -267,6 +268,26 @@ async def gather_all(awaitables: "Sequence[Any]") -> list[Any]:
         if isinstance(result, BaseException):
             raise result
     return list(results)
+
+
+class AroundEachCall(WrapperModel):
+    """A wrapper that does one thing around every request it sends on (:meth:`around`): a single call, or
+    the samples of one call sent together as one request with ``n`` (samples sent one by one are each a
+    call of their own here too). The limiting and retrying wrappers are such."""
+
+    passes_samples_on = True
+
+    async def around(self, send: Callable[[], Any]) -> Any:
+        """Send (``await send()``) with this wrapper's work around it."""
+        raise NotImplementedError
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        return await self.around(lambda: self.inner.request(request))
+
+    async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
+        if not self.sends_samples_together:
+            return await super().request_samples(request, sample_indices)
+        return await self.around(lambda: self.inner.request_samples(request, sample_indices))
 
 
 RequestPolicy = Literal["allow", "local-only", "deny"]

@@ -13,12 +13,12 @@ import asyncio
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TypeVar
 
 from ..errors import TransientModelError
-from .base import Model, ModelRequest, ModelResponse, WrapperModel
+from .base import AroundEachCall, Model
 
 __all__ = ["LimitingModel", "ModelLimit", "model_limit"]
 
@@ -158,15 +158,13 @@ class _Registration:
             self.overall.unregister(self.overall_value)
 
 
-class LimitingModel(WrapperModel):
+class LimitingModel(AroundEachCall):
     """At most ``limit`` calls of this model name in flight (the smallest limit any open model of that name
     was configured with), and at most ``overall`` over all models together (0: no overall limit).
 
     A slot is held for the call only: put retries outside this wrapper, so that a call backing off holds
     none. The model's own slot is taken first, so a call waiting for its model never holds an overall one.
     """
-
-    passes_samples_on = True
 
     def __init__(self, inner: Model, *, limit: int, overall: int = 0, adaptive: bool = True) -> None:
         super().__init__(inner)
@@ -193,16 +191,8 @@ class LimitingModel(WrapperModel):
             registration = self._registrations[loop] = _Registration(self.name, self.limit_value, self.overall_value)
         return registration
 
-    async def request(self, request: ModelRequest) -> ModelResponse:
-        return await self._in_a_slot(lambda: self.inner.request(request))
-
-    async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
-        """One slot for the samples when the inner model sends them as one request (``n``), else one each."""
-        if not self.sends_samples_together:
-            return await super().request_samples(request, sample_indices)
-        return await self._in_a_slot(lambda: self.inner.request_samples(request, sample_indices))
-
-    async def _in_a_slot(self, send: Callable[[], Awaitable[T]]) -> T:
+    async def around(self, send: Callable[[], Awaitable[T]]) -> T:
+        """``send`` in a slot: one request, with ``n`` or without, holds one."""
         registration = self._registration()
         limit = registration.limit
         async with limit:

@@ -11,11 +11,11 @@ for longer than a run should sit and wait: the call fails at once, saying how lo
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import MalformedReplyError, ModelCallError, TransientModelError
-from .base import Model, ModelRequest, ModelResponse, WrapperModel
+from .base import AroundEachCall, Model
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
@@ -34,10 +34,8 @@ class _WaitTooLong(Exception):
         self.cause = cause
 
 
-class RetryingModel(WrapperModel):
+class RetryingModel(AroundEachCall):
     """Up to ``max_retries`` more attempts of a call that failed in a way that may pass."""
-
-    passes_samples_on = True
 
     def __init__(
         self,
@@ -65,16 +63,8 @@ class RetryingModel(WrapperModel):
     def _worth_another(self, exc: BaseException) -> bool:
         return isinstance(exc, (TransientModelError, MalformedReplyError))
 
-    async def request(self, request: ModelRequest) -> ModelResponse:
-        return await self._with_retries(lambda: self.inner.request(request))
-
-    async def request_samples(self, request: ModelRequest, sample_indices: Sequence[int]) -> list[ModelResponse]:
-        """One request with ``n`` is tried again as a whole; samples sent one by one, each on its own."""
-        if not self.sends_samples_together:
-            return await super().request_samples(request, sample_indices)
-        return await self._with_retries(lambda: self.inner.request_samples(request, sample_indices))
-
-    async def _with_retries(self, send: Callable[[], Awaitable[T]]) -> T:
+    async def around(self, send: Callable[[], Awaitable[T]]) -> T:
+        """``send``, tried again after errors that may pass: a request with ``n`` as a whole."""
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt  # 30 ms: not at import
 
         attempts = self.max_retries + 1
