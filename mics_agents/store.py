@@ -111,6 +111,15 @@ def check_cache_file(path: str | Path | None, variable: str = "MICS_CACHE_PATH")
         )
 
 
+# How long a start that SQLite answers "database is locked" is tried again.
+OPEN_LOCKED_FOR_S = 30.0
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
 class Store:
     """One connection to the SQLite file. Use ``async with await Store.open(path)`` or call ``close()``."""
 
@@ -131,12 +140,28 @@ class Store:
             except OSError as exc:
                 raise StoreError(f"cannot create the folder of the cache database {location!r}: "
                                  f"{exc.strerror or exc}. Check the path (MICS_CACHE_PATH).") from None
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+        # Another process opening the same file at the same moment (shards started together) can make SQLite
+        # answer "database is locked" at once, busy timeout or not (a journal-mode change, a WAL recovery):
+        # such a start is tried again for a while before it is reported.
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_is_lock_error), stop=stop_after_delay(OPEN_LOCKED_FOR_S),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0), reraise=True,
+        )
         try:
-            # Autocommit: each cache write is one statement and one trip to the database thread, durable
-            # when it returns; migrations open their own transactions.
-            connection = await aiosqlite.connect(location, timeout=60.0, isolation_level=None)
+            async for attempt in retrying:
+                with attempt:
+                    return await cls._connect(location)
         except aiosqlite.Error as exc:
             raise StoreError(f"cannot open the cache database {location!r}: {exc}. Check the path (MICS_CACHE_PATH).") from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    @classmethod
+    async def _connect(cls, location: str) -> "Store":
+        # Autocommit: each cache write is one statement and one trip to the database thread, durable when it
+        # returns; migrations open their own transactions.
+        connection = await aiosqlite.connect(location, timeout=60.0, isolation_level=None)
         try:
             # Several processes (shards) may share one file: WAL lets readers run beside the writer and
             # busy_timeout makes a writer wait for the lock instead of failing with "database is locked".
@@ -145,12 +170,10 @@ class Store:
             await connection.execute("PRAGMA busy_timeout=60000")
             store = cls(connection, location)
             await store._migrate()
-        except BaseException as exc:
+        except BaseException:
             # Closed here, cancelled or not: an open connection's (non-daemon) thread keeps the process alive.
             await connection.close()
-            if not isinstance(exc, aiosqlite.Error):
-                raise
-            raise StoreError(f"cannot open the cache database {location!r}: {exc}. Check the path (MICS_CACHE_PATH).") from exc
+            raise
         return store
 
     async def _migrate(self) -> None:

@@ -136,3 +136,32 @@ async def test_two_connections_write_one_file_without_lock_errors(tmp_path):
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_start_sqlite_answers_locked_at_once_is_tried_again_and_other_errors_are_not(tmp_path, monkeypatch):
+    """Two shards opening one new file together: SQLite can say "database is locked" without waiting its busy
+    timeout (a journal-mode change, a WAL recovery). The start is tried again; a real fault is reported at once."""
+    real_migrate = Store._migrate
+    failures = {"left": 2, "seen": 0}
+
+    async def flaky_migrate(self):
+        if failures["left"]:
+            failures["left"] -= 1
+            failures["seen"] += 1
+            raise sqlite3.OperationalError("database is locked")
+        await real_migrate(self)
+
+    monkeypatch.setattr(Store, "_migrate", flaky_migrate)
+    async with await Store.open(tmp_path / "c.sqlite") as store:
+        assert failures["seen"] == 2
+        assert await store.get_call("nothing") is None
+
+    async def broken_migrate(self):
+        failures["seen"] += 1
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Store, "_migrate", broken_migrate)
+    failures["seen"] = 0
+    with pytest.raises(StoreError, match="disk I/O error.*MICS_CACHE_PATH"):
+        await Store.open(tmp_path / "d.sqlite")
+    assert failures["seen"] == 1
