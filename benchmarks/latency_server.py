@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import random
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from aiohttp import web
 
@@ -24,13 +25,13 @@ from mics_agents.models.base import ChatMessage, ModelRequest, TextPart
 from mics_agents.models.simulated import simulated_reply
 
 
-def _request(body: dict) -> ModelRequest:
+def _request(body: dict, sample_index: int = 0) -> ModelRequest:
     messages = []
     for message in body["messages"]:
         content = message["content"]
         text = content if isinstance(content, str) else "\n".join(p.get("text", "") for p in content if p.get("type") == "text")
         messages.append(ChatMessage(message["role"], (TextPart(text),)))
-    return ModelRequest(messages=tuple(messages), temperature=float(body.get("temperature", 1.0)))
+    return ModelRequest(messages=tuple(messages), temperature=float(body.get("temperature", 1.0)), sample_index=sample_index)
 
 
 def _role(model: str) -> str:
@@ -75,12 +76,14 @@ def prefix_key(body: dict) -> str:
 
 
 def build_app(
-    latency: float, jitter: float, error_rate: float, seed: int, bucket_rate: float = 0.0, prefix_capacity: int = 0
+    latency: float, jitter: float, error_rate: float, seed: int, bucket_rate: float = 0.0, prefix_capacity: int = 0,
+    distinct_samples: bool = False, count_prefixes: bool = False,
 ) -> web.Application:
     rng = random.Random(seed)
     counters: dict = {"requests": 0, "errors": 0, "in_flight": 0, "peak_in_flight": 0, "first_request_at": None,
                       "rate_limited": 0, "intern_requests": 0, "prefix_hits": 0, "prefixes": 0}
     prefixes = PrefixCache(prefix_capacity)
+    times_asked: Counter[str] = Counter()
     everything_seen: set[str] = set()
     # A provider's hidden rate limit: a token bucket of bucket_rate requests/s (a second's worth at most);
     # beyond it, HTTP 429 with Retry-After: 1.
@@ -93,6 +96,7 @@ def build_app(
         counters["requests"] += 1
         if _role(body["model"]) == "intern":
             counters["intern_requests"] += 1
+        if count_prefixes and _role(body["model"]) == "intern":
             key = prefix_key(body)
             counters["prefix_hits"] += prefixes.seen(key)
             if key not in everything_seen:
@@ -115,14 +119,22 @@ def build_app(
                 counters["errors"] += 1
                 return web.json_response({"error": {"message": "injected", "type": "server_error"}}, status=500)
             model = body["model"]
-            text = simulated_reply(_role(model), model, _request(body))
+            # With n, choice k is answered as sample k. With --distinct-samples, the k-th time a request is asked
+            # (or choice k of one with n, counting on from there) is sample k, so n or not, the answers are alike.
+            count = int(body.get("n") or 1)
+            first = 0
+            if distinct_samples:
+                asked = json.dumps({**body, "n": None}, sort_keys=True)
+                first, times_asked[asked] = times_asked[asked], times_asked[asked] + count
+            texts = [simulated_reply(_role(model), model, _request(body, first + k)) for k in range(count)]
         finally:
             counters["in_flight"] -= 1
         return web.json_response({
             "id": f"chatcmpl-{counters['requests']}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+            "choices": [{"index": k, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        for k, text in enumerate(texts)],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20 * len(texts), "total_tokens": 100 + 20 * len(texts)},
         })
 
     async def stats(request: web.Request) -> web.Response:
@@ -136,9 +148,10 @@ def build_app(
 
 async def serve(
     port: int, latency: float, jitter: float, error_rate: float, lifetime: float, seed: int, bucket_rate: float = 0.0,
-    prefix_capacity: int = 0,
+    prefix_capacity: int = 0, distinct_samples: bool = False, count_prefixes: bool = False,
 ) -> None:
-    runner = web.AppRunner(build_app(latency, jitter, error_rate, seed, bucket_rate, prefix_capacity), access_log=None)
+    app = build_app(latency, jitter, error_rate, seed, bucket_rate, prefix_capacity, distinct_samples, count_prefixes)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
     await site.start()
@@ -158,11 +171,15 @@ def main() -> None:
     parser.add_argument("--lifetime", type=float, default=1800.0, help="stop after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bucket-rate", type=float, default=0.0, help="requests/s before 429s (0: no limit)")
+    parser.add_argument("--count-prefixes", action="store_true",
+                        help="count intern requests whose prefix (images + question) was seen here before")
     parser.add_argument("--prefix-capacity", type=int, default=0,
-                        help="intern prefixes (images + question) a replica's cache holds (0: no bound)")
+                        help="with --count-prefixes: prefixes a replica's cache holds (0: no bound)")
+    parser.add_argument("--distinct-samples", action="store_true",
+                        help="answer the k-th asking of one request as sample k (as choice k of a request with n)")
     args = parser.parse_args()
     asyncio.run(serve(args.port, args.latency, args.jitter, args.error_rate, args.lifetime, args.seed, args.bucket_rate,
-                      args.prefix_capacity))
+                      args.prefix_capacity, args.distinct_samples, args.count_prefixes))
 
 
 if __name__ == "__main__":

@@ -41,14 +41,16 @@ def _free_port() -> int:
 @contextmanager
 def latency_server(
     latency: float, jitter: float = 0.0, error_rate: float = 0.0, bucket_rate: float = 0.0, *,
-    prefix_capacity: int = 0, as_openai_base: bool = True,
+    prefix_capacity: int | None = None, as_openai_base: bool = True, distinct_samples: bool = False,
 ) -> Iterator[int]:
     """A latency server in its own process; its port. ``as_openai_base``: point ``OPENAI_API_BASE`` at it."""
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.latency_server", "--port", str(port), "--latency", str(latency),
          "--jitter", str(jitter), "--error-rate", str(error_rate), "--lifetime", "3600",
-         "--bucket-rate", str(bucket_rate), "--prefix-capacity", str(prefix_capacity)],
+         "--bucket-rate", str(bucket_rate),
+         *(["--count-prefixes", "--prefix-capacity", str(prefix_capacity)] if prefix_capacity is not None else []),
+         *(["--distinct-samples"] if distinct_samples else [])],
         stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -434,6 +436,53 @@ def affinity(items: int, replicas: int, latency: float, concurrency: int, capaci
     return results
 
 
+def samples(items: int, per_temperature: int, latency: float, concurrency: int) -> dict[str, Any]:
+    """A search over ``items`` cases with ``per_temperature`` intern samples per temperature, the interns
+    behind a Router config: once declaring ``supports_n`` (the samples of one temperature are one request with
+    ``n``) and once not (one request each). Requests, wall time and client CPU, same server, fresh caches."""
+    import yaml
+
+    results: dict[str, Any] = {"items": items, "samples_per_temperature": per_temperature, "latency_s": latency,
+                               "items_in_flight": concurrency, "runs": []}
+    for supports_n in (True, False):
+        with tempfile.TemporaryDirectory() as folder, latency_server(latency, distinct_samples=True) as port:
+            root = Path(folder)
+            entry_info = {"model_info": {"supports_n": True}} if supports_n else {}
+            config = root / "router.yaml"
+            config.write_text(yaml.safe_dump({"model_list": [
+                {"model_name": f"intern-pool-{number}", **entry_info,
+                 "litellm_params": {"model": f"openai/intern-{number}", "api_base": f"http://127.0.0.1:{port}/v1",
+                                    "api_key": "os.environ/OPENAI_API_KEY"}}
+                for number in (1, 2)
+            ]}))
+            data = make_dataset(root / "data.jsonl", items)
+
+            async def run() -> dict[str, Any]:
+                from mics_agents.runner import BatchRun, RunOptions, run_id_for
+                from mics_agents.search import Searcher
+
+                settings = _settings(root / "cache.sqlite", concurrency, router_config=config,
+                                     interns=["intern-pool-1", "intern-pool-2"], samples_per_temperature=per_temperature)
+                searcher = await Searcher.open(settings, run_id=run_id_for(root / "out.jsonl"))
+                try:
+                    cpu, wall = time.process_time(), time.perf_counter()
+                    stats = await BatchRun(searcher, RunOptions(data=data, output=root / "out.jsonl",
+                                                                concurrency=concurrency)).run()
+                    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                            "stats": stats.as_dict()}
+                finally:
+                    await searcher.aclose()
+
+            outcome = asyncio.run(run())
+            stats = server_stats(port)
+        results["runs"].append({
+            "supports_n": supports_n, "requests": stats["requests"], "intern_requests": stats["intern_requests"],
+            "wall_s": outcome["wall_s"], "client_cpu_s": outcome["cpu_s"],
+            "outcomes": {k: outcome["stats"][k] for k in ("success", "no_path", "model_error", "bad_input")},
+        })
+    return results
+
+
 def resume(items: int, concurrency: int) -> dict[str, Any]:
     """A finished run of ``items`` items, then (1) the same command again and (2) the run with its output
     removed, so that every call replays from the cache."""
@@ -512,8 +561,10 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="mics-agents performance harness")
-    parser.add_argument("what", choices=["throughput", "process", "images", "ratelimit", "affinity", "resume", "memory",
-                                         "startup", "all"])
+    parser.add_argument("what", choices=["throughput", "process", "images", "ratelimit", "affinity", "samples", "resume",
+                                         "memory", "startup", "all"])
+    parser.add_argument("--samples-items", type=int, default=120)
+    parser.add_argument("--samples-per-temperature", type=int, default=4)
     parser.add_argument("--affinity-items", type=int, default=120)
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--prefix-capacities", default="0,16",
@@ -543,6 +594,8 @@ def main() -> None:
     if args.what in ("affinity", "all"):
         capacities = [int(value) for value in args.prefix_capacities.split(",")]
         results["affinity"] = affinity(args.affinity_items, args.replicas, args.latency, args.concurrency, capacities)
+    if args.what in ("samples", "all"):
+        results["samples"] = samples(args.samples_items, args.samples_per_temperature, args.latency, args.concurrency)
     if args.what in ("resume", "all"):
         results["resume"] = resume(args.resume_items, args.concurrency)
     if args.what in ("memory", "all"):

@@ -81,3 +81,16 @@ async def test_the_direct_transport_builds_a_first_image_body_in_a_worker_thread
     await transport._send(a_request(shared), 5)
     await transport._send(a_request(shared, text="again"), 5)
     assert threads == [False, True]  # first: a worker thread encodes the image; then spliced on the loop
+
+
+def test_short_pieces_are_joined_and_an_image_part_is_sent_as_the_bytes_it_was_encoded_to():
+    large, small = image(100_000, seed=7), image(300, seed=8)
+    request = a_request(large, small)
+    pieces = direct.request_pieces(request, "m", {"temperature": 0.7})
+    body = direct._pieces_payload(pieces)
+    written = body._value
+    assert b"".join(written) == request_body(request, "m", {"temperature": 0.7})
+    assert any(piece is large.json_part() for piece in written)  # the big part is not copied into a body
+    assert len(written) == 3  # before it, itself, and everything after it (the small image included)
+    text_only = direct._pieces_payload(direct.request_pieces(a_request(), "m", {}))
+    assert isinstance(text_only, bytes) and json.loads(text_only)["model"] == "m"

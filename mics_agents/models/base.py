@@ -216,6 +216,9 @@ class Model(ABC):
         that order. Here: one request per sample, all at once; every sibling is let finish before the first
         error is raised, so paid replies reach the cache. A transport whose endpoint takes ``n`` sends one
         request for them all (:class:`~.transport.Transport`)."""
+        if len(sample_indices) == 1:  # the usual case (one sample per temperature): no task to start
+            index = sample_indices[0]
+            return [await self.request(request if request.sample_index == index else replace(request, sample_index=index))]
         return await gather_all([self.request(replace(request, sample_index=index)) for index in sample_indices])
 
     @property
@@ -263,6 +266,8 @@ async def gather_all(awaitables: "Sequence[Any]") -> list[Any]:
 
     Letting the siblings of a failed call finish means their (paid) replies reach the cache and are not
     bought again when the item is retried."""
+    if len(awaitables) == 1:
+        return [await awaitables[0]]
     results = await asyncio.gather(*awaitables, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):

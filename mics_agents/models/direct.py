@@ -19,6 +19,7 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from ..errors import TransientModelError
@@ -282,12 +283,34 @@ def request_pieces(request: ModelRequest, wire_model: str, extra: dict[str, Any]
     return pieces
 
 
-def _pieces_payload(pieces: list[bytes]) -> Any:
-    """An aiohttp body written piece by piece with one Content-Length, so image parts go to the socket from
-    the bytes they were encoded to once."""
+# Pieces at least this long (an image's encoded part) go to the socket as they are; shorter runs are joined,
+# so a call costs a write or two, not one per JSON fragment.
+SEPARATE_PIECE_BYTES = 64 * 1024
+
+
+def _coalesced(pieces: list[bytes]) -> list[bytes]:
+    joined: list[bytes] = []
+    run: list[bytes] = []
+    for piece in pieces:
+        if len(piece) < SEPARATE_PIECE_BYTES:
+            run.append(piece)
+            continue
+        if run:
+            joined.append(b"".join(run))
+            run = []
+        joined.append(piece)
+    if run:
+        joined.append(b"".join(run))
+    return joined
+
+
+@lru_cache(maxsize=1)
+def _pieces_payload_type() -> Any:
     import aiohttp.payload
 
     class PiecesPayload(aiohttp.payload.Payload):
+        """An aiohttp body written piece by piece with one Content-Length."""
+
         def __init__(self, value: list[bytes]) -> None:
             super().__init__(value, content_type="application/json")
             self._size = sum(len(piece) for piece in value)
@@ -302,7 +325,16 @@ def _pieces_payload(pieces: list[bytes]) -> Any:
         async def write_with_length(self, writer: Any, content_length: int | None) -> None:
             await self.write(writer)
 
-    return PiecesPayload(pieces)
+    return PiecesPayload
+
+
+def _pieces_payload(pieces: list[bytes]) -> Any:
+    """The body to send: image parts go to the socket from the bytes they were encoded to once, the short
+    pieces between them joined; a body with no long piece is one bytes object."""
+    joined = _coalesced(pieces)
+    if len(joined) == 1:
+        return joined[0]
+    return _pieces_payload_type()(joined)
 
 
 async def post_chat_completion(endpoint: DirectEndpoint, body: Any, timeout: float) -> dict[str, Any]:
