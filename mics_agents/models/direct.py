@@ -38,6 +38,11 @@ LOAD_BOUND = 1.25
 HOMES_KEPT = 50_000
 
 
+def home_key(key: str) -> bytes:
+    """What a case's home is remembered under: a hash of its affinity key (keys can be 2,000 characters)."""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
+
+
 @dataclass(frozen=True)
 class DirectEndpoint:
     url: str
@@ -105,10 +110,12 @@ class DirectTransport(Transport):
         self.allowed_fails = allowed_fails  # per replica per minute before it cools down (a 429: at once)
         self._cooling_until: dict[int, float] = {}
         self._in_flight = [0] * len(self.replicas)  # calls sent to each replica and not yet answered
-        self._homes: OrderedDict[str, int] = OrderedDict()  # affinity key -> its replica, most recent last
+        self._homes: OrderedDict[bytes, int] = OrderedDict()  # affinity key's hash -> its replica, most recent last
         self._slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]]" = (
             weakref.WeakKeyDictionary()
         )
+        # The replica each task's request is with (set once it holds its slot), for a deadline that ends it.
+        self._sending: "weakref.WeakKeyDictionary[asyncio.Task[Any], int]" = weakref.WeakKeyDictionary()
         self._fails: dict[int, list[float]] = {}
 
     def endpoint_bases(self) -> list[str | None]:
@@ -136,13 +143,14 @@ class DirectTransport(Transport):
                 retry_after=max(0.0, wait),
                 hint="Check the servers behind this name are up (the Router config's model_list).",
             )
-        home = self._homes.get(key)
+        remembered = home_key(key)
+        home = self._homes.get(remembered)
         if home is None:
             bound = math.ceil(LOAD_BOUND * (sum(self._in_flight[index] for index in usable) + 1) / len(usable))
-            home = self._homes[key] = next(index for index in usable if self._in_flight[index] < bound)
+            home = self._homes[remembered] = next(index for index in usable if self._in_flight[index] < bound)
             if len(self._homes) > HOMES_KEPT:
                 self._homes.popitem(last=False)
-        self._homes.move_to_end(key)
+        self._homes.move_to_end(remembered)
         return home if home in usable else usable[0]
 
     def _slot(self, replica: int) -> Any:
@@ -162,6 +170,13 @@ class DirectTransport(Transport):
             key=lambda index: hashlib.blake2b(f"{key}\0{self.replicas[index].url}".encode(), digest_size=8).digest(),
             reverse=True,
         )
+
+    def _deadline_passed(self) -> None:
+        """The attempt's deadline ended it while its request was with a replica: a failure of that replica,
+        as a timeout is for the Router (a hung replica cools down, and the retry goes to another)."""
+        replica = self._sending.pop(asyncio.current_task(), None)
+        if replica is not None and len(self.replicas) > 1:
+            self._failed(replica, TimeoutError())
 
     def _failed(self, replica: int, exc: BaseException) -> None:
         now = time.monotonic()
@@ -193,10 +208,17 @@ class DirectTransport(Transport):
                 body = await asyncio.to_thread(request_pieces, request, wire_model, extra)
             else:
                 body = request_pieces(request, wire_model, extra)
+            task = asyncio.current_task()
             try:
                 async with self._slot(replica):
+                    # From here a deadline is this replica's doing (not the queue's): see _deadline_passed.
+                    self._sending[task] = replica
                     reply = await post_chat_completion(self.replicas[replica], body, timeout)
+                    del self._sending[task]
+            except asyncio.CancelledError:
+                raise  # the transport's own deadline, or the caller: _deadline_passed tells them apart
             except BaseException as exc:
+                self._sending.pop(task, None)
                 if len(self.replicas) > 1 and _cools_down(exc):
                     self._failed(replica, exc)
                 raise

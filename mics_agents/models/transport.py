@@ -50,6 +50,9 @@ class Transport(Model):
     def _is_transient(self, exc: BaseException) -> bool:
         return False
 
+    def _deadline_passed(self) -> None:
+        """Called in the task whose attempt the deadline just ended (a transport may blame its endpoint)."""
+
     # Whether the endpoint takes ``n`` (several samples of one request in one reply). Set by the factory.
     supports_n: bool = False
 
@@ -88,6 +91,7 @@ class Transport(Model):
         except TimeoutError as exc:
             if not scope.expired():
                 raise classify_error(self.name, exc, self._is_transient) from exc
+            self._deadline_passed()
             raise TransientModelError(
                 f"no complete reply within the {timeout:g} s deadline",
                 model=self.name,
