@@ -18,26 +18,15 @@ from mics_agents.models import ChatMessage, ModelRequest
 from mics_agents.models.factory import open_model
 
 from .openai_server import OpenAIServer
+from .test_litellm_http import SECRET, server, transport  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore:Items? .* using the `ReadOnly` qualifier:UserWarning")
 
-SECRET = "sk-test-secret-3b1f9c7e5d2a4068"
 ROLES = {"mentors": ["openai/mentor-a", "openai/mentor-b"], "interns": ["openai/intern-1"], "judge": "openai/judge"}
 QUESTION = "## Question\nWhich organ is enlarged?\n\n## Reasoning so far\n(none)"
 RUN_TIMEOUT = 120.0  # a hang guard only; each launch here takes a few seconds
 
 
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch):
-    with OpenAIServer() as running:
-        monkeypatch.setenv("OPENAI_API_BASE", running.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-        yield running
-
-
-@pytest.fixture(params=["litellm", "direct"])
-def transport(request) -> str:
-    return request.param
 
 
 def settings(**overrides):
