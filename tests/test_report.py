@@ -388,3 +388,120 @@ def says(output: str, text: str) -> bool:
     """``text`` is in ``output`` however the console wrapped it (rich breaks lines at its width, which is
     the terminal's: at spaces, and inside a path longer than a line)."""
     return "".join(text.split()) in "".join(output.split())
+
+
+# -- a run where nothing succeeded, and either file of a run given ----------------------------------------
+
+
+def make_failed_run(folder: Path) -> Path:
+    """A real run in which no item succeeds: every intern call fails for good (model_error), one line is not
+    a usable case (bad_input). Returns the --output it was given."""
+    cases = [{"id": f"fail-{index}", "question": f"Case {index}: which finding?\nA. Cyst\nB. Abscess",
+              "answer": "A. Cyst", "images": []} for index in range(3)]
+    data = folder / "cases.jsonl"
+    data.write_text("\n".join([*map(json.dumps, cases), json.dumps({"id": "no-answer", "question": "Which lobe?"})]) + "\n")
+
+    def broken(request: ModelRequest) -> ModelResponse:
+        raise ModelCallError("sim/intern-1: gave up after 6 attempts; HTTP 503 Service Unavailable", model="sim/intern-1")
+
+    output = folder / "allfail.jsonl"
+
+    async def run() -> None:
+        searcher = Searcher(
+            mentors=[_model("mentor", name) for name in MENTORS[:2]],
+            interns=[FunctionModel("sim/intern-1", broken)],
+            judge=_model("judge", "sim/judge"),
+            settings=load_settings(cache_path=None, seed=3),
+        )
+        await BatchRun(searcher, RunOptions(data=data, output=output, image_dir=folder, concurrency=2)).run()
+
+    asyncio.run(run())
+    return output
+
+
+@pytest.fixture(scope="module")
+def failed_run(tmp_path_factory) -> Path:
+    return make_failed_run(tmp_path_factory.mktemp("failed_run"))
+
+
+def test_a_run_where_nothing_succeeded_is_reported_from_its_failed_file(failed_run):
+    failed = failed_run.with_name("allfail_failed.jsonl")
+    kinds = Counter(line["error"]["kind"] for line in lines_of(failed))
+    assert kinds == {"model_error": 3, "bad_input": 1}, "the run really failed every item"
+    assert not failed_run.exists() or not failed_run.read_text().strip(), "and wrote no success"
+    data = build_report_data(failed_run)
+    assert data.summary["status"]["success"] == 0
+    assert data.summary["status"]["model_error"] == 3 and data.summary["status"]["bad_input"] == 1
+    assert data.summary["items"] == 4 and {item["status"] for item in data.items} == {"model_error", "bad_input"}
+    assert data.sources["failed"] == "allfail_failed.jsonl" and data.title == "MICS report: allfail.jsonl"
+    assert embedded_payload(render_html(data))["summary"]["status"] == data.summary["status"]
+
+
+def test_no_success_file_and_an_empty_one_read_alike(run_files, tmp_path):
+    failed = tmp_path / "run_failed.jsonl"
+    failed.write_bytes(run_files["failed"].read_bytes())
+    expected = Counter(line["error"]["kind"] for line in lines_of(failed))
+    missing = build_report_data(tmp_path / "run.jsonl")
+    assert missing.sources["output"] is None and any("no item of this run succeeded" in w for w in missing.warnings)
+    (tmp_path / "run.jsonl").write_text("")
+    empty = build_report_data(tmp_path / "run.jsonl")
+    assert empty.sources["output"] == "run.jsonl"
+    for data in (missing, empty):
+        assert {status: count for status, count in data.summary["status"].items() if count} == expected
+        assert data.summary["status"]["success"] == 0 and data.summary["search_id"] == {}
+
+
+def test_the_failed_file_given_as_the_output_reports_the_whole_run(run_files, report):
+    by_failed = build_report_data(run_files["failed"], image_dir=run_files["images"])
+    assert by_failed.summary == report.summary
+    assert by_failed.sources == report.sources and by_failed.title == report.title
+
+
+def test_failure_lines_are_never_counted_as_successes(run_files, tmp_path):
+    """The failed file under a name that is not ``_failed.jsonl``, and failures pasted into a success file."""
+    expected = Counter(line["error"]["kind"] for line in lines_of(run_files["failed"]))
+    renamed = tmp_path / "failures.jsonl"
+    renamed.write_bytes(run_files["failed"].read_bytes())
+    data = build_report_data(renamed)
+    assert data.summary["status"]["success"] == 0
+    assert {status: count for status, count in data.summary["status"].items() if count} == expected
+    assert any("are failures, not successes" in warning for warning in data.warnings)
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(run_files["output"].read_text() + run_files["failed"].read_text())
+    data = build_report_data(mixed)
+    assert data.summary["status"]["success"] == len(lines_of(run_files["output"]))
+    assert sum(data.summary["status"].values()) - data.summary["status"]["success"] == sum(expected.values())
+
+
+def test_an_output_really_named_failed_is_its_own_success_file(run_files, tmp_path):
+    output = tmp_path / "x_failed.jsonl"  # the --output of a run, with its own failed file beside it
+    output.write_bytes(run_files["output"].read_bytes())
+    (tmp_path / "x_failed_failed.jsonl").write_bytes(run_files["failed"].read_bytes())
+    data = build_report_data(output)
+    assert data.summary["status"]["success"] == len(lines_of(run_files["output"]))
+    assert data.sources == {"output": "x_failed.jsonl", "failed": "x_failed_failed.jsonl", "image_dir": None}
+
+
+def test_a_folder_or_a_run_without_files_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="nor its failed file 'gone_failed.jsonl'"):
+        build_report_data(tmp_path / "gone.jsonl")
+    with pytest.raises(InputError, match="nor its failed file"):
+        build_report_data(tmp_path / "gone_failed.jsonl")
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(InputError, match="not a file"):
+        build_report_data(tmp_path / "folder.jsonl")
+
+
+def test_the_cli_reports_an_all_failed_run_by_either_name(failed_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from mics_agents.cli import app
+
+    page = tmp_path / "report.html"
+    for given in (failed_run, failed_run.with_name("allfail_failed.jsonl")):
+        result = CliRunner().invoke(app, ["report", str(given), "--html", str(page)])
+        assert result.exit_code == 0, result.output
+        assert says(result.output, "4 items (0 success, 0 no_path, 3 model_error, 1 bad_input")
+        assert embedded_payload(page.read_text())["summary"]["status"]["success"] == 0
+        page.unlink()

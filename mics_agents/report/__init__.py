@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .data import DEFAULT_THUMBNAIL_SIZE, STATUSES, ReportData, build_report_data, thumbnail_data_url
+from .data import DEFAULT_THUMBNAIL_SIZE, STATUSES, ReportData, build_report_data, run_files, thumbnail_data_url
 from .html import render_html, write_report
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ReportData",
     "build_report_data",
     "render_html",
+    "run_files",
     "thumbnail_data_url",
     "write_report",
 ]

@@ -28,9 +28,9 @@ from typing import Any
 from ..data import failure_input
 from ..errors import ImageError, InputError
 from ..images import DEFAULT_MAX_PIXELS, decode_budget, decode_cost, to_8bit
-from ..outputs import default_failed_path, failure_key, success_line, winning_lines
+from ..outputs import default_failed_path, failure_key, foreign_failure, foreign_success, success_line, winning_lines
 
-__all__ = ["ReportData", "build_report_data", "STATUSES", "DEFAULT_THUMBNAIL_SIZE"]
+__all__ = ["ReportData", "build_report_data", "run_files", "STATUSES", "DEFAULT_THUMBNAIL_SIZE"]
 
 STATUSES = ("success", "no_path", "model_error", "bad_input", "internal_error")
 DEFAULT_THUMBNAIL_SIZE = 160
@@ -394,23 +394,56 @@ def _thumbnails(paths: list[str], image_dir: Path, size: int, warnings: list[str
 
 
 _Numbered = list[tuple[int, dict[str, Any]]]
+_FAILED_SUFFIX = "_failed.jsonl"
 
 
-def _outcomes(successes: _Numbered, failures: _Numbered, output: Path, failed: Path | None) -> tuple[_Numbered, _Numbered]:
+def run_files(path: Path, failed: Path | None = None) -> tuple[Path, Path | None]:
+    """The success file and the failed file (None if there is none) of the run that ``path`` names: its
+    success file ``OUT.jsonl`` or its failed file ``OUT_failed.jsonl``. A run where nothing succeeded may have
+    no success file at all; a run with no failures has no failed file.
+
+    Raises :class:`InputError` if neither file exists, or if a failed file given explicitly is missing."""
+    if failed is not None and not failed.is_file():
+        raise InputError(f"failed file {str(failed)!r} not found")
+    output = path
+    named_as_failed = path.name.endswith(_FAILED_SUFFIX) and not default_failed_path(path).is_file()
+    if failed is None and named_as_failed:
+        # OUT_failed.jsonl given: report the whole run (an output really named x_failed.jsonl has its own
+        # x_failed_failed.jsonl beside it, and is read as the success file it is).
+        output, failed = path.with_name(path.name[: -len(_FAILED_SUFFIX)] + ".jsonl"), path
+    elif failed is None:
+        failed = default_failed_path(path)
+    if path.exists() and not path.is_file():
+        raise InputError(f"{str(path)!r} is not a file: give the run's output file (the --output of mics run)")
+    failed = failed if failed.is_file() else None
+    if not output.is_file() and failed is None:
+        raise InputError(
+            f"output file {str(path)!r} not found, nor its failed file {default_failed_path(output).name!r}: "
+            "give the --output of mics run"
+        )
+    return output, failed
+
+
+def _is_failure_line(record: dict[str, Any]) -> bool:
+    """A failed-file line (an ``error`` with a ``kind``, no ``gt_answer``), wherever it was found."""
+    return foreign_failure(record) is None and foreign_success(record) is not None
+
+
+def _outcomes(successes: _Numbered, failures: list[tuple[str, int, dict[str, Any]]], output: Path) -> tuple[_Numbered, _Numbered]:
     """One line per item by the journal's rule: a run still going, or stopped, may hold a retried item's
-    old failure beside its new outcome. A line without an id gets its place in the file as one."""
+    old failure beside its new outcome. A line without an id gets its place in its file as one."""
     for number, record in successes:
         if not _text(record.get("rid")):
             record["rid"] = f"{output.name}:{number}"
-    for number, record in failures:
+    for file_name, number, record in failures:
         search = record.get("search") if isinstance(record.get("search"), dict) else {}
         line = record.get("line") if isinstance(record.get("line"), int) else None
         # A line without a usable id is shown by its line number (its key is made up: see data.made_up_key).
         record["rid"] = (_text(record.get("rid")) or _text(search.get("rid"))
-                         or (f"line-{line}" if line is not None else f"{failed.name}:{number}"))
+                         or (f"line-{line}" if line is not None else f"{file_name}:{number}"))
     kept, kept_failures = winning_lines([success_line(record) for _, record in successes],
-                                        [failure_key(record) for _, record in failures])
-    return [successes[i] for i in kept], [failures[i] for i in kept_failures]
+                                        [failure_key(record) for _, _, record in failures])
+    return [successes[i] for i in kept], [failures[i][1:] for i in kept_failures]
 
 
 def build_report_data(
@@ -421,24 +454,31 @@ def build_report_data(
     thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
     title: str | None = None,
 ) -> ReportData:
-    """Read a run's success file and failed file (default: ``OUT_failed.jsonl`` if it exists) into the
-    report's data. With ``image_dir`` each image the items name is embedded once as a small thumbnail.
+    """Read a run's success file and failed file into the report's data. ``output`` may name either file of
+    the run (``OUT.jsonl`` or ``OUT_failed.jsonl``); the other is found beside it unless ``failed`` is given.
+    A run where nothing succeeded (no success file, or an empty one) is reported from its failed file. With
+    ``image_dir`` each image the items name is embedded once as a small thumbnail.
 
-    Raises :class:`InputError` if the success file, or a failed file given explicitly, is missing."""
-    if not output.is_file():
-        raise InputError(f"output file {str(output)!r} not found")
-    if failed is not None and not failed.is_file():
-        raise InputError(f"failed file {str(failed)!r} not found")
+    Raises :class:`InputError` if neither file of the run exists, or a failed file given explicitly is missing."""
+    output, failed = run_files(output, failed)
     if image_dir is not None and not image_dir.is_dir():
         raise InputError(f"image folder {str(image_dir)!r} not found")
-    failed = failed if failed is not None else default_failed_path(output)
-    failed = failed if failed.is_file() else None
 
     warnings: list[str] = []
     bad_lines: list[int] = []
-    successes = list(_read_jsonl(output, warnings, bad_lines))
-    failures = list(_read_jsonl(failed, warnings, bad_lines)) if failed is not None else []
-    successes, failures = _outcomes(successes, failures, output, failed)
+    if output.is_file():
+        successes = list(_read_jsonl(output, warnings, bad_lines))
+    else:
+        successes = []
+        warnings.append(f"{output.name} does not exist: no item of this run succeeded")
+    failures = [(output.name, number, record) for number, record in successes if _is_failure_line(record)]
+    if failures:
+        # A failed file given as the success file, or lines moved between them: each counts as what it is.
+        warnings.append(f"{output.name}: {len(failures)} line(s) are failures, not successes: counted by their kind")
+        successes = [(number, record) for number, record in successes if not _is_failure_line(record)]
+    if failed is not None:
+        failures += [(failed.name, number, record) for number, record in _read_jsonl(failed, warnings, bad_lines)]
+    successes, failures = _outcomes(successes, failures, output)
     builder = _Builder()
     for _, record in successes:
         builder.add("success", record)
@@ -458,7 +498,7 @@ def build_report_data(
 
     return ReportData(
         title=title or f"MICS report: {output.name}",
-        sources={"output": output.name, "failed": failed.name if failed else None,
+        sources={"output": output.name if output.is_file() else None, "failed": failed.name if failed else None,
                  "image_dir": str(image_dir) if image_dir is not None else None},
         summary=builder.summary(len(bad_lines)),
         mentors=list(builder.mentors),

@@ -566,7 +566,7 @@
 
   function renderHeader() {
     $('title').textContent = DATA.title;
-    const sources = [DATA.sources.output + (DATA.sources.failed ? ' + ' + DATA.sources.failed : '')];
+    const sources = [[DATA.sources.output, DATA.sources.failed].filter(Boolean).join(' + ')];
     sources.push(DATA.sources.image_dir ? 'thumbnails from ' + DATA.sources.image_dir : 'images not embedded (mics report --image-dir DIR embeds thumbnails)');
     sources.push(`${DATA.mentors.length} mentor${DATA.mentors.length === 1 ? '' : 's'}, ${DATA.interns.length} intern${DATA.interns.length === 1 ? '' : 's'}`);
     $('sources').textContent = sources.join(' · ');
