@@ -112,3 +112,49 @@ def test_a_template_that_is_not_utf8_is_a_config_error(tmp_path):
     (tmp_path / "intern.md").write_bytes(b"<!-- user -->\n\xff {{question}} {{prefix}}\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_settings(prompt_dir=tmp_path)
+
+
+# The judge template before it said that an unclear match is No (its text at commit 2a9934c).
+JUDGE_BEFORE_THE_UNCLEAR_RULE = """<!-- system -->
+You grade answers to medical questions against a reference answer. You reply with a single word.
+<!-- user -->
+## Question
+{{question}}
+
+## Reference answer
+{{reference}}
+
+## Candidate answer
+{{candidate}}
+
+Does the candidate answer mean the same as the reference answer (the same option, diagnosis, finding
+or value; wording may differ)? Reply with one word: Yes or No.
+"""
+
+
+def test_the_judge_is_told_that_an_unclear_match_is_no():
+    _, user = load_prompt("judge").render(question="Which organism?", reference="Enterococcus",
+                                          candidate="E. faecalis")
+    text = " ".join(user.split())
+    assert "Say Yes only when you are sure it does" in text
+    assert "When you cannot tell" in text and "say No" in text
+    # The rule comes before the reply format, so a one-word reply has read it.
+    assert text.index("When you cannot tell") < text.index("Reply with one word: Yes or No.")
+
+
+async def test_the_judge_rule_changed_the_prompt_version_so_cached_verdicts_are_asked_again(tmp_path):
+    """A judge reply cached under the old template must not answer the new one: the version is part of the key."""
+    from mics_agents.agents import Judge
+
+    (tmp_path / "judge.md").write_text(JUDGE_BEFORE_THE_UNCLEAR_RULE, encoding="utf-8")
+    old, new = load_prompt("judge", tmp_path), load_prompt("judge")
+    assert old.version != new.version
+    keys = []
+    for prompt_dir in (tmp_path, None):
+        model = FunctionModel("judge/j", lambda request: "Yes")
+        judge = Judge(model, load_settings(cache_path=None, prompt_dir=prompt_dir))
+        assert (await judge.ask("Which organism?", "E. faecalis", "Enterococcus"))[0] is True
+        [request] = model.requests
+        keys.append(request.cache_key("judge/j"))
+        assert request.prompt_version == (old if prompt_dir else new).version
+    assert keys[0] != keys[1]
