@@ -15,6 +15,7 @@ from .prompts import load_prompt
 __all__ = [
     "ANSWER_HINTS",
     "task_prompt",
+    "image_labels",
     "strip_task_instruction",
     "final_answer_line",
     "task_template_version",
@@ -31,6 +32,18 @@ def task_prompt(question: str, answer_type: str = "open", prompt_dir: Path | Non
         question=question.strip(), answer_hint=ANSWER_HINTS.get(answer_type, "")
     )
     return f"{system}\n\n{user}" if system else user
+
+
+def image_labels(count: int) -> tuple[list[str], str]:
+    """The text before each of ``count`` images and the text between the last image and the prompt.
+
+    Several images are named ``Image-1``, ``Image-2``, ... where they stand (InternVL's multi-image
+    convention, the one the LLaVA, ShareGPT and InternVL exports write: ``Image-1: <image>\nImage-2: <image>\n``),
+    so a target or a question that says "Image 2" points at a known image; one image, or none, is not named.
+    """
+    if count < 2:
+        return [""] * count, ""
+    return ["Image-1: ", *(f"\nImage-{index}: " for index in range(2, count + 1))], "\n"
 
 
 def strip_task_instruction(text: str, prompt_dir: Path | None = None) -> str:

@@ -327,7 +327,7 @@ def test_the_eval_command_over_http_and_compare(tmp_path, monkeypatch):
     assert results["benchmarks"]["pmc"]["correct"] == 1
     assert results["overall"]["n"] == 4 and results["overall"]["correct"] == 3
     # VQA-RAD: the closed question right (exact), the open one wrong (judge): reported apart.
-    assert "| vqa_rad | 2 | 100.0 (20.7-100.0) | 0.0 (0.0-79.3) |" in (tmp_path / "a" / "results.md").read_text()
+    assert "| vqa_rad | 2 | 100.0 (20.7-100.0) of 1 | 0.0 (0.0-79.3) of 1 |" in (tmp_path / "a" / "results.md").read_text()
     assert results["benchmarks"]["vqa_rad"]["closed"]["accuracy"] == 1.0
     assert results["benchmarks"]["vqa_rad"]["open"]["accuracy"] == 0.0
     (tmp_path / "b").mkdir()
@@ -424,6 +424,10 @@ def test_chiron_eval_data_sends_every_image_in_place_of_its_token(tmp_path, monk
     assert len(images) == 2 and all(url.startswith("data:image/") for url in images)
     text = " ".join(part["text"] for part in content if part["type"] == "text")
     assert "<image>" not in text and "Image 1" in text and "Image 2" in text
+    # Each image after its label, as the curriculum's messages.jsonl and llava.json name them in training.
+    assert [part["type"] for part in content] == ["text", "image_url", "text", "image_url", "text"]
+    assert [content[0]["text"], content[2]["text"]] == ["Image-1: ", "\nImage-2: "]
+    assert content[4]["text"].startswith("\nWhat is the most likely diagnosis?")
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "published Chiron-o1 way" in markdown
 
@@ -496,3 +500,141 @@ def test_bertscore_is_optional_and_scores_parsed_open_answers_as_published(tmp_p
     missing, _ = _eval_cli(tmp_path, monkeypatch, lambda model, body: "### The final answer is: left lung",
                            "--benchmark", f"b={bench}", "--output", str(tmp_path / "out2"), "--bertscore")
     assert missing.exit_code == 2 and "pip install bert-score" in " ".join(missing.output.split())
+
+
+# -- closed questions: asked as their reference reads, every one counted -------------------------------------
+
+
+def write_slake_closed(folder: Path) -> Path:
+    """SLAKE's test.json with the closed questions the benchmark labels CLOSED without a yes/no answer."""
+    (folder / "imgs" / "xmlab2").mkdir(parents=True)
+    (folder / "imgs" / "xmlab2" / "source.jpg").write_bytes(png_bytes())
+    image = "xmlab2/source.jpg"
+    records = [
+        {"qid": 20, "img_name": image, "question": "Is the lesion on the left or right?", "answer": "Left",
+         "q_lang": "en", "answer_type": "CLOSED", "modality": "CT"},
+        {"qid": 21, "img_name": image, "question": "Does the picture contain the liver?", "answer": "Yes",
+         "q_lang": "en", "answer_type": "CLOSED", "modality": "CT"},
+        {"qid": 22, "img_name": image, "question": "CT or MRI?", "answer": "CT",
+         "q_lang": "en", "answer_type": "CLOSED", "modality": "CT"},
+        {"qid": 23, "img_name": image, "question": "Where is the abnormality?", "answer": "Left lobe of the liver",
+         "q_lang": "en", "answer_type": "OPEN", "modality": "CT"},
+    ]
+    path = folder / "test.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_closed_questions_get_the_hint_their_reference_calls_for(tmp_path, monkeypatch):
+    """The eval log: the left/right and CT-or-MRI questions (CLOSED in SLAKE) go out without "(yes or no)",
+    the yes/no one with it, as the dataset builder asks them in training."""
+    from mics_agents.task_format import ANSWER_HINTS
+
+    path = write_slake_closed(tmp_path / "slake")
+    replies = {"left or right": "right", "liver?": "yes", "CT or MRI": "MRI", "abnormality": "left lobe"}
+
+    def brain(model: str, body: dict) -> str:
+        text = json.dumps(body)
+        return "### The final answer is: " + next(reply for key, reply in replies.items() if key in text)
+
+    result, requests = _eval_cli(tmp_path, monkeypatch, brain, "--benchmark", f"slake={path}",
+                                 "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    sent = {}
+    for request in requests:
+        text = " ".join(part["text"] for part in request.body["messages"][-1]["content"] if part["type"] == "text")
+        sent[next(key for key in replies if key in text)] = text
+    yes_no = ANSWER_HINTS["closed"]
+    assert yes_no not in sent["left or right"] and yes_no not in sent["CT or MRI"]
+    assert ANSWER_HINTS["choice"] not in sent["left or right"]
+    assert yes_no in sent["liver?"] and yes_no not in sent["abnormality"]
+    log = {p["rid"]: p for p in map(json.loads, (tmp_path / "out" / "slake" / "predictions.jsonl").read_text().splitlines())}
+    assert {rid: (p["answer_type"], p["answer_hint"]) for rid, p in log.items()} == {
+        "20": ("closed", "open"), "21": ("closed", "closed"), "22": ("closed", "open"), "23": ("open", "open")}
+
+
+def test_without_a_judge_every_closed_question_counts_and_an_unmatched_one_is_wrong(tmp_path, monkeypatch):
+    """SLAKE, --judge none: "right" for "Left" is wrong and stays in the closed denominator (it used to read
+    n 2, graded 1, accuracy 1.0); the open question keeps recall and no verdict."""
+    (tmp_path / "slake").mkdir()
+    full = json.loads(write_slake_closed(tmp_path / "full").read_text())
+    path = tmp_path / "slake" / "test.json"
+    path.write_text(json.dumps([full[0], full[1], full[3]]))
+    (tmp_path / "slake" / "imgs").symlink_to(tmp_path / "full" / "imgs")
+    replies = {"left or right": "right", "liver?": "Yes", "abnormality": "the left lobe"}
+
+    def brain(model: str, body: dict) -> str:
+        text = json.dumps(body)
+        return "### The final answer is: " + next(reply for key, reply in replies.items() if key in text)
+
+    result, _ = _eval_cli(tmp_path, monkeypatch, brain, "--benchmark", f"slake={path}", "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    slake = json.loads((tmp_path / "out" / "results.json").read_text())["benchmarks"]["slake"]
+    closed, opened = slake["closed"], slake["open"]
+    assert (closed["n"], closed["graded"], closed["correct"], closed["accuracy"]) == (2, 2, 1, 0.5)
+    assert (opened["n"], opened["graded"], opened["recall_n"]) == (1, 0, 1) and opened["recall"] == pytest.approx(0.6)
+    assert "recall" not in closed, "recall is the open-question figure"
+    log = {p["rid"]: p for p in map(json.loads, (tmp_path / "out" / "slake" / "predictions.jsonl").read_text().splitlines())}
+    assert (log["20"]["correct"], log["20"]["judged_by"]) == (False, "no_rule")
+    assert log["23"]["correct"] is None and log["23"]["judged_by"] == "recall"
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| slake | 3 | 50.0 (9.5-90.5) of 2 | - | 60.0 of 1 |" in markdown
+
+
+def test_a_stored_closed_prediction_without_a_verdict_is_counted_wrong_and_regraded():
+    """Predictions stored before this rule (closed, correct null) count as wrong at once and are regraded."""
+    from mics_agents.evaluation.worker import needs_regrade
+    from mics_agents.grading import GRADER_VERSION
+
+    stored = {"rid": "20", "question": "Is the lesion on the left or right?", "gt_answer": "Left", "options": {},
+              "answer_type": "closed", "prediction": "right", "parse_ok": True, "correct": None,
+              "judged_by": "recall", "recall": 0.0, "grader_version": GRADER_VERSION}
+    right = {**stored, "rid": "21", "correct": True, "judged_by": "yes_no"}
+    open_one = {**stored, "rid": "23", "answer_type": "open"}
+    summary = summarize([stored, right, open_one])
+    assert (summary["closed"]["graded"], summary["closed"]["accuracy"]) == (2, 0.5)
+    assert summary["open"]["graded"] == 0 and summary["accuracy_over_parsed_n"] == 2
+    assert needs_regrade(stored) and not needs_regrade(right) and not needs_regrade(open_one)
+
+
+def test_a_question_with_options_and_a_yes_no_reference_in_a_plain_file(tmp_path):
+    """Adversarial: options win over a yes/no-looking label; a reference " YES. " is still yes/no; a question
+    that names no options and is labelled closed gets no hint at all."""
+    from mics_agents.evaluation.worker import answer_hint
+
+    assert answer_hint({"question": "Which side?\nA. left\nB. right", "answer": "A. left", "answer_type": "closed",
+                        "options": {"A": "left", "B": "right"}}) == "choice"
+    assert answer_hint({"question": "Is it normal?", "answer": " YES. ", "answer_type": "open"}) == "closed"
+    assert answer_hint({"question": "Left or right?", "answer": "no idea", "answer_type": "closed"}) == "open"
+    assert answer_hint({"question": "Which one?\nA. x\nB. y", "answer": "B"}) == "choice"
+
+
+# -- the Hugging Face parquet layout --------------------------------------------------------------------------
+
+
+def test_a_slake_parquet_keeps_english_questions_and_its_own_closed_labels(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = {"bytes": png_bytes(), "path": "x.png"}
+    table = pa.table({
+        "qid": [0, 1, 2, 3, 4],
+        "image": [image] * 5,
+        "question": ["Is the lesion on the left or right?", "病变在哪里?", "Is this normal?",
+                     "What organ is shown?", "Which lobe?"],
+        "answer": ["Left", "左", "yes", "no", "Left"],
+        "q_lang": ["en", "zh", "EN", "en", None],
+        "answer_type": ["CLOSED", "OPEN", "OPEN", None, "OPEN"],
+        "modality": ["CT", "CT", "MRI", "X-Ray", "CT"],
+    })
+    path = tmp_path / "test-00000-of-00001.parquet"
+    pq.write_table(table, path)
+    items = list(load_benchmark(path))
+    assert detect_layout(path) == "hf_vqa"
+    # qid 0 is an id like any other; the Chinese row is left out; a missing language is not a language.
+    assert [(i.id, i.answer_type) for i in items] == [("0", "closed"), ("2", "open"), ("3", "closed"), ("4", "open")]
+    assert [i.modality for i in items] == ["CT", "MRI", "X-ray", "CT"]
+
+    plain = pa.table({"image": [image, image], "question": ["Is there a mass?", "What stain?"], "answer": ["no", "H&E"]})
+    pq.write_table(plain, tmp_path / "pathvqa-test.parquet")
+    assert [i.answer_type for i in load_benchmark(tmp_path / "pathvqa-test.parquet")] == ["closed", "open"]

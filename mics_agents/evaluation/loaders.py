@@ -9,7 +9,7 @@ plain JSONL (images embedded in parquet files are written out as files once) tha
 | SLAKE | ``test.json`` | a JSON list with ``img_name`` and ``q_lang`` (English questions kept) |
 | PMC-VQA | ``test.csv`` / ``test_2.csv`` | a CSV with ``Figure_path``, ``Choice A``..., ``Answer_label`` |
 | MMMU (Health & Medicine subjects) | ``*.parquet`` | columns ``options`` and ``image_1`` |
-| VQA-RAD / SLAKE / PathVQA (Hugging Face) | ``*.parquet`` | columns ``image``, ``question``, ``answer`` |
+| VQA-RAD / SLAKE / PathVQA (Hugging Face; ``q_lang``, ``answer_type`` read as in SLAKE's file) | ``*.parquet`` | columns ``image``, ``question``, ``answer`` |
 | MedXpertQA-MM | ``MM/test.jsonl`` | lines with ``options`` and ``label`` |
 | Chiron-o1 eval data | ``eval_data.json`` | a JSON list of ``{id, img_name, question, answer, answer_type}`` (or MICS input records) |
 | plain (also ``mics dataset build``'s ``test/eval.jsonl``) | ``*.jsonl`` | ``id, question, answer, images`` (+ optional ``options``, ``answer_type``, ``modality``) |
@@ -121,9 +121,14 @@ def _vqa_rad(path: Path, warn: Warn) -> Iterator[EvalItem]:
                        modality=detect_modality(str(record.get("image_organ", "")), str(record["question"])))
 
 
+def _english(record: dict[str, Any]) -> bool:
+    """SLAKE's published English split: ``q_lang`` "en" (its Chinese questions say "zh"); no field, no filter."""
+    return str(record.get("q_lang") or "en").strip().lower() == "en"
+
+
 def _slake(path: Path, warn: Warn) -> Iterator[EvalItem]:
     for record in json.loads(path.read_text(encoding="utf-8")):
-        if record.get("q_lang", "en") != "en":
+        if not _english(record):
             continue
         answer = str(record["answer"]).strip()
         yield EvalItem(str(record["qid"]), str(record["question"]).strip(), answer, [record["img_name"]],
@@ -179,11 +184,18 @@ def _mmmu(path: Path, warn: Warn) -> Iterator[EvalItem]:
 
 
 def _hf_vqa(path: Path, warn: Warn) -> Iterator[EvalItem]:
+    """VQA-RAD, SLAKE or PathVQA as a Hugging Face parquet. Where the file keeps SLAKE's columns, the same
+    split and labels as its ``test.json``: English questions only, closed or open as ``answer_type`` says."""
     for index, row in enumerate(_parquet_rows(path)):
+        if not _english(row):
+            continue
         data = _image_bytes(row.get("image"))
         answer = str(row["answer"]).strip()
-        item = EvalItem(str(row.get("qid") or row.get("id") or index), str(row["question"]).strip(), answer,
-                        answer_type=_closed_or_open(answer), modality=detect_modality(str(row["question"])))
+        label = row.get("answer_type")
+        item_id = next((row[key] for key in ("qid", "id") if row.get(key) is not None), index)
+        item = EvalItem(str(item_id), str(row["question"]).strip(), answer,
+                        answer_type=_closed_or_open(answer, label if isinstance(label, str) else None),
+                        modality=detect_modality(str(row["question"]), case=row))
         item.image_bytes = [data] if data else []
         yield item
 
@@ -271,10 +283,15 @@ def _messages(path: Path, warn: Warn) -> Iterator[EvalItem]:
             yield _curriculum_item(str(row.get("id", number)), question, response, list(row.get("images") or []))
 
 
+# The text part naming the image after it (mics_agents.task_format.image_labels); not part of the question.
+_IMAGE_LABEL = re.compile(r"\s*Image-\d+:\s*")
+
+
 def _turn_text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    return "\n".join(part.get("text") or "" for part in content or [] if part.get("type") == "text").strip()
+    texts = [part.get("text") or "" for part in content or [] if part.get("type") == "text"]
+    return "\n".join(text for text in texts if not _IMAGE_LABEL.fullmatch(text)).strip()
 
 
 def _llava(path: Path, warn: Warn) -> Iterator[EvalItem]:

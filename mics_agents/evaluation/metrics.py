@@ -9,9 +9,28 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["wilson_interval", "summarize", "results_markdown", "compare_results"]
+__all__ = ["NO_RULE_MATCHED", "closed_by_label", "counted_verdict", "wilson_interval", "summarize", "results_markdown",
+           "compare_results"]
 
 Z95 = 1.959963984540054
+
+# How a closed answer is recorded that no grading rule matched and no judge was asked about: wrong.
+NO_RULE_MATCHED = "no_rule"
+
+
+def closed_by_label(prediction: dict[str, Any]) -> bool:
+    """Closed by the benchmark's own label (VQA-RAD/SLAKE CLOSED, multiple choice), as results split them."""
+    return prediction.get("answer_type") in ("closed", "choice")
+
+
+def counted_verdict(prediction: dict[str, Any]) -> bool | None:
+    """The verdict accuracy counts: the recorded one; for a closed question without one (stored before such
+    answers were recorded wrong) False, so a closed item never leaves the denominator; None (not counted in
+    accuracy, only in recall) for an open answer no judge graded."""
+    correct = prediction.get("correct")
+    if correct is None and closed_by_label(prediction):
+        return False
+    return correct
 
 
 def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
@@ -25,12 +44,13 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
 
 
 def _block(predictions: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy over the graded predictions (a parse failure is graded wrong; an open answer without a
-    judge is not graded and counts in ``recall`` only), strict accuracy (the final-answer line was there),
-    and the open-question recall."""
+    """Accuracy over the graded predictions (``graded`` of ``n``: a parse failure and a closed answer no rule
+    matched are graded wrong; an open answer without a judge is not graded and counts in ``recall`` only),
+    strict accuracy (the final-answer line was there), and the open-question recall; each figure beside the
+    count of predictions it covers."""
     total = len(predictions)
-    graded = [p for p in predictions if p.get("correct") is not None]
-    correct = sum(p["correct"] is True for p in graded)
+    graded = [p for p in predictions if counted_verdict(p) is not None]
+    correct = sum(counted_verdict(p) is True for p in graded)
     strict = sum(bool(p.get("strict_correct")) for p in graded)
     parse_failures = sum(not p.get("parse_ok") for p in predictions)
     no_marker = sum(p.get("parse") != "marker" for p in predictions)
@@ -63,20 +83,16 @@ def _block(predictions: list[dict[str, Any]]) -> dict[str, Any]:
     return block
 
 
-def _closed(prediction: dict[str, Any]) -> bool:
-    """Closed by the benchmark's own label (VQA-RAD/SLAKE CLOSED, multiple choice); else a yes/no answer."""
-    return prediction.get("answer_type") in ("closed", "choice")
-
-
 def summarize(predictions: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """All predictions, then closed and open questions apart (as the VQA-RAD/SLAKE/PathVQA papers report
     them), by modality and answer type, and the published Chiron-o1 figure: accuracy over parsed answers."""
     predictions = list(predictions)
     summary = _block(predictions)
-    summary["closed"] = _block([p for p in predictions if _closed(p)])
-    summary["open"] = _block([p for p in predictions if not _closed(p)])
-    parsed = [p for p in predictions if p.get("parse_ok") and p.get("correct") is not None]
-    summary["accuracy_over_parsed"] = sum(p["correct"] is True for p in parsed) / len(parsed) if parsed else None
+    summary["closed"] = _block([p for p in predictions if closed_by_label(p)])
+    summary["open"] = _block([p for p in predictions if not closed_by_label(p)])
+    parsed = [p for p in predictions if p.get("parse_ok") and counted_verdict(p) is not None]
+    summary["accuracy_over_parsed"] = sum(counted_verdict(p) is True for p in parsed) / len(parsed) if parsed else None
+    summary["accuracy_over_parsed_n"] = len(parsed)
     for key in ("modality", "answer_type"):
         groups: dict[str, list[dict[str, Any]]] = {}
         for prediction in predictions:
@@ -85,19 +101,24 @@ def summarize(predictions: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+# Every figure in the tables is followed by "of N": the predictions it was computed over.
+
+
 def _cell(block: dict[str, Any] | None) -> str:
     if not block or not block.get("graded", block.get("n")):
         return "-"
     low, high = block["ci95"]
-    return f"{100 * block['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+    return f"{100 * block['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f}) of {block['graded']}"
 
 
 def _percent(block: dict[str, Any] | None, key: str) -> str:
-    return f"{100 * block[key]:.1f}" if block and block.get(key) is not None and block.get("graded", 1) else "-"
+    if not block or block.get(key) is None or not block.get("graded", 1):
+        return "-"
+    return f"{100 * block[key]:.1f} of {block['graded']}"
 
 
 def _recall(block: dict[str, Any] | None) -> str:
-    return f"{100 * block['recall']:.1f}" if block and "recall" in block else "-"
+    return f"{100 * block['recall']:.1f} of {block['recall_n']}" if block and "recall" in block else "-"
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -107,16 +128,18 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"# Evaluation of `{results['model']}`",
         "",
         f"Graded by: {judge or 'rules only (no judge): open answers get token recall, not a verdict'}.",
-        "Closed: yes/no and multiple choice by the benchmark's own label. Accuracy counts a reply without a",
+        "Closed: by the benchmark's own label (yes/no, \"left or right?\", multiple choice); every closed question",
+        "counts, and a closed answer no rule matches, without a judge, is wrong. Accuracy counts a reply without a",
         "readable answer as wrong; strict accuracy also needs the `### The final answer is:` line. Open recall:",
         "share of the reference's words in the answer (offline; the published Chiron-o1 evaluation uses BERTScore).",
+        "\"of N\": the questions a figure covers (open answers without a judge count in recall, not in accuracy).",
         "",
         "| benchmark | n | closed accuracy % (95% CI) | open accuracy % (95% CI) | open recall % | strict % | parse failures | MICS-Score |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     rows = list(results["benchmarks"].items()) + [("**overall**", results["overall"])]
     for name, block in rows:
-        mics = f"{block['mics_score']:.3f}" if "mics_score" in block else "-"
+        mics = f"{block['mics_score']:.3f} of {block['mics_score_n']}" if "mics_score" in block else "-"
         lines.append(
             f"| {name} | {block['n']} | {_cell(block.get('closed'))} | {_cell(block.get('open'))} | "
             f"{_recall(block.get('open'))} | {_percent(block, 'strict_accuracy')} | {block['parse_failures']} "
@@ -125,8 +148,11 @@ def results_markdown(results: dict[str, Any]) -> str:
     published = [(name, block) for name, block in results["benchmarks"].items() if block.get("layout") == "chiron"]
     if published:
         lines += ["", "Computed the published Chiron-o1 way (judge accuracy over parsed answers, unparsed ones left out):", ""]
-        lines += [f"- {name}: {_percent(block, 'accuracy_over_parsed')}% of "
-                  f"{block['n'] - block['parse_failures']} parsed" for name, block in published]
+        for name, block in published:
+            share = block.get("accuracy_over_parsed")
+            figure = f"{100 * share:.1f}%" if share is not None else "-"
+            parsed = block.get("accuracy_over_parsed_n", block["n"] - block["parse_failures"])
+            lines.append(f"- {name}: {figure} of {parsed} parsed")
     lines += ["", "## By modality (all benchmarks)", "", "| modality | n | accuracy % (95% CI) |", "| --- | ---: | --- |"]
     for name, block in results["overall"]["by_modality"].items():
         lines.append(f"| {name} | {block['n']} | {_cell(block)} |")
@@ -160,6 +186,6 @@ def compare_results(folders: list[Path]) -> str:
         cells = []
         for result in loaded:
             block = result["overall"] if name == "overall" else result["benchmarks"].get(name)
-            cells.append(_cell(block) + f" n={block['n']}" if block else "-")
+            cells.append(_cell(block) if block else "-")
         lines.append(f"| {'**overall**' if name == 'overall' else name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

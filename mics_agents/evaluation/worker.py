@@ -13,18 +13,20 @@ from ..agents import Case, Intern, InternReply, Judge, open_judge
 from ..answers import parse_options, parse_solution
 from ..config import Settings
 from ..data import InputItem
+from ..dataset.evalset import answer_type_of
 from ..errors import InputError, ModelCallError
 from ..grading import GRADER_VERSION, Grade, Grader, leading_yes_no, normalize, resolve_option, token_recall
 from ..images import load_images
-from ..models.base import ChatMessage, Model, ModelRequest, TextPart
+from ..models.base import ChatMessage, ImagePart, Model, ModelRequest, TextPart
 from ..prompts import load_prompt
 from ..results import Usage
 from ..runner import Outcome
 from ..scoring import mics_score
-from ..task_format import task_prompt
+from ..task_format import image_labels, task_prompt
 from ..store import Store
+from .metrics import NO_RULE_MATCHED, closed_by_label
 
-__all__ = ["EvalWorker", "extract_prediction", "grade_prediction", "needs_regrade", "regrade_predictions"]
+__all__ = ["EvalWorker", "answer_hint", "extract_prediction", "grade_prediction", "needs_regrade", "regrade_predictions"]
 
 _LETTER_CLAIM = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*[:\-]?\s*\(?\**([A-J])\**\)?(?![A-Za-z])", re.IGNORECASE)
 
@@ -53,6 +55,16 @@ def _is_yes_no(record: dict[str, Any]) -> bool:
     return normalize(str(record.get("gt_answer") or record.get("answer") or "")) in {"yes", "no"}
 
 
+def answer_hint(record: dict[str, Any]) -> str:
+    """Which answer hint the question is asked with (a key of ``task_format.ANSWER_HINTS``): decided by the
+    reference, as the dataset builder decides it for training, never by the benchmark's closed label. VQA-RAD
+    and SLAKE call "Is the lesion on the left or right?" closed; told to answer yes or no, a model would be
+    asked something it was never trained to and the question answered wrongly by construction."""
+    if record.get("options"):
+        return "choice"
+    return answer_type_of(str(record.get("question") or ""), str(record.get("answer") or record.get("gt_answer") or ""))
+
+
 async def grade_prediction(record: dict[str, Any], grader: Grader, usage: Usage | None = None) -> dict[str, Any]:
     """Read the stored reply of a prediction record and grade it; returns the fields to update.
 
@@ -68,25 +80,31 @@ async def grade_prediction(record: dict[str, Any], grader: Grader, usage: Usage 
     if usage is not None:
         for response in grade.responses:
             usage.add(response)
-    open_answer = record.get("answer_type", "open") == "open"
-    recall = grade.recall
-    if recall is None and open_answer:
+    correct, judged_by, recall = grade.correct, str(grade.judged_by), grade.recall
+    if closed_by_label(record):
+        # A closed question has a right answer the rules can check; one they cannot match ("right" for
+        # "Left", "CT" for "MRI") without a judge is wrong, never left out of the closed accuracy.
+        recall = None
+        if correct is None:
+            correct, judged_by = False, NO_RULE_MATCHED
+    elif recall is None:
         recall = token_recall(prediction, str(record["gt_answer"])) if prediction else 0.0
     return {
         "prediction": prediction,
         "parse": parse,
         "parse_ok": prediction is not None,
-        "correct": grade.correct,
-        "strict_correct": bool(grade.correct) and parse == "marker",
-        "judged_by": grade.judged_by,
+        "correct": correct,
+        "strict_correct": bool(correct) and parse == "marker",
+        "judged_by": judged_by,
         "recall": recall,
         "grader_version": grade.version,
     }
 
 
 def needs_regrade(record: dict[str, Any]) -> bool:
-    """Graded by an older grader (or before graders had versions)."""
-    return record.get("grader_version") != GRADER_VERSION
+    """Graded by an older grader (or before graders had versions), or a closed question stored without a
+    verdict (before a closed answer no rule matched counted as wrong)."""
+    return record.get("grader_version") != GRADER_VERSION or (closed_by_label(record) and record.get("correct") is None)
 
 
 async def regrade_predictions(predictions: list[dict[str, Any]], judge_name: str | None, settings: Settings) -> int:
@@ -171,11 +189,18 @@ class EvalWorker:
             return Outcome(failure="bad_input", message=f"item {item.rid}: {exc}")
         case = Case(item.rid, item.question, item.answer, tuple(images))
         options = record.get("options") or {}
+        hint = answer_hint(record)
+        # The same user turn the curriculum's samples were built with (mics_agents.task_format).
+        labels, after_images = image_labels(len(case.images))
+        parts: list[TextPart | ImagePart] = []
+        for label, image in zip(labels, case.images):
+            if label:
+                parts.append(TextPart(label))
+            parts.append(image)
+        parts.append(TextPart(after_images + task_prompt(case.question, hint, self.settings.prompt_dir)))
         try:
             response = await self.model.request(ModelRequest(
-                # The same user turn the curriculum's samples were built with (mics_agents.task_format).
-                messages=(ChatMessage("user", (*case.images, TextPart(
-                    task_prompt(case.question, record.get("answer_type", "open"), self.settings.prompt_dir)))),),
+                messages=(ChatMessage("user", tuple(parts)),),
                 temperature=self.settings.eval_temperature,
                 max_tokens=self.settings.eval_max_tokens,
                 prompt_version=self.template.version,
@@ -188,6 +213,7 @@ class EvalWorker:
                 "gt_answer": case.answer,
                 "options": options,
                 "answer_type": record.get("answer_type", "open"),
+                "answer_hint": hint,
                 "modality": record.get("modality", "other"),
                 "response": response.text,
                 "finish_reason": response.finish_reason,
