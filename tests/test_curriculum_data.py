@@ -370,3 +370,28 @@ def test_a_moved_curriculum_is_relocated_for_internvl(built, tmp_path, monkeypat
         assert str(built) not in meta_path.read_text()
         assert Counter(_internvl_read(meta_path)) == Counter(_llava_read(moved / meta_path.parent.name))
     relocate_internvl_meta(moved / "stage1" / "internvl_meta.json")  # idempotent
+
+
+def test_messages_rows_name_several_images_as_the_llava_turn_and_the_alignment_targets_do(built):
+    """messages.jsonl (what training/ reads, and hf/ with it) labels each of several images "Image-k" where it
+    stands, so a target that says "Image 2" points at a known image; one image stays unlabelled."""
+    from training.data import read_stage_file
+
+    for stage in ("stage2", "stage3"):
+        rows = [json.loads(line) for line in (built / stage / "messages.jsonl").read_text().splitlines()]
+        llava = {entry["id"]: entry["conversations"][0]["value"]
+                 for entry in json.loads((built / stage / "llava.json").read_text())}
+        several = [row for row in rows if len(row["images"]) > 1]
+        assert several and any(len(row["images"]) == 1 for row in rows)
+        for row in rows:
+            content = row["messages"][0]["content"]
+            rendered = "".join("<image>" if part["type"] == "image" else part["text"] for part in content)
+            expected = llava[row["id"]].replace("<image>\n", "<image>", 1) if len(row["images"]) == 1 else llava[row["id"]]
+            assert rendered == expected, row["id"]
+        for row in several:
+            content = row["messages"][0]["content"]
+            labels = [part["text"] for part in content if part["type"] == "text"][:-1]
+            assert labels == ["Image-1: ", *(f"\nImage-{k}: " for k in range(2, len(row["images"]) + 1))]
+        targets = [row for row in several if "Image 2" in row["messages"][1]["content"][0]["text"]]
+        assert targets, "an alignment target names Image 2 of a unit whose user turn labels it"
+        assert len(read_stage_file(built / stage / "messages.jsonl", stage=stage).samples) == len(rows)

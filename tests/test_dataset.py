@@ -383,3 +383,57 @@ def test_the_build_records_its_task_format_and_the_model_card_shows_it(corpus, t
     card = "\n".join(_task_format_lines(SimpleNamespace(curriculum_dir=str(tmp_path / "ds"))))
     assert "## Prompt format" in card and recorded["template_version"] in card and recorded["user_turn"] in card
     assert _task_format_lines(SimpleNamespace(curriculum_dir=None)) == []
+
+
+def test_held_out_items_take_their_modality_from_the_case_captions_too(tmp_path):
+    """The shipped chest-CT example asks about "a solitary nodule" and names no modality; its caption says
+    "Axial chest CT", which is where its training samples read CT from, so test/eval.jsonl says CT too."""
+    from mics_agents.dataset.evalset import write_eval_items
+
+    examples = Path(__file__).parent.parent / "mics_agents" / "examples"
+    cases = [json.loads(line) for line in (examples / "cases.jsonl").read_text().splitlines() if line.strip()]
+    # Adversarial: captions that are not text (the case is unreadable), one bare string instead of a list.
+    odd = [{"id": "odd-1", "question": "Any mass?", "answer": "no", "images": ["chest_ct.png"],
+            "case_info": {"caption": [{"text": "MRI"}, 7]}},
+           {"id": "odd-2", "question": "Any mass?", "answer": "no", "images": ["chest_ct.png"],
+            "caption": "<image> Ultrasound of the right kidney."}]
+    output = tmp_path / "test" / "eval.jsonl"
+    count, dropped = write_eval_items([(case, case["id"]) for case in [*cases, *odd]], ImageCatalog(),
+                                      examples / "images", output, tmp_path / "test" / "images")
+    items = {item["id"]: item for item in map(json.loads, output.read_text().splitlines())}
+    assert count == 4 and dropped == {"unreadable_case": 1}, "captions that are not text: refused, not guessed from"
+    assert items["demo-chest-001"]["modality"] == "CT"
+    assert items["demo-brain-002"]["modality"] == "MRI"
+    assert items["odd-2"]["modality"] == "Ultrasound"
+
+
+def test_mics_eval_reads_labelled_messages_rows_as_the_llava_questions(tmp_path):
+    """messages.jsonl names several images "Image-k"; read back for evaluation, the labels are not part of
+    the question, which is the one llava.json gives."""
+    from mics_agents.dataset.exports import export_samples
+    from mics_agents.dataset.samples import PART3, Sample
+    from mics_agents.evaluation import load_benchmark
+    from mics_agents.task_format import task_prompt
+
+    for name in ("a.png", "b.png", "c.png"):
+        png(tmp_path / "src" / name, shade=len(name) + ord(name[0]))
+    images = {tmp_path / "src" / name: tmp_path / "images" / name for name in ("a.png", "b.png", "c.png")}
+    for placed in images.values():
+        png(placed)
+    # Adversarial: a question that itself starts like a label stays whole.
+    questions = ["Which phase shows washout?", "Image-2: is that a cyst?"]
+    samples = [
+        Sample("c1-cot", "c1", PART3, task_prompt(questions[0], "open"), "### The final answer is: the venous phase",
+               list(images)),
+        Sample("c2-cot", "c2", PART3, task_prompt(questions[1], "closed"), "### The final answer is: yes",
+               [tmp_path / "src" / "a.png"]),
+    ]
+    export_samples(samples, tmp_path / "test", name="mmrp_test", image_paths=images)
+    [labelled, _] = messages(tmp_path / "test")
+    assert [part["type"] for part in labelled["messages"][0]["content"]] == ["text", "image"] * 3 + ["text"]
+    from_messages = {item.id: (item.question, item.answer, item.answer_type, item.images)
+                     for item in load_benchmark(tmp_path / "test" / "messages.jsonl")}
+    from_llava = {item.id: (item.question, item.answer, item.answer_type, item.images)
+                  for item in load_benchmark(tmp_path / "test" / "llava.json")}
+    assert from_messages == from_llava
+    assert [question for question, *_ in from_messages.values()] == questions

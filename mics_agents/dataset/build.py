@@ -18,7 +18,7 @@ from .evalset import answer_type_of, write_eval_items
 from .exports import export_samples, place_images
 from .images import ImageCatalog
 from .qc import QcOptions, grade_final_answers, needs_final_answer_grade, quality_control
-from .samples import PART1, PART3, Sample, detect_modality
+from .samples import PART1, PART3, Sample, case_captions, case_text, detect_modality
 from .stats import dataset_stats, write_stats
 
 __all__ = ["BuildOptions", "BuildReport", "build_dataset", "read_jsonl"]
@@ -68,20 +68,11 @@ def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
 
 def _case_view(record: dict[str, Any]) -> dict[str, Any]:
     """A case record of any accepted layout as {case_id, images, caption, text}."""
-    info = record.get("case_info") if isinstance(record.get("case_info"), dict) else {}
-    captions = record.get("caption", info.get("caption")) or []
-    if isinstance(captions, str):
-        captions = [captions]
-    # A case whose captions are not text has none for alignment (mics run refused it as bad_input).
-    captions = [caption for caption in captions if isinstance(caption, str)] if isinstance(captions, list) else []
-    text_parts = [str(record.get("presentation") or info.get("presentation") or ""), *map(str, captions)]
-    if isinstance(record.get("case_info"), str):
-        text_parts.append(record["case_info"])
     return {
         "case_id": str(record.get("case_id") or record.get("rid") or record.get("id")),
         "images": [image for image in record.get("images") or [] if isinstance(image, str)],
-        "caption": captions,
-        "text": " ".join(part for part in text_parts if part),
+        "caption": case_captions(record),
+        "text": case_text(record),
         "fields": record,  # modality fields and title, read by detect_modality
     }
 

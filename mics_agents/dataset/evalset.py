@@ -19,7 +19,7 @@ from ..answers import parse_options
 from ..data import parse_record
 from ..grading import normalize
 from .images import ImageCatalog
-from .samples import detect_modality
+from .samples import case_text, detect_modality
 
 __all__ = ["write_eval_items", "answer_type_of"]
 
@@ -61,7 +61,8 @@ def write_eval_items(
             "answer": item.answer,
             "images": [Path(os.path.relpath(path, output.parent)).as_posix() for path in placed],
             "answer_type": answer_type_of(item.question, item.answer),
-            "modality": detect_modality(item.question, images=item.images, case=record),
+            # As for the case's training samples: the captions often name the modality the question does not.
+            "modality": detect_modality(item.question, case_text(record), images=item.images, case=record),
         })
     output.parent.mkdir(parents=True, exist_ok=True)
     lines.sort(key=lambda line: line["id"])

@@ -27,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..task_format import image_labels
 from .images import ImageCatalog
 from .samples import Sample
 
@@ -48,13 +49,26 @@ def _dump_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def _user_content(image_count: int, prompt: str) -> list[dict[str, Any]]:
+    """The user turn as TRL content parts: each image after its ``Image-k:`` label (when there are several,
+    as in the LLaVA turn below), then the prompt."""
+    labels, after_images = image_labels(image_count)
+    parts: list[dict[str, Any]] = []
+    for label in labels:
+        if label:
+            parts.append({"type": "text", "text": label})
+        parts.append({"type": "image", "text": None})
+    parts.append({"type": "text", "text": after_images + prompt})
+    return parts
+
+
 def _human_turn(sample: Sample) -> str:
     if not sample.images:
         return sample.prompt
     if len(sample.images) == 1:
         return f"<image>\n{sample.prompt}"
-    tags = "".join(f"Image-{index}: <image>\n" for index in range(1, len(sample.images) + 1))
-    return tags + sample.prompt
+    labels, after_images = image_labels(len(sample.images))
+    return "".join(f"{label}<image>" for label in labels) + after_images + sample.prompt
 
 
 def export_samples(
@@ -91,7 +105,7 @@ def export_samples(
         images = [relative(image) for image in sample.images]
         # LLaMA-Factory reads the file with `datasets`, which needs one type per column: always a list.
         sharegpt.append({"id": sample.id, "conversations": entry["conversations"], "images": images})
-        user_content = [{"type": "image", "text": None} for _ in images] + [{"type": "text", "text": sample.prompt}]
+        user_content = _user_content(len(images), sample.prompt)
         row = {
             "id": sample.id,
             "case_id": sample.case_id,

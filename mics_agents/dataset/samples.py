@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-__all__ = ["Sample", "PART1", "PART2", "PART3", "MODALITIES", "MIXED", "OTHER", "detect_modality", "modality_evidence"]
+__all__ = ["Sample", "PART1", "PART2", "PART3", "MODALITIES", "MIXED", "OTHER", "detect_modality", "modality_evidence",
+           "case_captions", "case_text"]
 
 PART1 = "part1_text_qa"
 PART2 = "part2_alignment"
@@ -147,6 +148,26 @@ def modality_evidence(
         if named:
             return named, "text"
     return OTHER, "none"
+
+
+def case_captions(record: Mapping[str, Any]) -> list[str]:
+    """A case's image captions, top-level (Chiron-o1) or under ``case_info`` (plain layout); captions that
+    are not text are left out (``mics run`` refuses such a case as bad input)."""
+    info = record.get("case_info") if isinstance(record.get("case_info"), Mapping) else {}
+    captions = record.get("caption", info.get("caption")) or []
+    if isinstance(captions, str):
+        captions = [captions]
+    return [caption for caption in captions if isinstance(caption, str)] if isinstance(captions, list) else []
+
+
+def case_text(record: Mapping[str, Any]) -> str:
+    """The case's own words about its images (presentation, then captions): where a question that names no
+    modality ("Which finding suggests malignancy?") has its modality said ("Axial chest CT: ...")."""
+    info = record.get("case_info") if isinstance(record.get("case_info"), Mapping) else {}
+    parts = [str(record.get("presentation") or info.get("presentation") or ""), *case_captions(record)]
+    if isinstance(record.get("case_info"), str):
+        parts.append(record["case_info"])
+    return " ".join(part for part in parts if part)
 
 
 def detect_modality(
