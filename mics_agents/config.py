@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import annotated_types
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
@@ -145,7 +145,12 @@ class Settings(BaseSettings):
         "mid-solution would score 0).",
     )
     intern_max_tokens: int = Field(default=1024, ge=16, description="Reply budget of an intern call.")
-    judge_max_tokens: int = Field(default=16, ge=1, description="Reply budget of a judge call.")
+    judge_max_tokens: int | None = Field(
+        default=16,
+        ge=1,
+        description="Reply budget of a judge call: only its leading Yes or No is read, so 16 tokens hold every "
+        "verdict and no paid-for explanation; empty for none, as published (a reasoning judge needs room to think).",
+    )
     judge_attempts: int = Field(
         default=3, ge=1, le=10, description="Judge calls to try before an unparsable verdict is an error."
     )
@@ -157,6 +162,24 @@ class Settings(BaseSettings):
         "intern guidance, scored once by the same interns and judge (the paper's baseline arm).",
     )
     vanilla_mentor: str = Field(default="", description="The mentor of the vanilla strategy; the first of MICS_MENTORS when empty.")
+    path_opening: str = Field(
+        default="",
+        description="A sentence every reasoning path starts with: shown to mentors and interns as the first line "
+        "of the reasoning so far, and kept at the start of the saved reasoning (which training learns to write). "
+        "Empty for none (the published code starts each path with a fixed 'think step by step' sentence).",
+    )
+    mentor_images_first: bool = Field(
+        default=True,
+        description="Mentors get the images before the prompt text, as interns do (the shared part of an item's "
+        "calls first, for providers' prompt caches); false puts them after the text, as the published API "
+        "mentors had them.",
+    )
+    intern_answer_line: Literal["loose", "exact"] = Field(
+        default="loose",
+        description="How an intern's final-answer line is recognised: 'loose' also takes bold, other case, fewer "
+        "or no '#' and missing spaces ('**The final answer is:** B'); 'exact' takes only '### The final answer "
+        "is:' as written, as the published code did (any other reply counts wrong).",
+    )
     intern_mode: Literal["answer", "continue"] = Field(
         default="answer",
         description="'answer': interns give only the final answer after the prefix (published), so the score "
@@ -170,6 +193,18 @@ class Settings(BaseSettings):
     )
     image_max_side: int = Field(
         default=1536, ge=64, description="Images with a longer side are downscaled to this many pixels."
+    )
+    intern_image_max_pixels: int = Field(
+        default=1280 * 28 * 28,
+        ge=0,
+        description="Interns get images of at most this many pixels (aspect kept), from the image at "
+        "MICS_IMAGE_MAX_SIDE: the published Qwen interns' processor budget (1280 x 28 x 28); 0 for no bound.",
+    )
+    intern_image_min_pixels: int = Field(
+        default=256 * 28 * 28,
+        ge=0,
+        description="Interns get smaller images enlarged to at least this many pixels (aspect kept), as the "
+        "published Qwen interns' processor did (256 x 28 x 28); 0 for no bound.",
     )
     image_max_pixels: int = Field(
         default=40_000_000, ge=1,
@@ -241,6 +276,18 @@ class Settings(BaseSettings):
         description='Per-model limits as JSON, e.g. {"openai/gpt-4o": 8}.',
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes True as 1: a switch given where a count or a number belongs is a mistake, not a 1.
+        annotation = str(Settings.model_fields[info.field_name].annotation)
+        if "int" not in annotation and "float" not in annotation:
+            return value
+        given = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(item, bool) for item in given):
+            raise ValueError(f"{_shown(value).lower()} is not a number; give {_allowed(info.field_name)}")
+        return value
+
     @field_validator("mentors", "interns", mode="before")
     @classmethod
     def _parse_names(cls, value: Any) -> Any:
@@ -250,6 +297,26 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_temperatures(cls, value: Any) -> Any:
         return _split_floats(value)
+
+    @field_validator("model_concurrency_overrides", mode="before")
+    @classmethod
+    def _no_bool_limit(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name, limit in value.items():
+                if isinstance(limit, bool):
+                    raise ValueError(f"the limit of {name!r} is {str(limit).lower()}, not a number; "
+                                     "each must be a whole number >= 1")
+        return value
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _no_bool_price(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for name, price in value.items():
+                if isinstance(price, dict) and any(isinstance(usd, bool) for usd in price.values()):
+                    raise ValueError(f"the price of {name!r} holds true or false, not a number; give "
+                                     '{"input": USD per token, "output": USD per token}, both >= 0')
+        return value
 
     @field_validator("model_concurrency_overrides")
     @classmethod
@@ -312,11 +379,33 @@ class Settings(BaseSettings):
             raise ValueError(f"{str(value)!r} is a folder; give a file path, e.g. {str(value / 'mics_cache.sqlite')!r}")
         return value
 
-    @field_validator("cache_path", "router_config", "prompt_dir", "mentor_max_tokens", mode="before")
+    @field_validator("cache_path", "router_config", "prompt_dir", "mentor_max_tokens", "judge_max_tokens", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
             return None
+        return value
+
+    @field_validator("intern_image_min_pixels")
+    @classmethod
+    def _check_intern_budget(cls, value: int, info: ValidationInfo) -> int:
+        largest = info.data.get("intern_image_max_pixels")
+        if value and largest and value > largest:
+            raise ValueError(f"{value:,} is above MICS_INTERN_IMAGE_MAX_PIXELS ({largest:,}); the minimum of the "
+                             "interns' image budget must not exceed its maximum (0 turns either bound off)")
+        return value
+
+    @field_validator("path_opening")
+    @classmethod
+    def _check_path_opening(cls, value: str) -> str:
+        from .answers import parse_solution
+
+        value = value.strip()
+        solution = parse_solution(value)
+        if solution.steps or solution.final_answer is not None or "final answer is" in value.lower():
+            # It heads the saved reasoning: a step or answer line in it would be read as part of the path.
+            raise ValueError("the opening holds a '### Step k:' or 'The final answer is:' line; give one plain "
+                             "sentence (or nothing), e.g. \"Let's work through this step by step.\"")
         return value
 
     @field_validator("intern_temperatures")
