@@ -12,13 +12,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .answers import Solution, parse_solution, parse_verdict, render_steps
+from .answers import Solution, extract_exact_final_answer, parse_solution, parse_verdict, render_steps
 from .config import Settings
 from .errors import InputError, MalformedReplyError, ModelCallError
 from .models.base import ChatMessage, ImagePart, Model, ModelRequest, ModelResponse, TextPart
 from .prompts import PromptTemplate, load_prompt
 
-__all__ = ["Case", "Mentor", "Intern", "Judge", "InternReply", "render_case_info", "prompt_messages", "open_judge"]
+__all__ = [
+    "Case", "Mentor", "Intern", "Judge", "InternReply", "render_case_info", "render_prefix", "prompt_messages",
+    "open_judge",
+]
 
 NO_PREFIX = "(none yet: start from Step 1)"
 
@@ -74,11 +77,22 @@ def render_case_info(case_info: str | Mapping[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def prompt_messages(template: PromptTemplate, images: tuple[ImagePart, ...], **fields: str) -> tuple[ChatMessage, ...]:
-    """A template's messages: the system part, then one user message with the images before the text."""
+def render_prefix(steps: list[str], opening: str = "") -> str:
+    """The reasoning so far as a role is shown it: the path's opening sentence (``MICS_PATH_OPENING``), if
+    any, then the steps as ``### Step k:`` blocks; a placeholder when there is neither."""
+    parts = [part for part in (opening.strip(), render_steps(steps)) if part]
+    return "\n\n".join(parts) or NO_PREFIX
+
+
+def prompt_messages(
+    template: PromptTemplate, images: tuple[ImagePart, ...], *, images_first: bool = True, **fields: str
+) -> tuple[ChatMessage, ...]:
+    """A template's messages: the system part, then one user message with the images before the text
+    (after it with ``images_first=False``)."""
     system, user = template.render(**fields)
     # Images first, then the text: the shared part of sibling calls comes first (prefix caching).
-    user_message = ChatMessage("user", (*images, TextPart(user)))
+    parts = (*images, TextPart(user)) if images_first else (TextPart(user), *images)
+    user_message = ChatMessage("user", parts)
     if system:
         return (ChatMessage.text("system", system), user_message)
     return (user_message,)
@@ -100,10 +114,11 @@ class Mentor:
             messages=prompt_messages(
                 self.template,
                 case.images if case.mentor_images is None else case.mentor_images,
+                images_first=self.settings.mentor_images_first,
                 case_info=case.case_info or "(no case record given)",
                 question=case.question,
                 answer=case.answer,
-                prefix=render_steps(prefix) or NO_PREFIX,
+                prefix=render_prefix(prefix, self.settings.path_opening),
             ),
             temperature=self.settings.mentor_temperature,
             max_tokens=self.settings.mentor_max_tokens,
@@ -162,7 +177,9 @@ class Intern:
         request, so a different cache entry); cut off again, it counts as truncated and has no answer.
         """
         sample_indices = list(sample_indices)
-        messages = prompt_messages(self.template, case.images, question=case.question, prefix=render_steps(prefix) or NO_PREFIX)
+        messages = prompt_messages(
+            self.template, case.images, question=case.question, prefix=render_prefix(prefix, self.settings.path_opening)
+        )
         budget = self.settings.intern_max_tokens
         responses: dict[int, list[ModelResponse]] = {index: [] for index in sample_indices}
         pending = list(responses)
@@ -182,12 +199,14 @@ class Intern:
                 break
         return [self._reply(tuple(responses[index])) for index in sample_indices]
 
-    @staticmethod
-    def _reply(responses: tuple[ModelResponse, ...]) -> InternReply:
+    def _reply(self, responses: tuple[ModelResponse, ...]) -> InternReply:
         last = responses[-1]
         if last.finish_reason == "length":
             return InternReply(None, False, True, responses)
-        answer = parse_solution(last.text).final_answer
+        if self.settings.intern_answer_line == "exact":
+            answer = extract_exact_final_answer(last.text)
+        else:
+            answer = parse_solution(last.text).final_answer
         return InternReply(answer, answer is not None, False, responses)
 
 

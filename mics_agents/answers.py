@@ -18,6 +18,7 @@ __all__ = [
     "Solution",
     "parse_solution",
     "extract_final_answer",
+    "extract_exact_final_answer",
     "render_steps",
     "parse_options",
     "parse_verdict",
@@ -82,6 +83,17 @@ def parse_solution(text: str) -> Solution:
 
 def extract_final_answer(text: str) -> str | None:
     return parse_solution(text).final_answer
+
+
+EXACT_FINAL_ANSWER = "### The final answer is:"
+
+
+def extract_exact_final_answer(text: str) -> str | None:
+    """The answer after the last ``### The final answer is:`` written exactly so (case, hashes and spaces as
+    here), the only line the published code took; None when there is none or nothing follows it."""
+    if EXACT_FINAL_ANSWER not in text:
+        return None
+    return _clean_answer(text.rsplit(EXACT_FINAL_ANSWER, 1)[1]) or None
 
 
 def render_steps(steps: list[str], start: int = 1) -> str:

@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
 __all__ = [
-    "ImageSource", "ImageCache", "load_images", "load_image_sync", "smaller_copy", "decode_budget", "to_8bit",
+    "ImageSource", "ImageCache", "load_images", "load_image_sync", "smaller_copy", "within_pixels", "decode_budget",
+    "to_8bit",
     "DEFAULT_MAX_PIXELS", "DECODE_BUDGET_BYTES", "MAX_IMAGE_FILE_BYTES", "decode_cost",
     "return_freed_buffers_to_the_os",
 ]
@@ -353,6 +354,49 @@ def smaller_copy(part: ImagePart, max_side: int) -> ImagePart:
             mime = "image/png"
     data = buffer.getvalue()
     key = hashlib.sha256(f"mics-image/{RESIZE_RECIPE}:{part.cache_id}:max_side={max_side}".encode()).hexdigest()
+    return ImagePart(data, mime, hashlib.sha256(data).hexdigest(), part.label, key_sha256=key)
+
+
+def within_pixels(part: ImagePart, min_pixels: int, max_pixels: int) -> ImagePart:
+    """``part`` scaled (aspect kept) so its pixel count lies within ``min_pixels``..``max_pixels`` (0: no
+    bound on that side), the way a Qwen-VL processor's ``min_pixels``/``max_pixels`` budget scales an image
+    (blocking: call through a thread). An image already within the budget is returned as it is, so its
+    cache key does not change. The key of a scaled one derives from ``part``'s key and the budget."""
+    import math
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(part.data)) as image:
+        width, height = image.size
+        pixels = width * height
+        if max_pixels and pixels > max_pixels:
+            factor = math.sqrt(max_pixels / pixels)
+            size = (max(1, math.floor(width * factor)), max(1, math.floor(height * factor)))
+        elif min_pixels and pixels < min_pixels:
+            factor = math.sqrt(min_pixels / pixels)
+            size = (math.ceil(width * factor), math.ceil(height * factor))
+            if max_pixels and size[0] * size[1] > max_pixels:  # a budget whose bounds nearly meet
+                size = (width, height)
+        else:
+            return part
+        if size == (width, height):
+            return part
+        image.load()
+        image = to_8bit(image)
+        scaled = image.resize(size, Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        if part.mime == "image/jpeg" and scaled.mode in ("RGB", "L"):
+            scaled.save(buffer, format="JPEG", quality=92)
+            mime = "image/jpeg"
+        else:
+            if scaled.mode not in ("RGB", "RGBA", "L", "LA"):
+                scaled = scaled.convert("RGBA" if "A" in scaled.getbands() else "RGB")
+            scaled.save(buffer, format="PNG")
+            mime = "image/png"
+    data = buffer.getvalue()
+    key = hashlib.sha256(
+        f"mics-image/{RESIZE_RECIPE}:{part.cache_id}:pixels={min_pixels}-{max_pixels}".encode()
+    ).hexdigest()
     return ImagePart(data, mime, hashlib.sha256(data).hexdigest(), part.label, key_sha256=key)
 
 

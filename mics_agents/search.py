@@ -21,7 +21,7 @@ from .agents import Case, Intern, InternReply, Judge, Mentor, render_case_info
 from .answers import render_steps
 from .config import Settings, Strategy, load_settings
 from .errors import ConfigError, InputError, ModelCallError
-from .images import ImageCache, ImageSource, load_images, smaller_copy
+from .images import ImageCache, ImageSource, load_images, smaller_copy, within_pixels
 from .models.base import Model, case_affinity, gather_all
 from .models.factory import with_store
 from .grading import GRADER_VERSION, Grader
@@ -207,6 +207,8 @@ class _Run:
     async def _success(self, search_id: str) -> SearchResult:
         last = self.path[-1]
         reasoning = render_steps(self.prefix() + last.rest)
+        if self.settings.path_opening.strip():
+            reasoning = f"{self.settings.path_opening.strip()}\n\n{reasoning}"
         if last.final_answer:
             reasoning += f"\n\n### The final answer is: {last.final_answer}"
         return SearchResult(
@@ -365,9 +367,14 @@ class Searcher:
             side = self.settings.mentor_image_max_side
             # From the images just loaded: each original file is read, decoded and hashed once per case.
             mentor_images = tuple(await asyncio.gather(*(asyncio.to_thread(smaller_copy, part, side) for part in loaded)))
+        if mentor_images is None:
+            mentor_images = tuple(loaded)  # interns' may be scaled below; mentors keep the loaded size
         if rid is None:
             digest = hashlib.sha256("\x00".join([question, answer, *(image.sha256 for image in loaded)]).encode())
             rid = digest.hexdigest()[:16]
+        budget = (self.settings.intern_image_min_pixels, self.settings.intern_image_max_pixels)
+        if loaded and any(budget):
+            loaded = list(await asyncio.gather(*(asyncio.to_thread(within_pixels, part, *budget) for part in loaded)))
         return Case(
             rid=str(rid),
             question=question.strip(),

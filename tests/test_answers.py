@@ -70,3 +70,18 @@ def test_verdicts_are_read_strictly(reply, verdict):
 def test_a_verdict_must_start_with_yes_or_no(reply):
     with pytest.raises(MalformedReplyError):
         parse_verdict(reply)
+
+
+# -- the published exact final-answer line (MICS_INTERN_ANSWER_LINE=exact) ---------------------------------
+
+
+def test_the_exact_line_takes_only_the_published_marker():
+    from mics_agents.answers import extract_exact_final_answer
+
+    assert extract_exact_final_answer("### The final answer is: B. HCC") == "B. HCC"
+    assert extract_exact_final_answer("x\n### The final answer is: A\n### The final answer is: **C**") == "C"
+    for loose in ("**The final answer is:** B", "### The Final Answer is: B", "###The final answer is: B",
+                  "The final answer is: B", "### The final answer is B", "B"):
+        assert extract_exact_final_answer(loose) is None, loose
+        assert parse_solution(loose).final_answer in (None, "B")  # the loose reader takes what it can
+    assert extract_exact_final_answer("### The final answer is:   \n") is None  # a marker with nothing after it

@@ -232,3 +232,51 @@ def test_a_smaller_copy_comes_from_the_loaded_image_with_a_stable_key_of_its_own
     assert Image.open(io.BytesIO(small.data)).size == (512, 341) and small.mime == "image/png"
     assert small.cache_id != loaded.cache_id and smaller_copy(loaded, 512).cache_id == small.cache_id
     assert smaller_copy(loaded, 2048) is loaded
+
+
+# -- the intern image budget (published Qwen processor: 256*28*28 to 1280*28*28 pixels) --------------------
+
+
+async def _part(size, mode="RGB", fmt="PNG"):
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format=fmt)
+    [part] = await load_images(buffer.getvalue(), max_side=4096, max_pixels=10**8)
+    return part
+
+
+@pytest.mark.parametrize(
+    "size, expected_pixels",
+    [((1536, 1152), (800_000, 1_003_520)),   # above the budget: down to at most 1280*28*28
+     ((100, 80), (200_704, 215_000)),        # below it: up to at least 256*28*28
+     ((3000, 20), (200_704, 215_000))],      # a sliver: enlarged by pixel count, its shape kept
+)
+async def test_an_image_outside_the_intern_budget_is_scaled_into_it_keeping_its_shape(size, expected_pixels):
+    from mics_agents.images import within_pixels
+
+    part = await _part(size)
+    scaled = within_pixels(part, 256 * 28 * 28, 1280 * 28 * 28)
+    width, height = Image.open(io.BytesIO(scaled.data)).size
+    assert expected_pixels[0] <= width * height <= expected_pixels[1]
+    assert abs(width / height - size[0] / size[1]) / (size[0] / size[1]) < 0.1
+    assert scaled.cache_id != part.cache_id and scaled.label == part.label
+
+
+async def test_an_image_within_the_intern_budget_or_with_no_budget_is_sent_as_it_is():
+    from mics_agents.images import within_pixels
+
+    part = await _part((1024, 768), fmt="JPEG")
+    assert within_pixels(part, 256 * 28 * 28, 1280 * 28 * 28) is part
+    assert within_pixels(await _part((4000, 3000)), 0, 0).data == (await _part((4000, 3000))).data
+    # A budget whose bounds nearly meet never pushes a small image above its maximum.
+    tiny = await _part((7, 5))
+    out = within_pixels(tiny, 1000, 1001)
+    assert Image.open(io.BytesIO(out.data)).size[0] * Image.open(io.BytesIO(out.data)).size[1] <= 1001
+
+
+async def test_a_16_bit_scan_is_scaled_to_8_bit_grey():
+    from mics_agents.images import within_pixels
+
+    part = await _part((2000, 1000), mode="I;16")
+    scaled = within_pixels(part, 0, 500_000)
+    with Image.open(io.BytesIO(scaled.data)) as image:
+        assert image.mode == "L" and image.size[0] * image.size[1] <= 500_000
