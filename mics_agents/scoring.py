@@ -58,6 +58,11 @@ def pick_full_score(mentors: Sequence[str], history: dict[str, list[float]], rng
     """Among mentors whose candidate scored 1.0, the most competitive one; remaining ties at random.
 
     ``history[mentor]`` holds the scores of that mentor's candidates at the *earlier* iterations.
+
+    The published code differs (README, fidelity): it draws among all mentors at the first iteration and
+    ranks all of them by 1 + the sum of their scores afterwards, so it can save the solution of a mentor
+    whose candidate did not score 1.0 as a full-score path. We keep the paper's rule: the product, over
+    the mentors that scored 1.0.
     """
     best = max(competitiveness(history[mentor]) for mentor in mentors)
     tied = [mentor for mentor in mentors if competitiveness(history[mentor]) == best]

@@ -46,3 +46,12 @@ def test_pick_to_continue_prefers_fresh_mentors_on_ties():
     rng = random.Random(0)
     assert pick_to_continue({"a": 0.5, "b": 0.5, "c": 0.25}, {"a"}, rng) == "b"
     assert pick_to_continue({"a": 0.75, "b": 0.5}, {"a"}, rng) == "a"
+
+
+def test_competitiveness_is_the_product_not_the_published_codes_one_plus_sum():
+    """The published select_best_mentor ranks by 1 + the sum of earlier scores; the paper's rule (DESIGN §3)
+    is the product, which a single zero sinks: a steady mentor beats one that once led nobody anywhere."""
+    rng = random.Random(0)
+    earlier = {"steady": [0.5, 0.5], "erratic": [0.9, 0.2]}  # products 0.25 vs 0.18; 1 + sums 2.0 vs 2.1
+    assert pick_full_score(["steady", "erratic"], earlier, rng) == "steady"
+    assert pick_full_score(["steady", "zeroed"], {"steady": [0.25, 0.25], "zeroed": [1.0, 0.0]}, rng) == "steady"

@@ -301,3 +301,18 @@ async def test_bad_input_raises_input_error():
         await search.search(QUESTION, answer="  ")
     with pytest.raises(InputError, match="not found"):
         await search.search(QUESTION, "missing.png", answer=ANSWER)
+
+
+async def test_among_full_scores_only_a_full_scorer_is_chosen_even_against_a_better_record():
+    """The published code ranks every mentor by 1 + the sum of its scores (this iteration's included), so here
+    it would save m/a's reasoning (1 + 0.75 + 0.75 against m/b's 1 + 0.25 + 1.0) as a full-score path; ours
+    chooses among the full scorers only."""
+    config = settings()
+    a = mentor("m/a", {0: ["a1 [score=0.75]", "a2", "a3 [score=0.75]"]})
+    b = mentor("m/b", {0: ["b1 [score=0.25]", "b2"], 2: ["b3 [score=1.0]"]})
+    c = mentor("m/c", {0: ["c1 [score=0]", "c2"], 2: ["c3 [score=0]"]})
+    result = await run(searcher([a, b, c], [intern("i/1", config)], config=config))
+    assert result.scores == {"m/a": [0.75, 0.75], "m/b": [0.25, 1.0], "m/c": [0.0, 0.0]}
+    assert result.status == "success" and result.search_id == "1"
+    assert result.generated_by == ["m/a", "m/b"] and result.mics_score == 1.0
+    assert "b3 [score=1.0]" in result.reasoning and "a3" not in result.reasoning
