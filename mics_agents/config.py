@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
@@ -93,6 +93,15 @@ def check_router_config(path: Path, variable: str = "MICS_ROUTER_CONFIG") -> dic
             stack.extend(value)
     add_secrets(secrets)
     return config
+
+
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a setting's type holds an int or a float anywhere (``int | None``, ``list[float]``, ...)."""
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) is Literal:
+        return False
+    return any(_takes_numbers(argument) for argument in get_args(annotation))
 
 
 class Settings(BaseSettings):
@@ -280,8 +289,7 @@ class Settings(BaseSettings):
     @classmethod
     def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic takes True as 1: a switch given where a count or a number belongs is a mistake, not a 1.
-        annotation = str(Settings.model_fields[info.field_name].annotation)
-        if "int" not in annotation and "float" not in annotation:
+        if not _takes_numbers(Settings.model_fields[info.field_name].annotation):
             return value
         given = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(item, bool) for item in given):
