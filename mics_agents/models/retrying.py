@@ -3,8 +3,9 @@ and full jitter, or after the server's ``Retry-After`` when it gives one and it 
 
 What is worth another attempt is decided by the transport: it raises
 :class:`~mics_agents.errors.TransientModelError` (429, 5xx, timeouts, dropped connections) or
-:class:`~mics_agents.errors.MalformedReplyError` (a reply without text); anything else, such as a 400 or a
-401, is sent once. A ``Retry-After`` beyond ``max_retry_after`` means the server is down or out of quota
+:class:`~mics_agents.errors.MalformedReplyError` (a reply without text); anything else is sent once: a 400,
+credentials refused or not found (401, 403, whatever status a wrapper gives them) and a package that is not
+installed (LiteLLM reports the failed import as a connection error) fail the same way every time. A ``Retry-After`` beyond ``max_retry_after`` means the server is down or out of quota
 for longer than a run should sit and wait: the call fails at once, saying how long it asked for.
 """
 

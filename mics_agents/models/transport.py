@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import weakref
 from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -251,10 +252,16 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}{f' (HTTP {status})' if status else ''}{f': {text[:300]}' if text else ''}"
 
 
+_CREDENTIALS_HINT = (
+    "Check the provider's credentials: its API key variable (e.g. OPENAI_API_KEY, GEMINI_API_KEY), or for "
+    "Azure, Bedrock and Vertex AI the credentials their SDK finds (Azure AD, the AWS profile, gcloud's)."
+)
+
+
 def hint(exc: BaseException) -> str:
     status = status_code(exc)
     if status in (401, 403):
-        return "Check the provider's API key variable (e.g. OPENAI_API_KEY, GEMINI_API_KEY)."
+        return _CREDENTIALS_HINT
     if status == 404:
         return "Check the model name (a LiteLLM name like 'openai/gpt-4o') and the provider's *_API_BASE."
     if status == 400:
@@ -269,12 +276,73 @@ def _names_a_missing_key(exc: BaseException) -> bool:
     return "api_key" in text and ("must be set" in text or "missing" in text)
 
 
+# Errors saying the credentials were refused or could not be had, by class name so that no SDK is imported
+# to check (LiteLLM, OpenAI, botocore, google-auth, azure-identity), whatever status they carry: an Azure
+# AD or Google token that cannot be fetched reaches us as LiteLLM's APIConnectionError (HTTP 500).
+_REFUSED_CREDENTIALS = frozenset({
+    "AuthenticationError", "PermissionDeniedError", "NoCredentialsError", "PartialCredentialsError",
+    "DefaultCredentialsError", "RefreshError", "ClientAuthenticationError", "CredentialUnavailableError",
+})
+_NO_MODULE = re.compile(r"No module named '([\w.]+)'")
+# The package to install for a module LiteLLM imports on a provider's first call.
+_PACKAGE_OF_MODULE = {"google": "google-auth", "boto3": "boto3", "botocore": "boto3", "azure": "azure-identity"}
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it was raised from, or raised while handling and whose text it repeats
+    (LiteLLM wraps a provider's error in its own and keeps its text); an error merely being handled
+    nearby is not a cause."""
+    text, found, current = str(exc), [exc], exc
+    for _ in range(16):  # chains are short; a cycle or a runaway one ends here
+        current = current.__cause__ or current.__context__
+        if current is None or current in found:
+            break
+        if current is exc.__cause__ or (str(current) and str(current) in text):
+            found.append(current)
+    return found
+
+
+def _missing_module(exc: BaseException) -> str | None:
+    """When ``exc`` is a failed import (a package not installed: every attempt fails the same way), the
+    module's name ("?" when it does not say); else None."""
+    for cause in _causes(exc):
+        if isinstance(cause, ImportError):
+            if cause.name:
+                return cause.name
+            match = _NO_MODULE.search(str(cause))
+            return match.group(1) if match else "?"
+    # LiteLLM reports a failure before any request (an import among them) as its APIConnectionError.
+    match = _NO_MODULE.search(str(exc)) if type(exc).__name__ == "APIConnectionError" else None
+    return match.group(1) if match else None
+
+
+def _refuses_credentials(exc: BaseException) -> bool:
+    return any(kind.__name__ in _REFUSED_CREDENTIALS for cause in _causes(exc) for kind in type(cause).__mro__)
+
+
 def classify_error(model: str, exc: BaseException, is_transient: Any = None) -> ModelError:
     """The error one failed attempt becomes. 4xx other than 408/409/425/429 are never worth another
-    attempt (the same request gets the same refusal); 408/409/425/429, 5xx, timeouts, dropped connections
-    and unreadable replies are (:class:`TransientModelError`, carrying any Retry-After)."""
+    attempt (the same request gets the same refusal), nor are a package that is not installed and
+    credentials refused or not found, whatever status a wrapper gives them; 408/409/425/429, 5xx,
+    timeouts, dropped connections and unreadable replies are (:class:`TransientModelError`, carrying any
+    Retry-After)."""
     if isinstance(exc, ModelError):
         return exc
+    module = _missing_module(exc)
+    if module is not None:
+        package = _PACKAGE_OF_MODULE.get(module.partition(".")[0])
+        install = (
+            f"pip install {package}" if package
+            else "install what the error names" if module == "?"
+            else f"install the package that provides {module!r}"
+        )
+        return ModelCallError(
+            f"{model}: {describe(exc)}. A Python package this provider needs is not installed: {install} (in "
+            "the environment mics runs in), then rerun: the run resumes.",
+            model=model,
+        )
+    if _refuses_credentials(exc) and status_code(exc) not in RETRYABLE_4XX:
+        return ModelCallError(f"{model}: {describe(exc)}. {_CREDENTIALS_HINT}", model=model)
     if _names_a_missing_key(exc):
         return ModelCallError(
             f"{model}: {describe(exc)}. Set the provider's API key variable (e.g. OPENAI_API_KEY), in the "
