@@ -10,7 +10,8 @@ import os
 import weakref
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from ..errors import ConfigError
 
@@ -137,25 +138,231 @@ def _is_key_variable(name: str) -> bool:
     return name.endswith(("_API_KEY", "_API_TOKEN", "_AUTH_TOKEN"))
 
 
-def _missing_for(model: str, api_key: Any = None, api_base: Any = None) -> list[str]:
-    """The credential variables ``model`` needs and lacks, or ``[]``."""
-    if isinstance(api_key, str) and api_key:
-        if api_key.startswith(_ENV_REFERENCE):
-            variable = api_key[len(_ENV_REFERENCE):]
-            return [] if os.environ.get(variable) else [variable]
+def _given(value: Any) -> bool:
+    """Whether a credential value is there: an empty or blank one is not (LiteLLM's clients skip it too)."""
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if _given(value) else None
+
+
+def _param(params: Mapping[str, Any], name: str) -> str | None:
+    """A Router deployment's parameter, with an ``os.environ/VAR`` reference read from the environment."""
+    value = _from_environment(params.get(name))
+    return value if _given(value) else None
+
+
+# Providers whose key LiteLLM takes from other variables than <PROVIDER>_API_KEY (validate_environment and
+# the providers' call paths), for telling an empty variable from a set one.
+_KEY_VARIABLES: dict[str, tuple[str, ...]] = {
+    "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"),
+    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "together_ai": ("TOGETHERAI_API_KEY",),
+    "perplexity": ("PERPLEXITYAI_API_KEY",),
+    "datarobot": ("DATAROBOT_API_TOKEN",),
+    "fireworks_ai": ("FIREWORKS_AI_API_KEY", "FIREWORKS_API_KEY", "FIREWORKSAI_API_KEY", "FIREWORKS_AI_TOKEN"),
+    "dashscope": ("DASHSCOPE_API_KEY",),
+}
+_AZURE_KEYS = ("AZURE_API_KEY", "AZURE_OPENAI_API_KEY")
+_GOOGLE_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+
+
+class _Lack(NamedTuple):
+    """What a model lacks, as the rest of "MODEL needs ..."; ``key``: a key variable, which a server of
+    one's own may not need."""
+
+    text: str
+    key: bool = False
+
+
+class _SdkChains:
+    """The cloud SDKs' own credential chains (environment, profiles, files, instance and container roles),
+    asked once per check whatever the number of models using them: off a cloud machine, the chain's last
+    link waits on the metadata server."""
+
+    def __init__(self) -> None:
+        self._aws: dict[str | None, _Lack | None] = {}
+        self._google: tuple[Any, ...] | None = None
+
+    def aws(self, profile: str | None) -> _Lack | None:
+        if profile not in self._aws:
+            self._aws[profile] = _aws_chain(profile)
+        return self._aws[profile]
+
+    def google(self) -> tuple[Any, ...]:
+        """(lack or None, project the credentials name or None)."""
+        if self._google is None:
+            self._google = _google_chain()
+        return self._google
+
+
+def _aws_chain(profile: str | None) -> _Lack | None:
+    try:
+        import boto3
+        from botocore.credentials import RefreshableCredentials
+        from botocore.exceptions import BotoCoreError, ProfileNotFound
+    except ImportError:
+        return _Lack(
+            "the boto3 package, which is not installed (LiteLLM signs AWS requests with it): pip install boto3"
+        )
+    try:
+        credentials = boto3.Session(profile_name=profile).get_credentials()
+    except ProfileNotFound as exc:
+        return _Lack(
+            f"AWS credentials, and boto3 says: {exc} (profiles live in ~/.aws/config and ~/.aws/credentials, or "
+            "the files AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE name)"
+        )
+    except (BotoCoreError, OSError) as exc:
+        return _Lack(f"AWS credentials that boto3 can read, and it cannot: {' '.join(str(exc).split())[:300]}")
+    if credentials is not None and not isinstance(credentials, RefreshableCredentials):
+        # Fixed keys (from the environment or a file) can be looked at without a request; blank ones are none.
+        if not (_given(credentials.access_key) and _given(credentials.secret_key)):
+            credentials = None
+    if credentials is None:
+        return _Lack(
+            "AWS credentials and boto3 found none: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+            "(a profile in ~/.aws/credentials or ~/.aws/config), or run where an instance or container role "
+            "applies; a Bedrock API key goes in AWS_BEARER_TOKEN_BEDROCK"
+        )
+    return None
+
+
+def _google_import_lack() -> _Lack | None:
+    try:
+        import google.auth  # noqa: F401 - LiteLLM signs vertex_ai requests with it
+    except ImportError:
+        return _Lack(
+            "the google-auth package, which is not installed (LiteLLM signs vertex_ai requests with it): pip "
+            "install google-auth (or pip install 'litellm[google]' for Google's whole SDK)"
+        )
+    return None
+
+
+def _google_chain() -> tuple[_Lack | None, str | None]:
+    import_lack = _google_import_lack()
+    if import_lack is not None:
+        return import_lack, None
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        _, project = google.auth.default(scopes=_GOOGLE_SCOPES)
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        return _Lack(
+            f"Google credentials and google.auth found none ({reason}): run 'gcloud auth application-default login', "
+            "or set GOOGLE_APPLICATION_CREDENTIALS (or VERTEXAI_CREDENTIALS) to a service account's key file"
+        ), None
+    except google.auth.exceptions.GoogleAuthError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        return _Lack(f"Google credentials that google.auth can use, and it cannot: {reason}"), None
+    return None, project if _given(project) else None
+
+
+def _azure_lacks(params: Mapping[str, Any]) -> list[_Lack]:
+    """Azure OpenAI takes a key or Azure AD (a token, a service principal, a user and password, or
+    DefaultAzureCredential when LiteLLM's ``enable_azure_ad_token_refresh`` is on), and has no public
+    endpoint: each resource has its own."""
+    litellm = import_litellm()
+    lacks = []
+    signed_in = (
+        any(_env(name) for name in _AZURE_KEYS)
+        or _given(getattr(litellm, "azure_key", None))
+        or _param(params, "azure_ad_token") or _env("AZURE_AD_TOKEN")
+        or callable(params.get("azure_ad_token_provider"))
+        or getattr(litellm, "enable_azure_ad_token_refresh", False) is True
+    )
+    client = _param(params, "client_id") or _env("AZURE_CLIENT_ID")
+    tenant = _param(params, "tenant_id") or _env("AZURE_TENANT_ID")
+    secret = _param(params, "client_secret") or _env("AZURE_CLIENT_SECRET")
+    user = _param(params, "azure_username") or _env("AZURE_USERNAME")
+    password = _param(params, "azure_password") or _env("AZURE_PASSWORD")
+    if not (signed_in or (client and tenant and secret) or (client and user and password)):
+        lacks.append(_Lack(
+            "a key (AZURE_API_KEY or AZURE_OPENAI_API_KEY) or Azure AD credentials (AZURE_AD_TOKEN, or "
+            "AZURE_CLIENT_ID, AZURE_CLIENT_SECRET and AZURE_TENANT_ID), and none is set"
+        ))
+    if not (_param(params, "api_base") or _env("AZURE_API_BASE") or _given(getattr(litellm, "api_base", None))):
+        lacks.append(_Lack("AZURE_API_BASE (the resource's endpoint, https://NAME.openai.azure.com), which is not set"))
+    return lacks
+
+
+def _aws_lacks(params: Mapping[str, Any], chains: _SdkChains) -> list[_Lack]:
+    """Bedrock (and SageMaker) sign with AWS credentials: the deployment's own, a Bedrock API key, a role
+    LiteLLM assumes, or whatever boto3's chain finds (profile, files, SSO, instance and container roles)."""
+    if _env("AWS_BEARER_TOKEN_BEDROCK"):
         return []
-    if api_key is not None and not isinstance(api_key, str):
+    if _param(params, "aws_access_key_id") and _param(params, "aws_secret_access_key"):
         return []
-    provider, dynamic_key, _ = _provider(model)
-    if dynamic_key or api_base or configured_api_base(provider):
-        return []  # a key LiteLLM supplies (hosted_vllm/), or an endpoint of one's own: it may need none
+    if any(_param(params, name) for name in ("aws_role_name", "aws_web_identity_token")) or any(
+        _env(name) for name in ("AWS_ROLE_NAME", "AWS_WEB_IDENTITY_TOKEN")
+    ):
+        return []  # LiteLLM asks STS for them itself
+    lack = chains.aws(_param(params, "aws_profile_name") or _env("AWS_PROFILE_NAME"))
+    return [lack] if lack else []
+
+
+def _google_lacks(params: Mapping[str, Any], chains: _SdkChains) -> list[_Lack]:
+    """Vertex AI signs with google-auth: the credentials given to LiteLLM (VERTEXAI_CREDENTIALS, a
+    deployment's ``vertex_credentials``: a key file or its JSON, which names its project), else Application
+    Default Credentials, and then needs a project."""
+    given = params.get("vertex_credentials") or params.get("vertex_ai_credentials")
+    if isinstance(given, dict) or _given(_from_environment(given)) or _env("VERTEXAI_CREDENTIALS"):
+        lack = _google_import_lack()
+        return [lack] if lack else []
+    lack, project = chains.google()
+    if lack is not None:
+        return [lack]
+    named = _param(params, "vertex_project") or _param(params, "vertex_ai_project") or _env("VERTEXAI_PROJECT")
+    if not (named or project or _given(getattr(import_litellm(), "vertex_project", None))):
+        return [_Lack("a Google Cloud project: set VERTEXAI_PROJECT (the credentials found name none)")]
+    return []
+
+
+def _key_lacks(model: str, provider: str) -> list[_Lack]:
+    """A provider whose key is one variable (of a few): LiteLLM's own check, except that a variable set to
+    nothing, which LiteLLM counts as set, is not a key."""
     checked = import_litellm().validate_environment(model)
     missing = [name for name in checked.get("missing_keys") or [] if isinstance(name, str)]
-    if checked.get("keys_in_environment") or not missing:
+    if not checked.get("keys_in_environment"):
+        # Only an API-key variable is surely needed: a missing *_API_BASE is LiteLLM's default URL, not a secret.
+        if missing and all(_is_key_variable(name) for name in missing):
+            return [_Lack(f"{' or '.join(missing)}, which is not set", key=True)]
         return []
-    # Only an API-key variable is surely needed: cloud providers (Bedrock, Vertex) also take credentials from
-    # profiles and instance roles, and a missing *_API_BASE is LiteLLM's default URL, not a missing secret.
-    return missing if all(_is_key_variable(name) for name in missing) else []
+    names = _KEY_VARIABLES.get(provider, (f"{provider.upper()}_API_KEY",))
+    empty = [name for name in names if name in os.environ]
+    if empty and not any(_env(name) for name in names):
+        if len(names) == 1:
+            return [_Lack(f"{names[0]}, which is set to nothing", key=True)]
+        state = f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} set to nothing"
+        return [_Lack(f"{' or '.join(names)}, and {state}", key=True)]
+    return []
+
+
+def _lacks_of(model: str, params: Mapping[str, Any], chains: _SdkChains) -> list[_Lack]:
+    """What ``model`` (with a Router deployment's ``params``, if any) needs to sign its calls and lacks."""
+    api_key = params.get("api_key")
+    if isinstance(api_key, str) and api_key.startswith(_ENV_REFERENCE):
+        variable = api_key[len(_ENV_REFERENCE):]
+        if _env(variable):
+            return []
+        state = "set to nothing" if variable in os.environ else "not set"
+        return [_Lack(f"{variable}, which is {state}", key=True)]
+    if _given(api_key) or (api_key is not None and not isinstance(api_key, str)):
+        return []
+    provider, dynamic_key, _ = _provider(model)
+    if provider == "azure":
+        return _azure_lacks(params)
+    if provider in ("bedrock", "sagemaker"):
+        return _aws_lacks(params, chains)
+    if provider.startswith("vertex_ai"):
+        return _google_lacks(params, chains)
+    base = _param(params, "api_base") or configured_api_base(provider)
+    if _given(dynamic_key) or (base and not (provider == "openai" and _OPENAI_OWN_API in base)):
+        return []  # a key LiteLLM supplies (hosted_vllm/), or an endpoint of one's own: it may need none
+    return _key_lacks(model, provider)
 
 
 def direct_target(model: str) -> tuple[str, str, str | None] | None:
@@ -260,40 +467,50 @@ def needs_litellm(names: list[str], transport: str, router_config: Any = None) -
     return any(direct_target(name) is None for name in names)
 
 
-def missing_credentials(name: str, router: Any = None) -> list[str]:
-    """The credential variables model ``name`` (a LiteLLM name, or a Router ``model_name``) lacks. Keys a
-    Router deployment gives (``api_key``, ``os.environ/VAR`` when VAR is set) are not missing."""
+def _lacks(name: str, router: Any, chains: _SdkChains) -> list[_Lack]:
     routed = router is not None and name in router_model_names(router)
     if not routed and direct_target(name) is not None:
         return []  # an endpoint of one's own: it may need no key (and LiteLLM need not be imported to say so)
-    if routed:
-        for deployment in _written_deployments.get(router) or router_deployments(router):
-            if deployment.get("model_name") != name:
-                continue
+    if not routed:
+        return _lacks_of(name, {}, chains)
+    lacks: list[_Lack] = []
+    for deployment in _written_deployments.get(router) or router_deployments(router):
+        if deployment.get("model_name") == name:
             params = deployment.get("litellm_params") or {}
-            missing = _missing_for(str(params.get("model") or name), params.get("api_key"), params.get("api_base"))
-            if missing:
-                return missing
-        return []
-    return _missing_for(name)
+            lacks += [lack for lack in _lacks_of(str(params.get("model") or name), params, chains) if lack not in lacks]
+    return lacks
+
+
+def missing_credentials(name: str, router: Any = None) -> list[str]:
+    """What model ``name`` (a LiteLLM name, or a Router ``model_name``) needs to sign its calls and lacks,
+    each as the rest of "NAME needs ...", or ``[]``. What a Router deployment gives (``api_key``, AWS keys,
+    ``vertex_credentials``, ``os.environ/VAR`` when VAR is set) is not missing."""
+    return [lack.text for lack in _lacks(name, router, _SdkChains())]
 
 
 def check_credentials(names: list[str], router: Any = None) -> None:
-    """Raise :class:`ConfigError` before any call when a model's provider key is not set anywhere (the
-    environment or the working folder's ``.env``). LiteLLM would report it per call as a server error, which
-    was retried as if the server were down."""
-    problems = []
+    """Raise :class:`ConfigError` before any call when a model cannot sign its calls: its provider's key is
+    not set anywhere (the environment or the working folder's ``.env``; a variable set to nothing counts as
+    unset), or, for AWS and Google Cloud, their SDK is not installed or its credential chain finds nothing.
+    LiteLLM would report each per call, as a failed item or an error retried as if the server were down.
+
+    The SDK chains read files and, off a cloud machine, wait on its metadata server: call this from a
+    worker thread in async code."""
+    chains = _SdkChains()
+    problems, by_key = [], False
     for name in dict.fromkeys(names):
-        missing = missing_credentials(name, router)
-        if missing:
-            problems.append(f"{name} needs {' or '.join(missing)}, which is not set")
+        for lack in _lacks(name, router, chains):
+            problems.append(f"{name} needs {lack.text}")
+            by_key = by_key or lack.key
     if problems:
         env_file = Path.cwd() / ".env"
-        raise ConfigError(
-            f"Missing API key: {'; '.join(problems)}. Set it in the environment or in {str(env_file)!r} (the one "
-            ".env file read), or, for a server of your own that needs no key, point the provider's *_API_BASE "
-            "(e.g. OPENAI_API_BASE) at it."
-        )
+        advice = f"Set it in the environment or in {str(env_file)!r} (the one .env file read)"
+        if by_key:
+            advice += (
+                ", or, for a server of your own that needs no key, point the provider's *_API_BASE "
+                "(e.g. OPENAI_API_BASE) at it"
+            )
+        raise ConfigError(f"Missing credentials: {'; '.join(problems)}. {advice}.")
 
 
 @lru_cache(maxsize=256)
