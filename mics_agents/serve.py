@@ -5,13 +5,18 @@ vLLM serves, LiteLLM's Router spreads calls and fails over; this module only sta
 processes and writes the config that joins them. Replicas on other machines (``launch: false``) are
 routed to without being started here.
 
+A LoRA adapter from ``training/`` is served with the image budget it was trained with (InternVL tiles, Qwen
+pixels), read from what training saved with it. vLLM takes the base model's processor for every adapter and one
+``--mm-processor-kwargs`` for the whole server, so one server serves adapters of one budget only; the budget
+goes to vLLM in the family's own keys and is recorded per deployment in the Router config (``image_budget``).
+
     router_config: interns_router.yaml        # written once every replica is healthy
     models:
       - name: qwen-intern                      # the name MICS_INTERNS uses
         model: Qwen/Qwen2.5-VL-7B-Instruct     # a local path or a hub id vLLM can load
         tensor_parallel_size: 1
         max_model_len: 8192
-        lora_modules: {chiron: runs/chiron/final_adapter}
+        lora_modules: {chiron: runs/chiron/adapter}   # training's OUTPUT/adapter
         extra_args: [--gpu-memory-utilization, "0.9"]
         replicas:
           - {gpus: "0", port: 8001}
@@ -22,7 +27,9 @@ routed to without being started here.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -30,18 +37,37 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from string import Formatter
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .config import load_yaml_model
-from .errors import MicsError
+from .errors import ConfigError, MicsError
 
-__all__ = ["ServeConfig", "ModelSpec", "Replica", "load_serve_config", "router_config", "InternServers"]
+__all__ = [
+    "ServeConfig",
+    "ModelSpec",
+    "Replica",
+    "load_serve_config",
+    "router_config",
+    "launch_command",
+    "dry_run_commands",
+    "trained_image_budget",
+    "vllm_image_kwargs",
+    "server_image_budget",
+    "served_image_budget",
+    "InternServers",
+]
 
 DEFAULT_LAUNCHER = ["{python}", "-m", "vllm.entrypoints.openai.api_server"]
+MM_PROCESSOR_FLAG = "--mm-processor-kwargs"
+# The keys of vLLM's --mm-processor-kwargs that set an image budget: InternVL's tiles, Qwen2-VL/2.5-VL's pixels.
+IMAGE_BUDGET_KEYS = ("max_dynamic_patch", "min_pixels", "max_pixels")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Replica(BaseModel):
@@ -66,7 +92,49 @@ class ModelSpec(BaseModel):
     lora_modules: dict[str, str] = Field(default_factory=dict, description="LoRA name -> adapter folder.")
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    mm_processor_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM --mm-processor-kwargs for the whole server; the adapters' trained image budget is added.",
+    )
     replicas: list[Replica]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _processor_kwargs_from_extra_args(cls, data: Any) -> Any:
+        """``--mm-processor-kwargs`` in extra_args is taken as the setting it is, so it can be checked against
+        the adapters' image budget (and is not passed twice)."""
+        if not isinstance(data, dict) or not isinstance(data.get("extra_args"), list):
+            return data
+        args, found = list(data["extra_args"]), None
+        for index, arg in enumerate(args):
+            if arg == MM_PROCESSOR_FLAG:
+                if index + 1 == len(args):
+                    raise ValueError(f"extra_args: {MM_PROCESSOR_FLAG} needs a JSON object after it")
+                found, del_range = args[index + 1], slice(index, index + 2)
+                break
+            if isinstance(arg, str) and arg.startswith(MM_PROCESSOR_FLAG + "="):
+                found, del_range = arg.split("=", 1)[1], slice(index, index + 1)
+                break
+        if found is None:
+            return data
+        if data.get("mm_processor_kwargs"):
+            raise ValueError(f"extra_args: give {MM_PROCESSOR_FLAG} once, as mm_processor_kwargs or in extra_args")
+        try:
+            kwargs = json.loads(found) if isinstance(found, str) else None
+        except json.JSONDecodeError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"extra_args: {MM_PROCESSOR_FLAG} takes a JSON object, not {found!r}")
+        del args[del_range]
+        return {**data, "extra_args": args, "mm_processor_kwargs": kwargs}
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in env if not _ENV_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an environment variable name (letters, digits and _, not first a digit)")
+        return env
 
     @field_validator("replicas")
     @classmethod
@@ -91,9 +159,176 @@ class ServeConfig(BaseModel):
     cooldown_time: float = Field(default=30.0, ge=0, description="Seconds a failing replica is left out.")
     allowed_fails: int = Field(default=3, ge=0, description="Failures in a minute before a cooldown.")
 
+    @field_validator("launcher")
+    @classmethod
+    def _launcher_template(cls, launcher: list[str]) -> list[str]:
+        if not launcher:
+            raise ValueError("give the command that starts a server, e.g. ['{python}', '-m', 'vllm.entrypoints.openai.api_server']")
+        for index, part in enumerate(launcher):
+            try:
+                unknown = [name for _, name, _, _ in Formatter().parse(part) if name is not None and name != "python"]
+                problem = f"unknown placeholder {{{unknown[0]}}}" if unknown else None
+            except ValueError as exc:  # a lone brace
+                problem = str(exc)
+            if problem:
+                raise ValueError(
+                    f"launcher[{index}] {part!r}: {problem}; the one placeholder is {{python}} (the interpreter), "
+                    "and a literal brace is doubled ({{ or }})"
+                )
+        return launcher
+
 
 def load_serve_config(path: Path) -> ServeConfig:
-    return load_yaml_model(path, ServeConfig, "--config", "serve config")
+    """The serve config of ``path``, with every model's image budget checked (:func:`server_image_budget`)."""
+    config = load_yaml_model(path, ServeConfig, "--config", "serve config")
+    for spec in config.models:
+        try:
+            server_image_budget(spec)
+        except ConfigError as exc:
+            raise ConfigError(f"--config {str(path)!r}: {exc}") from None
+    return config
+
+
+# -- image budget -----------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read as JSON ({exc}): restore it from the training output") from None
+
+
+def _training_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of the training run that wrote ``folder`` (its ``adapter/``, ``merged/`` or a stage's
+    ``adapter/``), or None."""
+    for root in (folder.parent, folder.parent.parent):
+        manifest = _read_json(root / "manifest.json")
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), list):
+            continue
+        final = manifest.get("final") if isinstance(manifest.get("final"), dict) else {}
+        written = {final.get("adapter"), final.get("merged")}
+        written |= {stage.get("adapter") for stage in manifest["stages"] if isinstance(stage, dict)}
+        if os.path.relpath(folder, root) in written - {None}:
+            return manifest
+    return None
+
+
+def _processor_budget(folder: Path) -> dict[str, int] | None:
+    """The image budget on the processor saved in ``folder``, in training's terms (``max_patches``, or
+    ``min_pixels``/``max_pixels``). Newer transformers nest the image processor in processor_config.json."""
+    processor = _read_json(folder / "processor_config.json")
+    image_processor = processor.get("image_processor") if isinstance(processor, dict) else None
+    if not isinstance(image_processor, dict):
+        image_processor = _read_json(folder / "preprocessor_config.json")
+    if not isinstance(image_processor, dict):
+        return None
+    if _is_int(image_processor.get("max_patches")):
+        return {"max_patches": image_processor["max_patches"]}
+    size = image_processor.get("size") if isinstance(image_processor.get("size"), dict) else {}
+    # Training sets the budget on ``size``; the flat min_pixels/max_pixels of older processors may be stale then.
+    for low, high in ((size.get("shortest_edge"), size.get("longest_edge")),
+                      (image_processor.get("min_pixels"), image_processor.get("max_pixels"))):
+        if _is_int(low) and _is_int(high):
+            return {"min_pixels": low, "max_pixels": high}
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def trained_image_budget(folder: str | Path) -> dict[str, int] | None:
+    """The image budget a model folder was trained with, in training's terms (``{"max_patches": 6}`` or
+    ``{"min_pixels": ..., "max_pixels": ...}``): for a LoRA adapter (or a merged model that a training manifest
+    names), from the processor saved with it, else from the training run's ``manifest.json``. None for a folder
+    training did not write (a base model serves with its own budget), one without images, or a hub id."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    manifest = _training_manifest(folder)
+    if manifest is None and not (folder / "adapter_config.json").is_file():
+        return None
+    budget = _processor_budget(folder)
+    if budget is None and manifest is not None and isinstance(manifest.get("image_budget"), dict):
+        budget = {key: value for key, value in manifest["image_budget"].items() if _is_int(value)} or None
+    return budget
+
+
+def vllm_image_kwargs(budget: Mapping[str, int]) -> dict[str, int]:
+    """A trained image budget in the keys of vLLM's ``--mm-processor-kwargs``: InternVL's ``max_patches`` is
+    vLLM's ``max_dynamic_patch``; Qwen2-VL/2.5-VL's ``min_pixels``/``max_pixels`` keep their names."""
+    names = {"max_patches": "max_dynamic_patch", "min_pixels": "min_pixels", "max_pixels": "max_pixels"}
+    return {names[key]: value for key, value in budget.items() if key in names}
+
+
+def _describe(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in kwargs.items()) or "the base model's own"
+
+
+def server_image_budget(spec: ModelSpec) -> dict[str, int] | None:
+    """The image budget (vLLM keys) one server of ``spec`` runs with: the one its adapters (and its model, if
+    training wrote it) were trained with, else what mm_processor_kwargs sets, else None (the base model's own).
+
+    Raises :class:`ConfigError` if its adapters were trained with different budgets, or if mm_processor_kwargs
+    sets a budget other than the trained one: vLLM applies one budget to every adapter of a server."""
+    trained: dict[str, dict[str, int]] = {}
+    for label, folder in [(f"model {spec.model}", spec.model),
+                          *((f"adapter {name} ({path})", path) for name, path in spec.lora_modules.items())]:
+        budget = trained_image_budget(folder)
+        if budget:
+            trained[label] = vllm_image_kwargs(budget)
+    distinct = {tuple(sorted(kwargs.items())) for kwargs in trained.values()}
+    if len(distinct) > 1:
+        listed = "; ".join(f"{label}: {_describe(kwargs)}" for label, kwargs in trained.items())
+        raise ConfigError(
+            f"model {spec.name!r} serves adapters trained with different image budgets ({listed}), but vLLM applies "
+            "one budget to every adapter of a server. Give each budget a models entry of its own, with its own "
+            "replicas and ports."
+        )
+    explicit = {key: spec.mm_processor_kwargs[key] for key in IMAGE_BUDGET_KEYS if key in spec.mm_processor_kwargs}
+    if not trained:
+        return explicit or None
+    label, budget = next(iter(trained.items()))
+    differing = {key: value for key, value in explicit.items() if budget.get(key) != value}
+    if differing:
+        raise ConfigError(
+            f"model {spec.name!r}: mm_processor_kwargs sets {_describe(differing)}, but {label} was trained with "
+            f"{_describe(budget)}. Remove the setting (mics serve passes the trained budget), or serve that adapter "
+            "under a models entry of its own."
+        )
+    return budget
+
+
+def served_image_budget(router: str | Path | Mapping[str, Any], model_name: str) -> dict[str, Any] | None:
+    """The image budget (vLLM keys) that the deployments of ``model_name`` in a Router config written by
+    ``mics serve`` are served with, or None: not served with a trained or set budget, or not in the config.
+
+    Raises :class:`ConfigError` if the config cannot be read or its deployments of ``model_name`` disagree."""
+    if not isinstance(router, Mapping):
+        try:
+            router = yaml.safe_load(Path(router).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"Router config {str(router)!r} cannot be read: {exc}") from None
+    model_list = router.get("model_list") if isinstance(router, Mapping) else None
+    if not isinstance(model_list, list):
+        raise ConfigError("the Router config has no model_list: give the file mics serve wrote")
+    budgets = []
+    for deployment in model_list:
+        if isinstance(deployment, Mapping) and deployment.get("model_name") == model_name:
+            info = deployment.get("model_info") if isinstance(deployment.get("model_info"), Mapping) else {}
+            budget = info.get("image_budget")
+            if budget is not None and not isinstance(budget, Mapping):
+                raise ConfigError(f"the Router config's image_budget of {model_name!r} is not a mapping: {budget!r}")
+            budgets.append(dict(budget) if budget else None)
+    if any(budget != budgets[0] for budget in budgets):
+        raise ConfigError(
+            f"the deployments of {model_name!r} in the Router config are served with different image budgets "
+            f"({'; '.join(_describe(budget or {}) for budget in budgets)}): serve them alike, or name them apart"
+        )
+    return budgets[0] if budgets else None
 
 
 def router_config(config: ServeConfig) -> dict[str, Any]:
@@ -101,16 +336,20 @@ def router_config(config: ServeConfig) -> dict[str, Any]:
     declaring ``supports_n`` (vLLM answers several samples of one request)."""
     model_list = []
     for spec in config.models:
+        info: dict[str, Any] = {"supports_n": True}
+        budget = server_image_budget(spec)
+        if budget:
+            info["image_budget"] = budget  # the whole server's: its base model and every adapter
         for replica in spec.replicas:
             params: dict[str, Any] = {"model": f"hosted_vllm/{spec.wire_name}", "api_base": replica.api_base}
             if replica.max_parallel_requests:
                 params["max_parallel_requests"] = replica.max_parallel_requests
-            model_list.append({"model_name": spec.name, "litellm_params": params, "model_info": {"supports_n": True}})
+            model_list.append({"model_name": spec.name, "litellm_params": params, "model_info": dict(info)})
             for lora in spec.lora_modules:
                 model_list.append({
                     "model_name": f"{spec.name}:{lora}",
                     "litellm_params": {**params, "model": f"hosted_vllm/{lora}"},
-                    "model_info": {"supports_n": True},
+                    "model_info": dict(info),
                 })
     return {
         "model_list": model_list,
@@ -123,6 +362,7 @@ def router_config(config: ServeConfig) -> dict[str, Any]:
 
 
 def launch_command(config: ServeConfig, spec: ModelSpec, replica: Replica) -> list[str]:
+    """The argv that starts one replica's vLLM server (run without a shell)."""
     command = [part.format(python=config.python) for part in config.launcher]
     command += ["--model", spec.model, "--served-model-name", spec.wire_name, "--host", replica.host,
                 "--port", str(replica.port), "--tensor-parallel-size", str(spec.tensor_parallel_size)]
@@ -132,7 +372,46 @@ def launch_command(config: ServeConfig, spec: ModelSpec, replica: Replica) -> li
         command += ["--dtype", spec.dtype]
     if spec.lora_modules:
         command += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in spec.lora_modules.items())]
+    processor_kwargs = {**spec.mm_processor_kwargs, **(server_image_budget(spec) or {})}
+    if processor_kwargs:
+        command += [MM_PROCESSOR_FLAG, json.dumps(processor_kwargs, sort_keys=True)]
     return command + list(spec.extra_args)
+
+
+def launch_env(spec: ModelSpec, replica: Replica) -> dict[str, str]:
+    """What a replica's server gets on top of this process's environment."""
+    env = dict(spec.env)
+    if replica.gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = replica.gpus
+    return env
+
+
+def shell_line(config: ServeConfig, spec: ModelSpec, replica: Replica) -> str:
+    """One replica's launch as a shell line: every value quoted, so pasting it runs this command and nothing else
+    (names were checked to be variable names)."""
+    assignments = [f"{name}={shlex.quote(value)}" for name, value in launch_env(spec, replica).items()]
+    return " ".join([*assignments, shlex.join(launch_command(config, spec, replica))])
+
+
+def dry_run_commands(config: ServeConfig) -> list[str]:
+    """What ``mics serve --dry-run`` prints, each entry a whole shell command (or comment) that is safe to paste
+    as it is: the line that starts each replica, a comment for each replica that runs elsewhere, and a
+    here-document that writes the Router config where ``mics serve`` writes it once every replica is healthy.
+    An entry can span lines (a quoted value holding a newline, the here-document)."""
+    commands = []
+    for spec in config.models:
+        for index, replica in enumerate(spec.replicas):
+            if replica.launch:
+                commands.append(shell_line(config, spec, replica))
+            else:  # JSON-quoted: no newline of a name or host can end the comment
+                commands.append(f"# {json.dumps(f'{spec.name}#{index}')} runs elsewhere, at {json.dumps(replica.api_base)}")
+    router_text = yaml.safe_dump(router_config(config), sort_keys=False)
+    delimiter = "MICS_ROUTER_CONFIG"
+    while delimiter in router_text.splitlines():
+        delimiter += "_END"
+    commands.append("# The Router config mics serve writes once every replica is healthy:")
+    commands.append(f"cat > {shlex.quote(str(config.router_config))} <<'{delimiter}'\n{router_text}{delimiter}")
+    return commands
 
 
 def _signal_group(pgid: int, sig: int) -> bool:
@@ -188,11 +467,9 @@ class InternServers:
 
     def _launch(self, spec: ModelSpec, replica: Replica, index: int, label: str) -> subprocess.Popen:
         command = launch_command(self.config, spec, replica)
-        env = {**os.environ, **spec.env}
-        if replica.gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = replica.gpus
+        env = {**os.environ, **launch_env(spec, replica)}
         log_path = self.config.log_dir / f"{spec.name.replace('/', '_')}-{index}.log"
-        self.log(f"starting {label}: {shlex.join(command)}  (log: {log_path})")
+        self.log(f"starting {label}: {shell_line(self.config, spec, replica)}  (log: {log_path})")
         handle = open(log_path, "ab")
         # A session of its own, so stopping it reaches vLLM's worker processes too.
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
