@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,8 +90,20 @@ def _task_format_lines(config: "CurriculumConfig") -> list[str]:
     ]
 
 
+def _image_budget_flag(manifest: "Manifest") -> str:
+    """The vLLM flag that serves the model with the image budget it was trained with: vLLM takes the base
+    model's processor for an adapter, so without it images are cut to the base model's own budget."""
+    budget = manifest.data.get("image_budget") or {}
+    if not budget:
+        return ""
+    from mics_agents.serve import vllm_image_kwargs
+
+    return " --mm-processor-kwargs " + shlex.quote(json.dumps(vllm_image_kwargs(budget), sort_keys=True))
+
+
 def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
     final = manifest.data.get("final") or {}
+    budget_flag = _image_budget_flag(manifest)
     is_vlm = manifest.data.get("model_kind") == "vlm"
     model_class = "AutoModelForImageTextToText" if is_vlm else "AutoModelForCausalLM"
     lines = [
@@ -137,16 +150,29 @@ def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
             'model = PeftModel.from_pretrained(base, "adapter")  # this folder\'s adapter/',
             "```",
             "",
-            "Serve with vLLM:",
+            "Serve with vLLM"
+            + (" at the image budget it was trained with (vLLM applies one budget to every adapter of a server), "
+               "or with `mics serve` (`lora_modules: {curriculum: OUTPUT/adapter}`), which reads it from `adapter/`:"
+               if budget_flag else ":"),
             "",
             "```bash",
-            f"vllm serve {config.base_model} --enable-lora --max-lora-rank {config.lora_r} "
-            f"--lora-modules curriculum={Path(config.output_dir).absolute() / 'adapter'}",
+            f"vllm serve {shlex.quote(config.base_model)} --enable-lora --max-lora-rank {config.lora_r} "
+            f"--lora-modules {shlex.quote('curriculum=' + str(Path(config.output_dir).absolute() / 'adapter'))}"
+            f"{budget_flag}",
             "```",
             "",
         ]
     if final.get("merged"):
-        lines += [f"Merged model: `{final['merged']}/` (loads and serves like the base model).", ""]
+        merged = Path(config.output_dir).absolute() / final["merged"]
+        lines += [
+            f"Merged model: `{final['merged']}/` (loads and serves like the base model"
+            + ("; serve it at its trained image budget):" if budget_flag else "):"),
+            "",
+            "```bash",
+            f"vllm serve {shlex.quote(str(merged))}{budget_flag}",
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
