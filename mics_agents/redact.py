@@ -12,10 +12,16 @@ log goes through :func:`scrub` first, which masks:
 - anything shaped like a bearer token or a well-known API key (``Bearer ...``, ``sk-...``, ``AIza...``).
 
 Shorter values are left alone: masking a 4-character "key" would mangle ordinary words.
+
+Model replies are different: their text is graded and trained on, so a shape (``bearer ...``) must not
+rewrite it. :func:`mask_secret_values` masks the configured values only; every reply goes through it before
+anyone keeps it (``models/sanitizing.py``), and a cached reply again when it is read (the cache may predate
+this, or a key may have been added since).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -25,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 __all__ = [
-    "scrub", "scrub_data", "add_secrets", "secret_values", "is_secret_name", "ScrubbingWriter", "MASK",
+    "scrub", "scrub_data", "mask_secret_values", "add_secrets", "secret_values", "is_secret_name", "ScrubbingWriter", "MASK",
     "MIN_SECRET_CHARS",
 ]
 
@@ -54,6 +60,7 @@ _registered: set[str] = set()
 _lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every variable on every reply: the names hardly change
 def is_secret_name(name: str) -> bool:
     """True for a variable or config key that holds a credential (``OPENAI_API_KEY``, ``api_key``)."""
     return bool(_SECRET_NAME.search(name.strip()))
@@ -106,8 +113,8 @@ def secret_values() -> set[str]:
     """Every value masked now: the environment's and .env's credential variables, and what was registered."""
     values = set()
     for source in (os.environ, _dotenv_values()):
-        for name, value in source.items():
-            usable = _usable(value) if is_secret_name(name) else None
+        for name in source:  # names first: reading every value of os.environ costs more than the rest
+            usable = _usable(source.get(name)) if is_secret_name(name) else None
             if usable:
                 values.add(usable)
     with _lock:
@@ -119,14 +126,30 @@ def scrub(text: str) -> str:
     """``text`` with every secret masked."""
     if not isinstance(text, str) or not text:
         return text
+    return _SHAPES.sub(_mask_shape, _mask_values(text, _sorted_secrets()))
+
+
+def _sorted_secrets() -> list[str]:
     # Longest first, so a key that contains another is masked whole.
-    for secret in sorted(secret_values(), key=len, reverse=True):
+    return sorted(secret_values(), key=len, reverse=True)
+
+
+def _mask_values(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
         if secret in text:
             text = text.replace(secret, MASK)
         escaped = json.dumps(secret)[1:-1]  # as it appears inside a JSON string in an error body
         if escaped != secret and escaped in text:
             text = text.replace(escaped, MASK)
-    return _SHAPES.sub(_mask_shape, text)
+    return text
+
+
+def mask_secret_values(text: str) -> str:
+    """``text`` with every configured secret value masked and nothing else changed: no shape is matched,
+    so medical text that merely looks like a token is kept as it is."""
+    if not isinstance(text, str) or not text:
+        return text
+    return _mask_values(text, _sorted_secrets())
 
 
 def _mask_shape(match: re.Match[str]) -> str:
@@ -134,16 +157,15 @@ def _mask_shape(match: re.Match[str]) -> str:
     return found[:6] + " " + MASK if found[:6].lower() == "bearer" else MASK
 
 
-def scrub_data(value: Any) -> Any:
-    """A copy of a JSON-like value (dicts, lists, strings) with every string scrubbed; walked without
-    recursion, so no nesting depth can break it."""
-    secrets = sorted(secret_values(), key=len, reverse=True)
+def scrub_data(value: Any, *, shapes: bool = True) -> Any:
+    """A copy of a JSON-like value (dicts, lists, strings) with every string scrubbed (``shapes=False``: of
+    the configured values only, as :func:`mask_secret_values`); walked without recursion, so no nesting
+    depth can break it."""
+    secrets = _sorted_secrets()
 
     def clean(text: str) -> str:
-        for secret in secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return _SHAPES.sub(_mask_shape, text)
+        text = _mask_values(text, secrets)
+        return _SHAPES.sub(_mask_shape, text) if shapes else text
 
     if isinstance(value, str):
         return clean(value)

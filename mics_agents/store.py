@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sqlite3
 import time
@@ -23,6 +24,7 @@ import aiosqlite
 
 from .errors import StoreError
 from .models.base import ModelResponse
+from .models.sanitizing import sanitize_reply
 
 __all__ = ["Store", "MIGRATIONS", "WRITE_ATTEMPTS", "check_cache_file"]
 
@@ -120,6 +122,25 @@ def _is_lock_error(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
+def _storable_count(value: object) -> int:
+    """A token count SQLite can hold; anything else (a transport's parsing guards against it already) is
+    stored as 0, unknown, rather than failing the write of a paid reply."""
+    return value if isinstance(value, int) and 0 <= value < 2**63 else 0
+
+
+def _storable_cost(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 else 0.0
+
+
+async def _worker_stopped(connection: aiosqlite.Connection) -> None:
+    """Wait for the thread of a connection that failed to open: aiosqlite stops it without waiting, and a
+    thread still running when the event loop closes prints a traceback ("Event loop is closed")."""
+    thread = getattr(connection, "_thread", None)
+    if thread is not None and thread.is_alive():
+        await asyncio.to_thread(thread.join, 5.0)
+        await asyncio.sleep(0)  # let the stop's reply, scheduled by the thread, run while the loop is open
+
+
 class Store:
     """One connection to the SQLite file. Use ``async with await Store.open(path)`` or call ``close()``."""
 
@@ -161,7 +182,12 @@ class Store:
     async def _connect(cls, location: str) -> "Store":
         # Autocommit: each cache write is one statement and one trip to the database thread, durable when it
         # returns; migrations open their own transactions.
-        connection = await aiosqlite.connect(location, timeout=60.0, isolation_level=None)
+        connection = aiosqlite.connect(location, timeout=60.0, isolation_level=None)
+        try:
+            await connection
+        except BaseException:
+            await _worker_stopped(connection)
+            raise
         try:
             # Several processes (shards) may share one file: WAL lets readers run beside the writer and
             # busy_timeout makes a writer wait for the lock instead of failing with "database is locked".
@@ -170,6 +196,7 @@ class Store:
             await connection.execute("PRAGMA busy_timeout=60000")
             store = cls(connection, location)
             await store._migrate()
+            await store.check_writable()
         except BaseException:
             # Closed here, cancelled or not: an open connection's (non-daemon) thread keeps the process alive.
             await connection.close()
@@ -227,7 +254,8 @@ class Store:
         if not rows:
             return None
         model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason = next(iter(rows))
-        return ModelResponse(
+        # Masked again as read: the entry may predate the scrubbing of replies, or a key set since.
+        return sanitize_reply(ModelResponse(
             text=text,
             model=model,
             input_tokens=input_tokens,
@@ -236,7 +264,7 @@ class Store:
             cached=True,
             finish_reason=finish_reason,
             extra=json.loads(extra),
-        )
+        ))
 
     async def put_call(
         self, key: str, model_name: str, response: ModelResponse, run_id: str | None = None, *, replace: bool = False
@@ -246,34 +274,55 @@ class Store:
         A reply was paid for, so a failed write is tried again (:data:`WRITE_ATTEMPTS` times in all, with a
         short pause) before it raises :class:`StoreError`."""
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        response = sanitize_reply(response)  # a reply from any model, wrapped or not, is stored fit to keep
         values = (
             key,
             model_name,
             response.text,
-            response.input_tokens,
-            response.output_tokens,
-            response.cost_usd,
+            _storable_count(response.input_tokens),
+            _storable_count(response.output_tokens),
+            _storable_cost(response.cost_usd),
             json.dumps(response.extra, sort_keys=True),
             time.time(),
             run_id,
             response.finish_reason,
         )
+        cursor = await self._write(
+            f"{verb} INTO calls"
+            " (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id, finish_reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            values,
+        )
+        # Another process sharing the file may have stored the same call first: then it paid, not us.
+        if run_id is not None and cursor.rowcount == 1:
+            self.new_cost_usd[run_id] = self.new_cost_usd.get(run_id, 0.0) + _storable_cost(response.cost_usd)
+
+    async def _write(self, statement: str, values: tuple) -> aiosqlite.Cursor:
+        """One write statement, tried :data:`WRITE_ATTEMPTS` times in all (a full disk freed meanwhile, a lock
+        held past busy_timeout) before it raises :class:`StoreError`."""
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
-                cursor = await self._db.execute(
-                    f"{verb} INTO calls"
-                    " (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id, finish_reason)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    values,
-                )
-                break
+                return await self._db.execute(statement, values)
             except sqlite3.Error as exc:
                 if attempt == WRITE_ATTEMPTS:
                     raise self._failed("write to", exc) from exc
                 await asyncio.sleep(WRITE_RETRY_PAUSE * attempt)
-        # Another process sharing the file may have stored the same call first: then it paid, not us.
-        if run_id is not None and cursor.rowcount == 1:
-            self.new_cost_usd[run_id] = self.new_cost_usd.get(run_id, 0.0) + response.cost_usd
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def check_writable(self) -> None:
+        """Raise :class:`StoreError` now if the file cannot be written (a read-only file or folder, an
+        immutable file, a full disk): a run would otherwise find out at its first paid reply. Writes the
+        schema version it read, inside one transaction, so nothing changes."""
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.execute(f"PRAGMA user_version = {await self.schema_version()}")
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise self._failed("write to", exc) from exc
 
     async def run_cost(self, run_id: str) -> float:
         """What the calls first sent by this run cost, over all its sessions."""
@@ -282,12 +331,16 @@ class Store:
         return float(row[0]) if row else 0.0
 
     async def record_run(self, run_id: str, input_path: str, output_path: str, settings: dict) -> dict | None:
-        """Remember a run's input, output and search settings; returns the settings of its last session."""
-        async with self._db.execute("SELECT settings FROM runs WHERE run_id = ?", (run_id,)) as cursor:
-            row = await cursor.fetchone()
+        """Remember a run's input, output and search settings; returns the settings of its last session.
+        A failed read or write (after retries) raises :class:`StoreError`."""
+        try:
+            rows = await self._db.execute_fetchall("SELECT settings FROM runs WHERE run_id = ?", (run_id,))
+        except sqlite3.Error as exc:
+            raise self._failed("read from", exc) from exc
+        row = next(iter(rows), None)
         now = time.time()
         encoded = json.dumps(settings, sort_keys=True, default=str)
-        await self._db.execute(
+        await self._write(
             "INSERT INTO runs (run_id, input, output, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(run_id) DO UPDATE SET input = excluded.input, settings = excluded.settings,"
             " updated_at = excluded.updated_at",

@@ -187,8 +187,10 @@ class OpenAIServer:
         latency: float | tuple[float, float] = 0.0,
         latency_seed: int = 0,
         honours_n: bool = True,
+        usage: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.brain = brain
+        self.usage = usage  # (model, the usage the server counted) -> the usage it reports: for lying servers
         self.honours_n = honours_n  # False: answers one choice whatever ``n`` asks, as some servers do
         self.lifetime = lifetime
         # Seconds every successful reply takes, like a model generating; (low, high) draws each reply's
@@ -460,15 +462,16 @@ class OpenAIServer:
             completion_tokens += len(text.split())
             choices.append({"index": index, "message": {"role": "assistant", "content": text},
                             "finish_reason": finish_reason, "logprobs": None})
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         return {
             "id": f"chatcmpl-test-{next(self._ids)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
             "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": self.usage(model, usage) if self.usage else usage,
         }

@@ -1,5 +1,5 @@
-"""The model boundary: the protocol (``base``), its wrappers (``retrying``, ``limits``, ``validating``,
-``cached``), its transports (``litellm_model``, ``direct``, sharing ``transport`` and ``providers``), the
+"""The model boundary: the protocol (``base``), its wrappers (``retrying``, ``limits``, ``sanitizing``,
+``validating``, ``cached``), its transports (``litellm_model``, ``direct``, sharing ``transport`` and ``providers``), the
 one place they are put together (``factory``), and test doubles."""
 
 from .base import (
@@ -17,6 +17,7 @@ from .base import (
 from .cached import CachedModel
 from .limits import LimitingModel
 from .retrying import RetryingModel
+from .sanitizing import SanitizingModel
 from .testing import FunctionModel, ScriptedModel
 from .validating import ValidatingModel
 
@@ -30,6 +31,7 @@ __all__ = [
     "ModelRequest",
     "ModelResponse",
     "RetryingModel",
+    "SanitizingModel",
     "ScriptedModel",
     "TextPart",
     "ValidatingModel",

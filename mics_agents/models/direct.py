@@ -225,10 +225,11 @@ class DirectTransport(Transport):
         finally:
             self._in_flight[replica] -= 1
         choices = reply.get("choices") or [] if isinstance(reply, dict) else []
-        usage = reply.get("usage") or {} if isinstance(reply, dict) else {}
+        usage = reply.get("usage") if isinstance(reply, dict) else None
+        usage = usage if isinstance(usage, dict) else {}
         return choice_responses(
             self.name, choices, count,
-            input_tokens=int(usage.get("prompt_tokens") or 0), output_tokens=int(usage.get("completion_tokens") or 0),
+            input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
             price=lambda tokens_in, tokens_out: tokens_in * self.prices[0] + tokens_out * self.prices[1],
         )
 

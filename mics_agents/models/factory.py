@@ -1,6 +1,6 @@
 """The one place models are put together from settings: a transport for the name, and the wrappers.
 
-    CachedModel(ValidatingModel(RetryingModel(LimitingModel(transport))))
+    CachedModel(ValidatingModel(SanitizingModel(RetryingModel(LimitingModel(transport)))))
 
 - the transport sends one attempt under a total deadline: :class:`~.direct.DirectTransport` for
   ``hosted_vllm/`` (and ``openai/`` on a base URL other than OpenAI's own API) unless
@@ -8,6 +8,8 @@
   it routes the name). LiteLLM is imported only when a model goes through it;
 - the limiting wrapper holds a slot for each attempt only, so a call backing off holds none;
 - the retrying wrapper tries again after errors that may pass;
+- the sanitizing wrapper masks secret values in a reply and repairs text UTF-8 cannot encode, so what is
+  graded, cached and written is the same safe text;
 - the validating wrapper refuses a reply the request's validator refuses, before the cache sees it;
 - the caching wrapper answers repeated calls from the store.
 
@@ -22,6 +24,7 @@ from .base import Model
 from .cached import CachedModel
 from .limits import LimitingModel
 from .retrying import RetryingModel
+from .sanitizing import SanitizingModel
 from .validating import ValidatingModel
 
 if TYPE_CHECKING:
@@ -113,8 +116,8 @@ def open_model(name: str, settings: "Settings", *, router: Any = None) -> Model:
 
 
 def with_store(model: Model, store: "Store | None", *, run_id: str | None = None, namespace: str = "") -> Model:
-    """``model`` with replies validated, and cached in ``store`` if there is one."""
-    validated = ValidatingModel(model)
+    """``model`` with replies sanitized and validated, and cached in ``store`` if there is one."""
+    validated = ValidatingModel(SanitizingModel(model))
     if store is None:
         return validated
     return CachedModel(validated, store, run_id=run_id, namespace=namespace)

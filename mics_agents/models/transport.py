@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import re
 import weakref
 from abc import abstractmethod
@@ -23,7 +25,8 @@ from ..errors import MalformedReplyError, ModelCallError, ModelError, TransientM
 from .base import Model, ModelRequest, ModelResponse, check_request_allowed
 from .clients import ClientShare
 
-__all__ = ["Transport", "classify_error", "retry_after_seconds", "split_usage", "choice_responses", "RETRYABLE_4XX"]
+__all__ = ["Transport", "classify_error", "retry_after_seconds", "split_usage", "choice_responses", "token_count",
+           "RETRYABLE_4XX"]
 
 T = TypeVar("T")
 
@@ -135,13 +138,30 @@ def split_usage(total: int, weights: Sequence[int]) -> list[int]:
     return shares
 
 
+# Token counts a reply may claim; outside this (1e23, -5, NaN, "many") the usage is unknown.
+MAX_TOKENS_CLAIMED = 10**9
+
+
+def token_count(value: Any) -> int | None:
+    """A usage figure as a whole number of tokens: 0 when absent, None when it is no plausible count."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not (0 <= value <= MAX_TOKENS_CLAIMED):  # NaN fails this too
+        return None
+    return int(value)
+
+
 def choice_responses(
-    name: str, choices: list[Any], count: int, *, input_tokens: int, output_tokens: int,
+    name: str, choices: list[Any], count: int, *, input_tokens: Any, output_tokens: Any,
     price: Callable[[int, int], float],
 ) -> list[ModelResponse]:
     """One response per choice of an OpenAI reply (dicts or LiteLLM objects), in ``index`` order. The reply's
-    usage is shared out (:func:`~.transport.split_usage`): input tokens equally, output tokens by the
-    length of each choice's text. A choice without text makes the reply malformed (asked again)."""
+    usage (as the reply gave it: :func:`token_count` reads it) is shared out (:func:`~.transport.split_usage`):
+    input tokens equally, output tokens by the length of each choice's text. Usage that is no plausible count
+    is unknown: the replies carry 0 tokens, cost nothing and say so in ``extra["usage_unknown"]``. A choice
+    without text makes the reply malformed (asked again)."""
     indices = [_get(choice, "index") for choice in choices]
     if all(isinstance(index, int) for index in indices):
         choices = [choice for _, choice in sorted(zip(indices, choices), key=lambda pair: pair[0])]
@@ -155,15 +175,30 @@ def choice_responses(
     texts = [_get(_get(choice, "message"), "content") for choice in choices]
     if len(choices) < count or not all(isinstance(text, str) and text.strip() for text in texts):
         raise MalformedReplyError(f"{name}: reply has no text (choices={len(choices)})", model=name)
-    inputs = split_usage(input_tokens, [1] * count)
-    outputs = split_usage(output_tokens, [len(text) for text in texts])
+    tokens_in_all, tokens_out_all = token_count(input_tokens), token_count(output_tokens)
+    extra: dict[str, Any] = {}
+    if tokens_in_all is None or tokens_out_all is None:
+        claimed = {"prompt_tokens": repr(input_tokens)[:40], "completion_tokens": repr(output_tokens)[:40]}
+        logging.getLogger("mics_agents").warning(
+            "%s: the reply's usage (%s) is no plausible token count; kept as unknown, counted as 0 tokens and "
+            "no cost.", name, ", ".join(f"{key} {value}" for key, value in claimed.items()),
+        )
+        tokens_in_all = tokens_out_all = 0
+        extra["usage_unknown"] = claimed
+    inputs = split_usage(tokens_in_all, [1] * count)
+    outputs = split_usage(tokens_out_all, [len(text) for text in texts])
     return [
         ModelResponse(
             text=text, model=name, input_tokens=tokens_in, output_tokens=tokens_out,
-            cost_usd=price(tokens_in, tokens_out), finish_reason=_get(choice, "finish_reason"),
+            cost_usd=0.0 if extra else _finite_cost(price(tokens_in, tokens_out)),
+            finish_reason=_get(choice, "finish_reason"), extra=dict(extra),
         )
         for text, choice, tokens_in, tokens_out in zip(texts, choices, inputs, outputs)
     ]
+
+
+def _finite_cost(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0 else 0.0
 
 
 def _get(value: Any, name: str) -> Any:
