@@ -57,7 +57,12 @@ def _fail_config(message: str) -> typer.Exit:
 
 
 class _StartFailed(Exception):
-    """A run could not start (its worker could not be opened): exit 2, with what to do."""
+    """A run could not start (its worker or its output could not be opened): exit 2, with what to do, the
+    cause's message under ``label``."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self.label = label
 
 
 def _print_result(result: "SearchResult", *, show_reasoning: bool) -> None:
@@ -162,31 +167,10 @@ def _search_settings(settings: "Settings") -> dict:
     return recorded
 
 
-def _own_output(options: "RunOptions", *, fresh: bool) -> "OutputLock":
-    """The lock on the output, taken before anything else runs; a second run on it exits 2 at once.
-    ``fresh``: also empty the files, which only their owner may do."""
-    from .errors import MicsError, OutputBusyError
-    from .outputs import OutputLock, default_failed_path
-
-    lock = OutputLock(options.output)
-    try:
-        lock.acquire()
-    except OutputBusyError as exc:
-        _say("Output in use", exc)
-        raise typer.Exit(EXIT_CONFIG_ERROR) from None
-    except MicsError as exc:
-        _say("Cannot start", exc)
-        raise typer.Exit(EXIT_CONFIG_ERROR) from None
-    if fresh:
-        for path in (options.output, options.failed or default_failed_path(options.output)):
-            path.unlink(missing_ok=True)
-    return lock
-
-
-def _check_start(settings: "Settings", data: Path | None = None) -> None:
+def _check_start(settings: "Settings", data: Path | None = None, image_dir: Path | None = None) -> None:
     """What a run checks before it imports LiteLLM or opens anything (the settings were checked as they
-    loaded: ranges, MICS_PROMPT_DIR and its templates, the Router YAML): the input file and the cache file.
-    Raises :class:`MicsError` saying what to fix."""
+    loaded: ranges, MICS_PROMPT_DIR and its templates, the Router YAML): the input file, the image folder
+    and the cache file. Raises :class:`MicsError` saying what to fix."""
     from .errors import ConfigError
     from .store import check_cache_file
 
@@ -200,50 +184,87 @@ def _check_start(settings: "Settings", data: Path | None = None) -> None:
                 pass
         except OSError as exc:
             raise ConfigError(f"input file {str(data)!r} cannot be read: {exc.strerror or exc}") from None
+    if image_dir is not None and not image_dir.is_dir():
+        # Else every item would end bad_input, one by one, for a typo in one option.
+        raise ConfigError(f"--image-dir {str(image_dir)!r} is not a folder; give the folder the input's image "
+                          "paths are relative to")
     check_cache_file(settings.cache_path)
 
 
 def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None, fresh: bool = False, group_key: str | None = None, kind: "RunKind | None" = None) -> "RunStats":
     """Run a batch with progress, Ctrl-C handling (first: finish items in flight; second: abort) and a summary.
 
-    Start-up, in order, each failure exiting 2 with one line and nothing left open: the lock on the output,
-    the output files read back (files we did not write are refused before anything is written), then the
-    worker opened (LiteLLM imported, the cache connected). ``group_key``: the worker's (see OutputFiles)."""
-    from .errors import MicsError
-    from .outputs import OutputFiles
+    Start-up, in order, each failure exiting 2 with one line, nothing left open and no file created: the
+    output's paths checked (a device or folder is refused) and its lock probed (a run owning it refuses this
+    one at once), the output files read back (files we did not write are refused), the worker opened
+    (LiteLLM imported, keys checked, the cache connected). Only then is the lock taken (its file, once made,
+    stays) and are the files repaired. ``fresh``: start the files afresh (the demo). ``group_key``: the
+    worker's (see OutputFiles)."""
+    from .errors import MicsError, OutputBusyError
+    from .outputs import OutputFiles, OutputLock
 
-    lock = _own_output(options, fresh=fresh)
+    lock = OutputLock(options.output)
     try:
-        try:
-            files = OutputFiles(options.output, options.failed, group_key=group_key)
-            resume = files.prepare(retry_failed=options.retry_failed)
-            if resume.older_grader:
-                from .grading import GRADER_VERSION
-
-                _say("Note", f"{resume.older_grader} finished records of {options.output} were graded by an older "
-                     f"grader than this one (v{GRADER_VERSION}); their scores stand as they were, since only a new "
-                     "search could change them. To redo them, move their lines out of the output and rerun.",
-                     colour="yellow")
-        except MicsError as exc:
-            _say("Output refused", exc)
-            raise typer.Exit(EXIT_CONFIG_ERROR) from None
-        except OSError as exc:
-            _say("Output refused", f"{exc.filename or options.output}: {exc.strerror or exc}")
-            raise typer.Exit(EXIT_CONFIG_ERROR) from None
-        try:
-            return _run_owned_batch(open_worker, options, settings, lock, log_every=log_every,
-                                    json_summary=json_summary, resume=resume, kind=kind)
-        except _StartFailed as exc:
-            _say("Cannot start", exc.__cause__ or exc)
-            raise typer.Exit(EXIT_CONFIG_ERROR) from None
+        files = OutputFiles(options.output, options.failed, group_key=group_key)
+        lock.probe()
+        if fresh:
+            files.check_paths()
+            inspection = None
+        else:
+            inspection = files.inspect()
+    except OutputBusyError as exc:
+        _say("Output in use", exc)
+        raise typer.Exit(EXIT_CONFIG_ERROR) from None
+    except MicsError as exc:
+        _say("Output refused", exc)
+        raise typer.Exit(EXIT_CONFIG_ERROR) from None
+    except OSError as exc:
+        _say("Output refused", f"{exc.filename or options.output}: {exc.strerror or exc}")
+        raise typer.Exit(EXIT_CONFIG_ERROR) from None
+    try:
+        return _run_owned_batch(open_worker, options, settings, lock, files, inspection, fresh=fresh,
+                                log_every=log_every, json_summary=json_summary, kind=kind)
+    except _StartFailed as exc:
+        _say(exc.label, exc.__cause__ or exc)
+        raise typer.Exit(EXIT_CONFIG_ERROR) from None
     finally:
         lock.release()
 
 
-def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", lock: "OutputLock", *, log_every: float, json_summary: Optional[Path], resume: Any = None, kind: "RunKind | None" = None) -> "RunStats":
+def _take_output(lock: "OutputLock", files: Any, inspection: Any, *, retry_failed: bool, fresh: bool) -> Any:
+    """Take the output's lock and repair and read back its files (blocking); what stops this is a start-up
+    failure (:class:`_StartFailed`)."""
+    from .errors import MicsError, OutputBusyError
+
+    try:
+        lock.acquire()  # another run may have taken it since the probe
+    except OutputBusyError as exc:
+        raise _StartFailed("Output in use") from exc
+    except MicsError as exc:
+        raise _StartFailed("Cannot start") from exc
+    try:
+        if fresh:
+            for path in (files.output, files.failed):
+                path.unlink(missing_ok=True)
+        resume = files.prepare(retry_failed=retry_failed, inspection=inspection)
+    except MicsError as exc:
+        raise _StartFailed("Output refused") from exc
+    except OSError as exc:
+        raise _StartFailed("Output refused") from MicsError(f"{exc.filename or files.output}: {exc.strerror or exc}")
+    if resume.older_grader:
+        from .grading import GRADER_VERSION
+
+        _say("Note", f"{resume.older_grader} finished records of {files.output} were graded by an older "
+             f"grader than this one (v{GRADER_VERSION}); their scores stand as they were, since only a new "
+             "search could change them. To redo them, move their lines out of the output and rerun.",
+             colour="yellow")
+    return resume
+
+
+def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", lock: "OutputLock", files: Any, inspection: Any, *, fresh: bool, log_every: float, json_summary: Optional[Path], kind: "RunKind | None" = None) -> "RunStats":
     import signal
 
-    from .errors import MicsError
+    from .errors import MicsError, StoreError
     from .progress import MICS_RUN, ProgressReporter, summary_table
     from .runner import BatchRun
 
@@ -254,13 +275,24 @@ def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", 
         try:
             worker = await open_worker()
         except MicsError as exc:  # whatever it opened, it closed
-            raise _StartFailed(str(exc)) from exc
-        batch = BatchRun(worker, options, on_update=reporter, output_lock=lock, resume=resume)
+            raise _StartFailed("Cannot start") from exc
+        try:
+            resume = await asyncio.to_thread(_take_output, lock, files, inspection,
+                                             retry_failed=options.retry_failed, fresh=fresh)
+            batch = BatchRun(worker, options, on_update=reporter, output_lock=lock, resume=resume)
+        except BaseException:
+            await worker.aclose()
+            raise
         try:
             store = batch.worker.store
             if store is not None:
                 current = _search_settings(settings)
-                previous = await store.record_run(batch.run_id, str(options.data), str(options.output), current)
+                try:
+                    previous = await store.record_run(batch.run_id, str(options.data), str(options.output), current)
+                except StoreError as exc:  # what the run records of itself; its calls and lines do not depend on it
+                    _say("Warning", f"{exc} The run goes on; only the note on changed settings is skipped.",
+                         colour="yellow")
+                    previous = None
                 changed = {k: (previous[k], v) for k, v in current.items() if previous and previous.get(k) != v}
                 if changed:
                     details = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
@@ -330,7 +362,7 @@ def _batch_command(
         if check_roles:
             settings.check_roles()
         shard_index = parse_shard(shard)
-        _check_start(settings, data)
+        _check_start(settings, data, option_values.get("image_dir"))  # type: ignore[arg-type]
     except (MicsError, ValueError) as exc:
         raise _fail_config(str(exc)) from None
     options = RunOptions(data=data, shard=shard_index, **option_values)  # type: ignore[arg-type]

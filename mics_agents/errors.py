@@ -20,6 +20,7 @@ __all__ = [
     "StoreError",
     "OutputBusyError",
     "ForeignOutputError",
+    "OutputWriteError",
 ]
 
 
@@ -99,3 +100,8 @@ class TransientModelError(ModelError):
 
 class ModelRequestsForbidden(ModelError):
     """A real model request was attempted while they are switched off (the test suite does this)."""
+
+
+class OutputWriteError(MicsError):
+    """An output or failed file could not be written (a full disk, a file-size limit, an I/O error). The run
+    stops; every line written before stands, so a rerun resumes with nothing lost."""

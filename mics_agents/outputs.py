@@ -7,7 +7,8 @@ which line stands for an item, for every reader (resume, merge, report, dataset 
 else the last failure. A run that reaches the end of its input compacts both files to those lines
 (written aside, fsynced, renamed), so a finished run has one line per item.
 
-One process owns an output at a time: :class:`OutputLock` holds an ``flock`` on ``OUT.jsonl.lock``.
+One process owns an output at a time: :class:`OutputLock` holds an ``flock`` on ``OUT.jsonl.lock``, beside
+the output's real path (a symlink or another spelling of a running run's output finds the same lock).
 
 The files, not the database, say what is done: one source of truth, checked the moment it is written.
 """
@@ -32,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from .data import current_failure_key
-from .errors import ForeignOutputError, MicsError, OutputBusyError
+from .errors import ForeignOutputError, MicsError, OutputBusyError, OutputWriteError
 from .grading import GRADER_VERSION
 
 __all__ = [
     "OutputFiles",
     "OutputLock",
+    "Inspection",
     "ResumeState",
     "MergeReport",
     "Line",
@@ -50,6 +52,8 @@ __all__ = [
     "foreign_failure",
     "default_failed_path",
     "lock_path",
+    "real_path",
+    "check_writable_file",
     "FINAL_FAILURES",
     "GROUP_KEY",
 ]
@@ -72,6 +76,19 @@ def lock_path(output: Path) -> Path:
     return Path(output).with_name(Path(output).name + ".lock")
 
 
+def real_path(path: Path | str) -> Path:
+    """``path`` with symlinks, ``.`` and ``..`` resolved (the file itself, however it was spelled)."""
+    return Path(path).expanduser().resolve()
+
+
+def check_writable_file(path: Path, option: str = "--output") -> None:
+    """Refuse a path that exists and is not a regular file (``/dev/null``, a FIFO, a folder): appending,
+    fsyncing and compacting need a file of their own."""
+    if path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+        raise ForeignOutputError(f"{path} is {what}; give {option} a file of its own to write (nothing was written)")
+
+
 # -- one owner per output ------------------------------------------------------------------------
 
 
@@ -83,9 +100,22 @@ class OutputLock:
     """
 
     def __init__(self, output: Path) -> None:
-        self.output = Path(output)
+        self.output = real_path(output)  # the lock belongs to the file, not to the name it was given by
         self.path = lock_path(self.output)
         self._fd: int | None = None
+
+    def probe(self) -> None:
+        """Raise :class:`OutputBusyError` if another process holds the lock now, without creating the lock
+        file: a command that may still end with a configuration error checks this first and takes the lock
+        (:meth:`acquire`) only when nothing else can stop it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return  # no lock file: nobody holds it (one that cannot be opened is reported by acquire)
+        try:
+            self._lock(fd)
+        finally:
+            os.close(fd)  # closing drops the lock just taken
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`OutputBusyError` naming the holder (never waits)."""
@@ -98,26 +128,35 @@ class OutputLock:
                 "in a folder you can write to."
             ) from None
         try:
+            self._lock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._write_holder(fd)
+        self._fd = fd
+
+    def _lock(self, fd: int) -> None:
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _describe_holder(_read_all(fd))
-            os.close(fd)
             raise OutputBusyError(
                 f"{self.output} is being written by another run ({holder}; lock file {self.path}). "
                 "Two runs on one output would write every item twice and pay for its calls twice: wait for "
                 "that run to end, stop it, or give this one another --output."
             ) from None
         except OSError as exc:
-            os.close(fd)
             raise MicsError(
                 f"cannot lock {self.path} ({exc.strerror}): the file system under the output does not support "
                 "file locks. Write the output to a local disk or a file system with flock support."
             ) from None
+
+    @staticmethod
+    def _write_holder(fd: int) -> None:
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
-        self._fd = fd
 
     def release(self) -> None:
         """Closing the file drops the lock. The file stays: removing it would let two owners in."""
@@ -256,6 +295,16 @@ class ResumeState:
     repaired_lines: int = 0
     retried_failures: int = 0
     older_grader: int = 0  # finished MICS records an older grader graded: their scores stand as they were
+
+
+@dataclass
+class Inspection:
+    """What :meth:`OutputFiles.inspect` read: the lines of both files, and each file's identity, size and
+    modification time then (None: absent)."""
+
+    successes: list["_Entry"]
+    failures: list["_Entry"]
+    stamps: tuple[tuple[int, int, int] | None, ...]
 
 
 @dataclass
@@ -467,26 +516,52 @@ class OutputFiles:
         """``group_key``: one item writes several lines, each naming its item in this field and the
         number of lines the item wrote in ``group_size``; an item with fewer lines than that (a crash
         mid-write) is not done."""
-        self.output = Path(output)
+        self.output = real_path(output)
         self.group_key = group_key
-        self.failed = Path(failed) if failed else default_failed_path(self.output)
-        if self.output.resolve() == self.failed.resolve():
+        self.failed = real_path(failed) if failed else default_failed_path(self.output)
+        if self.output == self.failed:
             raise MicsError(f"--failed must differ from --output ({self.output})")
         self._locks: dict[Path, asyncio.Lock] = {}
         self._fds: dict[Path, int] = {}
         self._writes: set[asyncio.Future[None]] = set()
+        self._broken: OutputWriteError | None = None  # a write failed: no line may follow a partial one
 
-    def prepare(self, *, retry_failed: bool = False) -> ResumeState:
-        """Repair and read back the files (blocking: call through a thread). Removes only what a crash
-        left half-written; an item to redo keeps its failure line until its new outcome is written."""
-        state = ResumeState()
+    def check_paths(self) -> None:
+        """Refuse an output or failed path that is not a file to write (blocking; cheap)."""
+        check_writable_file(self.output, "--output")
+        check_writable_file(self.failed, "--failed")
+
+    def inspect(self) -> "Inspection":
+        """Read every line back and refuse a file mics-agents did not write, writing nothing (blocking: call
+        through a thread). Done before the output's lock is taken, so a foreign file ends the command with
+        nothing created; :meth:`prepare` uses what it read unless the files changed since."""
+        self.check_paths()
+        return Inspection(
+            successes=_scan(self.output, failures=False, group_key=self.group_key, whole_only=True),
+            failures=_scan(self.failed, failures=True, whole_only=True),
+            stamps=self._stamps(),
+        )
+
+    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
+        stamps = []
         for path in (self.output, self.failed):
-            if path.is_dir():
-                raise ForeignOutputError(f"{path} is a folder; give the run a file to write (nothing was written)")
+            try:
+                found = path.stat()
+                stamps.append((found.st_ino, found.st_size, found.st_mtime_ns))
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def prepare(self, *, retry_failed: bool = False, inspection: "Inspection | None" = None) -> ResumeState:
+        """Repair and read back the files (blocking: call through a thread). Removes only what a crash
+        left half-written; an item to redo keeps its failure line until its new outcome is written.
+        ``inspection``: what :meth:`inspect` read, used when the files are unchanged since."""
+        state = ResumeState()
         # Every line is read, and known to be ours, before anything is written (a torn last line is left
         # out here and cut below): an input given as --output is refused untouched.
-        successes = _scan(self.output, failures=False, group_key=self.group_key, whole_only=True)
-        failures = _scan(self.failed, failures=True, whole_only=True)
+        if inspection is None or inspection.stamps != self._stamps():
+            inspection = self.inspect()
+        successes, failures = inspection.successes, inspection.failures
         for path in (self.output, self.failed):
             path.parent.mkdir(parents=True, exist_ok=True)
             _remove_leftover_temporaries(path)
@@ -515,7 +590,14 @@ class OutputFiles:
         dropped = 0
         for path, entries, keep in ((self.output, successes, kept), (self.failed, failures, failed)):
             if len(keep) < len(entries):
-                _replace_atomically(path, _copy_ranges(path, [(entries[i].start, entries[i].end) for i in keep]))
+                try:
+                    _replace_atomically(path, _copy_ranges(path, [(entries[i].start, entries[i].end) for i in keep]))
+                except OSError as exc:
+                    raise OutputWriteError(
+                        f"cannot compact {path}: {exc.strerror or exc}. Every item's outcome is in the file as it "
+                        "was (retried items keep their older lines too, and the last one wins); free space on "
+                        "that disk and rerun the same command to compact it."
+                    ) from None
                 dropped += len(entries) - len(keep)
         return dropped
 
@@ -540,19 +622,38 @@ class OutputFiles:
             await asyncio.shield(write)
 
     def _write_durably(self, path: Path, data: bytes) -> None:
+        """Append ``data`` and fsync it. A write that fails (a full disk, a file-size limit) is cut back to
+        the file's size before it, so no partial line is left for a later one to be glued to; the files
+        take no further line, and :class:`OutputWriteError` says what to do."""
+        if self._broken is not None:
+            raise self._broken
         fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if _crash_point("torn"):
-            os.write(fd, data[: max(1, len(data) // 2)])
-            _die()
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        _maybe_die("write")
-        os.fsync(fd)
-        _maybe_die("fsync")
+        size = None
+        try:
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(fd).st_size
+            if _crash_point("torn"):
+                os.write(fd, data[: max(1, len(data) // 2)])
+                _die()
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            _maybe_die("write")
+            os.fsync(fd)
+            _maybe_die("fsync")
+        except OSError as exc:
+            if fd is not None and size is not None:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass  # then the rerun's repair cuts the torn line
+            self._broken = OutputWriteError(
+                f"cannot write {path}: {exc.strerror or exc}. The run stopped; every line written before stands. "
+                "Free space on that disk (or raise the file-size limit), then rerun the same command to resume."
+            )
+            raise self._broken from None
 
     async def aclose(self) -> None:
         """Wait for writes under way, then close the files."""

@@ -96,6 +96,14 @@ CASES = {
         setup=lambda d: write(d / "out.jsonl", json.dumps({"rid": "a", "gt_answer": "x"}) + "\n"
                               + json.dumps({"id": "b", "question": "q", "answer": "x"}) + "\n")),
     "output is a folder": Case(["is a folder"], output="outdir", setup=lambda d: (d / "outdir").mkdir()),
+    "output is /dev/null": Case(["/dev/null is not a regular file", "--output"], output="/dev/null"),
+    "output is a FIFO": Case(["pipe is not a regular file"], output="pipe", setup=lambda d: os.mkfifo(d / "pipe")),
+    "output is a symlink to a folder": Case(["is a folder"], output="alias.jsonl",
+                                            setup=lambda d: ((d / "outdir").mkdir(), (d / "alias.jsonl").symlink_to(d / "outdir"))),
+    "failed file is /dev/null": Case(["/dev/null is not a regular file", "--failed"], extra=["--failed", "/dev/null"]),
+    "image folder missing": Case(["--image-dir", "'/nonexistent/images' is not a folder"],
+                                 extra=["--image-dir", "/nonexistent/images"]),
+    "unknown provider": Case(["no-such-provider/x"], env={"MICS_JUDGE": "no-such-provider/x"}, imports_litellm=True),
     "input missing": Case(["input file 'missing.jsonl' not found"], data="missing.jsonl"),
     "input is a folder": Case(["is not a file"], data="indir", setup=lambda d: (d / "indir").mkdir()),
     "mics generate with a garbage cache": Case(["MICS_CACHE_PATH", "is not an SQLite database"], command="generate",
@@ -138,6 +146,7 @@ def test_a_broken_start_exits_2_at_once_with_one_line_and_touches_nothing(tmp_pa
         case.setup(tmp_path)
     env = env_for(tmp_path, case)
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    entries_before = set(tmp_path.rglob("*"))
     args = [case.command] + (["qa"] if case.command == "generate" else [])
     args += [case.data, "--output", case.output, *(["--cache", "cache.sqlite"] if "--cache" not in case.extra else []),
              *case.extra]
@@ -155,11 +164,12 @@ def test_a_broken_start_exits_2_at_once_with_one_line_and_touches_nothing(tmp_pa
     assert "Traceback" not in result.stderr
     if not case.imports_litellm:
         assert not (tmp_path / "litellm-imported").exists(), "LiteLLM was imported before the check"
-    # The user's files are as they were; at most the lock file beside the output is new.
+    # The user's files are as they were, and nothing is new: not even the lock file beside the output, since
+    # every check that can end the command runs before it is made.
     for path, data in before.items():
         assert path.read_bytes() == data, f"{path.name} was changed"
-    new = {path.name for path in tmp_path.rglob("*") if path.is_file()} - {path.name for path in before}
-    assert new <= {f"{case.output}.lock"}, new
+    new = set(tmp_path.rglob("*")) - entries_before
+    assert not new, new
 
 
 def test_mics_eval_with_a_garbage_cache_exits_2_before_litellm(tmp_path):
