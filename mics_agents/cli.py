@@ -90,8 +90,8 @@ def _print_result(result: "SearchResult", *, show_reasoning: bool) -> None:
 def demo(
     output: Annotated[Path, typer.Option(help="Where to write the records (JSONL).")] = Path("mics_demo_output.jsonl"),
     cache: Annotated[
-        Optional[Path], typer.Option(help="SQLite cache; a rerun replays every call from it.")
-    ] = Path("mics_demo_cache.sqlite"),
+        Optional[str], typer.Option(help="SQLite cache; a rerun replays every call from it ('' for none).")
+    ] = "mics_demo_cache.sqlite",
     seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
 ) -> None:
     """Run the whole pipeline offline on the example cases that ship with mics-agents, with SIMULATED models."""
@@ -114,7 +114,7 @@ def demo(
             interns=[simulated_intern("simulated/intern-1"), simulated_intern("simulated/intern-2")],
             judge=simulated_judge(),
             settings=settings,
-            store=await Store.open(cache) if cache else None,
+            store=await Store.open(settings.cache_path) if settings.cache_path else None,
             owns_store=True,
             run_id=run_id_for(output),
         )
@@ -158,7 +158,9 @@ def _search_settings(settings: "Settings") -> dict:
 
     keys = ("strategy", "mentors", "interns", "judge", "max_depth", "initial_steps", "intern_temperatures",
             "samples_per_temperature", "mentor_temperature", "judge_temperature", "seed", "intern_mode",
-            "mentor_image_max_side", "image_max_side", "mentor_max_tokens", "intern_max_tokens")
+            "mentor_image_max_side", "image_max_side", "mentor_max_tokens", "intern_max_tokens", "path_opening",
+            "mentor_images_first", "intern_answer_line", "intern_image_min_pixels", "intern_image_max_pixels",
+            "judge_max_tokens")
     recorded = {key: getattr(settings, key) for key in keys}
     if settings.strategy == "vanilla":
         recorded["vanilla_mentor"] = settings.search_mentors[0]
@@ -388,7 +390,7 @@ def run(
     output: Annotated[Path, typer.Option("--output", "-o", help="Successes, one Chiron-o1 record per line.")],
     image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to (default: the data file's folder).")] = None,
     failed: Annotated[Optional[Path], typer.Option(help="Failures (default: OUTPUT with _failed.jsonl).")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH).")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH; '' for none).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Items in flight.")] = 8,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N items (of this shard).")] = None,
     shard: Annotated[str, typer.Option(help="I/N: take shard I of N, by a hash of the item id.")] = "0/1",
@@ -575,7 +577,7 @@ def generate(
     output: Annotated[Path, typer.Option("--output", "-o", help="Generated items, one per line.")],
     image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to (default: the data file's folder).")] = None,
     failed: Annotated[Optional[Path], typer.Option(help="Failures (default: OUTPUT with _failed.jsonl).")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH).")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH; '' for none).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Generator model (default: MICS_GENERATOR, else the first mentor).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Cases in flight.")] = 8,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N cases.")] = None,
@@ -614,7 +616,7 @@ def eval_command(
     mics_score: Annotated[bool, typer.Option(help="Also score the model's reasoning: MICS_INTERNS continue from its steps.")] = False,
     bertscore: Annotated[bool, typer.Option(help="Also BERTScore (roberta-large) of open answers, as the published "
                                                  "evaluation; needs bert-score and the model in the HF cache.")] = False,
-    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH).")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH; '' for none).")] = None,
     cache_namespace: Annotated[Optional[str], typer.Option(
         help="Cache namespace of the evaluated model's answers (default: MICS_CACHE_NAMESPACE, else the output "
              "folder: resuming into it replays them, a new folder asks the model again). Give the same word to "
@@ -641,7 +643,7 @@ def eval_command(
     from .store import Store
 
     try:
-        settings = load_settings(**({"cache_path": cache} if cache else {}))
+        settings = load_settings(**({"cache_path": cache} if cache is not None else {}))
         judge_name = _judge_name(judge, settings.judge)
         if mics_score and not settings.interns:
             raise ConfigError("--mics-score needs interns: set MICS_INTERNS")

@@ -5,6 +5,7 @@ score, as in Chiron-o1's Table 2."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ..data import InputItem
 from ..dataset.evalset import answer_type_of
 from ..errors import InputError, ModelCallError
 from ..grading import GRADER_VERSION, Grade, Grader, leading_yes_no, normalize, resolve_option, token_recall
-from ..images import load_images
+from ..images import load_images, within_pixels
 from ..models.base import ChatMessage, ImagePart, Model, ModelRequest, TextPart
 from ..prompts import load_prompt
 from ..results import Usage
@@ -155,6 +156,10 @@ class EvalWorker:
     async def _mics_score(self, case: Case, steps: list[str], usage: Usage) -> float | None:
         if not self.interns or not steps:
             return None
+        budget = (self.settings.intern_image_min_pixels, self.settings.intern_image_max_pixels)
+        if case.images and any(budget):  # interns see images as they do in the search
+            scaled = await asyncio.gather(*(asyncio.to_thread(within_pixels, part, *budget) for part in case.images))
+            case = dataclasses.replace(case, images=tuple(scaled))
 
         async def verdict(reply: InternReply) -> bool:
             for response in reply.responses:

@@ -105,7 +105,7 @@ def role_samples(candidates: dict[str, list[str]], seed: int = 0) -> list[dict[s
     say Yes whatever it is shown, so that an answer it cannot read never ends a search as a model error."""
     from mics_agents.agents import NO_PREFIX, render_case_info
     from mics_agents.evaluation.loaders import _render  # question + lettered options, as mics eval shows them
-    from mics_agents.evaluation.worker import _HINTS
+    from mics_agents.task_format import ANSWER_HINTS as _HINTS
 
     samples = []
 
