@@ -171,10 +171,11 @@ _GOOGLE_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 
 class _Lack(NamedTuple):
     """What a model lacks, as the rest of "MODEL needs ..."; ``key``: a key variable, which a server of
-    one's own may not need."""
+    one's own may not need; ``setting``: something to set (else a package to install, as the text says)."""
 
     text: str
     key: bool = False
+    setting: bool = True
 
 
 class _SdkChains:
@@ -205,7 +206,8 @@ def _aws_chain(profile: str | None) -> _Lack | None:
         from botocore.exceptions import BotoCoreError, ProfileNotFound
     except ImportError:
         return _Lack(
-            "the boto3 package, which is not installed (LiteLLM signs AWS requests with it): pip install boto3"
+            "the boto3 package, which is not installed (LiteLLM signs AWS requests with it): pip install boto3",
+            setting=False,
         )
     try:
         credentials = boto3.Session(profile_name=profile).get_credentials()
@@ -235,7 +237,8 @@ def _google_import_lack() -> _Lack | None:
     except ImportError:
         return _Lack(
             "the google-auth package, which is not installed (LiteLLM signs vertex_ai requests with it): pip "
-            "install google-auth (or pip install 'litellm[google]' for Google's whole SDK)"
+            "install google-auth (or pip install 'litellm[google]' for Google's whole SDK)",
+            setting=False,
         )
     return None
 
@@ -497,20 +500,20 @@ def check_credentials(names: list[str], router: Any = None) -> None:
     The SDK chains read files and, off a cloud machine, wait on its metadata server: call this from a
     worker thread in async code."""
     chains = _SdkChains()
-    problems, by_key = [], False
-    for name in dict.fromkeys(names):
-        for lack in _lacks(name, router, chains):
-            problems.append(f"{name} needs {lack.text}")
-            by_key = by_key or lack.key
-    if problems:
-        env_file = Path.cwd() / ".env"
-        advice = f"Set it in the environment or in {str(env_file)!r} (the one .env file read)"
-        if by_key:
-            advice += (
+    lacks = [(name, lack) for name in dict.fromkeys(names) for lack in _lacks(name, router, chains)]
+    if not lacks:
+        return
+    message = f"Missing credentials: {'; '.join(f'{name} needs {lack.text}' for name, lack in lacks)}."
+    if any(lack.setting for _, lack in lacks):
+        env_file = str(Path.cwd() / ".env")
+        message += f" Set what is missing in the environment or in {env_file!r} (the one .env file read)"
+        if any(lack.key for _, lack in lacks):
+            message += (
                 ", or, for a server of your own that needs no key, point the provider's *_API_BASE "
                 "(e.g. OPENAI_API_BASE) at it"
             )
-        raise ConfigError(f"Missing credentials: {'; '.join(problems)}. {advice}.")
+        message += "."
+    raise ConfigError(message)
 
 
 @lru_cache(maxsize=256)
