@@ -814,24 +814,20 @@ def serve(
     Starts a vLLM server per configured replica, waits until all are healthy, writes a Router config
     mapping each intern name to its replicas, and stops them all on Ctrl-C.
     """
-    import shlex
-
-    import yaml
-
     from .errors import ConfigError, MicsError
-    from .serve import InternServers, launch_command, load_serve_config, router_config
+    from .serve import InternServers, dry_run_commands, load_serve_config
 
     try:
         settings = load_serve_config(config)
     except ConfigError as exc:
         raise _fail_config(str(exc)) from None
     if dry_run:
-        for spec in settings.models:
-            for replica in spec.replicas:
-                where = f"CUDA_VISIBLE_DEVICES={replica.gpus} " if replica.gpus is not None else ""
-                line = where + shlex.join(launch_command(settings, spec, replica)) if replica.launch else f"(running elsewhere) {replica.api_base}"
-                console.print(line, markup=False, highlight=False, soft_wrap=True)
-        console.print(yaml.safe_dump(router_config(settings), sort_keys=False), markup=False, highlight=False)
+        try:
+            commands = dry_run_commands(settings)
+        except ConfigError as exc:
+            raise _fail_config(str(exc)) from None
+        for command in commands:  # each one shell-quoted: pasting it runs that command and nothing else
+            console.print(command, markup=False, highlight=False, soft_wrap=True)
         return
     servers = InternServers(settings, log=lambda message: err_console.print(message, markup=False, highlight=False))
     try:

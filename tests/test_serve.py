@@ -269,7 +269,6 @@ def test_the_cli_refuses_a_malformed_launcher_without_a_traceback(tmp_path):
     assert not isinstance(result.exception, (KeyError, ValueError, IndexError))
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py's `serve --dry-run` builds its own lines; it must print serve.dry_run_commands")
 def test_the_cli_dry_run_is_safe_to_paste(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "serve.yaml"
