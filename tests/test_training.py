@@ -630,8 +630,10 @@ def test_a_sample_that_would_be_cut_is_left_out_and_counted(tiny_vlm, curriculum
     collator = seen["collator"]
     assert type(collator).__name__ == "DataCollatorForVisionLanguageModeling"
     assert collator.completion_only_loss and collator.max_length is None
-    # The lengths were measured once: a rerun with a larger max_length reads them and keeps everything.
-    lengths = json.loads((tmp_path / "run" / "stage3" / "lengths.json").read_text())["lengths"]
+    # The lengths were measured once and kept, by sample, for a rerun with another max_length.
+    cached = [json.loads(line) for line in (tmp_path / "run" / "lengths" / "rank-0.jsonl").read_text().splitlines()]
+    lengths = {record["id"]: record["lengths"] for record in cached}
+    assert len(cached) == len(lengths) == 6
     assert sum(lengths["long-answer"]) > 48 >= sum(lengths["cred-cot"]) and lengths["long-prompt"][0] >= 48
 
 

@@ -3,9 +3,9 @@
 Layout of ``output_dir``::
 
     manifest.json            what each stage trained on, its status, checkpoint, adapter and metrics
+    lengths/rank-N.jsonl     each distinct sample's prompt and answer tokens, by process (the length policy's cache)
     stage1/checkpoints/      Trainer checkpoints (checkpoint-N: adapter, optimizer, scheduler, RNG, trainer state)
     stage1/adapter/          the stage's LoRA adapter when it finished
-    stage1/lengths.json      every sample's prompt and answer tokens (the length policy's cache)
     stage1/dropped.json      the samples left out because they do not fit in max_length, by reason
     stage2/ ... stage3/
     adapter/                 the final adapter (PEFT; load onto the base model, or serve with vLLM --enable-lora)
@@ -39,7 +39,7 @@ from trl import SFTConfig, SFTTrainer
 from .config import CurriculumConfig, StageConfig, StageSettings
 from .data import StageData, read_stage_file
 from .errors import ManifestError, StageDataError, TrainingConfigError
-from .lengths import REASONS, apply_length_policy, cached_lengths, processor_fingerprint, write_dropped
+from .lengths import REASONS, apply_length_policy, processor_fingerprint, stage_lengths, write_dropped
 from .manifest import Manifest
 from .model_card import write_model_card
 from .modeling import (
@@ -383,19 +383,17 @@ def _train_stage(
     is_vlm = kind == "vlm"
     args = _training_arguments(config, settings, precision, checkpoints_dir, world_size, stage.name, kind)
 
-    # The length policy, on the whole stage file before the data is sharded: the main process measures (or reads
-    # its cache) first, the others then read what it wrote, so every process keeps the same samples.
-    fingerprint = processor_fingerprint(processing_class, is_vlm=is_vlm, image_budget=image_budget)
-    with args.main_process_first(local=False, desc=f"measuring stage {stage.name}"):
-        lengths = cached_lengths(
-            stage_dir,
-            data.samples,
-            processing_class,
-            is_vlm=is_vlm,
-            data_sha256=data.sha256,
-            fingerprint=fingerprint,
-            write=is_main,
-        )
+    # The length policy, on the whole stage file before the data is sharded: every process measures its share of
+    # what is not cached yet and all of them get every length, so every process keeps the same samples.
+    lengths = stage_lengths(
+        data.samples,
+        processing_class,
+        is_vlm=is_vlm,
+        fingerprint=processor_fingerprint(processing_class, is_vlm=is_vlm, image_budget=image_budget),
+        cache_dir=output_dir / "lengths",
+        state=args.distributed_state,  # the launch's processes, set up by the arguments as the Trainer's
+        stage=stage.name,
+    )
     report = apply_length_policy(data.samples, lengths, settings.max_length)
     dropped = report.counts()
     if not report.kept:

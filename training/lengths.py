@@ -1,7 +1,8 @@
 """The length policy: no answer is ever cut. A sample that would not fit in ``max_length`` is left out and counted.
 
-Every sample is measured once, exactly as the trainer will see it: the prompt rendered with the chat template and
-run through the processor with its images (image tokens included), and the answer that follows it. Then:
+Every distinct sample is measured once, exactly as the trainer will see it: the prompt rendered with the chat
+template and run through the processor with its images (image tokens included), and the answer that follows it.
+Then:
 
 - ``prompt_over_max_length``: the prompt alone (question, case text, image tokens) takes ``max_length`` tokens or
   more, so there is no room for any answer. Cutting the prompt is no way out either: it would cut image tokens
@@ -11,8 +12,16 @@ run through the processor with its images (image tokens included), and the answe
 
 Both are dropped, before the trainer sees the stage, so every process trains on the same samples (the decision is
 made on the whole stage file before the data is sharded). Counts by reason go into the manifest, the log and the
-model card; the ids into ``OUTPUT/<stage>/dropped.json``. Lengths are cached in ``OUTPUT/<stage>/lengths.json``
-keyed by the stage file's hash and the processor's settings, so a resumed run does not measure again.
+model card; the ids into ``OUTPUT/<stage>/dropped.json``.
+
+Measuring is the slow part (tens of ms per image sample, tens of thousands of samples), so it is shared and kept:
+
+- a sample is keyed by its content (messages, image files, processor settings), so the copies of a repeated source
+  and the same sample in another stage are measured once;
+- every process measures its own share of what is not yet known, while the others measure theirs: no process waits
+  in a collective for longer than the slowest share takes (never for a whole stage measured by rank 0);
+- each process appends every length it measures to ``OUTPUT/lengths/rank-<N>.jsonl`` as it goes, so a run killed
+  while measuring resumes with what it had, and a rerun with another ``max_length`` measures nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .data import Sample
 from .errors import StageDataError
@@ -33,10 +42,13 @@ from .sft import IGNORE_INDEX, flatten_content, vision_collator
 __all__ = [
     "REASONS",
     "LengthReport",
+    "iter_lengths",
     "measure_lengths",
+    "stage_lengths",
+    "sample_key",
+    "read_length_cache",
     "apply_length_policy",
     "processor_fingerprint",
-    "cached_lengths",
 ]
 
 logger = logging.getLogger("training")
@@ -45,7 +57,7 @@ REASONS = {
     "prompt_over_max_length": "the prompt alone (images included) fills max_length: no room for the answer",
     "answer_over_max_length": "prompt + answer exceed max_length: the answer would be cut",
 }
-LENGTHS_FILE = "lengths.json"
+CACHE_SUFFIX = ".jsonl"
 DROPPED_FILE = "dropped.json"
 
 
@@ -90,37 +102,36 @@ def _measure_text(tokenizer: Any, sample: Sample) -> tuple[int, int]:
     return prompt_length, len(full_ids) - prompt_length
 
 
-def measure_lengths(samples: Sequence[Sample], processing_class: Any, *, is_vlm: bool) -> dict[str, list[int]]:
-    """``{sample id: [prompt tokens, answer tokens]}``, counted as the trainer's collator builds the sequence:
-    the very rows the trainer gets (images decoded by ``datasets``), one at a time through TRL's collator."""
+def iter_lengths(samples: Sequence[Sample], processing_class: Any, *, is_vlm: bool) -> Iterator[list[int]]:
+    """``[prompt tokens, answer tokens]`` of each sample in turn, counted as the trainer's collator builds the
+    sequence: the very rows the trainer gets (images decoded by ``datasets``), one at a time through TRL's collator."""
     from .sft import stage_dataset
 
-    lengths: dict[str, list[int]] = {}
     collator = vision_collator(processing_class) if is_vlm else None
-    dataset = stage_dataset(samples, is_vlm=True) if is_vlm else None
-    started, reported = time.monotonic(), time.monotonic()
+    dataset = stage_dataset(samples, is_vlm=True) if is_vlm and samples else None
     for index, sample in enumerate(samples):
-        if is_vlm:
-            try:
-                example = dataset[index]
-                batch = collator([example])
-            except (OSError, ValueError) as exc:
-                unreadable = [path for path in sample.images if not _readable(path)]
-                if not unreadable:
-                    raise
-                raise StageDataError(
-                    f"Sample {sample.id!r}: cannot read image {unreadable[0]}: {exc}. Fix or replace the file, or "
-                    "rebuild the stage without this sample."
-                ) from None
-            total = int(batch["attention_mask"].sum())
-            answer = int((batch["labels"] != IGNORE_INDEX).sum())
-            lengths[sample.id] = [total - answer, answer]
-        else:
-            lengths[sample.id] = list(_measure_text(processing_class, sample))
-        if time.monotonic() - reported > 30:
-            reported = time.monotonic()
-            logger.info("Measured %d/%d samples (%.0f s)", index + 1, len(samples), reported - started)
-    return lengths
+        if not is_vlm:
+            yield list(_measure_text(processing_class, sample))
+            continue
+        try:
+            batch = collator([dataset[index]])
+        except (OSError, ValueError) as exc:
+            unreadable = [path for path in sample.images if not _readable(path)]
+            if not unreadable:
+                raise
+            raise StageDataError(
+                f"Sample {sample.id!r}: cannot read image {unreadable[0]}: {exc}. Fix or replace the file, or "
+                "rebuild the stage without this sample."
+            ) from None
+        total = int(batch["attention_mask"].sum())
+        answer = int((batch["labels"] != IGNORE_INDEX).sum())
+        yield [total - answer, answer]
+
+
+def measure_lengths(samples: Sequence[Sample], processing_class: Any, *, is_vlm: bool) -> dict[str, list[int]]:
+    """``{sample id: [prompt tokens, answer tokens]}`` of every sample, measured here and now (no cache)."""
+    measured = iter_lengths(samples, processing_class, is_vlm=is_vlm)
+    return {sample.id: lengths for sample, lengths in zip(samples, measured, strict=True)}
 
 
 def _readable(path: str) -> bool:
@@ -172,33 +183,155 @@ def processor_fingerprint(processing_class: Any, *, is_vlm: bool, image_budget: 
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def cached_lengths(
-    stage_dir: Path,
+def sample_key(sample: Sample, fingerprint: str) -> str:
+    """What a sample's lengths depend on: its messages, its images and the processor (``fingerprint``).
+
+    Copies of a sample (a stage repeats a source as ``<id>#<copy>``) share the key, so they are measured once. An
+    image is known by its path, size and modification time: a file rewritten in place is measured again, and no
+    process reads every image's bytes at every start just to name it.
+    """
+    images = []
+    for path in sample.images:
+        try:
+            stat = os.stat(path)
+            images.append([path, stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            images.append([path, None, None])
+    described = {"fingerprint": fingerprint, "messages": [*sample.prompt, *sample.completion], "images": images}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def read_length_cache(cache_dir: Path, wanted: set[str] | None = None) -> dict[str, list[int]]:
+    """Every length the cache folder holds (only the ``wanted`` keys, when given).
+
+    A line that does not parse is skipped: it is the torn last line of a process that was killed while writing.
+    """
+    found: dict[str, list[int]] = {}
+    for path in sorted(Path(cache_dir).glob(f"*{CACHE_SUFFIX}")):
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                record = json.loads(line)
+                key, lengths = record["key"], [int(value) for value in record["lengths"]]
+            except (ValueError, TypeError, KeyError):
+                continue
+            if len(lengths) == 2 and (wanted is None or key in wanted):
+                found[key] = lengths
+    return found
+
+
+class _CacheWriter:
+    """Appends one line per measured sample to this process's own file, so a killed measurement resumes."""
+
+    _SYNC_EVERY_S = 10.0
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a+b")
+        self.handle.seek(0, os.SEEK_END)
+        if self.handle.tell():
+            self.handle.seek(-1, os.SEEK_END)
+            if self.handle.read(1) != b"\n":  # a torn last line: start on a line of our own
+                self.handle.write(b"\n")
+        self.synced = time.monotonic()
+
+    def add(self, key: str, sample_id: str, lengths: list[int]) -> None:
+        line = json.dumps({"key": key, "lengths": lengths, "id": sample_id}) + "\n"
+        self.handle.write(line.encode())
+        self.handle.flush()  # a killed process keeps what it flushed; fsync guards against a crashed machine
+        if time.monotonic() - self.synced > self._SYNC_EVERY_S:
+            os.fsync(self.handle.fileno())
+            self.synced = time.monotonic()
+
+    def close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+
+
+def _gather(items: list[Any], state: Any) -> list[Any]:
+    """Every process's ``items``, concatenated in rank order, on every process (one collective)."""
+    if state is None or state.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def stage_lengths(
     samples: Sequence[Sample],
     processing_class: Any,
     *,
     is_vlm: bool,
-    data_sha256: str,
     fingerprint: str,
-    write: bool,
+    cache_dir: Path,
+    state: Any = None,
+    stage: str = "",
 ) -> dict[str, list[int]]:
-    """The stage's lengths from ``stage_dir/lengths.json`` when it matches, else measured (and written if ``write``)."""
-    path = Path(stage_dir) / LENGTHS_FILE
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            cached = {}
-        if cached.get("data_sha256") == data_sha256 and cached.get("fingerprint") == fingerprint:
-            lengths = cached.get("lengths") or {}
-            if all(sample.id in lengths for sample in samples):
-                return lengths
-    started = time.monotonic()
-    lengths = measure_lengths(samples, processing_class, is_vlm=is_vlm)
-    logger.info("Measured %d samples in %.1f s", len(samples), time.monotonic() - started)
-    if write:
-        _write_json(path, {"data_sha256": data_sha256, "fingerprint": fingerprint, "lengths": lengths})
-    return lengths
+    """``{sample id: [prompt tokens, answer tokens]}`` for the whole stage, the same on every process.
+
+    Each distinct sample is measured once, by one process: what the cache in ``cache_dir`` (written by any process,
+    in this run or an earlier one) already holds is reused, the rest is dealt out over the processes in turn, each
+    appends what it measures to its own file as it goes, and the results are gathered. ``state`` is accelerate's
+    ``PartialState`` of the launch (None: one process). Every process must call this with the same samples.
+    """
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    keys = [sample_key(sample, fingerprint) for sample in samples]
+    distinct: dict[str, Sample] = {}
+    for key, sample in zip(keys, samples, strict=True):
+        distinct.setdefault(key, sample)
+    # Processes that do not share a filesystem see different cache files: agree on the union first.
+    known = dict(_gather(list(read_length_cache(cache_dir, set(distinct)).items()), state))
+    missing = [key for key in distinct if key not in known]
+    share = missing[rank::world]  # in turn, so a block of cheap text samples is split as evenly as the rest
+    logger.info(
+        "Stage %s: %d samples, %d distinct, %d measured before; %d to measure over %d process(es) (%d here)",
+        stage,
+        len(samples),
+        len(distinct),
+        len(distinct) - len(missing),
+        len(missing),
+        world,
+        len(share),
+    )
+    measured: list[tuple[str, list[int]]] = []
+    error: Exception | None = None
+    started = reported = time.monotonic()
+    writer = None
+    try:  # every process must reach the gather below, or the others wait there until the launch's timeout
+        if share:
+            writer = _CacheWriter(Path(cache_dir) / f"rank-{rank}{CACHE_SUFFIX}")
+            share_samples = [distinct[key] for key in share]
+            measuring = iter_lengths(share_samples, processing_class, is_vlm=is_vlm)
+            for key, sample, lengths in zip(share, share_samples, measuring, strict=True):
+                writer.add(key, sample.id, lengths)
+                measured.append((key, lengths))
+                if time.monotonic() - reported > 30:
+                    reported = time.monotonic()
+                    logger.info("Measured %d/%d samples (%.0f s)", len(measured), len(share), reported - started)
+            writer.close()
+            writer = None
+            logger.info("Measured %d samples in %.1f s", len(measured), time.monotonic() - started)
+    except Exception as exc:
+        error = exc
+        if writer is not None:
+            writer.handle.close()
+    failure = f"{type(error).__name__}: {error}" if error is not None else None
+    outcomes = _gather([(rank, measured, failure)], state)
+    if error is not None:
+        raise error
+    for other, _, message in outcomes:
+        if message is not None:
+            raise StageDataError(
+                f"Stage {stage!r}: process {other} could not measure its samples ({message}); see its log. What "
+                f"was measured is kept in {cache_dir}, so a rerun measures only the rest."
+            )
+    for _, entries, _ in outcomes:
+        known.update(entries)
+    return {sample.id: known[key] for key, sample in zip(keys, samples, strict=True)}
 
 
 def write_dropped(stage_dir: Path, report: LengthReport) -> Path:
