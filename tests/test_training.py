@@ -733,6 +733,68 @@ def test_pixel_settings_on_a_model_without_a_pixel_budget_are_refused(tiny_vlm, 
         run_curriculum(tiny_config(tiny_vlm, curriculum, tmp_path / "run", image_max_pixels=1024))
 
 
+# --- DDP's search for unused parameters ------------------------------------------------------------------------
+
+
+def unused_parameter_search(config) -> list:
+    """``ddp_find_unused_parameters`` as each stage's trainer got it (after TRL's own choice)."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class SeeTheArguments(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append(args.ddp_find_unused_parameters)
+
+    run_curriculum(config, callbacks=[SeeTheArguments()])
+    return seen
+
+
+def test_ddp_looks_for_unused_parameters_only_when_lora_leaves_the_language_model(tiny_vlm, curriculum, tmp_path):
+    """Stage 1 mixes text-only and image samples: a text batch skips the vision tower, which is frozen, so with LoRA
+    on the language model alone nothing trainable goes unused. (The two-process run above trains it that way.)"""
+    from transformers import AutoModelForImageTextToText
+
+    from training.curriculum import _lora_config
+    from training.modeling import trained_outside_language_model
+
+    quick = dict(max_steps=1, save_steps=1)
+    default = tiny_config(tiny_vlm, curriculum, tmp_path / "auto", stages=["stage1", "stage2"], **quick)
+    assert unused_parameter_search(default) == [False, False]  # stage 2 carries stage 1's adapter on
+    # Leaf names that the vision tower's attention has too (CLIP's q_proj, v_proj): TRL's choice stands (on).
+    vision_too = tiny_config(
+        tiny_vlm, curriculum, tmp_path / "names", stages=["stage1"], lora_target_modules=["q_proj", "v_proj"], **quick
+    )
+    assert unused_parameter_search(vision_too) == [True]
+    # A user's pattern that stays inside the language model is as safe as the default.
+    language_only = tiny_config(
+        tiny_vlm,
+        curriculum,
+        tmp_path / "regex",
+        stages=["stage1"],
+        lora_target_modules=r".*language_model\..*\.(q_proj|v_proj)$",
+        **quick,
+    )
+    assert unused_parameter_search(language_only) == [False]
+    # The user's own setting wins over both.
+    own = tiny_config(
+        tiny_vlm,
+        curriculum,
+        tmp_path / "own",
+        stages=["stage1"],
+        extra_training_args={"ddp_find_unused_parameters": True},
+        **quick,
+    )
+    assert unused_parameter_search(own) == [True]
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vlm)
+    reached = trained_outside_language_model(model, _lora_config(vision_too, model))
+    assert reached and all(name.startswith("model.vision_tower.") for name in reached)
+    all_linear = _lora_config(tiny_config(tiny_vlm, curriculum, tmp_path / "x", lora_target_modules="all-linear"), model)
+    assert trained_outside_language_model(model, all_linear)  # PEFT's all-linear reaches the vision tower
+    assert trained_outside_language_model(model, _lora_config(default, model)) == []
+
+
 # --- sharded parameters with mixed stages, and runs of the earlier trainer ----------------------------------------
 
 

@@ -50,6 +50,7 @@ from .modeling import (
     load_base_model,
     load_processing_class,
     resolve_dtype,
+    trained_outside_language_model,
 )
 from .parallel import check_mixed_stages, sharded_parameters
 from .sft import stage_dataset
@@ -215,8 +216,7 @@ def _training_arguments(
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
-        # A VLM stage may mix text-only samples, whose batches leave the vision tower out: TRL then lets DDP look
-        # for unused parameters (None); a text model has none.
+        # A text model has no unused parameters; a VLM's are decided once its LoRA is known (_unused_parameters).
         ddp_find_unused_parameters=None if kind == "vlm" else False,
         report_to=config.report_to,
         run_name=f"{Path(config.output_dir).name}-{stage}",
@@ -234,6 +234,26 @@ def _training_arguments(
         if "tensorboard" in message.lower():
             message += " (pip install tensorboard, or set report_to: none)"
         raise TrainingConfigError(f"Invalid training arguments for stage {stage!r}: {message}") from None
+
+
+def _unused_parameters(model: torch.nn.Module, peft_config: Any, stage: str) -> bool | None:
+    """``ddp_find_unused_parameters`` for a VLM stage: False when only the language model trains.
+
+    A text-only batch skips the vision tower, but DDP only waits for gradients of trainable parameters: with the
+    tower and projector frozen and LoRA inside the language model (which every batch runs through), nothing can go
+    unused, and looking for it would cost a graph traversal every step. LoRA that reaches other modules keeps TRL's
+    choice (None: TRL turns the search on for a VLM).
+    """
+    outside = trained_outside_language_model(model, peft_config)
+    if outside:
+        logger.info(
+            "Stage %s: LoRA reaches modules outside the language model (%s%s), so DDP looks for unused parameters",
+            stage,
+            ", ".join(outside[:3]),
+            f" and {len(outside) - 3} more" if len(outside) > 3 else "",
+        )
+        return None
+    return False
 
 
 def _loss_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -416,6 +436,8 @@ def _train_stage(
         )
 
     model, peft_config = build_stage_model(config, kind, precision, previous_adapters)
+    if is_vlm and "ddp_find_unused_parameters" not in config.extra_training_args:
+        args.ddp_find_unused_parameters = _unused_parameters(model, peft_config, stage.name)
     trainer = SFTTrainer(
         model=model,
         args=args,

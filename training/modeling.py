@@ -22,6 +22,7 @@ __all__ = [
     "load_processing_class",
     "load_base_model",
     "language_model_target_modules",
+    "trained_outside_language_model",
     "resolve_dtype",
     "tokenizer_of",
     "apply_image_budget",
@@ -146,13 +147,17 @@ def load_base_model(
     return model
 
 
+def _language_model_prefix(model: nn.Module) -> str | None:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return next((name for name, module in model.named_modules() if module is decoder and name), None)
+
+
 def language_model_target_modules(model: nn.Module) -> str:
     """A PEFT ``target_modules`` regex naming every linear layer inside the language model.
 
     The regex ends in ``(name|name...)$`` so vLLM's adapter loader can read the module names from it.
     """
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    prefix = next((name for name, module in model.named_modules() if module is decoder and name), None)
+    prefix = _language_model_prefix(model)
     if prefix is None:
         raise TrainingConfigError(
             f"Cannot find the language model inside {type(model).__name__} to put LoRA on; set "
@@ -168,6 +173,36 @@ def language_model_target_modules(model: nn.Module) -> str:
     if not leaves:
         raise TrainingConfigError(f"The language model {prefix!r} has no linear layers; set lora_target_modules")
     return rf"^{re.escape(prefix)}\..*\.({'|'.join(leaves)})$"
+
+
+def trained_outside_language_model(model: nn.Module, lora_config: Any) -> list[str]:
+    """The modules outside the language model that the stage will train: [] when LoRA stays inside it.
+
+    ``lora_config``: the fresh adapter's config, or None for a model that carries its (trainable) adapter already.
+    Unknown is never taken for inside: a model whose language model cannot be found, or PEFT's ``all-linear``,
+    counts as reaching everything.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    prefix = _language_model_prefix(model)
+    if prefix is None:
+        return ["<the whole model: no language model found>"]
+    inside = prefix + "."
+    if lora_config is None:
+        return sorted(
+            {
+                name.rsplit(".", 1)[0]
+                for name, parameter in model.named_parameters()
+                if parameter.requires_grad and not name.startswith(inside)
+            }
+        )
+    if lora_config.target_modules == "all-linear":
+        return ["<all-linear>"]
+    return [
+        name
+        for name, _ in model.named_modules()
+        if name and not name.startswith(inside) and check_target_module_exists(lora_config, name)
+    ]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
