@@ -210,10 +210,11 @@ class Settings(BaseSettings):
         "MICS_IMAGE_MAX_SIDE: the published Qwen interns' processor budget (1280 x 28 x 28); 0 for no bound.",
     )
     intern_image_min_pixels: int = Field(
-        default=256 * 28 * 28,
+        default=0,
         ge=0,
-        description="Interns get smaller images enlarged to at least this many pixels (aspect kept), as the "
-        "published Qwen interns' processor did (256 x 28 x 28); 0 for no bound.",
+        description="Interns get smaller images enlarged to at least this many pixels (aspect kept); 0 (the "
+        "default) for no bound: the published Qwen processor's minimum (256 x 28 x 28) is applied by the served "
+        "processor itself, and enlarging here would only make every request bigger (API interns pay for it).",
     )
     image_max_pixels: int = Field(
         default=40_000_000, ge=1,

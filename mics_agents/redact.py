@@ -42,7 +42,8 @@ MIN_SECRET_CHARS = 8
 # AWS_SESSION_TOKEN, HF_TOKEN, VERTEXAI_CREDENTIALS, DATABRICKS_TOKEN, ... ; every one ends like this.
 _SECRET_NAME = re.compile(
     r"(?:^|_)(?:API_?KEY|KEY|TOKEN|SECRET|SECRET_KEY|SECRET_ACCESS_KEY|ACCESS_KEY|ACCESS_KEY_ID|PASSWORD|PASS|"
-    r"CREDENTIALS?|AUTH)$",
+    r"CREDENTIALS?|AUTH)$"
+    r"|(?:^|_)BEARER_TOKEN(?:_|$)",  # AWS_BEARER_TOKEN_BEDROCK: the key sits before the provider's name
     re.IGNORECASE,
 )
 # Shapes of credentials whatever their source: an Authorization header's value, OpenAI/Anthropic/DeepSeek style

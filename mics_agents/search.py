@@ -299,7 +299,8 @@ class Searcher:
             await asyncio.to_thread(import_litellm)  # seconds of import, kept off the event loop
         router = open_router(settings)
         # A provider key missing is a configuration error now, before any call (and before the store opens).
-        check_credentials(names, router)
+        # Off the event loop: boto3's and google-auth's chains read files and may ask a metadata server.
+        await asyncio.to_thread(check_credentials, names, router)
 
         store = await Store.open(settings.cache_path) if settings.cache_path else None
         models: dict[str, Model] = {}  # one model per name, even when a name plays two roles

@@ -123,7 +123,8 @@ def sizes(requests) -> set[tuple[int, int]]:
 @pytest.mark.parametrize(
     "original, budget, intern_pixels",
     [((1600, 1200), {}, (900_000, 1_003_520)),                      # published maximum: 1280*28*28
-     ((120, 90), {}, (200_704, 220_000)),                           # published minimum: 256*28*28
+     ((120, 90), {}, (120 * 90, 120 * 90)),                         # small: sent as it is (the server enlarges)
+     ((120, 90), {"intern_image_min_pixels": 256 * 28 * 28}, (200_704, 220_000)),  # the published minimum, asked
      ((1600, 1200), {"intern_image_max_pixels": 0, "intern_image_min_pixels": 0}, (1536 * 1152, 1536 * 1152)),
      ((120, 90), {"intern_image_max_pixels": 0, "intern_image_min_pixels": 0}, (120 * 90, 120 * 90))],
 )

@@ -237,3 +237,13 @@ def test_a_poisoned_reply_ends_as_a_search_result_and_a_rerun_sends_nothing(tmp_
     assert marked > 0 and repaired > 0
     assert second.returncode == 0, second.stderr
     assert resent == 0, "every reply was kept, so the rerun asks for nothing"
+
+
+@pytest.mark.parametrize(("name", "secret"), [
+    ("AWS_BEARER_TOKEN_BEDROCK", True), ("OPENAI_API_KEY", True), ("HF_TOKEN", True), ("azure_ad_token", True),
+    ("MICS_INTERN_MAX_TOKENS", False), ("MICS_JUDGE_MAX_TOKENS", False), ("TOKENIZERS_PARALLELISM", False),
+])
+def test_which_variables_hold_secrets(name, secret):
+    from mics_agents.redact import is_secret_name
+
+    assert is_secret_name(name) is secret
