@@ -223,3 +223,15 @@ def test_start_up_failures_leave_no_thread_tracebacks(tmp_path):
         assert result.returncode == 2, result.stderr
         assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
 
+
+
+def test_an_empty_cache_option_means_no_cache_as_the_empty_variable_does(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    output = tmp_path / "out.jsonl"
+    with OpenAIServer(lifetime=60) as server:
+        result = run_mics(["run", str(data.path), "--image-dir", str(data.image_dir), "--output", str(output),
+                           "--cache", "", "--limit", "1"], mics_env(server), tmp_path)
+        assert server.count() > 0
+    assert result.returncode == 0, result.stderr
+    assert not list(tmp_path.glob("*.sqlite*")), "no cache file is made"
+    assert len(lines_by_item(output)) == 1

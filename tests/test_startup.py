@@ -56,6 +56,8 @@ CASES = {
                                    env={"MICS_MODEL_CONCURRENCY_OVERRIDES": '{"openai/mentor-a": 0}'}),
     "concurrency override -1": Case(["MICS_MODEL_CONCURRENCY_OVERRIDES", "is -1"],
                                     env={"MICS_MODEL_CONCURRENCY_OVERRIDES": '{"openai/mentor-a": -1}'}),
+    "concurrency override true": Case(["MICS_MODEL_CONCURRENCY_OVERRIDES", "'openai/judge' is true, not a number"],
+                                      env={"MICS_MODEL_CONCURRENCY_OVERRIDES": '{"openai/judge": true}'}),
     "concurrency overrides not JSON": Case(["MICS_MODEL_CONCURRENCY_OVERRIDES", "not valid JSON"],
                                            env={"MICS_MODEL_CONCURRENCY_OVERRIDES": "{mentor: 4"}),
     "infinite timeout": Case(["MICS_REQUEST_TIMEOUT", "finite number"], env={"MICS_REQUEST_TIMEOUT": "inf"}),
