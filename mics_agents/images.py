@@ -343,17 +343,23 @@ def smaller_copy(part: ImagePart, max_side: int) -> ImagePart:
             return part
         image.load()
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        if part.mime == "image/jpeg" and image.mode in ("RGB", "L"):
-            image.save(buffer, format="JPEG", quality=92)
-            mime = "image/jpeg"
-        else:
-            if image.mode not in ("RGB", "RGBA", "L", "LA"):
-                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-            image.save(buffer, format="PNG")
-            mime = "image/png"
+        return _resized_part(part, image, f"max_side={max_side}")
+
+
+def _resized_part(part: ImagePart, image: Any, recipe: str) -> ImagePart:
+    """``image`` (``part`` resized) encoded as ``part`` was where it can be (JPEG stays JPEG), else as PNG; its
+    cache key derives from ``part``'s and the ``recipe`` of the resize."""
+    buffer = io.BytesIO()
+    if part.mime == "image/jpeg" and image.mode in ("RGB", "L"):
+        image.save(buffer, format="JPEG", quality=92)
+        mime = "image/jpeg"
+    else:
+        if image.mode not in ("RGB", "RGBA", "L", "LA"):
+            image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+        image.save(buffer, format="PNG")
+        mime = "image/png"
     data = buffer.getvalue()
-    key = hashlib.sha256(f"mics-image/{RESIZE_RECIPE}:{part.cache_id}:max_side={max_side}".encode()).hexdigest()
+    key = hashlib.sha256(f"mics-image/{RESIZE_RECIPE}:{part.cache_id}:{recipe}".encode()).hexdigest()
     return ImagePart(data, mime, hashlib.sha256(data).hexdigest(), part.label, key_sha256=key)
 
 
@@ -382,22 +388,8 @@ def within_pixels(part: ImagePart, min_pixels: int, max_pixels: int) -> ImagePar
         if size == (width, height):
             return part
         image.load()
-        image = to_8bit(image)
-        scaled = image.resize(size, Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        if part.mime == "image/jpeg" and scaled.mode in ("RGB", "L"):
-            scaled.save(buffer, format="JPEG", quality=92)
-            mime = "image/jpeg"
-        else:
-            if scaled.mode not in ("RGB", "RGBA", "L", "LA"):
-                scaled = scaled.convert("RGBA" if "A" in scaled.getbands() else "RGB")
-            scaled.save(buffer, format="PNG")
-            mime = "image/png"
-    data = buffer.getvalue()
-    key = hashlib.sha256(
-        f"mics-image/{RESIZE_RECIPE}:{part.cache_id}:pixels={min_pixels}-{max_pixels}".encode()
-    ).hexdigest()
-    return ImagePart(data, mime, hashlib.sha256(data).hexdigest(), part.label, key_sha256=key)
+        scaled = to_8bit(image).resize(size, Image.Resampling.LANCZOS)
+        return _resized_part(part, scaled, f"pixels={min_pixels}-{max_pixels}")
 
 
 async def load_images(
