@@ -650,6 +650,11 @@ def eval_command(
         benchmarks = _named_paths([spec if "=" in spec else f"{Path(spec).stem}={spec}" for spec in benchmark], "--benchmark")
         roots = _named_paths(image_root, "--image-root")
         _check_start(settings)
+        image_budget = None
+        if settings.router_config:  # served by mics serve: the image budget the model answered under
+            from .serve import served_image_budget
+
+            image_budget = served_image_budget(settings.router_config, model)
     except MicsError as exc:
         raise _fail_config(str(exc)) from None
     # The evaluated model's answers are keyed by the output folder too: a checkpoint retrained and served
@@ -735,6 +740,7 @@ def eval_command(
     results = {
         "model": model,
         "judge": judge_name,
+        "image_budget": image_budget,
         "benchmarks": {
             name: {**summarize(items), "layout": layouts[name], "not_scored": sum(failures[name].values()),
                    "not_scored_by_kind": failures[name]}

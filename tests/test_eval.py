@@ -638,3 +638,29 @@ def test_a_slake_parquet_keeps_english_questions_and_its_own_closed_labels(tmp_p
     plain = pa.table({"image": [image, image], "question": ["Is there a mass?", "What stain?"], "answer": ["no", "H&E"]})
     pq.write_table(plain, tmp_path / "pathvqa-test.parquet")
     assert [i.answer_type for i in load_benchmark(tmp_path / "pathvqa-test.parquet")] == ["closed", "open"]
+
+
+def test_results_record_the_image_budget_the_model_was_served_with(tmp_path, monkeypatch):
+    """A model served by mics serve with a trained image budget: results.json says which one it answered under."""
+    from typer.testing import CliRunner
+
+    from mics_agents.cli import app
+
+    from .openai_server import OpenAIServer
+
+    bench = _plain_benchmark(tmp_path / "bench")
+    monkeypatch.chdir(tmp_path)
+    with OpenAIServer(lambda model, body: "### The final answer is: yes") as server:
+        router = tmp_path / "router.yaml"
+        router.write_text(
+            "model_list:\n"
+            "  - model_name: openai/model-a\n"
+            f"    litellm_params: {{model: openai/model-a, api_base: '{server.base_url}', api_key: sk-test}}\n"
+            "    model_info: {image_budget: {max_dynamic_patch: 6}}\n"
+        )
+        monkeypatch.setenv("MICS_ROUTER_CONFIG", str(router))
+        arguments = ["eval", "--model", "openai/model-a", "--judge", "none", "--benchmark", f"b={bench}",
+                     "--image-root", f"b={bench.parent}", "--output", str(tmp_path / "out")]
+        result = CliRunner().invoke(app, arguments)
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["image_budget"] == {"max_dynamic_patch": 6}
