@@ -135,12 +135,33 @@ def test_what_changes_a_length_is_measured_again(processor, curriculum, tmp_path
     assert len(counter.measured) == 3
     measure(samples, processor, tmp_path / "cache", fingerprint="another processor")
     assert len(counter.measured) == 4
-    # An image rewritten in place (same path) is measured again too.
+    # An image rewritten in place at another size is measured again; a copy elsewhere, or new pixels, are not.
     Image.new("RGB", (20, 20), (10, 20, 30)).save(other_image)
-    os.utime(other_image, ns=(1, 1))
     samples = read_stage_file(tiny_models.write_stage(tmp_path / "v1", [variants[1]]), stage="s").samples
     measure(samples, processor, tmp_path / "cache")
     assert len(counter.measured) == 5
+    Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / "moved.png")
+    moved = read_stage_file(
+        tiny_models.write_stage(tmp_path / "v3", [{**variants[1], "images": [str(tmp_path / "moved.png")]}]), stage="s"
+    ).samples
+    measure(moved, processor, tmp_path / "cache")
+    assert len(counter.measured) == 5
+
+
+def test_an_image_is_known_by_the_size_the_trainer_sees(tmp_path):
+    """A photo turned by its EXIF orientation is decoded turned (datasets applies it), so it is another length."""
+    plain, turned, png = tmp_path / "plain.jpg", tmp_path / "turned.jpg", tmp_path / "plain.png"
+    Image.new("RGB", (40, 20)).save(plain)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.new("RGB", (40, 20)).save(turned, exif=exif)
+    Image.new("RGB", (40, 20)).save(png)
+    assert lengths_module.image_identity(str(plain)) == lengths_module.image_identity(str(png)) == [40, 20, None]
+    assert lengths_module.image_identity(str(turned)) == [40, 20, 6]
+    assert lengths_module.image_identity(str(tmp_path / "missing.png")) is None
+    sample = Sample(id="a", prompt=[{"role": "user", "content": "q"}], completion=[], images=[str(plain)])
+    keys = lengths_module.sample_keys([sample, Sample(**{**sample.__dict__, "id": "b", "images": [str(turned)]})], "f")
+    assert keys[0] != keys[1]
 
 
 def test_a_killed_measurement_resumes_without_measuring_again(processor, curriculum, tmp_path, monkeypatch):
@@ -180,7 +201,7 @@ def test_a_measurement_that_fails_keeps_what_it_measured(processor, curriculum, 
     assert counter.measured == ["q0-text", "cred-cot", "cgreen-cot"]
 
     broken.unlink()
-    Image.new("RGB", (20, 24), (1, 2, 3)).save(broken)
+    Image.new("RGB", (36, 30), (1, 2, 3)).save(broken)  # not the size of cred-cot's image, so not its length
     measure(samples, processor, tmp_path / "cache")
     assert counter.measured[3:] == ["broken", "cblue-cot2"]
 
@@ -212,11 +233,12 @@ def run(stage_file):
     )
 result = {"rank": state.process_index, "world": state.num_processes, "lengths": run(sys.argv[2])}
 result["measured"], measured[:] = list(measured), []
-try:
-    run(sys.argv[4])
-    result["failure"] = None
-except StageDataError as exc:
-    result["failure"] = str(exc)
+for phase, stage_file in (("failure", sys.argv[4]), ("mismatch", sys.argv[2 if state.process_index else 4])):
+    try:
+        run(stage_file)
+        result[phase] = None
+    except StageDataError as exc:
+        result[phase] = str(exc)
 (out / f"result-{state.process_index}.json").write_text(json.dumps(result))
 state.wait_for_everyone()
 state.destroy_process_group()
@@ -225,7 +247,8 @@ state.destroy_process_group()
 
 def test_two_processes_share_the_measuring_and_all_finish(tiny_vlm, processor, curriculum, tmp_path):
     """A real two-process launch (gloo on CPU): each measures half of what is not cached, both get every length; a
-    sample that breaks on one process ends the measurement on both with the reason, instead of a hang."""
+    sample that breaks on one process, or processes that read different stages, end the measurement on both with
+    the reason, instead of a hang until the launch's timeout."""
     records = distinct_records(curriculum)
     extra = [
         {**record, "id": f"{record['id']}-b", "messages": [record["messages"][0], answer(f"Answer {index}. " * index)]}
@@ -268,3 +291,5 @@ def test_two_processes_share_the_measuring_and_all_finish(tiny_vlm, processor, c
     assert len(read_length_cache(tmp_path / "cache")) == 8 + 1  # and the fresh sample measured before the failure
     assert "cannot read image" in results[1]["failure"] and "broken.png" in results[1]["failure"]
     assert "process 1 could not measure" in results[0]["failure"] and "cannot read image" in results[0]["failure"]
+    # Processes that read different stages (here: two stage files) stop before measuring, all of them, saying so.
+    assert all("process(es) [1] read other samples" in result["mismatch"] for result in results)

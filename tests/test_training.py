@@ -790,8 +790,8 @@ def test_ddp_looks_for_unused_parameters_only_when_lora_leaves_the_language_mode
     model = AutoModelForImageTextToText.from_pretrained(tiny_vlm)
     reached = trained_outside_language_model(model, _lora_config(vision_too, model))
     assert reached and all(name.startswith("model.vision_tower.") for name in reached)
-    all_linear = _lora_config(tiny_config(tiny_vlm, curriculum, tmp_path / "x", lora_target_modules="all-linear"), model)
-    assert trained_outside_language_model(model, all_linear)  # PEFT's all-linear reaches the vision tower
+    all_linear = tiny_config(tiny_vlm, curriculum, tmp_path / "x", lora_target_modules="all-linear")
+    assert trained_outside_language_model(model, _lora_config(all_linear, model))  # reaches the vision tower too
     assert trained_outside_language_model(model, _lora_config(default, model)) == []
 
 

@@ -16,8 +16,8 @@ model card; the ids into ``OUTPUT/<stage>/dropped.json``.
 
 Measuring is the slow part (tens of ms per image sample, tens of thousands of samples), so it is shared and kept:
 
-- a sample is keyed by its content (messages, image files, processor settings), so the copies of a repeated source
-  and the same sample in another stage are measured once;
+- a sample is keyed by what its length depends on (messages, image sizes, processor settings), so the copies of a
+  repeated source and the same sample in another stage are measured once;
 - every process measures its own share of what is not yet known, while the others measure theirs: no process waits
   in a collective for longer than the slowest share takes (never for a whole stage measured by rank 0);
 - each process appends every length it measures to ``OUTPUT/lengths/rank-<N>.jsonl`` as it goes, so a run killed
@@ -45,7 +45,7 @@ __all__ = [
     "iter_lengths",
     "measure_lengths",
     "stage_lengths",
-    "sample_key",
+    "sample_keys",
     "read_length_cache",
     "apply_length_policy",
     "processor_fingerprint",
@@ -183,22 +183,39 @@ def processor_fingerprint(processing_class: Any, *, is_vlm: bool, image_budget: 
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def sample_key(sample: Sample, fingerprint: str) -> str:
-    """What a sample's lengths depend on: its messages, its images and the processor (``fingerprint``).
+def image_identity(path: str) -> list[Any] | None:
+    """What an image's token count depends on: its size as the trainer sees it (EXIF orientation applied by
+    ``datasets``). None for a file that does not open; measuring it then names the file."""
+    from PIL import ExifTags, Image
 
-    Copies of a sample (a stage repeats a source as ``<id>#<copy>``) share the key, so they are measured once. An
-    image is known by its path, size and modification time: a file rewritten in place is measured again, and no
-    process reads every image's bytes at every start just to name it.
+    try:
+        with Image.open(path) as image:
+            # Reading a PNG's EXIF where the header holds none would decode every pixel; PNG puts it first.
+            exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
+            return [image.width, image.height, exif.get(ExifTags.Base.Orientation)]
+    except (OSError, ValueError):
+        return None
+
+
+def sample_keys(samples: Sequence[Sample], fingerprint: str) -> list[str]:
+    """Each sample's cache key: its messages, its images' sizes and the processor (``fingerprint``).
+
+    Copies of a sample (a stage repeats a source as ``<id>#<copy>``) share the key, so they are measured once, and
+    so does the same sample in another stage, in another folder or on another machine. Only image headers are read.
     """
-    images = []
-    for path in sample.images:
-        try:
-            stat = os.stat(path)
-            images.append([path, stat.st_size, stat.st_mtime_ns])
-        except OSError:
-            images.append([path, None, None])
-    described = {"fingerprint": fingerprint, "messages": [*sample.prompt, *sample.completion], "images": images}
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    images: dict[str, list[Any] | None] = {}
+    keys = []
+    for sample in samples:
+        for path in sample.images:
+            if path not in images:
+                images[path] = image_identity(path)
+        described = {
+            "fingerprint": fingerprint,
+            "messages": [*sample.prompt, *sample.completion],
+            "images": [images[path] for path in sample.images],
+        }
+        keys.append(hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest())
+    return keys
 
 
 def read_length_cache(cache_dir: Path, wanted: set[str] | None = None) -> dict[str, list[int]]:
@@ -279,12 +296,21 @@ def stage_lengths(
     ``PartialState`` of the launch (None: one process). Every process must call this with the same samples.
     """
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    keys = [sample_key(sample, fingerprint) for sample in samples]
+    keys = sample_keys(samples, fingerprint)
     distinct: dict[str, Sample] = {}
     for key, sample in zip(keys, samples, strict=True):
         distinct.setdefault(key, sample)
-    # Processes that do not share a filesystem see different cache files: agree on the union first.
-    known = dict(_gather(list(read_length_cache(cache_dir, set(distinct)).items()), state))
+    # Processes that do not share a filesystem see different cache files: agree on the union first. Each process
+    # deals out the work from its own keys, so they must all have read the same stage.
+    seen_here = hashlib.sha256("".join(keys).encode()).hexdigest()
+    views = _gather([(rank, seen_here, list(read_length_cache(cache_dir, set(distinct)).items()))], state)
+    differing = [other for other, seen, _ in views if seen != views[0][1]]
+    if differing:
+        raise StageDataError(
+            f"Stage {stage!r}: process(es) {differing} read other samples or images than process 0 (another stage "
+            "file, or image files that differ between machines). Give every process the same stage files and images."
+        )
+    known = {key: lengths for _, _, entries in views for key, lengths in entries}
     missing = [key for key in distinct if key not in known]
     share = missing[rank::world]  # in turn, so a block of cheap text samples is split as evenly as the rest
     logger.info(
