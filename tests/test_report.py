@@ -348,9 +348,10 @@ def test_ten_thousand_items_build_fast_into_a_bounded_file(run_files, tmp_path):
     big = scale_up(run_files, tmp_path, 10_000)
     input_bytes = big["output"].stat().st_size + big["failed"].stat().st_size
     page = tmp_path / "big.html"
-    started = time.perf_counter()
+    # CPU time, not wall time: the build is one thread's work, and other jobs on the machine must not fail it.
+    started = time.process_time()
     data = write_report(big["output"], page)
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     size = page.stat().st_size
     print(f"\n10,000 items: {input_bytes / 1e6:.1f} MB of JSONL -> {size / 1e6:.2f} MB of HTML in {elapsed:.2f} s")
     assert data.summary["items"] == 10_000
