@@ -20,8 +20,9 @@ from .images import ImageCatalog
 from .qc import QcOptions, grade_final_answers, needs_final_answer_grade, quality_control
 from .samples import PART1, PART3, Sample, case_captions, case_text, detect_modality
 from .stats import dataset_stats, write_stats
+from .steps import StepOptions, StepStats, read_step_records, write_steps
 
-__all__ = ["BuildOptions", "BuildReport", "build_dataset", "read_jsonl"]
+__all__ = ["BuildOptions", "BuildReport", "build_dataset", "item_case_id", "read_jsonl"]
 
 
 @dataclass
@@ -36,6 +37,8 @@ class BuildOptions:
     seed: int = 0
     # Grades the final answers of MICS records written before the search did (a LiteLLM name, or None).
     judge: str | None = None
+    # Labels and pairs of the step data written to OUTPUT/steps/ (mics_agents.dataset.steps).
+    steps: StepOptions = field(default_factory=StepOptions)
 
 
 @dataclass
@@ -46,6 +49,15 @@ class BuildReport:
     output: Path
     graded_here: int = 0  # MICS records whose final answer this build graded (older output files)
     eval_items: int = 0  # questions of held-out cases in test/eval.jsonl
+    steps: StepStats | None = None  # the step rows and pairs written to steps/
+
+    @property
+    def step_rows(self) -> int:
+        return self.steps.rows if self.steps else 0
+
+    @property
+    def step_pairs(self) -> int:
+        return self.steps.pairs if self.steps else 0
 
 
 def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
@@ -77,6 +89,12 @@ def _case_view(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def item_case_id(record: dict[str, Any]) -> tuple[str, str]:
+    """(item id, case id) of a case record: the split holds out case ids, MICS output names item ids."""
+    case_id = _case_view(record)["case_id"]
+    return str(record.get("rid") or record.get("id") or case_id), case_id
+
+
 def build_dataset(options: BuildOptions) -> BuildReport:
     recipe = options.recipe
     catalog = ImageCatalog()
@@ -88,7 +106,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
     held_out_items: list[tuple[dict[str, Any], str]] = []
     for record in read_jsonl(options.cases, "cases"):
         view = _case_view(record)
-        item_id = str(record.get("rid") or record.get("id") or view["case_id"])
+        item_id, _ = item_case_id(record)
         case_of[item_id] = view["case_id"]
         cases.setdefault(view["case_id"], view)
         if is_held_out(view["case_id"], recipe.test_fraction, options.seed):
@@ -182,7 +200,13 @@ def build_dataset(options: BuildOptions) -> BuildReport:
         held_out_items, catalog, options.image_dir, options.output / "test" / "eval.jsonl",
         options.output / "test" / "images",
     )
-    write_stats(dataset_stats(stages, test, mics_records, drops, caption_cleaning), options.output)
+    # Step data from every scored tree, failed searches included, on the side of the split its case is on.
+    steps = write_steps(
+        read_step_records(options.mics), options.output / "steps", image_dir=options.image_dir,
+        images_root=options.output / "images", catalog=catalog, options=options.steps,
+        test_fraction=recipe.test_fraction, seed=options.seed, case_of=case_of,
+    )
+    write_stats(dataset_stats(stages, test, mics_records, drops, caption_cleaning, steps.as_dict()), options.output)
     write_task_format(options.output / "task_format.json")
     return BuildReport(
         stages={stage: len(items) for stage, items in stages.items()},
@@ -191,6 +215,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
         output=options.output,
         graded_here=graded_here,
         eval_items=eval_count,
+        steps=steps,
     )
 
 

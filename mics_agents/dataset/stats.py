@@ -1,6 +1,6 @@
 """The dataset's numbers (JSON) and a chart of them (PNG): samples per stage and part, the modality mix
 (per stage as trained, with repeats, and over distinct samples per part), how Part 2 captions were cleaned,
-MICS depths and trends, and drops by reason."""
+MICS depths and trends, drops by reason, and the step export's rows, labels, pairs and score gaps."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from .samples import Sample
 
-__all__ = ["dataset_stats", "write_stats"]
+__all__ = ["dataset_stats", "write_stats", "write_step_stats"]
 
 
 def _summary(samples: list[Sample]) -> dict[str, Any]:
@@ -51,7 +51,9 @@ def dataset_stats(
     mics_records: list[dict[str, Any]],
     drops: dict[str, Counter],
     caption_cleaning: Counter | None = None,
+    steps: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The curriculum's numbers; ``steps`` is the step export's (:meth:`StepStats.as_dict`)."""
     distinct = _distinct([sample for samples in stages.values() for sample in samples] + list(test))
     return {
         "stages": {name: _summary(samples) for name, samples in stages.items()},
@@ -65,6 +67,7 @@ def dataset_stats(
             "search_id": dict(sorted(Counter(str(r.get("search_id")) for r in mics_records).items())),
         },
         "drops": {step: dict(sorted(counter.items())) for step, counter in sorted(drops.items())},
+        **({"steps": steps} if steps is not None else {}),
     }
 
 
@@ -115,7 +118,31 @@ def _plot(stats: dict[str, Any], path: Path) -> None:
     _bar(axes[1][0], drops, "dropped, by reason")
     _bar(axes[1][1], {"test": stats["test"]["total"], **{k: v["total"] for k, v in stats["stages"].items()}}, "split sizes")
     _bar(axes[1][2], stats["caption_cleaning"], "Part 2 caption cleaning (units)")
-    axes[1][3].axis("off")
+    if "steps" in stats:
+        _step_gaps(axes[1][3], stats["steps"])
+    else:
+        axes[1][3].axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=80, metadata={"Software": None})
+    plt.close(figure)
+
+
+def _step_gaps(axis, steps: dict[str, Any]) -> None:
+    labels = steps["labels"]
+    _bar(axis, steps["gap_histogram"], f"{steps['pairs']} step pairs by score gap (chosen - rejected)\n"
+         f"{steps['rows']} step rows: {labels.get('true', 0)} good, {labels.get('false', 0)} not")
+
+
+def write_step_stats(steps: dict[str, Any], folder: Path) -> None:
+    """``stats.json`` (``{"steps": ...}``) and ``stats.png`` (the gap histogram) of a steps folder of its own."""
+    (folder / "stats.json").write_text(json.dumps({"steps": steps}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    _step_gaps(axis, steps)
+    figure.tight_layout()
+    figure.savefig(folder / "stats.png", dpi=80, metadata={"Software": None})
     plt.close(figure)
