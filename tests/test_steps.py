@@ -52,8 +52,8 @@ def record(rid="case-a", tree=None, *, images=("a.png",), strategy="mics", **ext
 
 def rows_and_pairs(rec, options=StepOptions()):
     candidates, skipped = scored_candidates(rec)
-    rows = step_rows(rec, candidates, options, case_id="case", images=[], source="run.jsonl")
-    pairs, capped = step_pairs(rec, candidates, options, case_id="case", images=[], source="run.jsonl")
+    rows = step_rows(rec, candidates, options, case_id="case", images=list(rec["images"]), source="run.jsonl")
+    pairs, capped = step_pairs(rec, candidates, options, case_id="case", images=list(rec["images"]), source="run.jsonl")
     return rows, pairs, capped, skipped
 
 
@@ -158,19 +158,21 @@ def test_default_pairs_of_the_known_tree():
     assert [gap_key(p["score_gap"]) for p in pairs] == ["0.50", "0.80", "0.50"]  # 0.7 - 0.2 counts as 0.5
 
 
-def test_a_pair_is_the_user_turn_then_the_path_so_far_and_the_sibling_step():
+def test_a_pair_is_the_user_turn_and_the_path_so_far_then_the_sibling_steps():
     _, pairs, _, _ = rows_and_pairs(record())
     at_root, deeper = pairs[0], pairs[1]
-    assert at_root["prefix"] == "" and at_root["parent"] is None
-    assert at_root["chosen"] == [{"role": "assistant", "content": [{"type": "text", "text": known_tree()[1]["step"]}]}]
-    prefix = known_tree()[1]["step"]
-    assert deeper["prefix"] == prefix and deeper["parent"] == 1
-    assert deeper["chosen"][0]["content"][0]["text"] == f"{prefix}\n\n{known_tree()[4]['step']}"
-    assert deeper["rejected"][0]["content"][0]["text"] == f"{prefix}\n\n{known_tree()[3]['step']}"
-    assert deeper["chosen_step"] == known_tree()[4]["step"] and deeper["rejected_step"] == known_tree()[3]["step"]
-    (user,) = deeper["prompt"]
+    tree = known_tree()
+    assert at_root["parent"] is None and [m["role"] for m in at_root["prompt"]] == ["user"]
+    assert at_root["chosen"] == [{"role": "assistant", "content": [{"type": "text", "text": tree[1]["step"]}]}]
+    assert at_root["rejected"] == [{"role": "assistant", "content": [{"type": "text", "text": tree[2]["step"]}]}]
+    assert deeper["parent"] == 1
+    user, path = deeper["prompt"]
+    assert path == {"role": "assistant", "content": [{"type": "text", "text": tree[1]["step"]}]}
+    assert deeper["chosen"][0]["content"][0]["text"] == tree[4]["step"]
+    assert deeper["rejected"][0]["content"][0]["text"] == tree[3]["step"]
     assert user["role"] == "user" and user["content"][-1]["text"].startswith(record()["question"])
     assert "final answer is" in user["content"][-1]["text"]  # the task instruction the curriculum's users see
+    assert user["content"][0] == {"type": "image"}  # the record's one image, a bare placeholder
 
 
 def test_siblings_with_the_same_text_make_no_pair():

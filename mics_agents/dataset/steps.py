@@ -14,13 +14,13 @@ A steps folder holds:
   ``scores`` column of MICS-Scores, and ``images``, ``id``, ``rid``, ``case_id``, ``node``, ``depth``,
   ``mentor``, ``reused``, ``selected``, ``grader_version``, ``source`` (the MICS output file it came from);
 - ``pairs.jsonl``: TRL's conversational preference layout with images: ``prompt`` is the user turn (an
-  ``{"type": "image"}`` placeholder per entry of ``images``, then the task prompt the curriculum uses),
-  ``chosen`` / ``rejected`` one assistant turn each: the path so far, then the sibling step. Both turns carry
-  the same prefix, so its log-probabilities cancel in the DPO margin and the preference is over the next
-  step only, while any chat template renders the turn as the model writes it (TRL adds a generation prompt
-  after a conversational prompt, so a prompt ending in a half-written assistant turn would be rendered as
-  two turns). ``prefix``, ``chosen_step`` and ``rejected_step`` hold the parts apart for a step-level loss;
-  plus the scores, their gap, the mentors, ids, ``depth``, ``parent``, ``grader_version``, ``source``;
+  ``{"type": "image"}`` placeholder per entry of ``images``, then the task prompt the curriculum uses) and,
+  past depth 1, the selected path so far as one assistant message; ``chosen`` / ``rejected`` are one assistant
+  message each holding the next step, which continues that path. Plus ``chosen_score``, ``rejected_score``,
+  ``score_gap``, ``chosen_mentor``, ``rejected_mentor``, ``chosen_node``, ``rejected_node``, ``id``, ``rid``,
+  ``case_id``, ``depth``, ``parent``, ``grader_version``, ``source``. (A prompt that ends in an assistant
+  message is a continuation: TRL's own templating adds a generation prompt after every conversational prompt,
+  so the trainer renders the path and the step as one assistant turn itself.)
 - ``hf/steps``, ``hf/pairs``: the same rows as Hugging Face ``datasets`` folders (``load_from_disk``), images
   embedded as ``Image`` features;
 - image paths in the JSONL files are relative to the folder the file is in.
@@ -297,9 +297,11 @@ def step_pairs(
     parts = _user_content(len(images), task_prompt(question, answer_type_of(question, answer)))
     user_turn = {"role": "user", "content": [{k: v for k, v in part.items() if v is not None} for part in parts]}
 
-    def turn(candidate: Candidate) -> list[dict[str, Any]]:
-        text = f"{candidate.prefix}\n\n{candidate.text}" if candidate.path else candidate.text
-        return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+    def step(candidate: Candidate) -> list[dict[str, Any]]:
+        return [{"role": "assistant", "content": [{"type": "text", "text": candidate.text}]}]
+
+    def step_path(candidate: Candidate) -> list[dict[str, Any]]:
+        return [{"role": "assistant", "content": [{"type": "text", "text": candidate.prefix}]}] if candidate.path else []
 
     pairs, capped = _sibling_pairs(candidates, options)
     rows = []
@@ -309,12 +311,9 @@ def step_pairs(
             **common,
             "depth": chosen.depth,
             "parent": chosen.parent,
-            "prompt": [user_turn],
-            "chosen": turn(chosen),
-            "rejected": turn(rejected),
-            "prefix": chosen.prefix,
-            "chosen_step": chosen.text,
-            "rejected_step": rejected.text,
+            "prompt": [user_turn, *step_path(chosen)],
+            "chosen": step(chosen),
+            "rejected": step(rejected),
             "chosen_node": chosen.node,
             "rejected_node": rejected.node,
             "chosen_score": chosen.score,
@@ -514,7 +513,6 @@ def _features(kind: str):
     turn = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
     return Features({
         **common, "parent": Value("int64"), "prompt": turn, "chosen": turn, "rejected": turn,
-        "prefix": Value("string"), "chosen_step": Value("string"), "rejected_step": Value("string"),
         "chosen_node": Value("int64"), "rejected_node": Value("int64"), "chosen_score": Value("float64"),
         "rejected_score": Value("float64"), "score_gap": Value("float64"), "chosen_mentor": Value("string"),
         "rejected_mentor": Value("string"),
