@@ -18,10 +18,23 @@ import yaml
 
 from .errors import TrainingConfigError
 
-__all__ = ["StageSettings", "StageConfig", "CurriculumConfig", "load_config", "DEFAULT_STAGES"]
+__all__ = [
+    "StageSettings",
+    "DPOSettings",
+    "StageConfig",
+    "CurriculumConfig",
+    "load_config",
+    "DEFAULT_STAGES",
+    "STAGE_KINDS",
+]
 
 DEFAULT_STAGES = ("stage1", "stage2", "stage3")
 STAGE_FILE_NAME = "messages.jsonl"
+# What a stage of each kind reads when its entry names no 'data': where inside curriculum_dir, and which file.
+# An sft stage reads its own folder (NAME/messages.jsonl); a dpo stage the step pairs the dataset builder writes
+# beside the curriculum, whatever the stage is called.
+STAGE_KINDS = {"sft": (None, STAGE_FILE_NAME), "dpo": ("steps", "pairs.jsonl")}
+PLANNED_KINDS = {"grpo"}
 
 
 @dataclass
@@ -67,15 +80,35 @@ class StageSettings:
 
 
 @dataclass
+class DPOSettings(StageSettings):
+    """A dpo stage's hyperparameters: the shared ones plus TRL's DPO loss settings (``beta``, ``loss_type``)."""
+
+    beta: float = field(default=0.5, metadata={"help": "DPO beta."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "TRL's DPO loss type."})
+
+
+# Run-wide fields a dpo stage takes its values from instead of the SFT ones, stage field -> config field.
+DPO_DEFAULT_FIELDS = {
+    "learning_rate": "dpo_learning_rate",
+    "num_train_epochs": "dpo_num_train_epochs",
+    "warmup_ratio": "dpo_warmup_ratio",
+    "beta": "dpo_beta",
+    "loss_type": "dpo_loss_type",
+}
+# TRL's DPO losses that compare the chosen and the rejected step of a pair (the others need unpaired data or a
+# different dataset layout).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "discopop", "sigmoid_norm")
+
+
+@dataclass
 class StageConfig:
-    """One stage: its name (the folder under ``curriculum_dir``), its stage file and its overrides."""
+    """One stage: its name, its kind (``sft`` or ``dpo``), its data file and its overrides."""
 
     name: str
     data: Path
     overrides: dict[str, Any] = field(default_factory=dict)
-
-    def settings(self, defaults: StageSettings) -> StageSettings:
-        return dataclasses.replace(defaults, **self.overrides)
+    kind: str = "sft"
 
 
 @dataclass
@@ -101,7 +134,9 @@ class CurriculumConfig(StageSettings):
         default_factory=lambda: list(DEFAULT_STAGES),
         metadata={
             "help": "Stages in training order: names (folders of curriculum_dir) or mappings with 'name', an "
-            "optional 'data' (a messages.jsonl path) and any per-stage override of the hyperparameters."
+            "optional 'kind' ('sft', the default: a messages.jsonl; 'dpo': step preference pairs, by default "
+            "curriculum_dir/steps/pairs.jsonl), an optional 'data' (the stage's file) and any per-stage override of "
+            "the hyperparameters (a dpo stage also 'beta' and 'loss_type')."
         },
     )
     model_kind: str = field(
@@ -193,7 +228,43 @@ class CurriculumConfig(StageSettings):
     )
     extra_training_args: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "More TrainingArguments/SFTConfig fields passed as they are, e.g. {optim: adamw_8bit}."},
+        metadata={
+            "help": "More TrainingArguments/SFTConfig/DPOConfig fields passed as they are, e.g. {optim: adamw_8bit}."
+        },
+    )
+    init_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "An existing LoRA adapter folder (e.g. a finished run's OUTPUT/adapter) that the first stage "
+            "continues instead of a fresh adapter: run only a dpo stage on top of a trained curriculum."
+        },
+    )
+    # DPO stages (kind: dpo). Step-DPO's published runs are full-parameter (lr 5e-7, beta 0.05-0.5, 2-8 epochs,
+    # warmup 0.1); these are the LoRA values (README: "The preference stage").
+    dpo_learning_rate: float = field(
+        default=5e-6,
+        metadata={
+            "help": "Peak learning rate of dpo stages (their learning_rate unless the stage entry sets one): 10x "
+            "Step-DPO's full-parameter 5e-7, as LoRA needs (alignment-handbook's Zephyr DPO: 5e-7 full, 5e-6 LoRA)."
+        },
+    )
+    dpo_num_train_epochs: float = field(
+        default=2.0,
+        metadata={"help": "Passes over the pairs in a dpo stage (Step-DPO: 2 in its base config, 4-8 in its runs)."},
+    )
+    dpo_warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Warmup fraction of dpo stages (Step-DPO's and Zephyr's 0.1)."}
+    )
+    dpo_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "DPO beta of dpo stages: how far the policy may move from the reference (the adapter the stage "
+            "starts from). Step-DPO's published 7B run: 0.5 (72B: 0.4; base config 0.05)."
+        },
+    )
+    dpo_loss_type: str = field(
+        default="sigmoid",
+        metadata={"help": f"TRL's DPO loss of dpo stages: {', '.join(DPO_LOSS_TYPES)}. 'sigmoid' is DPO's own."},
     )
 
     # Filled by resolve(): the stage list with paths and overrides.
@@ -224,6 +295,14 @@ class CurriculumConfig(StageSettings):
                 problems.append(f"{name}: must be positive (or unset)")
         if self.image_min_pixels and self.image_max_pixels and self.image_min_pixels > self.image_max_pixels:
             problems.append("image_min_pixels: must not exceed image_max_pixels")
+        if self.init_adapter is not None and not (Path(self.init_adapter) / "adapter_config.json").is_file():
+            problems.append(
+                f"init_adapter: no adapter_config.json in {self.init_adapter}; give the folder of a saved LoRA adapter"
+            )
+        if self.dpo_loss_type not in DPO_LOSS_TYPES:
+            problems.append(f"dpo_loss_type: must be one of {', '.join(DPO_LOSS_TYPES)}, not {self.dpo_loss_type!r}")
+        if self.dpo_beta <= 0:
+            problems.append("dpo_beta: must be positive")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             problems.append(f"deepspeed: no file at {self.deepspeed}")
         if isinstance(self.report_to, str) and "," in self.report_to:
@@ -232,7 +311,8 @@ class CurriculumConfig(StageSettings):
             problems.append("extra_training_args: must be a mapping of TrainingArguments fields")
         else:
             # The length policy and the loss are ours: TRL truncating would cut answers again.
-            for key in sorted(set(self.extra_training_args) & {"max_length", "completion_only_loss", "truncation_mode"}):
+            owned = {"max_length", "completion_only_loss", "truncation_mode", "beta", "loss_type"}
+            for key in sorted(set(self.extra_training_args) & owned):
                 problems.append(
                     f"extra_training_args.{key}: set by the curriculum (answers are never cut; use the max_length "
                     "field, which leaves out what does not fit)"
@@ -250,7 +330,7 @@ class CurriculumConfig(StageSettings):
         if len(set(names)) != len(names):
             problems.append(f"stages: a stage name appears twice: {names}")
         for stage in stages:
-            problems += _check_settings(stage.settings(self.stage_defaults()), f"stages[{stage.name}].")
+            problems += _check_settings(self.stage_settings(stage), f"stages[{stage.name}].")
         if problems:
             raise TrainingConfigError("Invalid training config: " + "; ".join(problems))
         self.resolved_stages = stages
@@ -264,41 +344,64 @@ class CurriculumConfig(StageSettings):
         entry = dict(entry)
         name = str(entry.pop("name"))
         data = entry.pop("data", None)
-        unknown = sorted(set(entry) - set(STAGE_SETTING_NAMES))
+        kind = str(entry.pop("kind", "sft")).lower()
+        if kind in PLANNED_KINDS:
+            raise TrainingConfigError(f"stages[{name}]: kind {kind!r} is not built yet; use 'sft' or 'dpo'")
+        if kind not in STAGE_KINDS:
+            raise TrainingConfigError(f"stages[{name}]: kind must be 'sft' or 'dpo', not {kind!r}")
+        allowed = DPO_SETTING_NAMES if kind == "dpo" else STAGE_SETTING_NAMES
+        unknown = sorted(set(entry) - set(allowed))
         if unknown:
             raise TrainingConfigError(
-                f"stages[{name}]: unknown key(s) {unknown}; a stage may set 'data' and {', '.join(STAGE_SETTING_NAMES)}"
+                f"stages[{name}]: unknown key(s) {unknown}; a {kind} stage may set 'kind', 'data' and "
+                f"{', '.join(allowed)}"
             )
+        folder, file_name = STAGE_KINDS[kind]
         if data is None:
             if not self.curriculum_dir:
                 raise TrainingConfigError(
                     f"stages[{name}]: set curriculum_dir (the dataset builder's output folder) or give the stage "
-                    "a 'data' path to its messages.jsonl"
+                    f"a 'data' path to its {file_name}"
                 )
-            path = Path(self.curriculum_dir) / name / STAGE_FILE_NAME
+            path = Path(self.curriculum_dir) / (folder or name) / file_name
         else:
             path = Path(str(data))
             if path.is_dir():
-                path = path / STAGE_FILE_NAME
+                path = path / file_name
         overrides = {}
         for key, value in entry.items():
-            overrides[key] = _coerce(key, value, _SETTING_TYPES[key])
-        return StageConfig(name=name, data=path.expanduser().absolute(), overrides=overrides)
+            overrides[key] = _coerce(key, value, _DPO_SETTING_TYPES[key])
+        if kind == "dpo" and "loss_type" in overrides and overrides["loss_type"] not in DPO_LOSS_TYPES:
+            raise TrainingConfigError(
+                f"stages[{name}].loss_type: must be one of {', '.join(DPO_LOSS_TYPES)}, not {overrides['loss_type']!r}"
+            )
+        return StageConfig(name=name, data=path.expanduser().absolute(), overrides=overrides, kind=kind)
 
     def stage_defaults(self) -> StageSettings:
         return StageSettings(**{name: getattr(self, name) for name in STAGE_SETTING_NAMES})
+
+    def stage_settings(self, stage: StageConfig) -> StageSettings:
+        """The stage's hyperparameters: the run's, then (dpo) the run's dpo_* values, then the stage entry's."""
+        values = {name: getattr(self, name) for name in STAGE_SETTING_NAMES}
+        if stage.kind == "dpo":
+            values.update({key: getattr(self, source) for key, source in DPO_DEFAULT_FIELDS.items()})
+            return DPOSettings(**{**values, **stage.overrides})
+        return StageSettings(**{**values, **stage.overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data (what the model card and manifest record)."""
         data = {f.name: getattr(self, f.name) for f in config_fields()}
         data["stages"] = [
-            {"name": stage.name, "data": str(stage.data), **stage.overrides} for stage in self.resolved_stages
+            {"name": stage.name, **({"kind": stage.kind} if stage.kind != "sft" else {}), "data": str(stage.data),
+             **stage.overrides}
+            for stage in self.resolved_stages
         ]
         return data
 
 
 STAGE_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(StageSettings))
-_SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(StageSettings)}
+DPO_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(DPOSettings))
+_DPO_SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(DPOSettings)}
 
 
 def config_fields() -> list[dataclasses.Field]:
@@ -327,6 +430,8 @@ def _check_settings(settings: StageSettings, prefix: str) -> list[str]:
         problems.append(f"{prefix}save_steps and logging_steps must be at least 1")
     if settings.save_total_limit < 1:
         problems.append(f"{prefix}save_total_limit: keep at least 1 checkpoint (resuming needs it)")
+    if isinstance(settings, DPOSettings) and settings.beta <= 0:
+        problems.append(f"{prefix}beta: must be positive")
     return problems
 
 
