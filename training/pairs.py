@@ -155,7 +155,10 @@ def _parse_pair(record: Any, where: str, line_number: int, base_dir: Path, check
         raise StageDataError(f"{where}: 'id' must be a string")
     where = f"{where} (pair {pair_id!r})"
     if chosen == rejected:
-        raise StageDataError(f"{where}: 'chosen' and 'rejected' are the same step; a pair needs two different steps")
+        raise StageDataError(
+            f"{where}: 'chosen' and 'rejected' are the same step, which teaches nothing; remove the line or rebuild "
+            "the pairs"
+        )
     scores = {key: record.get(key) for key in ("chosen_score", "rejected_score")}
     for key, value in scores.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
