@@ -10,6 +10,9 @@ Then:
 - ``answer_over_max_length``: the prompt fits but prompt + answer do not; training on it would teach a
   chain-of-thought that stops mid-sentence without its final answer.
 
+A dpo stage's pair is measured as its two sides, prompt + chosen and prompt + rejected, through TRL's preference
+collator (:mod:`training.dpo`), and is dropped when either side would be (the step is the answer there).
+
 Both are dropped, before the trainer sees the stage, so every process trains on the same samples (the decision is
 made on the whole stage file before the data is sharded). Counts by reason go into the manifest, the log and the
 model card; the ids into ``OUTPUT/<stage>/dropped.json``.
@@ -33,7 +36,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .data import Sample
 from .errors import StageDataError
@@ -287,6 +290,7 @@ def stage_lengths(
     cache_dir: Path,
     state: Any = None,
     stage: str = "",
+    measure: Callable[[Sequence[Sample]], Iterator[list[int]]] | None = None,
 ) -> dict[str, list[int]]:
     """``{sample id: [prompt tokens, answer tokens]}`` for the whole stage, the same on every process.
 
@@ -294,6 +298,8 @@ def stage_lengths(
     in this run or an earlier one) already holds is reused, the rest is dealt out over the processes in turn, each
     appends what it measures to its own file as it goes, and the results are gathered. ``state`` is accelerate's
     ``PartialState`` of the launch (None: one process). Every process must call this with the same samples.
+    ``measure`` counts ``[prompt, answer]`` of samples as another trainer builds them (a dpo stage's collator);
+    its ``fingerprint`` must then say so, as the cache keys depend on it.
     """
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     keys = sample_keys(samples, fingerprint)
@@ -331,7 +337,11 @@ def stage_lengths(
         if share:
             writer = _CacheWriter(Path(cache_dir) / f"rank-{rank}{CACHE_SUFFIX}")
             share_samples = [distinct[key] for key in share]
-            measuring = iter_lengths(share_samples, processing_class, is_vlm=is_vlm)
+            measuring = (
+                measure(share_samples)
+                if measure is not None
+                else iter_lengths(share_samples, processing_class, is_vlm=is_vlm)
+            )
             for key, sample, lengths in zip(share, share_samples, measuring, strict=True):
                 writer.add(key, sample.id, lengths)
                 measured.append((key, lengths))
