@@ -28,6 +28,11 @@ records each stage's data hash, status, checkpoint and metrics.
 Samples longer than max_length (image tokens included) are left out and counted, never cut: see the manifest,
 the log, the model card and OUTPUT/STAGE/dropped.json.
 
+A stage with kind: dpo trains TRL's DPOTrainer on the step preference pairs the dataset builder writes
+(CURRICULUM/steps/pairs.jsonl), continuing the adapter of the stage before (or --init-adapter), with that adapter
+as the DPO reference; a pair where prompt + chosen or prompt + rejected exceeds max_length is left out and counted.
+See training/configs/curriculum_dpo.yaml.
+
 Scale out with the usual launchers, same config:
   torchrun --nproc_per_node 8 -m training --config curriculum.yaml --deepspeed training/configs/deepspeed_zero1.json
   accelerate launch --config_file training/configs/fsdp.yaml -m training --config curriculum.yaml

@@ -12,8 +12,11 @@ Layout of ``output_dir``::
     merged/                  the merged full model (save_merged_model, or always with merge_between_stages)
     README.md                model card: data, hashes, stage metrics, how to load and serve
 
-Each stage trains with TRL's ``SFTTrainer`` on prompt-completion rows (completion-only loss; TRL's vision collator
-for a VLM), after the length policy (:mod:`training.lengths`) has left out what would not fit in ``max_length``.
+Each stage has a kind, and each kind its trainer (``_STAGE_KINDS``): an ``sft`` stage trains with TRL's
+``SFTTrainer`` on prompt-completion rows (completion-only loss; TRL's vision collator for a VLM), a ``dpo`` stage with
+TRL's ``DPOTrainer`` on step preference pairs (:mod:`training.dpo`), each after the length policy
+(:mod:`training.lengths`) has left out what would not fit in ``max_length``. Every stage continues the adapter of the
+one before (or ``init_adapter``).
 A rerun of the same command skips finished stages and resumes the running one from its last complete
 checkpoint with the Trainer's own resume (same data order, optimizer, LR schedule and RNG state). A stage
 whose file is empty is skipped (recorded as such); the next stage continues from the weights before it.
@@ -22,6 +25,7 @@ whose file is empty is skipped (recorded as such); the next stage continues from
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -34,12 +38,21 @@ from typing import Any, Sequence
 
 import torch
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from .config import CurriculumConfig, StageConfig, StageSettings
-from .data import StageData, read_stage_file
-from .errors import ManifestError, StageDataError, TrainingConfigError
+from .config import CurriculumConfig, DPOSettings, StageConfig, StageSettings
+from .data import StageData, file_sha256, read_stage_file
+from .dpo import (
+    STRIPPED_ADAPTER,
+    apply_pair_length_policy,
+    check_dpo_model,
+    dpo_metrics,
+    iter_side_lengths,
+    pair_dataset,
+)
+from .errors import DataChangedError, ManifestError, StageDataError, TrainingConfigError
 from .lengths import REASONS, apply_length_policy, processor_fingerprint, stage_lengths, write_dropped
+from .pairs import PairData, read_pairs_file
 from .manifest import Manifest
 from .model_card import write_model_card
 from .modeling import (
@@ -188,7 +201,8 @@ def _training_arguments(
     world_size: int,
     stage: str,
     kind: str,
-) -> SFTConfig:
+    stage_kind: str = "sft",
+) -> SFTConfig | DPOConfig:
     arguments: dict[str, Any] = dict(
         output_dir=str(checkpoints_dir),
         per_device_train_batch_size=settings.per_device_train_batch_size,
@@ -221,14 +235,21 @@ def _training_arguments(
         report_to=config.report_to,
         run_name=f"{Path(config.output_dir).name}-{stage}",
         deepspeed=config.deepspeed,
-        # The loss is the answer's alone; the length policy has dropped whatever would not fit, so TRL never
-        # truncates (it would cut answers, or image tokens apart from their pixels).
-        completion_only_loss=True,
+        # The length policy has dropped whatever would not fit, so TRL never truncates (it would cut answers and
+        # steps, or image tokens apart from their pixels).
         max_length=None,
     )
-    arguments.update(config.extra_training_args)
+    if stage_kind == "dpo":
+        assert isinstance(settings, DPOSettings)
+        arguments.update(beta=settings.beta, loss_type=[settings.loss_type])
+        arguments.update(config.extra_training_args)
+        arguments_class: type = DPOConfig
+    else:
+        arguments.update(completion_only_loss=True)  # the loss is the answer's alone
+        arguments.update(config.extra_training_args)
+        arguments_class = SFTConfig
     try:
-        return SFTConfig(**arguments)
+        return arguments_class(**arguments)
     except (TypeError, ValueError, ImportError) as exc:
         message = str(exc)
         if "tensorboard" in message.lower():
@@ -275,28 +296,29 @@ def run_curriculum(config: CurriculumConfig, *, callbacks: Sequence[Any] = ()) -
 
     # Everything that can be checked without a GPU is checked before the model loads.
     stage_data = {
-        stage.name: read_stage_file(stage.data, stage=stage.name, check_images=config.check_images) for stage in stages
+        stage.name: _STAGE_KINDS[stage.kind].read(stage.data, stage=stage.name, check_images=config.check_images)
+        for stage in stages
     }
-    if not any(data.samples for data in stage_data.values()):
+    if not any(_rows(data) for data in stage_data.values()):
         raise StageDataError(
             "Every stage file is empty: "
             + ", ".join(str(data.path) for data in stage_data.values())
             + ". Build the curriculum from MICS output (mics dataset build) first."
         )
     check_mixed_stages(
-        {
-            stage.name: (
-                sum(1 for sample in stage_data[stage.name].samples if sample.images),
-                sum(1 for sample in stage_data[stage.name].samples if not sample.images),
-            )
-            for stage in stages
-        },
+        {stage.name: _image_mix(stage_data[stage.name]) for stage in stages},
         sharded_parameters(config.deepspeed, config.extra_training_args),
     )
     kind = detect_model_kind(config.base_model, config.model_kind, trust_remote_code=config.trust_remote_code)
     if kind == "text":
         for stage in stages:
-            with_images = sum(1 for sample in stage_data[stage.name].samples if sample.images)
+            if stage.kind == "dpo":
+                raise TrainingConfigError(
+                    f"Stage {stage.name!r} is a dpo stage, but {config.base_model!r} is a text-only model: the "
+                    "preference stage trains vision-language models (TRL's vision preference collator renders each "
+                    "step as a continuation of the path so far). Use a vision-language base model, or remove the stage."
+                )
+            with_images = _image_mix(stage_data[stage.name])[0]
             if with_images:
                 raise StageDataError(
                     f"Stage {stage.name!r} has {with_images} sample(s) with images, but {config.base_model!r} is a "
@@ -307,6 +329,8 @@ def run_curriculum(config: CurriculumConfig, *, callbacks: Sequence[Any] = ()) -
         output_dir, base_model=config.base_model, model_kind=kind, allow_trainer_change=config.allow_trainer_change
     )
     manifest.check_stage_order([stage.name for stage in stages])
+    manifest.check_kinds({stage.name: stage.kind for stage in stages})
+    init_adapter = _init_adapter(config, manifest)
     for stage in stages:
         data = stage_data[stage.name]
         manifest.check_data(stage.name, data.sha256, str(data.path), allow_change=config.allow_data_change)
@@ -321,7 +345,7 @@ def run_curriculum(config: CurriculumConfig, *, callbacks: Sequence[Any] = ()) -
         logger.info("Image budget: %s", ", ".join(f"{key}={value}" for key, value in image_budget.items()))
     manifest.data["image_budget"] = image_budget
 
-    trained: list[Path] = []  # adapters of the stages trained so far, in order
+    trained: list[Path] = [init_adapter] if init_adapter else []  # adapters to continue from, in order
     for stage in stages:
         entry = manifest.stage(stage.name)
         data = stage_data[stage.name]
@@ -333,7 +357,7 @@ def run_curriculum(config: CurriculumConfig, *, callbacks: Sequence[Any] = ()) -
                     "continue from it. Restore the folder, or use a new output_dir to train again."
                 )
             logger.info("Stage %s is %s: skipped", stage.name, entry["status"])
-        elif not data.samples:
+        elif not _rows(data):
             logger.warning(
                 "Stage %s: %s holds no samples, so the stage is skipped and the next one continues from the "
                 "previous weights",
@@ -375,11 +399,148 @@ def run_curriculum(config: CurriculumConfig, *, callbacks: Sequence[Any] = ()) -
     )
 
 
+@dataclass
+class _Prepared:
+    """What a stage trains on after the length policy, and what the manifest records about it."""
+
+    dataset: Any
+    report: Any  # LengthReport (sft) or PairLengthReport (dpo)
+    unit: str  # what a row is, for the log: 'samples' or 'pairs'
+    images: int
+    record: dict[str, Any]
+
+
+def _prepare_sft(
+    data: StageData, processing_class: Any, is_vlm: bool, fingerprint: str, cache_dir: Path, state: Any, stage: str,
+    max_length: int,
+) -> _Prepared:
+    lengths = stage_lengths(
+        data.samples, processing_class, is_vlm=is_vlm, fingerprint=fingerprint, cache_dir=cache_dir, state=state,
+        stage=stage,
+    )
+    report = apply_length_policy(data.samples, lengths, max_length)
+    return _Prepared(
+        dataset=stage_dataset(report.kept, is_vlm=is_vlm) if report.kept else None,
+        report=report,
+        unit="samples",
+        images=sum(len(sample.images) for sample in report.kept),
+        record={"trained_samples": len(report.kept)},
+    )
+
+
+def _prepare_dpo(
+    data: PairData, processing_class: Any, is_vlm: bool, fingerprint: str, cache_dir: Path, state: Any, stage: str,
+    max_length: int,
+) -> _Prepared:
+    # Each pair is measured as its two sides, prompt + chosen and prompt + rejected, through the preference collator;
+    # the fingerprint says so, so these lengths never answer for an SFT sample with the same messages.
+    sides = [pair.side(which) for pair in data.pairs for which in ("chosen", "rejected")]
+    lengths = stage_lengths(
+        sides,
+        processing_class,
+        is_vlm=is_vlm,
+        fingerprint=hashlib.sha256(f"dpo-continuation:{fingerprint}".encode()).hexdigest(),
+        cache_dir=cache_dir,
+        state=state,
+        stage=stage,
+        measure=lambda samples: iter_side_lengths(samples, processing_class),
+    )
+    report = apply_pair_length_policy(data.pairs, lengths, max_length)
+    return _Prepared(
+        dataset=pair_dataset(report.kept, processing_class) if report.kept else None,
+        report=report,
+        unit="pairs",
+        images=sum(len(pair.images) for pair in report.kept),
+        record={"trained_pairs": len(report.kept)},
+    )
+
+
+def _sft_trainer(model: Any, args: Any, dataset: Any, processing_class: Any, peft_config: Any, callbacks: list) -> Any:
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processing_class,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+def _dpo_trainer(model: Any, args: Any, dataset: Any, processing_class: Any, peft_config: Any, callbacks: list) -> Any:
+    # No ref_model: TRL takes a frozen copy of a carried adapter as the reference, or the model with a fresh
+    # adapter disabled; either way the policy the stage starts from (training.dpo).
+    return DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processing_class,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+@dataclass(frozen=True)
+class _StageKind:
+    """Everything that differs between stage kinds; the loop in :func:`_train_stage` is the same for all."""
+
+    read: Any  # (path, *, stage, check_images) -> StageData | PairData
+    prepare: Any  # -> _Prepared
+    trainer: Any  # -> a Trainer
+    metrics: Any  # log_history -> dict
+    check_model: Any = None  # (model, stage) -> None, raising for a model this kind cannot train
+
+
+_STAGE_KINDS = {
+    "sft": _StageKind(read=read_stage_file, prepare=_prepare_sft, trainer=_sft_trainer, metrics=_loss_metrics),
+    "dpo": _StageKind(
+        read=read_pairs_file, prepare=_prepare_dpo, trainer=_dpo_trainer, metrics=dpo_metrics,
+        check_model=check_dpo_model,
+    ),
+}
+
+
+def _rows(data: StageData | PairData) -> int:
+    return len(data.pairs) if isinstance(data, PairData) else len(data.samples)
+
+
+def _image_mix(data: StageData | PairData) -> tuple[int, int]:
+    """(rows with images, rows without) of a stage's data."""
+    rows = data.pairs if isinstance(data, PairData) else data.samples
+    with_images = sum(1 for row in rows if row.images)
+    return with_images, len(rows) - with_images
+
+
+def _init_adapter(config: CurriculumConfig, manifest: Manifest) -> Path | None:
+    """The adapter the first stage continues (``init_adapter``), checked against the one the run started from."""
+    if not config.init_adapter:
+        recorded = manifest.data.get("init_adapter")
+        if recorded and any(entry["status"] != "pending" for entry in manifest.stages):
+            raise ManifestError(
+                f"{manifest.path.parent} started from the adapter {recorded['path']} (init_adapter), which the config "
+                "no longer names. Set init_adapter to it again, or use a new output_dir."
+            )
+        return None
+    path = Path(config.init_adapter).expanduser().absolute()
+    weights = path / "adapter_model.safetensors"
+    identity = {"path": str(path), "sha256": file_sha256(weights) if weights.is_file() else None}
+    recorded = manifest.data.get("init_adapter")
+    started = any(entry["status"] != "pending" for entry in manifest.stages)
+    if started and recorded != identity and not config.allow_data_change:
+        before, now = recorded or {}, identity
+        raise DataChangedError(
+            f"{manifest.path.parent} started from the adapter {before.get('path')!r} (sha256 "
+            f"{(before.get('sha256') or '?')[:12]}...), not {now['path']} ({(now['sha256'] or '?')[:12]}...). "
+            "Restore it, use a new output_dir, or pass --allow-data-change to continue anyway."
+        )
+    manifest.data["init_adapter"] = identity
+    return path
+
+
 def _train_stage(
     *,
     config: CurriculumConfig,
     stage: StageConfig,
-    data: StageData,
+    data: StageData | PairData,
     kind: str,
     precision: str,
     processing_class: Any,
@@ -391,7 +552,8 @@ def _train_stage(
     is_main: bool,
     callbacks: Sequence[Any],
 ) -> None:
-    settings = stage.settings(config.stage_defaults())
+    stage_kind = _STAGE_KINDS[stage.kind]
+    settings = config.stage_settings(stage)
     hyperparameters = dataclasses.asdict(settings)
     hyperparameters.update({name: getattr(config, name) for name in _IMAGE_SETTINGS})
     manifest.check_settings(
@@ -401,59 +563,68 @@ def _train_stage(
     checkpoints_dir = stage_dir / "checkpoints"
     resume_from = last_complete_checkpoint(checkpoints_dir)
     is_vlm = kind == "vlm"
-    args = _training_arguments(config, settings, precision, checkpoints_dir, world_size, stage.name, kind)
+    args = _training_arguments(
+        config, settings, precision, checkpoints_dir, world_size, stage.name, kind, stage_kind=stage.kind
+    )
 
     # The length policy, on the whole stage file before the data is sharded: every process measures its share of
-    # what is not cached yet and all of them get every length, so every process keeps the same samples.
-    lengths = stage_lengths(
-        data.samples,
+    # what is not cached yet and all of them get every length, so every process keeps the same rows.
+    prepared = stage_kind.prepare(
+        data,
         processing_class,
-        is_vlm=is_vlm,
-        fingerprint=processor_fingerprint(processing_class, is_vlm=is_vlm, image_budget=image_budget),
-        cache_dir=output_dir / "lengths",
-        state=args.distributed_state,  # the launch's processes, set up by the arguments as the Trainer's
-        stage=stage.name,
+        is_vlm,
+        processor_fingerprint(processing_class, is_vlm=is_vlm, image_budget=image_budget),
+        output_dir / "lengths",
+        args.distributed_state,  # the launch's processes, set up by the arguments as the Trainer's
+        stage.name,
+        settings.max_length,
     )
-    report = apply_length_policy(data.samples, lengths, settings.max_length)
+    report, unit, total_rows = prepared.report, prepared.unit, _rows(data)
     dropped = report.counts()
     if not report.kept:
         raise StageDataError(
-            f"Stage {stage.name!r}: none of its {len(data.samples)} samples fits in max_length {settings.max_length} "
+            f"Stage {stage.name!r}: none of its {total_rows} {unit} fits in max_length {settings.max_length} "
             f"({', '.join(f'{count} {reason}' for reason, count in dropped.items())}). Raise max_length, or lower "
             "the image budget (image_max_tiles, image_max_pixels)."
         )
     if dropped:
+        rows = data.pairs if isinstance(data, PairData) else data.samples
         logger.warning(
-            "Stage %s: %d of %d samples left out because they do not fit in max_length %d (%s); no answer is cut. "
+            "Stage %s: %d of %d %s left out because they do not fit in max_length %d (%s); nothing is cut. "
             "First ids: %s. All ids: %s",
             stage.name,
             report.dropped_total,
-            len(data.samples),
+            total_rows,
+            unit,
             settings.max_length,
             ", ".join(f"{count} {reason}: {REASONS[reason]}" for reason, count in dropped.items()),
-            ", ".join([sample.id for sample in data.samples if sample.id in report.dropped_ids][:5]),
+            ", ".join([row.id for row in rows if row.id in report.dropped_ids][:5]),
             stage_dir / "dropped.json",
         )
 
     model, peft_config = build_stage_model(config, kind, precision, previous_adapters)
+    if stage_kind.check_model is not None:
+        stage_kind.check_model(model, stage.name)
     if is_vlm and "ddp_find_unused_parameters" not in config.extra_training_args:
         args.ddp_find_unused_parameters = _unused_parameters(model, peft_config, stage.name)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=stage_dataset(report.kept, is_vlm=is_vlm),
-        processing_class=processing_class,
-        peft_config=peft_config,
-        callbacks=[ManifestCallback(manifest, stage.name, output_dir), *callbacks],
+    trainer = stage_kind.trainer(
+        model,
+        args,
+        prepared.dataset,
+        processing_class,
+        peft_config,
+        [ManifestCallback(manifest, stage.name, output_dir), *callbacks],
     )
     trainable, total = count_parameters(trainer.model)
     logger.info(
-        "Stage %s: %d of %d samples (%d images) from %s, longest %d tokens; global batch %d = %d per device x %d "
+        "Stage %s (%s): %d of %d %s (%d images) from %s, longest %d tokens; global batch %d = %d per device x %d "
         "accumulation x %d process(es); %s of %s parameters trainable; %s",
         stage.name,
+        stage.kind,
         len(report.kept),
-        len(data.samples),
-        sum(len(sample.images) for sample in report.kept),
+        total_rows,
+        unit,
+        prepared.images,
         data.path,
         report.longest_kept,
         settings.global_batch_size,
@@ -468,9 +639,10 @@ def _train_stage(
         write_dropped(stage_dir, report)
         entry = manifest.update_stage(
             stage.name,
+            kind=stage.kind,
             status="running",
             **data.summary(),
-            trained_samples=len(report.kept),
+            **prepared.record,
             dropped=dropped,
             longest_sequence=report.longest_kept,
             hyperparameters=hyperparameters,
@@ -483,9 +655,11 @@ def _train_stage(
     adapter_dir = stage_dir / "adapter"
     trainer.save_model(str(adapter_dir))
     if is_main:
+        # TRL's frozen reference copy is the adapter this stage started from; the stage's adapter is its own alone.
+        shutil.rmtree(adapter_dir / STRIPPED_ADAPTER, ignore_errors=True)
         last = last_complete_checkpoint(checkpoints_dir)
         metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
-        metrics.update(_loss_metrics(trainer.state.log_history))
+        metrics.update(stage_kind.metrics(trainer.state.log_history))
         manifest.update_stage(
             stage.name,
             status="done",

@@ -1,9 +1,11 @@
 """The run manifest: ``OUTPUT/manifest.json`` records what each stage trained on and where it stands.
 
-Per stage: status (``pending``, ``running``, ``done``, ``skipped``), the stage file with its sha256, sample and
-image counts, the samples trained and those left out by the length policy (by reason), the hyperparameters, the
-last checkpoint, the stage's adapter and its metrics. A rerun reads it to skip finished stages and resume the
-running one, and refuses to continue on a stage file that changed since. ``trainer`` names what trained the run:
+Per stage: its kind (``sft``, ``dpo``; an entry without one is an sft stage of an earlier version), status
+(``pending``, ``running``, ``done``, ``skipped``), the stage file with its sha256, sample (or pair) and image counts,
+the rows trained and those left out by the length policy (by reason), the hyperparameters, the last checkpoint, the
+stage's adapter and its metrics (a dpo stage's: TRL's reward accuracies and margins too). ``init_adapter`` records
+the adapter a run started from, when it did not start from the base model. A rerun reads it to skip finished
+stages and resume the running one, and refuses to continue on a stage file that changed since. ``trainer`` names what trained the run:
 a run that an earlier version started with its own trainer (format 1) is refused on resume unless allowed.
 It is rewritten atomically (temp file + rename), by the main process only.
 """
@@ -107,6 +109,17 @@ class Manifest:
                 f"{self.path.parent} trained the stages {recorded} in this order, but the config now lists {names}. "
                 "Keep the finished stages first and in order, or use a new output_dir."
             )
+
+    def check_kinds(self, kinds: dict[str, str]) -> None:
+        """A started stage keeps its kind: the same name with another kind is another stage."""
+        for entry in self.stages:
+            recorded = entry.get("kind", "sft")
+            wanted = kinds.get(entry["name"])
+            if entry["status"] != "pending" and wanted is not None and wanted != recorded:
+                raise ManifestError(
+                    f"Stage {entry['name']!r} was started as a {recorded} stage, but the config now makes it a "
+                    f"{wanted} stage. Give the new stage another name, or use a new output_dir."
+                )
 
     def check_data(self, name: str, sha256: str, data_path: str, *, allow_change: bool) -> None:
         """Refuse a started stage whose file changed, unless allowed (then the change is recorded)."""

@@ -25,10 +25,11 @@ def _stage_row(entry: dict[str, Any]) -> str:
     settings = entry.get("hyperparameters") or {}
     cells = [
         entry["name"],
+        entry.get("kind", "sft"),
         entry.get("status", ""),
         f"`{entry.get('data', '')}`",
-        entry.get("samples", ""),
-        entry.get("trained_samples", ""),
+        entry.get("samples", entry.get("pairs", "")),
+        entry.get("trained_samples", entry.get("trained_pairs", "")),
         sum((entry.get("dropped") or {}).values()) if "dropped" in entry else "",
         entry.get("images", ""),
         f"`{(entry.get('data_sha256') or '')[:16]}`",
@@ -39,6 +40,30 @@ def _stage_row(entry: dict[str, Any]) -> str:
         _number(metrics.get("train_loss")),
     ]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _preference_lines(manifest: "Manifest") -> list[str]:
+    """What each dpo stage did: its pairs, its DPO settings, the reference, and TRL's last reward statistics."""
+    lines = []
+    for entry in manifest.stages:
+        if entry.get("kind") != "dpo" or entry.get("status") not in {"done", "running"}:
+            continue
+        settings = entry.get("hyperparameters") or {}
+        metrics = entry.get("metrics") or {}
+        rewards = ", ".join(
+            f"{key} {_number(metrics[key])}"
+            for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+            if key in metrics
+        )
+        lines.append(
+            f"- {entry['name']} (dpo): {entry.get('trained_pairs', '?')} of {entry.get('pairs', '?')} step preference "
+            f"pairs, beta {_number(settings.get('beta'))}, loss {settings.get('loss_type')}, reference: the adapter "
+            "the stage started from" + (f"; last logged {rewards}" if rewards else "")
+        )
+    if not lines:
+        return []
+    return ["Preference stages (DPO on sibling steps of the MICS trees; each step is a continuation of the path so "
+            "far, with no end-of-turn after it):", "", *lines, ""]
 
 
 def _dropped_lines(manifest: "Manifest") -> list[str]:
@@ -53,8 +78,8 @@ def _dropped_lines(manifest: "Manifest") -> list[str]:
             "",
         ]
     lines += [
-        "Length policy: no answer was cut. A sample longer than max_length was left out of its stage "
-        "(ids in `<stage>/dropped.json`):",
+        "Length policy: no answer was cut. A sample longer than max_length was left out of its stage, and a pair "
+        "where prompt + chosen or prompt + rejected is (ids in `<stage>/dropped.json`):",
         "",
     ]
     for entry in manifest.stages:
@@ -116,18 +141,19 @@ def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
         "",
         f"# Curriculum fine-tune of {config.base_model}",
         "",
-        "LoRA fine-tune on the Chiron-o1 curriculum (MICS reasoning data), stage by stage (`python -m training`, "
-        "TRL's SFTTrainer).",
+        "LoRA fine-tune on the Chiron-o1 curriculum (MICS reasoning data), stage by stage (`python -m training`: "
+        "TRL's SFTTrainer for sft stages, TRL's DPOTrainer on step preference pairs for dpo stages).",
         f"LoRA r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout} on the language model; "
         "vision tower and projector frozen; only the assistant's answers carry loss.",
         "",
         "## Data and metrics",
         "",
-        "| stage | status | stage file | samples | trained | dropped | images | sha256 | steps | lr | first loss "
-        "| last loss | train loss |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stage | kind | status | stage file | samples (pairs) | trained | dropped | images | sha256 | steps | lr "
+        "| first loss | last loss | train loss |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(_stage_row(entry) for entry in manifest.stages),
         "",
+        *_preference_lines(manifest),
         *_dropped_lines(manifest),
         "Sources per stage:",
         "",
@@ -136,6 +162,8 @@ def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
         sources = ", ".join(f"{name or '(none)'}: {count}" for name, count in (entry.get("sources") or {}).items())
         lines.append(f"- {entry['name']}: {sources or '(empty)'}")
     lines += ["", "Hyperparameters per stage, checkpoints and full hashes are in `manifest.json`.", ""]
+    if manifest.data.get("init_adapter"):
+        lines += [f"The first stage continued the adapter `{manifest.data['init_adapter']['path']}` (init_adapter).", ""]
     lines += _task_format_lines(config)
     lines += ["## Use", ""]
     if config.merge_between_stages:
