@@ -375,3 +375,74 @@ def build_curriculum(root: Path, *, with_images: bool = True) -> Path:
     write_stage(root / "stage3", cot + two_images)
     write_stage(root / "test", cot[:1])
     return root
+
+
+# --- step preference pairs (steps/pairs.jsonl beside the curriculum) ------------------------------------------------
+
+STEPS = {
+    "look": "### Step 1: look at the image.",
+    "compare": "### Step 2: compare the colour.",
+    "wrong": "### Step 2: the image shows a blue vessel.",
+    "red": "### Step 1: The image shows a red lesion.",
+    "grey": "### Step 1: The image shows a grey mass.",
+}
+
+
+def step_pair(
+    case_id: str,
+    question: str,
+    images: list[str],
+    path: list[str],
+    chosen: str,
+    rejected: str,
+    *,
+    depth: int | None = None,
+    scores: tuple[float, float] = (1.0, 0.25),
+) -> dict[str, Any]:
+    """One row of ``steps/pairs.jsonl`` in TRL's conversational preference layout; ``path``: the steps so far."""
+    prompt: list[dict[str, Any]] = [
+        {"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": question}]}
+    ]
+    if path:
+        prompt.append({"role": "assistant", "content": [{"type": "text", "text": "\n\n".join(path)}]})
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected}]}],
+        "images": images,
+        "case_id": case_id,
+        "rid": case_id,
+        "depth": depth if depth is not None else len(path) + 1,
+        "chosen_score": scores[0],
+        "rejected_score": scores[1],
+        "chosen_mentor": "mentor-a",
+        "rejected_mentor": "mentor-b",
+        "grader_version": 3,
+        "source": "mics_tree",
+    }
+
+
+def build_step_pairs(root: Path) -> Path:
+    """``root/steps/pairs.jsonl`` for a curriculum made by :func:`build_curriculum`: depth-1 and depth-2 pairs, with
+    one and two images, images relative to the file (``../images``)."""
+    for colour in COLOURS:
+        if not (root / "images" / f"{colour}.png").is_file():
+            write_image(root / "images" / f"{colour}.png", colour)
+    question, compare = "What colour is the finding?", "Compare the two images."
+    rows = [
+        step_pair("cred", question, ["../images/red.png"], [], STEPS["red"], STEPS["grey"]),
+        step_pair("cred", question, ["../images/red.png"], [STEPS["look"]], STEPS["compare"], STEPS["wrong"]),
+        step_pair("cgrey", question, ["../images/grey.png"], [], STEPS["grey"], STEPS["red"], scores=(0.75, 0.0)),
+        step_pair(
+            "cboth", compare, ["../images/blue.png", "../images/green.png"], [STEPS["look"]], STEPS["compare"],
+            STEPS["wrong"],
+        ),
+    ]
+    return write_pairs(root / "steps", rows)
+
+
+def write_pairs(folder: Path, rows: list[dict[str, Any]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
