@@ -437,3 +437,27 @@ def test_mics_eval_reads_labelled_messages_rows_as_the_llava_questions(tmp_path)
                   for item in load_benchmark(tmp_path / "test" / "llava.json")}
     assert from_messages == from_llava
     assert [question for question, *_ in from_messages.values()] == questions
+
+
+def test_the_build_writes_every_scored_candidate_of_train_cases_as_a_step_row(corpus, tmp_path):
+    from mics_agents.dataset.curriculum import is_held_out
+
+    report = build(corpus, tmp_path / "ds")
+    steps = tmp_path / "ds" / "steps"
+    rows = [json.loads(line) for line in (steps / "steps.jsonl").read_text().splitlines()]
+    case_of = {}
+    for line in corpus["cases"].read_text().splitlines():
+        case = json.loads(line)
+        case_of[str(case.get("rid") or case.get("id"))] = str(case.get("case_id") or case.get("rid") or case.get("id"))
+    expected = {}
+    for line in corpus["mics"].read_text().splitlines():
+        record = json.loads(line)
+        if not is_held_out(case_of.get(record["rid"], record["rid"]), 0.25, 5):
+            expected.update({(record["rid"], node["id"]): node["score"] for node in record["tree"]})
+    assert expected and {(row["rid"], row["node"]): row["scores"][-1] for row in rows} == expected
+    assert len(rows) == len(expected) == report.step_rows
+    test_cases = {row["case_id"] for row in messages(tmp_path / "ds" / "test")}
+    assert test_cases and not test_cases & {row["case_id"] for row in rows}
+    stats = json.loads((tmp_path / "ds" / "stats.json").read_text())["steps"]
+    assert stats["rows"] == len(rows) and stats["pairs"] == report.step_pairs
+    assert stats["labels"]["true"] + stats["labels"]["false"] == len(rows)

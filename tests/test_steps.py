@@ -232,7 +232,7 @@ def run_dir(tmp_path) -> Path:
 def test_step_data_comes_from_successes_and_no_path_searches_only(run_dir):
     records = list(read_step_records([run_dir / "out.jsonl"]))
     assert [(source, rec["rid"]) for source, rec in records] == [
-        (str(run_dir / "out.jsonl"), rid) for rid in ("ok-1", "vanilla-1", "retried", "no-image", "nopath-1")
+        ("out.jsonl", rid) for rid in ("ok-1", "vanilla-1", "retried", "no-image", "nopath-1")
     ]
     stats = write_steps(records, run_dir / "steps", image_dir=run_dir / "images", images_root=run_dir / "steps" / "images",
                         catalog=ImageCatalog(), options=StepOptions(), test_fraction=0.0, seed=0)

@@ -12,7 +12,8 @@ A steps folder holds:
   question), ``completions`` (one ``### Step k:`` text per node along the path, ending with the candidate; a
   node holding two steps, as at depth 1, is one completion), ``labels`` (one boolean per completion), a parallel
   ``scores`` column of MICS-Scores, and ``images``, ``id``, ``rid``, ``case_id``, ``node``, ``depth``,
-  ``mentor``, ``reused``, ``selected``, ``grader_version``, ``source`` (the MICS output file it came from);
+  ``mentor``, ``reused``, ``selected``, ``grader_version``, ``source`` (the file name of the MICS output it
+  came from);
 - ``pairs.jsonl``: TRL's conversational preference layout with images: ``prompt`` is the user turn (an
   ``{"type": "image"}`` placeholder per entry of ``images``, then the task prompt the curriculum uses) and,
   past depth 1, the selected path so far as one assistant message; ``chosen`` / ``rejected`` are one assistant
@@ -35,6 +36,7 @@ left out: they are retried, and their trees are cut short.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -404,8 +406,9 @@ def _objects(path: Path, what: str) -> Iterator[dict[str, Any]]:
 
 def read_step_records(paths: Iterable[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(source, search record) of each item's standing outcome over ``paths`` (``mics run`` outputs) and the
-    failed file beside each: successes, and the searches of ``no_path`` failures. ``source`` is the output
-    path as given. Reads the files twice (which line stands for an item, then the lines), so memory holds
+    failed file beside each: successes, and the searches of ``no_path`` failures. ``source`` is the output's
+    file name: it names the run without putting the machine's folders into a dataset that may be shared (and
+    the same records give the same bytes wherever the run lived). Reads the files twice (which line stands for an item, then the lines), so memory holds
     item keys, never every tree."""
     files = []
     for path in paths:
@@ -423,7 +426,7 @@ def read_step_records(paths: Iterable[Path]) -> Iterator[tuple[str, dict[str, An
     for path, _ in files:
         for record in _objects(path, "MICS output"):
             if index in kept_set:
-                yield str(path), record
+                yield path.name, record
             index += 1
     index = 0
     for path, failed in files:
@@ -434,7 +437,7 @@ def read_step_records(paths: Iterable[Path]) -> Iterator[tuple[str, dict[str, An
                 error = record.get("error") if isinstance(record.get("error"), dict) else {}
                 search = record.get("search")
                 if error.get("kind") in SEARCHED_FAILURES and isinstance(search, dict):
-                    yield str(path), {**search, "rid": search.get("rid") or record.get("rid") or record.get("key")}
+                    yield path.name, {**search, "rid": search.get("rid") or record.get("rid") or record.get("key")}
             index += 1
 
 
@@ -534,6 +537,14 @@ def _embedded_rows(jsonl: str, folder: str) -> Iterator[dict[str, Any]]:
             yield row
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_hf(jsonl: Path, target: Path, kind: str) -> None:
     """A ``datasets`` folder of a JSONL file's rows, written in Arrow batches (memory flat in the rows)."""
     from datasets import Dataset
@@ -550,6 +561,9 @@ def _write_hf(jsonl: Path, target: Path, kind: str) -> None:
         dataset = Dataset.from_generator(
             _embedded_rows, features=features, cache_dir=cache,
             gen_kwargs={"jsonl": str(jsonl), "folder": str(jsonl.parent)},
+            # Of the rows themselves (image paths are content hashes): the same rows give the same folder,
+            # wherever they are written.
+            fingerprint=file_sha256(jsonl)[:16],
         )
         dataset.save_to_disk(str(target))
         del dataset
