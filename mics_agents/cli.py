@@ -136,6 +136,8 @@ def demo(
         ))
         stages = ", ".join(f"{stage} {count}" for stage, count in report.stages.items())
         console.print(f"\nCurriculum (no text QA or general VQA in the demo): {stages} samples -> {dataset_dir}/")
+        console.print(f"Step data: {report.step_rows} step rows and {report.step_pairs} preference pairs "
+                      f"-> {dataset_dir / 'steps'}/", soft_wrap=True)
     console.print(
         "\nTo use real models, set e.g.\n"
         "  export MICS_MENTORS=openai/gpt-4o,gemini/gemini-2.5-pro MICS_INTERNS=hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct\n"
@@ -205,15 +207,11 @@ def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", option
     from .errors import MicsError, OutputBusyError
     from .outputs import OutputFiles, OutputLock
 
-    lock = OutputLock(options.output)
     try:
         files = OutputFiles(options.output, options.failed, group_key=group_key)
+        lock = OutputLock(files.output, files.failed)  # the failed file is a journal too: one owner each
         lock.probe()
-        if fresh:
-            files.check_paths()
-            inspection = None
-        else:
-            inspection = files.inspect()
+        inspection = files.inspect()  # even when starting afresh: a file that is not ours is never deleted
     except OutputBusyError as exc:
         _say("Output in use", exc)
         raise typer.Exit(EXIT_CONFIG_ERROR) from None
@@ -561,6 +559,64 @@ def dataset_build(
     for step, reasons in report.drops.items():
         console.print(f"dropped in {step}: " + ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items())))
     console.print(f"stats: {output / 'stats.json'}, {output / 'stats.png'}")
+
+
+@dataset_app.command("steps")
+def dataset_steps(
+    mics: Annotated[list[Path], typer.Option(help="MICS output (mics run --output; its _failed.jsonl beside it is "
+                                             "read too); repeat for several.")],
+    image_dir: Annotated[Path, typer.Option(help="Folder the image paths of the MICS output are relative to.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the step data to.")],
+    cases: Annotated[Optional[Path], typer.Option(help="The cases (mics run input), when their case ids differ from "
+                                                  "the item ids: the split holds out case ids.")] = None,
+    test_fraction: Annotated[Optional[float], typer.Option(help="Share of case ids held out, giving no step data "
+                                                           "(default: the default recipe's, 0.05).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split (the same as mics dataset build's for the same split).")] = 0,
+    label_threshold: Annotated[float, typer.Option(help="A step is labelled good when its MICS-Score is above this; "
+                                                   "0 is Math-Shepherd's hard label.")] = 0.5,
+    pair_margin: Annotated[float, typer.Option(help="Least score difference of a preference pair of siblings.")] = 0.5,
+    max_pairs_per_node: Annotated[int, typer.Option(help="Most pairs from one prefix (largest gaps first).")] = 3,
+) -> None:
+    """Step-reward rows and step preference pairs from the search trees of any run's outputs.
+
+    Writes steps.jsonl (TRL stepwise supervision with MICS-Scores), pairs.jsonl (TRL preference pairs with
+    images), hf/steps and hf/pairs (datasets folders), images/ and stats.json + stats.png into --output.
+    Cases held out by the same --seed and --test-fraction as mics dataset build give nothing.
+    """
+    from .dataset import StepOptions, default_recipe, read_step_records, write_steps
+    from .dataset.build import item_case_id, read_jsonl
+    from .dataset.images import ImageCatalog
+    from .dataset.stats import write_step_stats
+    from .errors import ConfigError, InputError
+
+    try:
+        options = StepOptions(label_threshold, pair_margin, max_pairs_per_node)
+        fraction = default_recipe().test_fraction if test_fraction is None else test_fraction
+        if not 0 <= fraction < 1:
+            raise ConfigError(f"--test-fraction must be at least 0 and below 1 (got {fraction})")
+        if not image_dir.is_dir():
+            raise InputError(f"image folder {str(image_dir)!r} not found")
+        case_of = dict(item_case_id(record) for record in read_jsonl(cases, "cases")) if cases is not None else {}
+        stats = write_steps(
+            read_step_records(mics), output, image_dir=image_dir, images_root=output / "images",
+            catalog=ImageCatalog(), options=options, test_fraction=fraction, seed=seed, case_of=case_of,
+        )
+        write_step_stats(stats.as_dict(), output)
+    except ConfigError as exc:
+        raise _fail_config(str(exc)) from None
+    except InputError as exc:
+        _say("Bad input", exc)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        _say("Cannot write the step data", f"{exc}; give --output a folder you can write")
+        raise typer.Exit(1) from None
+    labels = stats.labels
+    console.print(f"{stats.rows} step rows ({labels['true']} labelled good, {labels['false']} not) "
+                  f"-> {output / 'steps.jsonl'}", soft_wrap=True)
+    console.print(f"{stats.pairs} preference pairs -> {output / 'pairs.jsonl'}", soft_wrap=True)
+    for reason, count in sorted(stats.records_skipped.items()):
+        console.print(f"records without step data: {reason} {count}", soft_wrap=True)
+    console.print(f"stats: {output / 'stats.json'}, {output / 'stats.png'}", soft_wrap=True)
 
 
 class GenerateKind(str, Enum):

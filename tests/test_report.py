@@ -506,3 +506,42 @@ def test_the_cli_reports_an_all_failed_run_by_either_name(failed_run, tmp_path):
         assert says(result.output, "4 items (0 success, 0 no_path, 3 model_error, 1 bad_input")
         assert embedded_payload(page.read_text())["summary"]["status"]["success"] == 0
         page.unlink()
+
+
+def test_the_summary_counts_the_step_data_of_success_and_no_path_trees(run_files, report):
+    """Step rows and pairs counted independently from the files: a scored node whose ancestors are scored is a
+    row; siblings half a point apart are a pair (at most 3 per parent)."""
+    successes, failures = lines_of(run_files["output"]), lines_of(run_files["failed"])
+    searched = successes + [f["search"] for f in failures if f["error"]["kind"] == "no_path"]
+
+    rows = good = pairs = 0
+    gaps: Counter = Counter()
+    for search in searched:
+        by_parent: dict = {}
+        for tree_node in search["tree"]:
+            rows += 1
+            good += tree_node["score"] > 0.5
+            by_parent.setdefault(tree_node["parent"], []).append(tree_node["score"])
+        for scores in by_parent.values():
+            found = sorted((high - low for high in scores for low in scores if high - low >= 0.5 - 1e-9), reverse=True)[:3]
+            pairs += len(found)
+            gaps.update(f"{gap + 1e-9:.2f}" for gap in found)
+    steps = report.summary["steps"]
+    assert rows > 0 and pairs > 0
+    assert steps["rows"] == rows and steps["labels"] == {"true": good, "false": rows - good}
+    assert steps["pairs"] == pairs and steps["gap_histogram"] == dict(sorted(gaps.items()))
+    assert steps["records"] == len(searched)
+    assert steps["settings"] == {"label_threshold": 0.5, "pair_margin": 0.5, "max_pairs_per_node": 3}
+
+
+def test_step_counts_leave_out_model_error_and_vanilla_trees(tmp_path):
+    from .test_steps import failure, known_tree, node, record, write_lines
+
+    write_lines(tmp_path / "out.jsonl", [
+        record("ok"), record("vanilla", [node(0, None, 1, "m/a", 0.75, steps=["one", "two"])], strategy="vanilla"),
+    ])
+    write_lines(tmp_path / "out_failed.jsonl", [failure("cut", "model_error", known_tree()),
+                                                failure("none", "no_path", known_tree()[:3])])
+    steps = build_report_data(tmp_path / "out.jsonl").summary["steps"]
+    assert steps["rows"] == 6 + 3 and steps["pairs"] == 3 + 1
+    assert steps["records"] == 2 and steps["records_skipped"] == {"vanilla": 1}

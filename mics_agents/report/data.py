@@ -9,6 +9,9 @@ reasoning, the error of a failure) under short keys, with mentor and intern name
             err?, input?, reasoning, usage: [calls, cached, input_tokens, output_tokens, cost], tree: [node]}
     node   {id, p (parent), d (depth), m (mentor), s (step text), sc (score), sel, re (reused), x: [sample]}
     sample [intern, temperature, sample_index, answer, correct, format_ok, judged_by]
+
+The summary's ``steps`` counts the step rows and sibling preference pairs ``mics dataset steps`` would make
+from the run's success and ``no_path`` trees with its default settings, before any split.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import failure_input
+from ..dataset.steps import StepStats, count_tree
 from ..errors import ImageError, InputError
 from ..images import DEFAULT_MAX_PIXELS, decode_budget, decode_cost, to_8bit
 from ..outputs import default_failed_path, failure_key, foreign_failure, foreign_success, success_line, winning_lines
@@ -147,6 +151,7 @@ class _Builder:
         self.sample_kinds: Counter = Counter()
         self.usage = dict.fromkeys(_USAGE_FIELDS, 0)
         self.usage["cost_usd"] = 0.0
+        self.steps = StepStats()  # the step rows and pairs the trees give (mics dataset steps, default settings)
 
     def _index(self, table: dict[str, int], name: Any) -> int:
         name = _text(name)
@@ -189,6 +194,8 @@ class _Builder:
         )
         for node in item["tree"]:  # mentors that took part, also when none of them won
             self._count_node(node)
+        if status in ("success", "no_path"):  # the outcomes step data is made from
+            count_tree(record, self.steps)
         usage = record.get("usage") if isinstance(record.get("usage"), dict) else {}
         item["usage"] = [_number(usage.get(key)) or 0 for key in _USAGE_FIELDS]
         for key, value in zip(_USAGE_FIELDS, item["usage"]):
@@ -306,6 +313,7 @@ class _Builder:
             "interns": interns,
             "judged_by": _ordered(judged_by, ("exact", "option", "yes_no", "judge", "unparsed", "truncated")),
             "usage": usage,
+            "steps": self.steps.as_dict(),
             "unreadable_lines": unreadable,
         }
 

@@ -253,6 +253,16 @@
       ]),
     ]);
 
+    const steps = summary.steps;
+    const stepCard = steps ? card('Step data (scored trees)', [
+      columns(Object.keys(steps.gap_histogram).map((gap) => ({ label: 'gap ' + gap, value: steps.gap_histogram[gap] })), '#8250df'),
+      el('p', { class: 'note' }, [
+        el('b', { text: int(steps.rows) }), ` step rows (${int(steps.labels.true || 0)} above the label threshold ${steps.settings.label_threshold}, `
+          + `${int(steps.labels.false || 0)} not) · `,
+        el('b', { text: int(steps.pairs) }), ` sibling pairs at least ${steps.settings.pair_margin} apart, by score gap`,
+      ]),
+    ]) : null;
+
     const pane = $('summary');
     setChildren(pane, [
       card('Items', [statusBody, statusFoot]),
@@ -261,6 +271,7 @@
       card('Mentor wins (last step)', hbars(mentorRows)),
       card('Intern accuracy (all samples)', [hbars(internRows), judgedNote]),
       card('Calls, cache and cost', usageBody),
+      stepCard,
     ]);
     pane.hidden = false;
   }
