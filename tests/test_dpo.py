@@ -391,3 +391,25 @@ def test_the_shipped_dpo_config_runs_the_curriculum_then_the_preference_stage():
     settings = config.stage_settings(config.resolved_stages[-1])
     assert (settings.learning_rate, settings.beta, settings.num_train_epochs, settings.loss_type) == (5e-6, 0.5, 2, "sigmoid")
     assert config.stage_settings(config.resolved_stages[0]).learning_rate == 4e-5
+
+
+def test_the_demos_dataset_trains_sft_stages_then_the_dpo_stage(tmp_path):
+    """`mics demo`'s dataset (the dataset builder's real pairs.jsonl) through SFT stages then the dpo stage."""
+    demo = subprocess.run(
+        [sys.executable, "-m", "mics_agents", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    [curriculum] = {path.parent.parent for path in tmp_path.glob("*/steps/pairs.jsonl")}
+    pairs = read_pairs_file(curriculum / "steps" / "pairs.jsonl", stage="steps").pairs
+    assert pairs, "the demo made no step pairs"
+    texts = [pair.path for pair in pairs] + [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
+    base = tiny_models.build_tiny_vlm(tmp_path / "tiny-llava", extra_texts=texts)
+    stages = ["stage2", "stage3", {"name": "steps", "kind": "dpo"}]
+    run_curriculum(dpo_config(base, curriculum, tmp_path / "run", stages=stages, max_length=2048, max_steps=2))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [(s["kind"], s["status"]) for s in manifest["stages"]] == [("sft", "done"), ("sft", "done"), ("dpo", "done")]
+    dpo = manifest["stages"][-1]
+    assert dpo["pairs"] == len(pairs) and dpo["trained_pairs"] == len(pairs) and dpo["dropped"] == {}
+    losses = [e["loss"] for e in log_history(tmp_path / "run" / dpo["checkpoint"]) if "loss" in e]
+    assert losses and losses[0] == pytest.approx(LN2, abs=1e-4) and all(math.isfinite(loss) for loss in losses)
