@@ -207,11 +207,15 @@ def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", option
     from .errors import MicsError, OutputBusyError
     from .outputs import OutputFiles, OutputLock
 
+    lock = OutputLock(options.output)
     try:
         files = OutputFiles(options.output, options.failed, group_key=group_key)
-        lock = OutputLock(files.output, files.failed)  # the failed file is a journal too: one owner each
         lock.probe()
-        inspection = files.inspect()  # even when starting afresh: a file that is not ours is never deleted
+        if fresh:
+            files.check_paths()
+            inspection = None
+        else:
+            inspection = files.inspect()
     except OutputBusyError as exc:
         _say("Output in use", exc)
         raise typer.Exit(EXIT_CONFIG_ERROR) from None
