@@ -195,6 +195,19 @@ def _check_start(settings: "Settings", data: Path | None = None, image_dir: Path
     check_cache_file(settings.cache_path)
 
 
+def _check_writable_path(path: Path | None, option: str) -> None:
+    """Refuse, before any work, a file the command would write at its end that cannot be written there: a
+    folder, a device, a folder that does not exist."""
+    from .errors import ConfigError
+
+    if path is None:
+        return
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{option} {str(path)!r} is not a regular file (a folder or a device); give a file path")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+
+
 def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", options: "RunOptions", settings: "Settings", *, log_every: float = 10.0, json_summary: Optional[Path] = None, fresh: bool = False, group_key: str | None = None, kind: "RunKind | None" = None) -> "RunStats":
     """Run a batch with progress, Ctrl-C handling (first: finish items in flight; second: abort) and a summary.
 
@@ -207,15 +220,11 @@ def _run_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", option
     from .errors import MicsError, OutputBusyError
     from .outputs import OutputFiles, OutputLock
 
-    lock = OutputLock(options.output)
     try:
         files = OutputFiles(options.output, options.failed, group_key=group_key)
+        lock = OutputLock(files.output, files.failed)  # the failed file is a journal too: one owner each
         lock.probe()
-        if fresh:
-            files.check_paths()
-            inspection = None
-        else:
-            inspection = files.inspect()
+        inspection = files.inspect()  # even when starting afresh: a file that is not ours is never deleted
     except OutputBusyError as exc:
         _say("Output in use", exc)
         raise typer.Exit(EXIT_CONFIG_ERROR) from None
@@ -367,6 +376,7 @@ def _batch_command(
             settings.check_roles()
         shard_index = parse_shard(shard)
         _check_start(settings, data, option_values.get("image_dir"))  # type: ignore[arg-type]
+        _check_writable_path(json_summary, "--json-summary")
     except (MicsError, ValueError) as exc:
         raise _fail_config(str(exc)) from None
     options = RunOptions(data=data, shard=shard_index, **option_values)  # type: ignore[arg-type]
@@ -924,9 +934,14 @@ def report(
 
     The file is static (no server, no network): open it from disk or mail it.
     """
-    from .errors import InputError
+    from .errors import ConfigError, InputError
     from .report import write_report
 
+    try:
+        # The page replaces the file there: never a device, FIFO or folder someone named by mistake.
+        _check_writable_path(html, "--html")
+    except ConfigError as exc:
+        raise _fail_config(str(exc)) from None
     try:
         data = write_report(output, html, failed=failed, image_dir=image_dir, thumbnail_size=thumbnail_size, title=title)
     except InputError as exc:

@@ -78,7 +78,10 @@ def lock_path(output: Path) -> Path:
 
 def real_path(path: Path | str) -> Path:
     """``path`` with symlinks, ``.`` and ``..`` resolved (the file itself, however it was spelled)."""
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ForeignOutputError(f"{path} cannot be resolved ({exc}); give a path that leads to a file") from None
 
 
 def check_writable_file(path: Path, option: str = "--output") -> None:
@@ -93,61 +96,76 @@ def check_writable_file(path: Path, option: str = "--output") -> None:
 
 
 class OutputLock:
-    """An exclusive ``flock`` on the lock file beside an output, with who holds it written inside.
+    """An exclusive ``flock`` on the lock file beside each file a run writes (its output, and its failed file
+    when given), with who holds it written inside.
 
     The kernel drops the lock when its holder dies, however it dies, so a lock left by a dead process
     never blocks: the next owner takes it and writes its own name over the old one.
     """
 
-    def __init__(self, output: Path) -> None:
-        self.output = real_path(output)  # the lock belongs to the file, not to the name it was given by
+    def __init__(self, output: Path, *others: Path) -> None:
+        # The lock belongs to the file, not to the name it was given by.
+        self.output = real_path(output)
+        self.targets = list(dict.fromkeys([self.output, *map(real_path, others)]))
         self.path = lock_path(self.output)
-        self._fd: int | None = None
+        self._fds: list[int] = []
 
     def probe(self) -> None:
-        """Raise :class:`OutputBusyError` if another process holds the lock now, without creating the lock
-        file: a command that may still end with a configuration error checks this first and takes the lock
+        """Raise :class:`OutputBusyError` if another process holds a lock now, without creating a lock file:
+        a command that may still end with a configuration error checks this first and takes the locks
         (:meth:`acquire`) only when nothing else can stop it."""
-        try:
-            fd = os.open(self.path, os.O_RDWR)
-        except OSError:
-            return  # no lock file: nobody holds it (one that cannot be opened is reported by acquire)
-        try:
-            self._lock(fd)
-        finally:
-            os.close(fd)  # closing drops the lock just taken
+        for target in self.targets:
+            try:
+                fd = os.open(lock_path(target), os.O_RDWR)
+            except OSError:
+                continue  # no lock file: nobody holds it (one that cannot be opened is reported by acquire)
+            try:
+                self._lock(fd, target)
+            finally:
+                os.close(fd)  # closing drops the lock just taken
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`OutputBusyError` naming the holder (never waits)."""
+        """Take every lock or raise :class:`OutputBusyError` naming the holder (never waits)."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            for target in self.targets:
+                self._fds.append(self._acquire_one(target))
+        except BaseException:
+            self.release()
+            raise
+
+    def _acquire_one(self, target: Path) -> int:
+        path = lock_path(target)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise MicsError(
-                f"cannot create the lock file {self.path} beside the output ({exc.strerror}): choose an output "
+                f"cannot create the lock file {path} beside the output ({exc.strerror}): choose an output "
                 "in a folder you can write to."
             ) from None
         try:
-            self._lock(fd)
+            self._lock(fd, target)
         except BaseException:
             os.close(fd)
             raise
         self._write_holder(fd)
-        self._fd = fd
+        return fd
 
-    def _lock(self, fd: int) -> None:
+    @staticmethod
+    def _lock(fd: int, target: Path) -> None:
+        path = lock_path(target)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _describe_holder(_read_all(fd))
             raise OutputBusyError(
-                f"{self.output} is being written by another run ({holder}; lock file {self.path}). "
+                f"{target} is being written by another run ({holder}; lock file {path}). "
                 "Two runs on one output would write every item twice and pay for its calls twice: wait for "
-                "that run to end, stop it, or give this one another --output."
+                "that run to end, stop it, or give this one another --output (and --failed)."
             ) from None
         except OSError as exc:
             raise MicsError(
-                f"cannot lock {self.path} ({exc.strerror}): the file system under the output does not support "
+                f"cannot lock {path} ({exc.strerror}): the file system under the output does not support "
                 "file locks. Write the output to a local disk or a file system with flock support."
             ) from None
 
@@ -159,10 +177,9 @@ class OutputLock:
         os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
 
     def release(self) -> None:
-        """Closing the file drops the lock. The file stays: removing it would let two owners in."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Closing the files drops the locks. The files stay: removing one would let two owners in."""
+        while self._fds:
+            os.close(self._fds.pop())
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -466,6 +483,7 @@ def _replace_atomically(path: Path, chunks: Iterator[bytes]) -> None:
     ``path`` and fsync the folder: a reader sees the old file or the new one, never a mix."""
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _mode_for(path))  # mkstemp makes 0600; the file keeps the mode it had, or gets the usual
         with os.fdopen(fd, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
@@ -478,6 +496,26 @@ def _replace_atomically(path: Path, chunks: Iterator[bytes]) -> None:
         raise
     _fsync_folder(path.parent)
     _maybe_die("compact-replace")
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits ``path`` has, or those a new file gets under the process's umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread, while it asks)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _copy_ranges(path: Path, ranges: list[tuple[int, int]]) -> Iterator[bytes]:
@@ -717,11 +755,17 @@ def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> 
             f"{', ...' if len(overlapping) > 5 else ''}); shards overlap. Use --dedupe to keep one line per item "
             "(a success wins over a failure)."
         )
-    output = Path(output)
+    output = real_path(output)
+    failed = default_failed_path(output)
+    for path, option in ((output, "--output"), (failed, "--output's failed file")):
+        check_writable_file(path, option)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with OutputLock(output):
+    with OutputLock(output, failed):
+        # A file there that we did not write (an input, a report) is refused, never overwritten.
+        _scan(output, failures=False)
+        _scan(failed, failures=True)
         _rewrite(output, [record for lines in successes.values() for record in lines])
-        _rewrite(default_failed_path(output), list(failures.values()))
+        _rewrite(failed, list(failures.values()))
     return MergeReport(successes=len(successes), failures=len(failures), overlaps=len(overlapping))
 
 

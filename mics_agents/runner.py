@@ -264,21 +264,20 @@ class BatchRun:
                 yield item
 
     def _over_budget(self) -> bool:
-        budget = self.options.budget_usd
-        if budget is None:
-            return False
+        """Whether the budget is spent; counts what this run spent either way (the summary shows it)."""
         store = self.worker.store
         # Without a cache every call is new: what ended items cost is what was spent.
         new = store.new_cost_usd.get(self.run_id, 0.0) if store is not None else self.stats.cost_usd
         self.stats.spent_usd = self._spent_before + new
-        return self.stats.spent_usd >= budget
+        budget = self.options.budget_usd
+        return budget is not None and self.stats.spent_usd >= budget
 
     async def run(self) -> RunStats:
         if not self.options.data.is_file():
             raise MicsError(f"input file {str(self.options.data)!r} not found")
         if self.output_lock is not None:
             return await self._run()
-        with OutputLock(self.options.output):
+        with OutputLock(self.files.output, self.files.failed):
             return await self._run()
 
     async def _run(self) -> RunStats:

@@ -166,8 +166,13 @@ class ServeConfig(BaseModel):
             raise ValueError("give the command that starts a server, e.g. ['{python}', '-m', 'vllm.entrypoints.openai.api_server']")
         for index, part in enumerate(launcher):
             try:
-                unknown = [name for _, name, _, _ in Formatter().parse(part) if name is not None and name != "python"]
-                problem = f"unknown placeholder {{{unknown[0]}}}" if unknown else None
+                fields = [(name, spec, conversion) for _, name, spec, conversion in Formatter().parse(part)
+                          if name is not None]
+                unknown = [name for name, _, _ in fields if name != "python"]
+                dressed = [name for name, spec, conversion in fields if spec or conversion]
+                problem = (f"unknown placeholder {{{unknown[0]}}}" if unknown
+                           else f"{{python}} takes no format spec or conversion (got {{{dressed[0]}...}})" if dressed
+                           else None)
             except ValueError as exc:  # a lone brace
                 problem = str(exc)
             if problem:

@@ -19,6 +19,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import aiosqlite
 
@@ -244,13 +245,10 @@ class Store:
         )
 
     async def get_call(self, key: str) -> ModelResponse | None:
-        try:
-            rows = await self._db.execute_fetchall(  # one trip to the database thread
-                "SELECT model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason FROM calls WHERE key = ?",
-                (key,),
-            )
-        except sqlite3.Error as exc:
-            raise self._failed("read from", exc) from exc
+        rows = await self._read(  # one trip to the database thread
+            "SELECT model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason FROM calls WHERE key = ?",
+            (key,),
+        )
         if not rows:
             return None
         model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason = next(iter(rows))
@@ -326,17 +324,19 @@ class Store:
 
     async def run_cost(self, run_id: str) -> float:
         """What the calls first sent by this run cost, over all its sessions."""
-        async with self._db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM calls WHERE run_id = ?", (run_id,)) as cursor:
-            row = await cursor.fetchone()
-        return float(row[0]) if row else 0.0
+        rows = await self._read("SELECT COALESCE(SUM(cost_usd), 0) FROM calls WHERE run_id = ?", (run_id,))
+        return float(rows[0][0]) if rows else 0.0
+
+    async def _read(self, statement: str, values: tuple = ()) -> list[Any]:
+        try:
+            return list(await self._db.execute_fetchall(statement, values))
+        except sqlite3.Error as exc:  # a corrupt page, an I/O error: the file's problem, said as such
+            raise self._failed("read from", exc) from exc
 
     async def record_run(self, run_id: str, input_path: str, output_path: str, settings: dict) -> dict | None:
         """Remember a run's input, output and search settings; returns the settings of its last session.
         A failed read or write (after retries) raises :class:`StoreError`."""
-        try:
-            rows = await self._db.execute_fetchall("SELECT settings FROM runs WHERE run_id = ?", (run_id,))
-        except sqlite3.Error as exc:
-            raise self._failed("read from", exc) from exc
+        rows = await self._read("SELECT settings FROM runs WHERE run_id = ?", (run_id,))
         row = next(iter(rows), None)
         now = time.time()
         encoded = json.dumps(settings, sort_keys=True, default=str)
@@ -349,9 +349,8 @@ class Store:
         return json.loads(row[0]) if row else None
 
     async def count_calls(self) -> int:
-        async with self._db.execute("SELECT COUNT(*) FROM calls") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self._read("SELECT COUNT(*) FROM calls")
+        return int(rows[0][0]) if rows else 0
 
     async def close(self) -> None:
         await self._db.close()

@@ -235,3 +235,59 @@ def test_an_empty_cache_option_means_no_cache_as_the_empty_variable_does(tmp_pat
     assert result.returncode == 0, result.stderr
     assert not list(tmp_path.glob("*.sqlite*")), "no cache file is made"
     assert len(lines_by_item(output)) == 1
+
+
+def test_the_failed_file_is_owned_too(tmp_path):
+    """A second run that names a running run's failed file as its own --failed is refused: one journal, one owner."""
+    from mics_agents.errors import OutputBusyError
+    from mics_agents.outputs import OutputLock
+
+    with OutputLock(tmp_path / "a.jsonl", tmp_path / "a_failed.jsonl"):
+        other = OutputLock(tmp_path / "b.jsonl", tmp_path / "a_failed.jsonl")
+        with pytest.raises(OutputBusyError, match="a_failed.jsonl is being written"):
+            other.probe()
+        with pytest.raises(OutputBusyError):
+            other.acquire()
+        assert not other._fds, "a refused acquire holds nothing"
+    with OutputLock(tmp_path / "b.jsonl", tmp_path / "a_failed.jsonl"):  # free again once the first is gone
+        pass
+
+
+def test_the_demo_never_deletes_a_file_it_did_not_write(tmp_path):
+    precious = tmp_path / "precious.jsonl"
+    precious.write_text(json.dumps({"id": "x", "question": "q", "answer": "a"}) + "\n")
+    (tmp_path / "precious_failed.jsonl").write_text("kept\n")
+    result = run_mics(["demo", "--output", str(precious), "--cache", ""], {**os.environ}, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "not an output of mics-agents" in flat(result.stderr)
+    assert json.loads(precious.read_text())["id"] == "x" and (tmp_path / "precious_failed.jsonl").read_text() == "kept\n"
+
+
+def test_merge_refuses_a_fifo_or_a_file_it_did_not_write_and_keeps_the_mode(tmp_path):
+    from mics_agents.errors import ForeignOutputError
+    from mics_agents.outputs import merge_outputs
+
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text(json.dumps({"rid": "a", "gt_answer": "x"}) + "\n")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ForeignOutputError, match="not a regular file"):
+        merge_outputs([shard], tmp_path / "pipe")
+    assert (tmp_path / "pipe").is_fifo()
+    precious = tmp_path / "cases.jsonl"
+    precious.write_text(json.dumps({"id": "a", "question": "q", "answer": "x"}) + "\n")
+    with pytest.raises(ForeignOutputError, match="not an output of mics-agents"):
+        merge_outputs([shard], precious)
+    assert json.loads(precious.read_text())["question"] == "q"
+    merged = tmp_path / "all.jsonl"
+    merged.write_text("")
+    merged.chmod(0o640)
+    merge_outputs([shard], merged)
+    assert merged.stat().st_mode & 0o777 == 0o640, "a rewritten file keeps its mode"
+    assert (tmp_path / "all_failed.jsonl").stat().st_mode & 0o077, "a new one is readable as files usually are"
+
+
+def test_a_report_never_replaces_a_fifo(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    result = run_mics(["report", str(tmp_path / "out.jsonl"), "--html", str(tmp_path / "pipe")], {**os.environ},
+                      tmp_path)
+    assert result.returncode == 2 and "--html" in flat(result.stderr) and (tmp_path / "pipe").is_fifo()

@@ -208,7 +208,7 @@ def test_a_poisoned_reply_ends_as_a_search_result_and_a_rerun_sends_nothing(tmp_
     data = write_dataset(tmp_path / "data")
     output, cache, summary = tmp_path / "out.jsonl", tmp_path / "cache.sqlite", tmp_path / "summary.json"
     args = [*MICS, "run", str(data.path), "--image-dir", str(data.image_dir), "--output", str(output),
-            "--cache", str(cache), "--limit", "4", "--budget-usd", "1000"]
+            "--cache", str(cache), "--limit", "4"]  # no budget: what was spent is counted all the same
     with OpenAIServer(surrogate_brain, lifetime=120, usage=lying_usage) as server:
         env = mics_env(server, MICS_MENTORS="openai/gpt-4o,openai/gpt-4o-mini", MICS_PRICES=PRICES)
         first = subprocess.run([*args, "--json-summary", str(summary)], env=env, cwd=tmp_path, capture_output=True,
@@ -247,3 +247,45 @@ def test_which_variables_hold_secrets(name, secret):
     from mics_agents.redact import is_secret_name
 
     assert is_secret_name(name) is secret
+
+
+@pytest.mark.parametrize("reason", [f"stop {KEY}", "stop\ud800", 10**30, {"type": "stop"}, "", "x" * 200])
+def test_a_finish_reason_that_is_no_short_word_is_unknown(reason):
+    choices = [{"index": 0, "message": {"content": "A"}, "finish_reason": reason}]
+    [reply] = choice_responses("m", choices, 1, input_tokens=1, output_tokens=1, price=lambda a, b: 0.0)
+    assert reply.finish_reason is None
+
+
+def test_a_key_as_the_finish_reason_or_in_a_usage_string_is_masked_whole(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    assert sanitize_reply(ModelResponse(text="A", model="m", finish_reason=KEY)).finish_reason == MASK
+    assert sanitize_reply(ModelResponse(text="A", model="m", finish_reason={"x": 1})).finish_reason is None
+    choices = [{"index": 0, "message": {"content": "A"}, "finish_reason": "stop"}]
+    [reply] = choice_responses("m", choices, 1, input_tokens=KEY, output_tokens=1, price=lambda a, b: 0.0)
+    claimed = reply.extra["usage_unknown"]["prompt_tokens"]
+    assert KEY[:12] not in claimed and MASK in claimed  # masked before it was cut to 40 characters
+
+
+def test_a_reply_litellm_cannot_read_is_not_bought_again():
+    from mics_agents.errors import ModelCallError
+    from mics_agents.models.transport import classify_error
+
+    litellm_said = Exception("litellm.InternalServerError: OpenAIException - Invalid response object Traceback ...")
+    litellm_said.status_code = 500  # type: ignore[attr-defined]
+    error = classify_error("openai/gpt-4o", litellm_said)
+    assert isinstance(error, ModelCallError) and "not asked again" in str(error)
+
+
+async def test_a_corrupt_cache_read_is_a_store_error(tmp_path, monkeypatch):
+    import aiosqlite
+
+    from mics_agents.errors import StoreError
+
+    async with await Store.open(tmp_path / "cache.sqlite") as store:
+        async def corrupt(*args, **kwargs):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+        monkeypatch.setattr(aiosqlite.Connection, "execute_fetchall", corrupt)
+        for read in (store.run_cost("r"), store.count_calls(), store.get_call("k")):
+            with pytest.raises(StoreError, match="malformed"):
+                await read

@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from ..redact import mask_secret_values, scrub_data
 from .base import ModelRequest, ModelResponse, WrapperModel
+from .transport import FINISH_REASON
 
 __all__ = ["SanitizingModel", "sanitize_reply", "REPAIRED_ENCODING"]
 
@@ -49,11 +50,14 @@ def sanitize_reply(response: ModelResponse) -> ModelResponse:
     was nothing to change)."""
     text = mask_secret_values(response.text)
     extra = scrub_data(response.extra, shapes=False) if response.extra else response.extra
+    reason = response.finish_reason
+    if reason is not None:  # any model may put anything there; the cache keeps only a short word, masked
+        reason = mask_secret_values(reason) if isinstance(reason, str) and FINISH_REASON.fullmatch(reason) else None
     if _UNENCODABLE.search(text):
         text = _UNENCODABLE.sub("\ufffd", text)
         extra = {**extra, "repaired": REPAIRED_ENCODING}
         _log.warning("%s: a reply held code points with no UTF-8 form (lone surrogates); each was replaced by "
                      "U+FFFD and the reply is graded as repaired.", response.model)
-    if text is response.text and extra == response.extra:
+    if text is response.text and extra == response.extra and reason == response.finish_reason:
         return response
-    return replace(response, text=text, extra=extra)
+    return replace(response, text=text, extra=extra, finish_reason=reason)

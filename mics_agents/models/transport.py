@@ -22,6 +22,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 from ..errors import MalformedReplyError, ModelCallError, ModelError, TransientModelError
+from ..redact import mask_secret_values
 from .base import Model, ModelRequest, ModelResponse, check_request_allowed
 from .clients import ClientShare
 
@@ -178,7 +179,9 @@ def choice_responses(
     tokens_in_all, tokens_out_all = token_count(input_tokens), token_count(output_tokens)
     extra: dict[str, Any] = {}
     if tokens_in_all is None or tokens_out_all is None:
-        claimed = {"prompt_tokens": repr(input_tokens)[:40], "completion_tokens": repr(output_tokens)[:40]}
+        # Masked before it is cut: a key cut short is no longer the value the masking looks for.
+        claimed = {"prompt_tokens": mask_secret_values(repr(input_tokens))[:40],
+                   "completion_tokens": mask_secret_values(repr(output_tokens))[:40]}
         logging.getLogger("mics_agents").warning(
             "%s: the reply's usage (%s) is no plausible token count; kept as unknown, counted as 0 tokens and "
             "no cost.", name, ", ".join(f"{key} {value}" for key, value in claimed.items()),
@@ -191,10 +194,20 @@ def choice_responses(
         ModelResponse(
             text=text, model=name, input_tokens=tokens_in, output_tokens=tokens_out,
             cost_usd=0.0 if extra else _finite_cost(price(tokens_in, tokens_out)),
-            finish_reason=_get(choice, "finish_reason"), extra=dict(extra),
+            finish_reason=finish_reason_of(choice), extra=dict(extra),
         )
         for text, choice, tokens_in, tokens_out in zip(texts, choices, inputs, outputs)
     ]
+
+
+FINISH_REASON = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
+
+
+def finish_reason_of(choice: Any) -> str | None:
+    """Why a choice stopped ("stop", "length", "end_turn" ...): a short word, else None (unknown). What a
+    server puts there is kept only in that shape, so nothing else it sends can reach the cache through it."""
+    reason = _get(choice, "finish_reason")
+    return reason if isinstance(reason, str) and FINISH_REASON.fullmatch(reason) else None
 
 
 def _finite_cost(value: Any) -> float:
@@ -355,6 +368,10 @@ def _refuses_credentials(exc: BaseException) -> bool:
     return any(kind.__name__ in _REFUSED_CREDENTIALS for cause in _causes(exc) for kind in type(cause).__mro__)
 
 
+# LiteLLM's words when the provider's reply does not fit its response type (litellm_core_utils/llm_response_utils).
+_INVALID_RESPONSE = "Invalid response object"
+
+
 def classify_error(model: str, exc: BaseException, is_transient: Any = None) -> ModelError:
     """The error one failed attempt becomes. 4xx other than 408/409/425/429 are never worth another
     attempt (the same request gets the same refusal), nor are a package that is not installed and
@@ -378,6 +395,15 @@ def classify_error(model: str, exc: BaseException, is_transient: Any = None) -> 
         )
     if _refuses_credentials(exc) and status_code(exc) not in RETRYABLE_4XX:
         return ModelCallError(f"{model}: {describe(exc)}. {_CREDENTIALS_HINT}", model=model)
+    if _INVALID_RESPONSE in str(exc):
+        # LiteLLM could not turn the provider's reply into its own type (a usage figure it cannot read, say).
+        # The reply was paid for; asking again buys the same unreadable reply.
+        return ModelCallError(
+            f"{model}: LiteLLM could not read the provider's reply ({describe(exc)[:300]}). It is not asked "
+            "again; for an OpenAI-compatible server of your own, MICS_TRANSPORT=auto reads replies directly and "
+            "keeps an unreadable usage figure as unknown.",
+            model=model,
+        )
     if _names_a_missing_key(exc):
         return ModelCallError(
             f"{model}: {describe(exc)}. Set the provider's API key variable (e.g. OPENAI_API_KEY), in the "
