@@ -89,6 +89,25 @@ def test_openais_own_api_as_the_base_url_still_needs_the_key(monkeypatch):
     check_credentials(["openai/gpt-4o"])
 
 
+@pytest.mark.parametrize(("variable", "base", "model", "key"), [
+    ("OPENAI_API_BASE", "https://API.OPENAI.COM/v1", "openai/gpt-4o", "OPENAI_API_KEY"),  # any spelling of its host
+    ("OPENAI_API_BASE", "api.openai.com", "openai/gpt-4o", "OPENAI_API_KEY"),
+    ("ANTHROPIC_API_BASE", "https://api.anthropic.com", "anthropic/claude-sonnet-4-5", "ANTHROPIC_API_KEY"),
+    ("ANTHROPIC_API_BASE", "   ", "anthropic/claude-sonnet-4-5", "ANTHROPIC_API_KEY"),  # blank is unset
+    ("DEEPSEEK_API_BASE", "https://api.deepseek.com/v1", "deepseek/deepseek-chat", "DEEPSEEK_API_KEY"),
+])
+def test_a_providers_own_public_api_as_the_base_url_still_needs_its_key(monkeypatch, variable, base, model, key):
+    monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv(variable, base)
+    assert key in refused([model])
+
+
+def test_a_lookalike_host_is_a_server_of_ones_own(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_BASE", "https://api.openai.com.my-proxy.internal/v1")
+    check_credentials(["openai/gpt-4o"])
+
+
 def test_anthropic_needs_its_key_or_auth_token(monkeypatch):
     assert "anthropic/claude-sonnet-4-5 needs ANTHROPIC_API_KEY, which is not set" in refused(
         ["anthropic/claude-sonnet-4-5"]

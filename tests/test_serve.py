@@ -475,3 +475,11 @@ def test_deployments_that_disagree_on_the_budget_are_refused_when_read_back(tmp_
         served_image_budget(tmp_path / "missing.yaml", "m")
     with pytest.raises(ConfigError, match="no model_list"):
         served_image_budget({"models": []}, "m")
+
+
+@pytest.mark.parametrize("template", ["{python:x}", "{python!r}", "{python:{python}}", "{python:>99999999999999999999}"])
+def test_a_launcher_placeholder_with_a_format_spec_is_a_config_error(template):
+    from mics_agents.serve import ServeConfig
+
+    with pytest.raises(Exception, match="takes no format spec or conversion"):
+        ServeConfig.model_validate({"models": [], "launcher": [template, "-m", "vllm"]})

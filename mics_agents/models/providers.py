@@ -117,12 +117,34 @@ def _provider(model: str) -> tuple[str, str | None, str | None]:
 
 
 def configured_api_base(provider: str) -> str | None:
-    """A base URL the user set for this provider (``<PROVIDER>_API_BASE``, ``<PROVIDER>_BASE_URL``)."""
+    """A base URL the user set for this provider (``<PROVIDER>_API_BASE``, ``<PROVIDER>_BASE_URL``); a blank
+    variable is unset."""
     prefix = provider.upper()
-    base = os.environ.get(f"{prefix}_API_BASE") or os.environ.get(f"{prefix}_BASE_URL")
-    if provider == "openai":
-        base = base or os.environ.get("OPENAI_BASE_URL")
-    return base or None
+    for variable in (f"{prefix}_API_BASE", f"{prefix}_BASE_URL"):
+        base = (os.environ.get(variable) or "").strip()
+        if base:
+            return base
+    return None
+
+
+# Providers' own public endpoints: a base URL pointing there is the provider, which needs its key, not a server
+# of one's own.
+_PUBLIC_API_HOSTS = {
+    "openai": _OPENAI_OWN_API, "anthropic": "api.anthropic.com", "gemini": "generativelanguage.googleapis.com",
+    "deepseek": "api.deepseek.com", "mistral": "api.mistral.ai", "groq": "api.groq.com", "xai": "api.x.ai",
+    "dashscope": "dashscope.aliyuncs.com", "openrouter": "openrouter.ai", "together_ai": "api.together.xyz",
+}
+
+
+def _is_public_api(provider: str, base: str) -> bool:
+    """Whether ``base`` is ``provider``'s own public API (any spelling of its host)."""
+    from urllib.parse import urlparse
+
+    public = _PUBLIC_API_HOSTS.get(provider)
+    if public is None:
+        return False
+    host = (urlparse(base if "//" in base else "//" + base).hostname or "").lower().rstrip(".")
+    return host == public or host.endswith("." + public)
 
 
 def resolve_api_base(model: str, api_base: str | None = None) -> str | None:
@@ -363,7 +385,7 @@ def _lacks_of(model: str, params: Mapping[str, Any], chains: _SdkChains) -> list
     if provider.startswith("vertex_ai"):
         return _google_lacks(params, chains)
     base = _param(params, "api_base") or configured_api_base(provider)
-    if _given(dynamic_key) or (base and not (provider == "openai" and _OPENAI_OWN_API in base)):
+    if _given(dynamic_key) or (base and not _is_public_api(provider, base)):
         return []  # a key LiteLLM supplies (hosted_vllm/), or an endpoint of one's own: it may need none
     return _key_lacks(model, provider)
 
@@ -379,7 +401,7 @@ def direct_target(model: str) -> tuple[str, str, str | None] | None:
     if provider not in ("hosted_vllm", "openai") or not wire_model:
         return None
     base = configured_api_base(provider)
-    if not base or (provider == "openai" and _OPENAI_OWN_API in base):
+    if not base or _is_public_api(provider, base):
         return None
     return wire_model, base, os.environ.get(f"{provider.upper()}_API_KEY") or None
 
@@ -411,7 +433,7 @@ def direct_deployments(router: Any, name: str) -> list[tuple[str, str, str | Non
         if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
             return None  # not a limit we can hold: the Router says what it makes of it
         base = base or configured_api_base(provider)
-        if not isinstance(base, str) or not base or (provider == "openai" and _OPENAI_OWN_API in base):
+        if not isinstance(base, str) or not base or _is_public_api(provider, base):
             return None
         key = key if isinstance(key, str) and key else os.environ.get(f"{provider.upper()}_API_KEY") or None
         targets.append((wire, base, key, parallel))
