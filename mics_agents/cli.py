@@ -535,6 +535,10 @@ def dataset_build(
     seed: Annotated[int, typer.Option(help="Seed of sampling, shuffling and the split.")] = 0,
     judge: Annotated[Optional[str], typer.Option(help="Grades final answers of MICS output written before the "
                                                  "search did (default: MICS_JUDGE; none: rules only).")] = None,
+    label_threshold: Annotated[float, typer.Option(help="Step data: a step is labelled good when its MICS-Score is "
+                                                   "above this; 0 is Math-Shepherd's hard label.")] = 0.5,
+    pair_margin: Annotated[float, typer.Option(help="Step data: least score difference of a preference pair.")] = 0.5,
+    max_pairs_per_node: Annotated[int, typer.Option(help="Step data: most pairs from one prefix.")] = 3,
 ) -> None:
     """Build the three-stage curriculum from MICS output.
 
@@ -542,7 +546,7 @@ def dataset_build(
     them (LLaVA, InternVL, TRL messages, HF datasets) and writes stats.json + stats.png.
     """
     from .config import load_settings
-    from .dataset import BuildOptions, build_dataset, load_recipe
+    from .dataset import BuildOptions, StepOptions, build_dataset, load_recipe
     from .errors import ConfigError, InputError, ModelCallError
 
     try:
@@ -550,6 +554,7 @@ def dataset_build(
             mics=mics, cases=cases, image_dir=image_dir, output=output, recipe=load_recipe(recipe),
             text_qa=text_qa, vqa=_named_paths(vqa, "--vqa"), seed=seed,
             judge=_judge_name(judge, load_settings().judge),
+            steps=StepOptions(label_threshold, pair_margin, max_pairs_per_node),
         )
         report = build_dataset(options)
     except ConfigError as exc:
@@ -570,6 +575,7 @@ def dataset_build(
                   f"(score a model: mics eval --model MODEL --benchmark in_domain={eval_file} --output results/)",
                   soft_wrap=True)
     console.print(f"test: {report.test} samples -> {output / 'test'}")
+    console.print(f"steps: {report.step_rows} step rows, {report.step_pairs} preference pairs -> {output / 'steps'}")
     for step, reasons in report.drops.items():
         console.print(f"dropped in {step}: " + ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items())))
     console.print(f"stats: {output / 'stats.json'}, {output / 'stats.png'}")

@@ -461,3 +461,12 @@ def test_the_build_writes_every_scored_candidate_of_train_cases_as_a_step_row(co
     stats = json.loads((tmp_path / "ds" / "stats.json").read_text())["steps"]
     assert stats["rows"] == len(rows) and stats["pairs"] == report.step_pairs
     assert stats["labels"]["true"] + stats["labels"]["false"] == len(rows)
+
+
+def test_an_empty_stage_is_still_a_loadable_datasets_folder(tmp_path):
+    from datasets import load_from_disk
+
+    from mics_agents.dataset.exports import _write_hf
+
+    _write_hf([], tmp_path / "hf")
+    assert len(load_from_disk(str(tmp_path / "hf"))) == 0

@@ -249,7 +249,8 @@ def _write_hf(rows: list[dict[str, Any]], target: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     columns = {name: [row[name] for row in embedded] for name in features}
-    Dataset.from_dict(columns, features=features).save_to_disk(str(target))
+    # An empty stage (the demo's stage 1) saved with the default sharding cannot be loaded back: one shard.
+    Dataset.from_dict(columns, features=features).save_to_disk(str(target), **({} if rows else {"num_shards": 1}))
 
 
 def place_images(samples: list[Sample], catalog: ImageCatalog, images_root: Path) -> dict[Path, Path]:
