@@ -549,6 +549,8 @@ def dataset_build(
     from .dataset import BuildOptions, StepOptions, build_dataset, load_recipe
     from .errors import ConfigError, InputError, ModelCallError
 
+    if output.exists() and not output.is_dir():
+        raise _fail_config(f"--output {str(output)!r} is a file; the curriculum is a folder: give a folder path")
     try:
         options = BuildOptions(
             mics=mics, cases=cases, image_dir=image_dir, output=output, recipe=load_recipe(recipe),
@@ -564,6 +566,10 @@ def dataset_build(
         raise typer.Exit(1) from None
     except ModelCallError as exc:
         err_console.print(f"[bold red]Judge failed:[/] {exc}. Rerun to retry: the verdicts already given are cached.")
+        raise typer.Exit(1) from None
+    except OSError as exc:  # a full disk, a file-size limit, a folder that cannot be made
+        _say("Cannot write the curriculum", f"{exc.filename or output}: {exc.strerror or exc}. Fix that and rerun "
+             "(a rebuild writes every file again)")
         raise typer.Exit(1) from None
     if report.graded_here:
         how = f"judge {options.judge}" if options.judge else "the grading rules only (no judge: undecided ones are 'ungraded')"

@@ -291,3 +291,22 @@ def test_a_report_never_replaces_a_fifo(tmp_path):
     result = run_mics(["report", str(tmp_path / "out.jsonl"), "--html", str(tmp_path / "pipe")], {**os.environ},
                       tmp_path)
     assert result.returncode == 2 and "--html" in flat(result.stderr) and (tmp_path / "pipe").is_fifo()
+
+
+def test_dataset_build_onto_a_file_or_past_a_size_limit_is_one_line(tmp_path):
+    from .test_cli import run as run_cli
+
+    onto_file = tmp_path / "curriculum"
+    onto_file.write_text("not a folder")
+    examples = Path(__file__).resolve().parent.parent / "mics_agents" / "examples"
+    args = ["dataset", "build", "--mics", str(tmp_path / "none.jsonl"), "--cases", str(examples / "cases.jsonl"),
+            "--image-dir", str(examples / "images")]
+    refused = run_cli(*args, "--output", str(onto_file), cwd=tmp_path)
+    assert refused.returncode == 2 and "is a file" in flat(refused.stderr) and "Traceback" not in refused.stderr
+    demo = run_cli("demo", "--cache", "", cwd=tmp_path)  # a real MICS output to build from
+    assert demo.returncode == 0, demo.stderr
+    args[3] = str(tmp_path / "mics_demo_output.jsonl")
+    limited = subprocess.run([*MICS, *args, "--output", str(tmp_path / "big")], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=RUN_TIMEOUT, preexec_fn=limited_file_size(2_000))
+    assert limited.returncode == 1, limited.stderr
+    assert "Cannot write the curriculum" in flat(limited.stderr) and "Traceback" not in limited.stderr
