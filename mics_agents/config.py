@@ -285,6 +285,55 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Per-model limits as JSON, e.g. {"openai/gpt-4o": 8}.',
     )
+    # -- provider batch APIs (mics run --batch) --
+    batch_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["mentors", "interns", "judge"],
+        description="With 'mics run --batch': the models whose calls go through their provider's batch API, as "
+        "role words (mentors, interns, judge) and/or model names, comma-separated. A role takes only openai/ "
+        "models on OpenAI's own API and anthropic/ models; a name given here is batched on any base URL. "
+        "Every other model (hosted_vllm/ interns) stays online.",
+    )
+    batch_items_in_flight: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="Items searched at once under --batch (each holds its images in memory: about 0.5 MB).",
+    )
+    batch_max_requests: int = Field(
+        default=50_000, ge=1, le=100_000,
+        description="Requests per batch at most (OpenAI takes 50,000, Anthropic 100,000); a larger queue "
+        "goes as several batches.",
+    )
+    batch_max_age: float = Field(
+        default=300.0, gt=0,
+        description="Seconds the oldest queued call waits before its queue is submitted, even while some "
+        "searches still have online work to do.",
+    )
+    batch_poll_interval: float = Field(
+        default=30.0, gt=0, description="Seconds between polls of a batch in progress."
+    )
+    batch_deadline: float = Field(
+        default=26 * 3600.0, gt=0,
+        description="Seconds after its submission that a batch still in progress is cancelled; its unanswered "
+        "requests then count as expired.",
+    )
+    batch_retries: int = Field(
+        default=1, ge=0, le=10,
+        description="Times an errored or expired request is put in a later batch before batch_fallback applies.",
+    )
+    batch_fallback: Literal["online", "fail"] = Field(
+        default="online",
+        description="A request that errored or expired batch_retries+1 times: online asks it as an ordinary "
+        "call; fail ends its item as model_error.",
+    )
+    batch_anthropic_max_tokens: int = Field(
+        default=8192, ge=16,
+        description="max_tokens of a batched Anthropic request whose role sets none (Anthropic requires one; "
+        "MICS_MENTOR_MAX_TOKENS is empty by default).",
+    )
+    batch_price_factor: float = Field(
+        default=0.5, gt=0, le=1,
+        description="A batched call's price as a share of the online price, where LiteLLM's table lists no "
+        "batch price for the model (OpenAI and Anthropic batches: half).",
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -297,7 +346,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{_shown(value).lower()} is not a number; give {_allowed(info.field_name)}")
         return value
 
-    @field_validator("mentors", "interns", mode="before")
+    @field_validator("mentors", "interns", "batch_models", mode="before")
     @classmethod
     def _parse_names(cls, value: Any) -> Any:
         return _split_names(value)
