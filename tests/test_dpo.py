@@ -358,8 +358,8 @@ def test_dpo_stage_config(tmp_path, curriculum):
     assert config.stage_settings(sft).learning_rate == 4e-5  # the SFT stages keep theirs
     assert load_config(None, **config.to_dict()).to_dict() == config.to_dict()  # the recorded config reloads
     for stages, message in [
-        ([{"name": "x", "kind": "grpo"}], "kind 'grpo' is not built yet"),
-        ([{"name": "x", "kind": "ppo"}], "kind must be 'sft' or 'dpo', not 'ppo'"),
+        ([{"name": "x", "kind": "grpo", "beta": -1, "rewards": ["length"]}], r"stages\[x\].rewards"),
+        ([{"name": "x", "kind": "ppo"}], "kind must be one of sft, dpo, grpo, not 'ppo'"),
         ([{"name": "x", "beta": 0.1}], r"unknown key\(s\) \['beta'\]; a sft stage"),
         ([{"name": "x", "kind": "dpo", "loss_type": "kto"}], "stages\\[x\\].loss_type: must be one of"),
         ([{"name": "x", "kind": "dpo", "beta": 0}], "stages\\[x\\].beta: must be positive"),

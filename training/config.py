@@ -32,9 +32,8 @@ DEFAULT_STAGES = ("stage1", "stage2", "stage3")
 STAGE_FILE_NAME = "messages.jsonl"
 # What a stage of each kind reads when its entry names no 'data': where inside curriculum_dir, and which file.
 # An sft stage reads its own folder (NAME/messages.jsonl); a dpo stage the step pairs the dataset builder writes
-# beside the curriculum, whatever the stage is called.
-STAGE_KINDS = {"sft": (None, STAGE_FILE_NAME), "dpo": ("steps", "pairs.jsonl")}
-PLANNED_KINDS = {"grpo"}
+# beside the curriculum, whatever the stage is called; a grpo stage stage3's items (every checkable source).
+STAGE_KINDS = {"sft": (None, STAGE_FILE_NAME), "dpo": ("steps", "pairs.jsonl"), "grpo": ("stage3", STAGE_FILE_NAME)}
 
 
 @dataclass
@@ -330,7 +329,10 @@ class CurriculumConfig(StageSettings):
         if len(set(names)) != len(names):
             problems.append(f"stages: a stage name appears twice: {names}")
         for stage in stages:
-            problems += _check_settings(self.stage_settings(stage), f"stages[{stage.name}].")
+            settings = self.stage_settings(stage)
+            problems += _check_settings(settings, f"stages[{stage.name}].")
+            if stage.kind == "grpo":
+                problems += settings.problems(f"stages[{stage.name}].")  # type: ignore[attr-defined]
         if problems:
             raise TrainingConfigError("Invalid training config: " + "; ".join(problems))
         self.resolved_stages = stages
@@ -345,11 +347,10 @@ class CurriculumConfig(StageSettings):
         name = str(entry.pop("name"))
         data = entry.pop("data", None)
         kind = str(entry.pop("kind", "sft")).lower()
-        if kind in PLANNED_KINDS:
-            raise TrainingConfigError(f"stages[{name}]: kind {kind!r} is not built yet; use 'sft' or 'dpo'")
         if kind not in STAGE_KINDS:
-            raise TrainingConfigError(f"stages[{name}]: kind must be 'sft' or 'dpo', not {kind!r}")
-        allowed = DPO_SETTING_NAMES if kind == "dpo" else STAGE_SETTING_NAMES
+            raise TrainingConfigError(f"stages[{name}]: kind must be one of {', '.join(STAGE_KINDS)}, not {kind!r}")
+        types = _setting_types(kind)
+        allowed = tuple(types)
         unknown = sorted(set(entry) - set(allowed))
         if unknown:
             raise TrainingConfigError(
@@ -370,7 +371,7 @@ class CurriculumConfig(StageSettings):
                 path = path / file_name
         overrides = {}
         for key, value in entry.items():
-            overrides[key] = _coerce(key, value, _DPO_SETTING_TYPES[key])
+            overrides[key] = _coerce(key, value, types[key])
         if kind == "dpo" and "loss_type" in overrides and overrides["loss_type"] not in DPO_LOSS_TYPES:
             raise TrainingConfigError(
                 f"stages[{name}].loss_type: must be one of {', '.join(DPO_LOSS_TYPES)}, not {overrides['loss_type']!r}"
@@ -386,6 +387,10 @@ class CurriculumConfig(StageSettings):
         if stage.kind == "dpo":
             values.update({key: getattr(self, source) for key, source in DPO_DEFAULT_FIELDS.items()})
             return DPOSettings(**{**values, **stage.overrides})
+        if stage.kind == "grpo":
+            from .grpo import GRPO_STAGE_DEFAULTS, GRPOSettings
+
+            return GRPOSettings(**{**values, **GRPO_STAGE_DEFAULTS, **stage.overrides})
         return StageSettings(**{**values, **stage.overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -402,6 +407,17 @@ class CurriculumConfig(StageSettings):
 STAGE_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(StageSettings))
 DPO_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(DPOSettings))
 _DPO_SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(DPOSettings)}
+
+
+def _setting_types(kind: str) -> dict[str, Any]:
+    """The settings a stage entry of this kind may set, with their types."""
+    if kind == "grpo":
+        from .grpo import GRPOSettings  # grpo.py builds on this module
+
+        return {f.name: f.type for f in dataclasses.fields(GRPOSettings)}
+    if kind == "dpo":
+        return dict(_DPO_SETTING_TYPES)
+    return {name: _DPO_SETTING_TYPES[name] for name in STAGE_SETTING_NAMES}
 
 
 def config_fields() -> list[dataclasses.Field]:

@@ -51,6 +51,7 @@ from .dpo import (
     pair_dataset,
 )
 from .errors import DataChangedError, ManifestError, StageDataError, TrainingConfigError
+from .grpo import build_grpo_trainer, check_grpo_model, grpo_metrics, prepare_grpo, read_grpo_file
 from .lengths import REASONS, apply_length_policy, processor_fingerprint, stage_lengths, write_dropped
 from .pairs import PairData, read_pairs_file
 from .manifest import Manifest
@@ -239,6 +240,10 @@ def _training_arguments(
         # steps, or image tokens apart from their pixels).
         max_length=None,
     )
+    if stage_kind == "grpo":
+        from .grpo import grpo_config
+
+        return grpo_config(arguments, settings, config.extra_training_args, stage)  # type: ignore[arg-type]
     if stage_kind == "dpo":
         assert isinstance(settings, DPOSettings)
         arguments.update(beta=settings.beta, loss_type=[settings.loss_type])
@@ -412,13 +417,13 @@ class _Prepared:
 
 def _prepare_sft(
     data: StageData, processing_class: Any, is_vlm: bool, fingerprint: str, cache_dir: Path, state: Any, stage: str,
-    max_length: int,
+    settings: StageSettings,
 ) -> _Prepared:
     lengths = stage_lengths(
         data.samples, processing_class, is_vlm=is_vlm, fingerprint=fingerprint, cache_dir=cache_dir, state=state,
         stage=stage,
     )
-    report = apply_length_policy(data.samples, lengths, max_length)
+    report = apply_length_policy(data.samples, lengths, settings.max_length)
     return _Prepared(
         dataset=stage_dataset(report.kept, is_vlm=is_vlm) if report.kept else None,
         report=report,
@@ -430,7 +435,7 @@ def _prepare_sft(
 
 def _prepare_dpo(
     data: PairData, processing_class: Any, is_vlm: bool, fingerprint: str, cache_dir: Path, state: Any, stage: str,
-    max_length: int,
+    settings: StageSettings,
 ) -> _Prepared:
     # Each pair is measured as its two sides, prompt + chosen and prompt + rejected, through the preference collator;
     # the fingerprint says so, so these lengths never answer for an SFT sample with the same messages.
@@ -445,7 +450,7 @@ def _prepare_dpo(
         stage=stage,
         measure=lambda samples: iter_side_lengths(samples, processing_class),
     )
-    report = apply_pair_length_policy(data.pairs, lengths, max_length)
+    report = apply_pair_length_policy(data.pairs, lengths, settings.max_length)
     return _Prepared(
         dataset=pair_dataset(report.kept, processing_class) if report.kept else None,
         report=report,
@@ -455,7 +460,9 @@ def _prepare_dpo(
     )
 
 
-def _sft_trainer(model: Any, args: Any, dataset: Any, processing_class: Any, peft_config: Any, callbacks: list) -> Any:
+def _sft_trainer(
+    model: Any, args: Any, dataset: Any, processing_class: Any, peft_config: Any, callbacks: list, *, settings: Any
+) -> Any:
     return SFTTrainer(
         model=model,
         args=args,
@@ -466,7 +473,9 @@ def _sft_trainer(model: Any, args: Any, dataset: Any, processing_class: Any, pef
     )
 
 
-def _dpo_trainer(model: Any, args: Any, dataset: Any, processing_class: Any, peft_config: Any, callbacks: list) -> Any:
+def _dpo_trainer(
+    model: Any, args: Any, dataset: Any, processing_class: Any, peft_config: Any, callbacks: list, *, settings: Any
+) -> Any:
     # No ref_model: TRL takes a frozen copy of a carried adapter as the reference, or the model with a fresh
     # adapter disabled; either way the policy the stage starts from (training.dpo).
     return DPOTrainer(
@@ -483,9 +492,9 @@ def _dpo_trainer(model: Any, args: Any, dataset: Any, processing_class: Any, pef
 class _StageKind:
     """Everything that differs between stage kinds; the loop in :func:`_train_stage` is the same for all."""
 
-    read: Any  # (path, *, stage, check_images) -> StageData | PairData
-    prepare: Any  # -> _Prepared
-    trainer: Any  # -> a Trainer
+    read: Any  # (path, *, stage, check_images) -> StageData | PairData | GRPOData
+    prepare: Any  # (data, processing_class, is_vlm, fingerprint, cache_dir, state, stage, settings) -> _Prepared
+    trainer: Any  # (model, args, dataset, processing_class, peft_config, callbacks, *, settings) -> a Trainer
     metrics: Any  # log_history -> dict
     check_model: Any = None  # (model, stage) -> None, raising for a model this kind cannot train
 
@@ -495,6 +504,10 @@ _STAGE_KINDS = {
     "dpo": _StageKind(
         read=read_pairs_file, prepare=_prepare_dpo, trainer=_dpo_trainer, metrics=dpo_metrics,
         check_model=check_dpo_model,
+    ),
+    "grpo": _StageKind(
+        read=read_grpo_file, prepare=prepare_grpo, trainer=build_grpo_trainer, metrics=grpo_metrics,
+        check_model=check_grpo_model,
     ),
 }
 
@@ -577,7 +590,7 @@ def _train_stage(
         output_dir / "lengths",
         args.distributed_state,  # the launch's processes, set up by the arguments as the Trainer's
         stage.name,
-        settings.max_length,
+        settings,
     )
     report, unit, total_rows = prepared.report, prepared.unit, _rows(data)
     dropped = report.counts()
@@ -614,6 +627,7 @@ def _train_stage(
         processing_class,
         peft_config,
         [ManifestCallback(manifest, stage.name, output_dir), *callbacks],
+        settings=settings,
     )
     trainable, total = count_parameters(trainer.model)
     logger.info(
@@ -651,7 +665,12 @@ def _train_stage(
         entry.setdefault("started", _now())
         manifest.save()
 
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        rewards = getattr(trainer, "grader_rewards", None)  # a grpo stage's judge and store
+        if rewards is not None:
+            rewards.close()
     adapter_dir = stage_dir / "adapter"
     trainer.save_model(str(adapter_dir))
     if is_main:
