@@ -132,15 +132,15 @@ async def test_appended_lines_are_whole(tmp_path):
 
 def test_merge_joins_shards_and_refuses_overlaps(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    write_lines(a, [json.dumps({"rid": "1"}), json.dumps({"rid": "2"})])
+    write_lines(a, [json.dumps({"rid": "1", "gt_answer": "x"}), json.dumps({"rid": "2", "gt_answer": "x"})])
     write_lines(default_failed_path(a), [json.dumps({"rid": "3", "key": "3", "error": {"kind": "no_path"}})])
-    write_lines(b, [json.dumps({"rid": "4"})])
+    write_lines(b, [json.dumps({"rid": "4", "gt_answer": "x"})])
     report = merge_outputs([a, b], tmp_path / "all.jsonl")
     assert (report.successes, report.failures, report.overlaps) == (3, 1, 0)
     assert len((tmp_path / "all.jsonl").read_text().splitlines()) == 3
     assert len((tmp_path / "all_failed.jsonl").read_text().splitlines()) == 1
 
-    write_lines(b, [json.dumps({"rid": "4"}), json.dumps({"rid": "3", "marker": "success"})])
+    write_lines(b, [json.dumps({"rid": "4", "gt_answer": "x"}), json.dumps({"rid": "3", "gt_answer": "x", "marker": "success"})])
     with pytest.raises(MicsError, match="--dedupe"):
         merge_outputs([a, b], tmp_path / "all.jsonl")
     report = merge_outputs([a, b], tmp_path / "all.jsonl", dedupe=True)
