@@ -238,6 +238,13 @@ class Settings(BaseSettings):
         "through mics-agents' own HTTP client (the request unchanged, no LiteLLM import, ~6x less client CPU per "
         "call), every other model through LiteLLM; 'litellm': every model through LiteLLM; 'direct': as 'auto'.",
     )
+    media_dir: Path | None = Field(
+        default=None,
+        description="A folder that the hosted_vllm/ servers reached directly read images from (vLLM's "
+        "--allowed-local-media-path): their requests name each image's file there (file:// URLs, each prepared "
+        "image written once) instead of carrying it. A Router deployment's model_info.media_dir says it per "
+        "deployment (mics serve writes it). Empty: images go as data URLs.",
+    )
     prices: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description='USD per token per model as JSON, e.g. {"openai/my-model": {"input": 2.5e-6, "output": 1e-5}}: '
@@ -437,7 +444,15 @@ class Settings(BaseSettings):
             raise ValueError(f"{str(value)!r} is a folder; give a file path, e.g. {str(value / 'mics_cache.sqlite')!r}")
         return value
 
-    @field_validator("cache_path", "router_config", "prompt_dir", "mentor_max_tokens", "judge_max_tokens", mode="before")
+    @field_validator("media_dir")
+    @classmethod
+    def _check_media_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"{str(value)!r} is a file; give the folder the model servers read images from")
+        return value
+
+    @field_validator("cache_path", "router_config", "prompt_dir", "media_dir", "mentor_max_tokens", "judge_max_tokens",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
