@@ -40,6 +40,7 @@ err_console = Console(file=ScrubbingWriter(lambda: sys.stderr), stderr=True)  # 
 EXIT_CONFIG_ERROR = 2
 EXIT_BUDGET = 3
 EXIT_INTERRUPTED = 130
+EXIT_BATCHES_PENDING = 75  # --no-wait: provider batches still in progress; rerun later (EX_TEMPFAIL)
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 
 
@@ -149,7 +150,8 @@ def demo(
 
 
 def _exit_code(stats: "RunStats") -> int:
-    return {"completed": 0, "budget": EXIT_BUDGET, "interrupted": EXIT_INTERRUPTED}[stats.stop_reason]
+    return {"completed": 0, "budget": EXIT_BUDGET, "interrupted": EXIT_INTERRUPTED,
+            "waiting": EXIT_BATCHES_PENDING}[stats.stop_reason]
 
 
 def _search_settings(settings: "Settings") -> dict:
@@ -342,10 +344,15 @@ def _run_owned_batch(open_worker: "Callable[[], Awaitable[Worker | Searcher]]", 
 
     failed = options.failed or default_failed_path(options.output)
     err_console.print(summary_table(stats, output=str(options.output), failed=str(failed), kind=kind))
+    if stats.batches is not None:
+        err_console.print(_batch_summary(stats.batches), soft_wrap=True)
     if stats.stop_reason == "budget":
         err_console.print(f"[yellow]Budget of ${options.budget_usd} reached: no new items started. Rerun with a larger --budget-usd to continue.[/]")
     elif stats.stop_reason == "interrupted":
         err_console.print("[yellow]Interrupted. Rerun the same command to resume.[/]")
+    elif stats.stop_reason == "waiting":
+        err_console.print("[yellow]Batches still in progress at the provider. Rerun the same command later (e.g. "
+                          "from cron) to pick up their results and go on.[/]")
     if json_summary is not None:
         json_summary.write_text(json.dumps(stats.as_dict(), indent=2) + "\n", encoding="utf-8")
     return stats
@@ -391,6 +398,20 @@ def _batch_command(
     raise typer.Exit(_exit_code(stats))
 
 
+def _batch_summary(batches: dict) -> str:
+    """One paragraph on a batched run's batches: how many, how big, and their cost against online."""
+    saved = batches["online_cost_usd"] - batches["batch_cost_usd"]
+    return (
+        f"Batches: {batches['batches_submitted']} submitted ({batches['requests_submitted']} requests, "
+        f"{batches['requests_per_batch']} per batch), {batches['batches_reattached']} re-attached, "
+        f"{batches['batches_ended']} ended, {batches['batches_in_progress']} still in progress; "
+        f"{batches['replies']} replies cost ${batches['batch_cost_usd']:.4f} at the batch rate against "
+        f"${batches['online_cost_usd']:.4f} online (${saved:.4f} saved); {batches['failed_requests']} requests "
+        f"failed in a batch, {batches['retried_in_a_later_batch']} retried in a later one, "
+        f"{batches['asked_online_instead']} asked online instead; longest batch {batches['longest_batch_s']:g} s."
+    )
+
+
 class StrategyChoice(str, Enum):
     mics = "mics"
     vanilla = "vanilla"
@@ -403,7 +424,8 @@ def run(
     image_dir: Annotated[Optional[Path], typer.Option(help="Folder the image paths are relative to (default: the data file's folder).")] = None,
     failed: Annotated[Optional[Path], typer.Option(help="Failures (default: OUTPUT with _failed.jsonl).")] = None,
     cache: Annotated[Optional[str], typer.Option(help="SQLite cache file (default: MICS_CACHE_PATH; '' for none).")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Items in flight.")] = 8,
+    concurrency: Annotated[Optional[int], typer.Option(min=1, help="Items in flight (default: 8; with --batch, "
+                                                       "MICS_BATCH_ITEMS_IN_FLIGHT).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N items (of this shard).")] = None,
     shard: Annotated[str, typer.Option(help="I/N: take shard I of N, by a hash of the item id.")] = "0/1",
     max_depth: Annotated[Optional[int], typer.Option(min=1, help="Search iterations (default: MICS_MAX_DEPTH).")] = None,
@@ -417,17 +439,45 @@ def run(
                                                             "solution, scored once (default: MICS_STRATEGY).")] = None,
     vanilla_mentor: Annotated[Optional[str], typer.Option(help="The vanilla strategy's mentor (default: "
                                                           "MICS_VANILLA_MENTOR, else the first mentor).")] = None,
+    batch: Annotated[bool, typer.Option("--batch", help="Send the calls of MICS_BATCH_MODELS through their provider's "
+                                        "batch API (half price; rounds take minutes to hours).")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="With --batch: exit (75) once every item waits on a "
+                                          "batch in progress; rerun later to go on.")] = False,
+    resubmit_canceled: Annotated[bool, typer.Option(help="With --batch: send again the requests of a batch that "
+                                                    "was cancelled.")] = False,
 ) -> None:
     """Run MICS over a JSONL dataset; rerun the same command to resume.
 
     Exit 0 when every item ended, 2 on a configuration error or when another run owns the output, 3 when
-    the budget stopped it, 130 when interrupted.
+    the budget stopped it, 75 when --no-wait left batches in progress, 130 when interrupted.
     """
     from .runner import run_id_for
     from .search import Searcher
 
-    async def open_searcher(settings: "Settings") -> Searcher:
+    if (no_wait or resubmit_canceled) and not batch:
+        raise _fail_config("--no-wait and --resubmit-canceled go with --batch")
+
+    async def open_searcher(settings: "Settings") -> Any:
+        if batch:
+            from .batches import open_batch_worker
+
+            return await open_batch_worker(
+                settings, run_id=run_id_for(output), output=output, no_wait=no_wait,
+                resubmit_canceled=resubmit_canceled,
+                on_event=lambda text: err_console.print(f"[cyan]Batch:[/] {text}", soft_wrap=True, highlight=False),
+            )
         return await Searcher.open(settings, run_id=run_id_for(output))
+
+    if concurrency is None:
+        concurrency = 8
+        if batch:
+            from .config import load_settings
+            from .errors import MicsError
+
+            try:
+                concurrency = load_settings().batch_items_in_flight
+            except MicsError as exc:
+                raise _fail_config(str(exc)) from None
 
     _batch_command(
         open_searcher,

@@ -11,6 +11,7 @@ compacts the files to one line per item.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import traceback
@@ -30,7 +31,8 @@ from .store import Store
 
 __all__ = ["RunOptions", "RunStats", "BatchRun", "Outcome", "Worker", "MicsWorker", "run_id_for", "internal_error"]
 
-StopReason = Literal["completed", "budget", "interrupted"]
+# "waiting": --no-wait found every item waiting on provider batches still in progress.
+StopReason = Literal["completed", "budget", "interrupted", "waiting"]
 _READ_BATCH = 256
 
 
@@ -145,6 +147,7 @@ class RunStats:
     truncated_samples: Counter = field(default_factory=Counter)  # per intern model: cut off at twice the budget
     started_at: float = field(default_factory=time.monotonic)
     stop_reason: StopReason = "completed"
+    batches: dict[str, Any] | None = None  # a batched run's batches (--batch): counts, batch and online cost
 
     @property
     def ended(self) -> int:
@@ -179,6 +182,7 @@ class RunStats:
             "truncated_samples": dict(sorted(self.truncated_samples.items())),
             "elapsed_s": round(time.monotonic() - self.started_at, 3),
             "stop_reason": self.stop_reason,
+            **({"batches": self.batches} if self.batches is not None else {}),
         }
 
 
@@ -217,6 +221,9 @@ class BatchRun:
         self._stop: StopReason | None = None
         self._fatal: BaseException | None = None
         self._spent_before = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        # A batched run's queue (--batch): items are marked for it, and it counts against the budget.
+        self.batches: Any = getattr(self.worker, "batches", None)
 
     @property
     def stopping(self) -> bool:
@@ -263,14 +270,26 @@ class BatchRun:
                 taken += 1
                 yield item
 
-    def _over_budget(self) -> bool:
-        """Whether the budget is spent; counts what this run spent either way (the summary shows it)."""
+    def _spent(self) -> float:
         store = self.worker.store
         # Without a cache every call is new: what ended items cost is what was spent.
         new = store.new_cost_usd.get(self.run_id, 0.0) if store is not None else self.stats.cost_usd
-        self.stats.spent_usd = self._spent_before + new
+        return self._spent_before + new
+
+    def _over_budget(self) -> bool:
+        """Whether the budget is spent; counts what this run spent either way (the summary shows it). Batches
+        submitted and not yet ended count at their estimate."""
+        self.stats.spent_usd = self._spent()
+        committed = self.batches.committed_usd if self.batches is not None else 0.0
         budget = self.options.budget_usd
-        return budget is not None and self.stats.spent_usd >= budget
+        return budget is not None and self.stats.spent_usd + committed >= budget
+
+    def _leave_waiting(self) -> None:
+        """--no-wait: every item waits on a batch in progress. The items stop without a line (a rerun takes
+        them up again, their calls replayed from the cache and their batches re-attached)."""
+        self.stop("waiting")
+        for task in self._tasks:
+            task.cancel()
 
     async def run(self) -> RunStats:
         if not self.options.data.is_file():
@@ -291,7 +310,12 @@ class BatchRun:
         self.on_update(self.stats)
 
         slots = asyncio.Semaphore(self.options.concurrency)
-        tasks: set[asyncio.Task[None]] = set()
+        tasks = self._tasks
+        if self.batches is not None:
+            self.batches.budget_usd = self.options.budget_usd
+            self.batches.spent_usd = self._spent
+            self.batches.on_budget = lambda: self.stop("budget")
+            self.batches.on_only_waiting = self._leave_waiting
 
         def finished(task: asyncio.Task[None]) -> None:
             tasks.discard(task)
@@ -322,6 +346,8 @@ class BatchRun:
                 await asyncio.wait(set(tasks))
             await self.files.aclose()
         self._over_budget()
+        if self.batches is not None:
+            self.stats.batches = self.batches.summary()
         if self._fatal is not None:
             raise self._fatal
         # A stop that came after the last item was scheduled stopped nothing.
@@ -338,7 +364,8 @@ class BatchRun:
             if item.error:
                 outcome = Outcome(failure=item.failure, message=item.error)
             else:
-                outcome = await self._work(item)
+                with self.batches.item() if self.batches is not None else contextlib.nullcontext():
+                    outcome = await self._work(item)
             if outcome.usage is not None:
                 self._count_usage(outcome.usage)
             self.stats.drops.update(outcome.drops)

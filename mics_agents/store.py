@@ -65,6 +65,36 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE calls ADD COLUMN finish_reason TEXT;
     """,
+    # 4: provider batches (mics run --batch): each batch and its requests are recorded before anything is
+    # sent, so a run killed at any point finds what it paid for and never submits a request twice.
+    # custom_id is the request's bare cache key.
+    """
+    CREATE TABLE batches (
+        batch_key TEXT PRIMARY KEY,
+        run_id TEXT,
+        provider TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        state TEXT NOT NULL,
+        input_file_id TEXT,
+        batch_id TEXT,
+        status TEXT,
+        requests INTEGER NOT NULL,
+        estimated_cost_usd REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        submitted_at REAL,
+        ended_at REAL
+    );
+    CREATE INDEX batches_by_state ON batches (state);
+    CREATE TABLE batch_requests (
+        batch_key TEXT NOT NULL,
+        custom_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        outcome TEXT,
+        error TEXT,
+        PRIMARY KEY (batch_key, custom_id)
+    );
+    CREATE INDEX batch_requests_by_id ON batch_requests (custom_id);
+    """,
 ]
 
 
@@ -326,6 +356,41 @@ class Store:
         """What the calls first sent by this run cost, over all its sessions."""
         rows = await self._read("SELECT COALESCE(SUM(cost_usd), 0) FROM calls WHERE run_id = ?", (run_id,))
         return float(rows[0][0]) if rows else 0.0
+
+    async def sync_every_commit(self) -> None:
+        """Make each commit reach the disk before it returns, power loss included (WAL's NORMAL survives
+        only a crash of the process): for records that protect money, such as the batch ledger."""
+        try:
+            await self._db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            raise self._failed("configure", exc) from exc
+
+    async def read(self, statement: str, values: tuple = ()) -> list[Any]:
+        """Rows of one query (the batch ledger's); a failed read raises :class:`StoreError`."""
+        return await self._read(statement, values)
+
+    async def write_together(self, statements: list[tuple[str, Any]]) -> None:
+        """Statements in one transaction: all of them are durable when this returns, or none is. A value
+        that is a list of tuples runs the statement once per tuple. Tried :data:`WRITE_ATTEMPTS` times in
+        all before it raises :class:`StoreError`."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement, values in statements:
+                        if isinstance(values, list):
+                            await self._db.executemany(statement, values)
+                        else:
+                            await self._db.execute(statement, values)
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+                return
+            except sqlite3.Error as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise self._failed("write to", exc) from exc
+                await asyncio.sleep(WRITE_RETRY_PAUSE * attempt)
 
     async def _read(self, statement: str, values: tuple = ()) -> list[Any]:
         try:
