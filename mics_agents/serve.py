@@ -22,6 +22,12 @@ goes to vLLM in the family's own keys and is recorded per deployment in the Rout
           - {gpus: "0", port: 8001}
           - {gpus: "1", port: 8002}
           - {host: gpu2.internal, port: 8001, launch: false}
+    media_dir: mics_media                     # optional: images by file:// URL (see media.py)
+
+With ``media_dir``, every replica started here may read that folder and nothing wider
+(``--allowed-local-media-path``), and its deployments say so in the Router config (``model_info.media_dir``):
+``mics run`` then writes each prepared image there once and sends its path. Replicas elsewhere
+(``launch: false``) are declared to read no folder, and get data URLs.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ __all__ = [
 
 DEFAULT_LAUNCHER = ["{python}", "-m", "vllm.entrypoints.openai.api_server"]
 MM_PROCESSOR_FLAG = "--mm-processor-kwargs"
+MEDIA_FLAG = "--allowed-local-media-path"
 # The keys of vLLM's --mm-processor-kwargs that set an image budget: InternVL's tiles, Qwen2-VL/2.5-VL's pixels.
 IMAGE_BUDGET_KEYS = ("max_dynamic_patch", "min_pixels", "max_pixels")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -128,6 +135,16 @@ class ModelSpec(BaseModel):
         del args[del_range]
         return {**data, "extra_args": args, "mm_processor_kwargs": kwargs}
 
+    @field_validator("extra_args")
+    @classmethod
+    def _no_media_flag(cls, args: list[str]) -> list[str]:
+        if any(isinstance(arg, str) and (arg == MEDIA_FLAG or arg.startswith(MEDIA_FLAG + "=")) for arg in args):
+            raise ValueError(
+                f"extra_args: give the folder as the config's media_dir, not {MEDIA_FLAG}: mics serve passes it "
+                "to vLLM and writes it into the Router config, so that mics run sends images by file:// URL there"
+            )
+        return args
+
     @field_validator("env")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
@@ -158,6 +175,26 @@ class ServeConfig(BaseModel):
     routing_strategy: str = Field(default="least-busy", description="LiteLLM Router routing strategy.")
     cooldown_time: float = Field(default=30.0, ge=0, description="Seconds a failing replica is left out.")
     allowed_fails: int = Field(default=3, ge=0, description="Failures in a minute before a cooldown.")
+    media_dir: Path | None = Field(
+        default=None,
+        description="A folder the replicas started here read images from (vLLM's --allowed-local-media-path, "
+        "nothing wider): mics run writes each prepared image there once and sends its file:// URL.",
+    )
+
+    @field_validator("media_dir")
+    @classmethod
+    def _narrow_media_dir(cls, value: Path | None) -> Path | None:
+        """The folder, absolute and resolved as vLLM compares it; not the root or the home folder, whose every
+        file a request could then name."""
+        if value is None or str(value).strip() == "":
+            return None
+        resolved = value.expanduser().resolve()
+        if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+            raise ValueError(f"{str(value)!r} would let the servers read every file under {str(resolved)!r}; "
+                             "give a folder of its own, e.g. mics_media")
+        if resolved.exists() and not resolved.is_dir():
+            raise ValueError(f"{str(value)!r} is a file; give the folder the servers read images from")
+        return resolved
 
     @field_validator("launcher")
     @classmethod
@@ -338,7 +375,8 @@ def served_image_budget(router: str | Path | Mapping[str, Any], model_name: str)
 
 def router_config(config: ServeConfig) -> dict[str, Any]:
     """The LiteLLM Router config: each intern name -> every replica, as ``hosted_vllm/<served name>``, each
-    declaring ``supports_n`` (vLLM answers several samples of one request)."""
+    declaring ``supports_n`` (vLLM answers several samples of one request) and, with a ``media_dir``, the
+    folder it reads images from (``media_dir``: null for a replica not started here)."""
     model_list = []
     for spec in config.models:
         info: dict[str, Any] = {"supports_n": True}
@@ -349,12 +387,15 @@ def router_config(config: ServeConfig) -> dict[str, Any]:
             params: dict[str, Any] = {"model": f"hosted_vllm/{spec.wire_name}", "api_base": replica.api_base}
             if replica.max_parallel_requests:
                 params["max_parallel_requests"] = replica.max_parallel_requests
-            model_list.append({"model_name": spec.name, "litellm_params": params, "model_info": dict(info)})
+            replica_info = dict(info)
+            if config.media_dir is not None:
+                replica_info["media_dir"] = str(config.media_dir) if replica.launch else None
+            model_list.append({"model_name": spec.name, "litellm_params": params, "model_info": replica_info})
             for lora in spec.lora_modules:
                 model_list.append({
                     "model_name": f"{spec.name}:{lora}",
                     "litellm_params": {**params, "model": f"hosted_vllm/{lora}"},
-                    "model_info": dict(info),
+                    "model_info": dict(replica_info),
                 })
     return {
         "model_list": model_list,
@@ -380,6 +421,8 @@ def launch_command(config: ServeConfig, spec: ModelSpec, replica: Replica) -> li
     processor_kwargs = {**spec.mm_processor_kwargs, **(server_image_budget(spec) or {})}
     if processor_kwargs:
         command += [MM_PROCESSOR_FLAG, json.dumps(processor_kwargs, sort_keys=True)]
+    if config.media_dir is not None:
+        command += [MEDIA_FLAG, str(config.media_dir)]
     return command + list(spec.extra_args)
 
 
@@ -404,6 +447,8 @@ def dry_run_commands(config: ServeConfig) -> list[str]:
     here-document that writes the Router config where ``mics serve`` writes it once every replica is healthy.
     An entry can span lines (a quoted value holding a newline, the here-document)."""
     commands = []
+    if config.media_dir is not None and any(replica.launch for spec in config.models for replica in spec.replicas):
+        commands.append(f"mkdir -p -- {shlex.quote(str(config.media_dir))}")  # vLLM refuses a folder that is not there
     for spec in config.models:
         for index, replica in enumerate(spec.replicas):
             if replica.launch:
@@ -451,6 +496,8 @@ class InternServers:
 
     def start(self) -> Path:
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.media_dir is not None:
+            self.config.media_dir.mkdir(parents=True, exist_ok=True)  # vLLM refuses a folder that is not there
         pending = []
         for spec in self.config.models:
             for index, replica in enumerate(spec.replicas):

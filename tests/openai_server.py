@@ -12,6 +12,12 @@ long, so only a total deadline stops it), ``malformed`` (HTTP 200, invalid JSON)
 and ``empty_content``. A reply longer than the request's ``max_tokens`` (one word, one token) is cut there
 with ``finish_reason: "length"``.
 
+Images may come as data URLs or, from a server given ``media_dir`` (vLLM's ``--allowed-local-media-path``), as
+``file://`` URLs that it reads from that folder, refusing (HTTP 400, as vLLM does) any that is not a file
+inside it once resolved (``..``, a symlink out, another host); a server without ``media_dir`` refuses every
+``file://`` URL. Each request records the bytes of its images (``images``) and their URLs (``image_urls``); the
+brain sees the images as data URLs whichever way they came.
+
     with OpenAIServer() as server:
         server.inject("429", model="intern-1", retry_after=1)
         ... point OPENAI_API_BASE at server.base_url ...
@@ -24,13 +30,17 @@ import base64
 import hashlib
 import itertools
 import json
+import mimetypes
 import random
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from aiohttp import web
 
@@ -84,6 +94,8 @@ class RecordedRequest:
     status: int = 200
     replied_at: float | None = None  # time.monotonic() when the reply was handed to the client
     drip_seconds: float = 0.0  # how long a "drip" fault spreads the reply over
+    images: list[bytes] = field(default_factory=list)  # each image's bytes as the server read them, in order
+    image_urls: list[str] = field(default_factory=list)  # and the URL it came by
 
     def canonical(self) -> str:
         """What identifies the call, as one string: model, messages and temperature (a retry, or the same
@@ -118,6 +130,32 @@ def _image_part(url: str) -> ImagePart:
     data = base64.b64decode(payload, validate=True)
     mime = header[len("data:") :].split(";", 1)[0]
     return ImagePart(data, mime, hashlib.sha256(data).hexdigest())
+
+
+class MediaRefused(ValueError):
+    """A ``file://`` image URL the server may not read."""
+
+
+def read_media_url(url: str, media_dir: Path | None) -> bytes:
+    """The bytes of the file a ``file://`` URL names, if it is a file inside ``media_dir`` once resolved (as
+    vLLM's ``--allowed-local-media-path`` checks it); else :class:`MediaRefused`."""
+    if media_dir is None:
+        raise MediaRefused("Local file URLs are not accepted (the server has no --allowed-local-media-path)")
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise MediaRefused(f"File URL netloc is not supported: {parsed.netloc}")
+    allowed = Path(media_dir).resolve()
+    path = Path(url2pathname(parsed.path)).resolve()
+    if allowed not in path.parents:
+        raise MediaRefused(f"File path {path} is not within allowed directory {allowed}")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise MediaRefused(f"File {path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 # Not on the wire: the server adds it to the body a brain sees for choice k of a request with ``n``.
@@ -188,8 +226,10 @@ class OpenAIServer:
         latency_seed: int = 0,
         honours_n: bool = True,
         usage: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None,
+        media_dir: Path | str | None = None,
     ) -> None:
         self.brain = brain
+        self.media_dir = Path(media_dir) if media_dir is not None else None  # what file:// URLs may name
         self.usage = usage  # (model, the usage the server counted) -> the usage it reports: for lying servers
         self.honours_n = honours_n  # False: answers one choice whatever ``n`` asks, as some servers do
         self.lifetime = lifetime
@@ -394,6 +434,11 @@ class OpenAIServer:
         record.drip_seconds = fault.delay if fault is not None and fault.kind == "drip" else 0.0
         with self._lock:
             self.requests.append(record)
+        try:
+            body = self._read_images(body, record)
+        except MediaRefused as exc:
+            record.status = 400
+            return record, web.json_response({"error": {"message": str(exc), "type": "BadRequestError"}}, status=400)
 
         if fault is not None and fault.kind in ("429", "500", "401", "400"):
             record.status = int(fault.kind)
@@ -447,6 +492,41 @@ class OpenAIServer:
             record.status = 400
             return record, web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=400)
         return record, web.json_response(self._completion(model, texts, body))
+
+    def _read_images(self, body: dict[str, Any], record: RecordedRequest) -> dict[str, Any]:
+        """Record each image's bytes and URL; the body with every ``file://`` image as the data URL of the bytes
+        read (the brain decodes data URLs), or the body itself when it names no file."""
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return body
+        changed = False
+        converted = []
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                converted.append(message)
+                continue
+            parts = []
+            for part in content:
+                url = part.get("image_url", {}).get("url") if isinstance(part, dict) and isinstance(part.get("image_url"), dict) else None
+                if not isinstance(url, str):
+                    parts.append(part)
+                    continue
+                record.image_urls.append(url)
+                if url.startswith("file:"):
+                    data = read_media_url(url, self.media_dir)
+                    mime = mimetypes.guess_type(urlparse(url).path)[0] or "image/png"
+                    parts.append({**part, "image_url": {**part["image_url"], "url": _data_url(data, mime)}})
+                    changed = True
+                else:
+                    try:
+                        data = _image_part(url).data
+                    except (ValueError, TypeError):
+                        data = b""  # not a data URL the brain can read either: it says so
+                    parts.append(part)
+                record.images.append(data)
+            converted.append({**message, "content": parts})
+        return {**body, "messages": converted} if changed else body
 
     def _completion(self, model: str, texts: list[str] | None, body: dict[str, Any], *, empty: bool = False) -> dict:
         prompt_tokens = sum(len(_message_text(message).split()) for message in body.get("messages", []))

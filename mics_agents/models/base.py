@@ -60,6 +60,8 @@ class ImagePart:
     key_sha256: str = ""
     _data_url: str | None = field(default=None, repr=False)
     _json_part: bytes | None = field(default=None, repr=False)
+    # Content parts naming this image's file in a media folder (media.py), by folder: made once per folder.
+    _reference_parts: dict[str, bytes] | None = field(default=None, repr=False)
 
     @property
     def cache_id(self) -> str:
@@ -89,6 +91,17 @@ class ImagePart:
 
     def json_part_ready(self) -> bool:
         return self._json_part is not None
+
+    def reference_part(self, folder: str) -> bytes | None:
+        """This image's content part naming its file in media folder ``folder``, once
+        :class:`~mics_agents.media.MediaFolder` has written the file and kept the part here; else None."""
+        parts = self._reference_parts
+        return None if parts is None else parts.get(folder)
+
+    def keep_reference_part(self, folder: str, part: bytes) -> None:
+        if self._reference_parts is None:
+            object.__setattr__(self, "_reference_parts", {})
+        self._reference_parts[folder] = part  # type: ignore[index]
 
 
 Part = Union[TextPart, ImagePart]

@@ -14,19 +14,24 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import math
+import os
 import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import TransientModelError
+from ..errors import ConfigError, TransientModelError
 from .base import ImagePart, ModelRequest, ModelResponse, TextPart, affinity_key
 from .clients import register_closer
 from .providers import direct_target
 from .transport import Transport, choice_responses
+
+if TYPE_CHECKING:
+    from ..media import MediaFolder
 
 __all__ = [
     "DirectEndpoint", "DirectTransport", "HTTPStatusError", "direct_endpoint", "direct_replicas", "post_chat_completion", "request_body", "request_pieces", "close_session",
@@ -49,6 +54,11 @@ class DirectEndpoint:
     api_key: str | None
     model: str
     max_parallel: int | None = None  # calls in flight to this endpoint at most (the Router's max_parallel_requests)
+    provider: str = ""  # "hosted_vllm" or "openai": MICS_MEDIA_DIR applies to hosted_vllm/ endpoints only
+    # The media folder this server reads images from by file:// URL (its deployment's model_info.media_dir);
+    # ``media_declared`` with no folder: the deployment says it reads none, whatever MICS_MEDIA_DIR says.
+    media: "MediaFolder | None" = None
+    media_declared: bool = False
 
 
 class HTTPStatusError(Exception):
@@ -63,14 +73,37 @@ class HTTPStatusError(Exception):
 def direct_replicas(router: Any, name: str) -> list[DirectEndpoint] | None:
     """The endpoints of a Router name's deployments when every one takes the request unchanged
     (:func:`~.providers.direct_deployments`), else None (the Router sends them)."""
-    from .providers import direct_deployments
+    from . import providers
 
-    targets = direct_deployments(router, name)
+    targets = providers.direct_deployments(router, name)
     if targets is None:
         return None
-    return [
-        DirectEndpoint(base.rstrip("/") + "/chat/completions", key, wire, parallel) for wire, base, key, parallel in targets
-    ]
+    # The same deployments, in the same order, as direct_deployments read them (as the file wrote them).
+    written = providers._written_deployments.get(router) or providers.router_deployments(router)
+    deployments = [d for d in written if d.get("model_name") == name]
+    endpoints = []
+    for (wire, base, key, parallel), deployment in zip(targets, deployments):
+        provider = str((deployment.get("litellm_params") or {}).get("model", "")).partition("/")[0]
+        info = deployment.get("model_info")
+        declared = isinstance(info, dict) and "media_dir" in info
+        media = _declared_media(name, info["media_dir"]) if declared else None  # type: ignore[index]
+        endpoints.append(DirectEndpoint(base.rstrip("/") + "/chat/completions", key, wire, parallel, provider,
+                                        media, declared))
+    return endpoints
+
+
+def _declared_media(name: str, value: Any) -> "MediaFolder | None":
+    """A deployment's ``model_info.media_dir``: an absolute folder, or null/false/"" for none."""
+    if value is None or value is False or value == "":
+        return None
+    if not isinstance(value, str) or not os.path.isabs(os.path.expanduser(value)):
+        raise ConfigError(
+            f"MICS_ROUTER_CONFIG: model_info.media_dir of {name!r} must be the absolute path of the folder its "
+            f"server reads images from (its --allowed-local-media-path), or null; not {value!r}"
+        )
+    from ..media import MediaFolder
+
+    return MediaFolder(value)
 
 
 def direct_endpoint(model_name: str) -> DirectEndpoint | None:
@@ -80,7 +113,8 @@ def direct_endpoint(model_name: str) -> DirectEndpoint | None:
     if target is None:
         return None
     wire_model, api_base, key = target
-    return DirectEndpoint(api_base.rstrip("/") + "/chat/completions", key, wire_model)
+    return DirectEndpoint(api_base.rstrip("/") + "/chat/completions", key, wire_model,
+                          provider=model_name.partition("/")[0])
 
 
 class DirectTransport(Transport):
@@ -89,7 +123,11 @@ class DirectTransport(Transport):
     With several replicas (a Router config's deployments of one name), every call of one case goes to the
     same replica, so vLLM's prefix cache holds the case's images and question (:meth:`pick`: rendezvous
     hashing of the case, :func:`~.base.affinity_key`, with bounded loads), skipping one that failed in the
-    last ``cooldown`` seconds (a 429, a 5xx, a dropped connection), as the Router would."""
+    last ``cooldown`` seconds (a 429, a 5xx, a dropped connection), as the Router would.
+
+    A replica that reads a media folder (its deployment's ``model_info.media_dir``; for ``hosted_vllm/`` ones
+    that declare nothing, ``media_dir``: MICS_MEDIA_DIR) is sent its images as ``file://`` URLs to files
+    written there (:class:`~mics_agents.media.MediaFolder`); every other one gets data URLs."""
 
     def __init__(
         self,
@@ -100,10 +138,22 @@ class DirectTransport(Transport):
         prices: tuple[float, float] | None = None,
         cooldown: float = 5.0,
         allowed_fails: int = 3,
+        media_dir: "str | os.PathLike[str] | None" = None,
     ) -> None:
         super().__init__(name, timeout=timeout)
         self.replicas = list(endpoint) if isinstance(endpoint, list) else [endpoint]
         self.endpoint = self.replicas[0]
+        default_media = None
+        if media_dir:
+            from ..media import MediaFolder
+
+            default_media = MediaFolder(media_dir)
+        # Each replica's media folder (None: it is sent data URLs).
+        self.media = [
+            replica.media if replica.media_declared else default_media if replica.provider == "hosted_vllm" else None
+            for replica in self.replicas
+        ]
+        self._media_failing: set[str] = set()  # folders a write failed in (warned about once)
         # USD per input and output token (MICS_PRICES); a server of one's own costs nothing we can know.
         self.prices = prices or (0.0, 0.0)
         self.cooldown = cooldown
@@ -190,6 +240,21 @@ class DirectTransport(Transport):
     async def _send(self, request: ModelRequest, timeout: float) -> ModelResponse:
         return (await self._post(request, 1, timeout))[0]
 
+    def _pieces(self, request: ModelRequest, wire_model: str, extra: dict[str, Any], media: "MediaFolder | None") -> list[bytes]:
+        """:func:`request_pieces`, writing images into ``media`` (blocking). A folder that cannot be written
+        (full, not writable) costs the call its files, not its answer: it is sent data URLs, with a warning."""
+        if media is not None:
+            try:
+                return request_pieces(request, wire_model, extra, media)
+            except OSError as exc:
+                if media.key not in self._media_failing:
+                    self._media_failing.add(media.key)
+                    logging.getLogger("mics_agents").warning(
+                        "%s: cannot write images into the media folder %s (%s); sending them as data URLs until "
+                        "it can be written", self.name, media.key, exc.strerror or exc,
+                    )
+        return request_pieces(request, wire_model, extra)
+
     async def _send_samples(self, request: ModelRequest, count: int, timeout: float) -> list[ModelResponse]:
         return await self._post(request, count, timeout)
 
@@ -202,12 +267,13 @@ class DirectTransport(Transport):
             extra["n"] = count
         replica = self.pick(affinity_key(request))
         wire_model = self.replicas[replica].model
+        media = self.media[replica]
         self._in_flight[replica] += 1  # counted from the choice on, so a case choosing meanwhile sees it
         try:
-            if _needs_a_thread(request):
-                body = await asyncio.to_thread(request_pieces, request, wire_model, extra)
+            if _needs_a_thread(request, media):
+                body = await asyncio.to_thread(self._pieces, request, wire_model, extra, media)
             else:
-                body = request_pieces(request, wire_model, extra)
+                body = request_pieces(request, wire_model, extra, media)
             task = asyncio.current_task()
             try:
                 async with self._slot(replica):
@@ -263,10 +329,12 @@ def _cools_down(exc: BaseException) -> bool:
     )
 
 
-def _needs_a_thread(request: ModelRequest) -> bool:
+def _needs_a_thread(request: ModelRequest, media: "MediaFolder | None" = None) -> bool:
     images = [part for message in request.messages for part in message.parts if isinstance(part, ImagePart)]
     if not images:
         return False
+    if media is not None:  # a file to write (once per image); the body itself is small
+        return not all(media.ready(image) for image in images)
     return any(not image.json_part_ready() for image in images) or sum(len(image.data) for image in images) * 4 // 3 > OFF_LOOP_IMAGE_BYTES
 
 
@@ -274,13 +342,18 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def request_body(request: ModelRequest, wire_model: str, extra: dict[str, Any]) -> bytes:
+def request_body(
+    request: ModelRequest, wire_model: str, extra: dict[str, Any], media: "MediaFolder | None" = None
+) -> bytes:
     """The JSON body of the OpenAI chat request: the same JSON as ``{"model", "messages", **extra}``, with
-    each image's content part spliced in as the bytes it was encoded to once (:meth:`ImagePart.json_part`)."""
-    return b"".join(request_pieces(request, wire_model, extra))
+    each image's content part spliced in as the bytes it was encoded to once (:meth:`ImagePart.json_part`),
+    or, given a media folder, its part naming the image's file there (:meth:`MediaFolder.json_part`)."""
+    return b"".join(request_pieces(request, wire_model, extra, media))
 
 
-def request_pieces(request: ModelRequest, wire_model: str, extra: dict[str, Any]) -> list[bytes]:
+def request_pieces(
+    request: ModelRequest, wire_model: str, extra: dict[str, Any], media: "MediaFolder | None" = None
+) -> list[bytes]:
     """:func:`request_body` in pieces, sent as they are: an image's part is never copied into one body."""
     pieces = [b'{"model":', _dumps(wire_model), b',"messages":[']
     for index, message in enumerate(request.messages):
@@ -295,7 +368,7 @@ def request_pieces(request: ModelRequest, wire_model: str, extra: dict[str, Any]
             if number:
                 pieces.append(b",")
             if isinstance(part, ImagePart):
-                pieces.append(part.json_part())
+                pieces.append(part.json_part() if media is None else media.json_part(part))
             else:
                 pieces += [b'{"type":"text","text":', _dumps(part.text), b"}"]
         pieces.append(b"]}")
