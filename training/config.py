@@ -228,7 +228,8 @@ class CurriculumConfig(StageSettings):
     extra_training_args: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "More TrainingArguments/SFTConfig/DPOConfig fields passed as they are, e.g. {optim: adamw_8bit}."
+            "help": "More TrainingArguments/SFTConfig/DPOConfig/GRPOConfig fields passed as they are, e.g. {optim: "
+            "adamw_8bit}; GRPOConfig's own (use_vllm, vllm_mode ...) reach the grpo stages only."
         },
     )
     init_adapter: str | None = field(

@@ -51,7 +51,15 @@ from .dpo import (
     pair_dataset,
 )
 from .errors import DataChangedError, ManifestError, StageDataError, TrainingConfigError
-from .grpo import build_grpo_trainer, check_grpo_model, grpo_metrics, prepare_grpo, read_grpo_file
+from .grpo import (
+    build_grpo_trainer,
+    check_grpo_model,
+    grpo_config,
+    grpo_metrics,
+    grpo_only_arguments,
+    prepare_grpo,
+    read_grpo_file,
+)
 from .lengths import REASONS, apply_length_policy, processor_fingerprint, stage_lengths, write_dropped
 from .pairs import PairData, read_pairs_file
 from .manifest import Manifest
@@ -241,17 +249,17 @@ def _training_arguments(
         max_length=None,
     )
     if stage_kind == "grpo":
-        from .grpo import grpo_config
-
         return grpo_config(arguments, settings, config.extra_training_args, stage)  # type: ignore[arg-type]
+    # The grpo stages' own fields (vLLM, sampling) are theirs alone.
+    extra = {key: value for key, value in config.extra_training_args.items() if key not in grpo_only_arguments()}
     if stage_kind == "dpo":
         assert isinstance(settings, DPOSettings)
         arguments.update(beta=settings.beta, loss_type=[settings.loss_type])
-        arguments.update(config.extra_training_args)
+        arguments.update(extra)
         arguments_class: type = DPOConfig
     else:
         arguments.update(completion_only_loss=True)  # the loss is the answer's alone
-        arguments.update(config.extra_training_args)
+        arguments.update(extra)
         arguments_class = SFTConfig
     try:
         return arguments_class(**arguments)

@@ -21,6 +21,18 @@ What TRL is given, and why:
   is left out and counted by the length policy (:mod:`training.lengths`), measured exactly as the SFT stages measure
   their prompts (the same cache).
 
+- **A resume that goes on as if never stopped.** The curriculum resumes a grpo stage like any other, from its last
+  complete checkpoint with the Trainer's RNG state. Two things TRL keeps outside the checkpoint are handled here:
+  the prompt order (TRL's sampler draws each epoch's order from a generator carried over from the epochs before, so a
+  resumed stage would replay the first epoch's order; each epoch's order is drawn from (seed, epoch) instead) and the
+  count of completions a judge outage left out (kept in the log history, which the checkpoint holds). With TRL's own
+  generation on the same hardware, and each generation used within one optimizer step (``steps_per_generation`` x
+  ``num_iterations`` dividing the gradient accumulation: the defaults), the steps after a resume sample the same
+  completions and reach the same adapter as an uninterrupted run (the tests check this). Not exact: vLLM generation
+  (its sampling RNG lives in the vLLM engine or server, which no checkpoint holds), and a generation reused across
+  optimizer steps (``num_iterations`` > 1, or ``steps_per_generation`` above the accumulation): TRL's micro-step
+  counter restarts at 0, so a stage resumed inside such a block generates its completions anew.
+
 Families: TRL's GRPO runs text causal LMs and the vision-language models its own tests cover (Qwen2-VL, Qwen2.5-VL,
 LLaVA-NeXT, Gemma 3) plus those ours do (LLaVA, InternVL "-hf"); any other image-text model is refused before a step
 runs rather than half run.
@@ -29,14 +41,13 @@ runs rather than half run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from mics_agents.answers import extract_final_answer
 from mics_agents.task_format import strip_task_instruction
@@ -46,9 +57,6 @@ from .data import Sample, read_stage_file
 from .errors import StageDataError, TrainingConfigError
 from .rewards import REWARD_DEFINITIONS, REWARD_NAMES, GraderRewards
 
-if TYPE_CHECKING:
-    from .config import CurriculumConfig
-
 __all__ = [
     "GRPO_VLM_FAMILIES",
     "GRPO_STAGE_DEFAULTS",
@@ -57,18 +65,17 @@ __all__ = [
     "GRPOItem",
     "GRPOData",
     "GRPOPrepared",
-    "GRPOStageResult",
     "read_grpo_file",
     "grpo_records",
     "grpo_dataset",
     "prepare_grpo",
     "check_grpo_model",
     "grpo_config",
-    "split_extra_arguments",
+    "grpo_only_arguments",
+    "grpo_extra_arguments",
     "build_grpo_trainer",
     "grpo_metrics",
     "reward_record",
-    "train_grpo_stage",
 ]
 
 logger = logging.getLogger("training")
@@ -94,7 +101,6 @@ GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
 # The sft stages' own argument that GRPOConfig does not take: TRL never truncates a GRPO prompt either.
 _SFT_ONLY_ARGUMENTS = ("max_length", "completion_only_loss")
 _HELD_OUT_MARKER = "eval.jsonl"  # the dataset builder writes it into the held-out test folder only
-_STRIPPED_ADAPTER = "ref"  # TRL's frozen reference copy of a carried adapter (beta > 0)
 
 
 @dataclass
@@ -358,27 +364,40 @@ def check_grpo_model(model: Any, stage: str) -> None:
         )
 
 
-def split_extra_arguments(extra: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``extra_training_args`` of a grpo stage as (TrainingArguments fields, GRPOConfig-only fields); anything else
-    (an SFT- or DPO-only field) or a field the stage owns is an error naming it."""
-    from transformers import TrainingArguments
-    from trl import GRPOConfig
+def _argument_names(config_class: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class) if f.init}
 
-    shared_names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    grpo_names = {f.name for f in dataclasses.fields(GRPOConfig) if f.init} - shared_names
-    shared, grpo_only, problems = {}, {}, []
+
+@functools.cache
+def grpo_only_arguments() -> frozenset[str]:
+    """GRPOConfig fields that no other stage's arguments have (vLLM, sampling, the GRPO loss): in
+    ``extra_training_args`` they are for the grpo stages, and the sft and dpo stages leave them out."""
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    return frozenset(_argument_names(GRPOConfig) - _argument_names(SFTConfig) - _argument_names(DPOConfig))
+
+
+def grpo_extra_arguments(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``extra_training_args`` a grpo stage takes: the GRPOConfig fields among them. SFTConfig or DPOConfig
+    fields are the other stages' and left out; a field the stage owns, or one no stage's arguments have, is an
+    error naming it."""
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    grpo_names = _argument_names(GRPOConfig)
+    other_names = _argument_names(SFTConfig) | _argument_names(DPOConfig)
+    taken, problems = {}, []
     for key, value in extra.items():
         if key in GRPO_OWNED_ARGUMENTS:
             problems.append(f"extra_training_args.{key}: set by the grpo stage; give it as the stage's {key}")
-        elif key in shared_names:
-            shared[key] = value
         elif key in grpo_names:
-            grpo_only[key] = value
-        else:
-            problems.append(f"extra_training_args.{key}: not a GRPOConfig field")
+            taken[key] = value
+        elif key not in other_names:
+            problems.append(
+                f"extra_training_args.{key}: not a TrainingArguments, SFTConfig, DPOConfig or GRPOConfig field"
+            )
     if problems:
         raise TrainingConfigError("Invalid training config: " + "; ".join(problems))
-    return shared, grpo_only
+    return taken
 
 
 def grpo_config(arguments: Mapping[str, Any], settings: GRPOSettings, extra: Mapping[str, Any], stage: str) -> Any:
@@ -389,9 +408,9 @@ def grpo_config(arguments: Mapping[str, Any], settings: GRPOSettings, extra: Map
     problems = settings.problems(f"stages[{stage}].")
     if problems:
         raise TrainingConfigError("Invalid training config: " + "; ".join(problems))
-    shared_extra, grpo_extra = split_extra_arguments(extra)
     values = {key: value for key, value in arguments.items() if key not in _SFT_ONLY_ARGUMENTS}
-    values.update(shared_extra)
+    values.update(log_completions=False)
+    values.update(grpo_extra_arguments(extra))
     values.update(
         num_generations=settings.num_generations,
         max_completion_length=settings.max_completion_length,
@@ -399,36 +418,89 @@ def grpo_config(arguments: Mapping[str, Any], settings: GRPOSettings, extra: Map
         beta=settings.beta,
         loss_type=settings.loss_type,
         reward_weights=settings.reward_weights or [1.0] * len(settings.rewards),
-        log_completions=False,
         remove_unused_columns=False,  # the rewards read the question and answer columns
     )
-    values.update(grpo_extra)
     try:
         return GRPOConfig(**values)
     except (TypeError, ValueError, ImportError) as exc:
         raise TrainingConfigError(f"Invalid training arguments for stage {stage!r}: {exc}") from None
 
 
-def _rewards_callback(rewards: GraderRewards) -> Any:
+UNSCORED = "rewards/unscored_completions"  # the log key of the completions a judge outage left out, so far
+
+
+def _last_logged(log_history: Sequence[Mapping[str, Any]], key: str) -> Any:
+    return next((entry[key] for entry in reversed(log_history) if key in entry), None)
+
+
+def _unscored_callback(rewards: GraderRewards) -> Any:
     from transformers import TrainerCallback
 
-    class RewardsCallback(TrainerCallback):
-        """At the end: the completions left out for a judge outage, over all processes, into the log history; then
-        the judge and store closed on the loop they were opened on."""
+    class UnscoredCompletions(TrainerCallback):
+        """Keeps the count of completions a judge outage left out, over all processes and the whole stage, in the log
+        history: on every log entry, and in an entry of its own before a checkpoint that no log precedes. A resumed
+        stage starts from the count its checkpoint holds, so the steps trained again after it are not counted twice
+        and those before it are not lost. At the end the rewards' judge and store are closed."""
 
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        def __init__(self) -> None:
+            self.before = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.before = _last_logged(state.log_history, UNSCORED) or 0
+
+        def total(self, args: Any) -> int:
             import torch
 
-            unscored = torch.tensor([float(rewards.counts["unscored"])])
+            count = torch.tensor([float(rewards.counts["unscored"])])
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                unscored = unscored.to(args.device)
-                torch.distributed.all_reduce(unscored)
-            state.log_history.append(
-                {"rewards/unscored_completions": int(unscored.item()), "step": state.global_step}
-            )
+                count = count.to(args.device)
+                torch.distributed.all_reduce(count)
+            return self.before + int(count.item())
+
+        # Every process logs and saves at the same steps, so the collective in total() is reached by all of them.
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if control.should_save and not control.should_log:
+                state.log_history.append({UNSCORED: self.total(args), "step": state.global_step})
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            state.log_history[-1][UNSCORED] = self.total(args)  # the entry Trainer.log just appended
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             rewards.close()
 
-    return RewardsCallback()
+    return UnscoredCompletions()
+
+
+@functools.cache
+def _trainer_class() -> type:
+    """TRL's ``GRPOTrainer`` with an epoch's prompt order drawn from (seed, epoch).
+
+    TRL's sampler draws each epoch's order from one generator that carries over from the epochs before, and a resumed
+    stage builds a new sampler and skips the finished epochs without drawing them: after a resume, epoch k would get
+    the first epoch's order. Seeded per epoch (the Trainer calls ``set_epoch`` before each), the order is the same
+    whether or not the stage was interrupted."""
+    from torch.utils.data import Sampler
+    from trl import GRPOTrainer
+
+    class EpochSeededSampler(Sampler):
+        def __init__(self, sampler: Any) -> None:
+            self.sampler = sampler
+
+        def set_epoch(self, epoch: int) -> None:
+            if self.sampler.shuffle and self.sampler.seed is not None:
+                self.sampler.generator.manual_seed(self.sampler.seed + epoch)
+
+        def __iter__(self) -> Any:
+            return iter(self.sampler)
+
+        def __len__(self) -> int:
+            return len(self.sampler)
+
+    class StageGRPOTrainer(GRPOTrainer):
+        def _get_train_sampler(self, dataset: Any = None) -> Any:
+            return EpochSeededSampler(super()._get_train_sampler(dataset))
+
+    return StageGRPOTrainer
 
 
 def build_grpo_trainer(
@@ -440,22 +512,19 @@ def build_grpo_trainer(
     callbacks: Sequence[Any],
     *,
     settings: GRPOSettings,
-    rewards: GraderRewards | None = None,
 ) -> Any:
     """TRL's ``GRPOTrainer`` for a stage: the model and LoRA config :func:`~training.curriculum.build_stage_model`
-    made, the rewards of ``settings`` (a :class:`GraderRewards` on ``settings.judge`` unless one is given). The
-    rewards' judge and store close when training ends (or call ``trainer.grader_rewards.close()``)."""
-    from trl import GRPOTrainer
-
-    rewards = rewards if rewards is not None else GraderRewards(settings.judge)
-    trainer = GRPOTrainer(
+    made, the rewards of ``settings`` from a :class:`GraderRewards` on ``settings.judge``, whose judge and store close
+    when training ends (or by ``trainer.grader_rewards.close()``)."""
+    rewards = GraderRewards(settings.judge)
+    trainer = _trainer_class()(
         model=model,
         reward_funcs=rewards.functions(settings.rewards),
         args=args,
         train_dataset=dataset,
         processing_class=processing_class,
         peft_config=peft_config,
-        callbacks=[*callbacks, _rewards_callback(rewards)],
+        callbacks=[*callbacks, _unscored_callback(rewards)],
     )
     trainer.grader_rewards = rewards
     return trainer
@@ -484,158 +553,7 @@ def grpo_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
         if values:
             label = key.replace("rewards/", "").replace("/mean", "_reward").replace("/", "_")
             metrics[f"first_logged_{label}"], metrics[f"last_logged_{label}"] = values[0], values[-1]
-    unscored = [entry["rewards/unscored_completions"] for entry in log_history if "rewards/unscored_completions" in entry]
-    if unscored:
-        metrics["unscored_completions"] = sum(unscored)
+    unscored = _last_logged(log_history, UNSCORED)
+    if unscored is not None:
+        metrics["unscored_completions"] = unscored
     return metrics
-
-
-# --- one stage on its own ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GRPOStageResult:
-    adapter_dir: Path
-    checkpoint: Path | None
-    global_step: int
-    resumed_from: Path | None
-    metrics: dict[str, Any]
-    log_history: list[dict[str, Any]]
-    dropped: dict[str, int]
-    rewards: dict[str, Any]
-
-
-def stage_settings(config: "CurriculumConfig", **overrides: Any) -> GRPOSettings:
-    """A grpo stage's settings: the run's shared values, the grpo defaults, then ``overrides``."""
-    values = dataclasses.asdict(config.stage_defaults())
-    values.update(GRPO_STAGE_DEFAULTS)
-    values.update(overrides)
-    return GRPOSettings(**values)
-
-
-def train_grpo_stage(
-    config: "CurriculumConfig",
-    *,
-    data: Path,
-    stage: str = "grpo",
-    settings: GRPOSettings | None = None,
-    previous_adapters: Sequence[Path] = (),
-    callbacks: Sequence[Any] = (),
-    rewards: GraderRewards | None = None,
-) -> GRPOStageResult:
-    """Train one grpo stage of ``config`` into ``OUTPUT/<stage>/`` from ``previous_adapters`` (a finished run's
-    adapter, or none), resuming from its last complete checkpoint if one is there.
-
-    The model, LoRA config and shared training arguments are built as the curriculum builds them for its other
-    stages (:func:`~training.curriculum.build_stage_model`); the manifest and model card are the curriculum's.
-    """
-    from .curriculum import _training_arguments, _unused_parameters, build_stage_model, last_complete_checkpoint
-    from .lengths import processor_fingerprint, write_dropped
-    from .modeling import (
-        apply_image_budget,
-        detect_model_kind,
-        load_processing_class,
-        resolve_dtype,
-    )
-
-    settings = settings if settings is not None else stage_settings(config)
-    problems = settings.problems(f"stages[{stage}].")
-    if problems:
-        raise TrainingConfigError("Invalid training config: " + "; ".join(problems))
-    shared_extra, _ = split_extra_arguments(config.extra_training_args)
-    output_dir = Path(config.output_dir).absolute()
-    stage_dir = output_dir / stage
-    checkpoints_dir = stage_dir / "checkpoints"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-
-    grpo_data = read_grpo_file(data, stage=stage, check_images=config.check_images)
-    if not grpo_data.samples:
-        raise StageDataError(
-            f"Stage {stage!r}: {grpo_data.path} holds no row with a checkable reference ({grpo_data.rows} rows; "
-            f"left out: {grpo_data.left_out or 'none'}). A grpo stage needs question-answer rows whose target ends "
-            "with a final-answer line."
-        )
-    kind = detect_model_kind(config.base_model, config.model_kind, trust_remote_code=config.trust_remote_code)
-    if kind == "text" and any(item.images for item in grpo_data.samples):
-        raise StageDataError(
-            f"Stage {stage!r} has prompts with images, but {config.base_model!r} is a text-only model. Use a "
-            "vision-language base model, or a stage file of text-only rows."
-        )
-    rewards = rewards if rewards is not None else GraderRewards(settings.judge)  # credentials checked before loading
-    precision = resolve_dtype(config.precision)
-    processing_class = load_processing_class(config.base_model, kind, trust_remote_code=config.trust_remote_code)
-    image_budget = apply_image_budget(
-        processing_class,
-        max_tiles=config.image_max_tiles,
-        min_pixels=config.image_min_pixels,
-        max_pixels=config.image_max_pixels,
-    )
-    shared_config = dataclasses.replace(config, extra_training_args=shared_extra)
-    shared_arguments = _training_arguments(
-        shared_config, settings, precision, checkpoints_dir, world_size, stage, kind
-    )
-    from transformers import TrainingArguments
-
-    arguments = {f.name: getattr(shared_arguments, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    args = grpo_config(arguments, settings, config.extra_training_args, stage)
-
-    is_vlm = kind == "vlm"
-    prepared = prepare_grpo(
-        grpo_data,
-        processing_class,
-        is_vlm,
-        processor_fingerprint(processing_class, is_vlm=is_vlm, image_budget=image_budget),
-        output_dir / "lengths",
-        args.distributed_state,
-        stage,
-        settings,
-    )
-    report = prepared.report
-    if not report.kept:
-        raise StageDataError(
-            f"Stage {stage!r}: none of its {len(grpo_data.samples)} prompts leaves room for max_completion_length "
-            f"{settings.max_completion_length} in max_length {settings.max_length} ({report.counts()}). Raise "
-            "max_length, lower max_completion_length, or lower the image budget."
-        )
-    if report.dropped_total:
-        logger.warning(
-            "Stage %s: %d of %d prompts left out because prompt + max_completion_length (%d) exceed max_length %d: %s",
-            stage, report.dropped_total, len(grpo_data.samples), settings.max_completion_length, settings.max_length,
-            report.counts(),
-        )
-
-    model, peft_config = build_stage_model(config, kind, precision, list(previous_adapters))
-    check_grpo_model(model, stage)
-    if is_vlm and "ddp_find_unused_parameters" not in config.extra_training_args:
-        args.ddp_find_unused_parameters = _unused_parameters(model, peft_config, stage)
-    trainer = build_grpo_trainer(
-        model, args, prepared.dataset, processing_class, peft_config, callbacks, settings=settings, rewards=rewards
-    )
-    resume_from = last_complete_checkpoint(checkpoints_dir)
-    logger.info(
-        "Stage %s (grpo): %d of %d prompts (%d images) from %s, %d completions each, %s rewards %s; %s",
-        stage, len(report.kept), len(grpo_data.samples), prepared.images, grpo_data.path, settings.num_generations,
-        "judge " + settings.judge if settings.judge else "recall for open answers,", settings.rewards,
-        f"resuming from {resume_from}" if resume_from else "starting",
-    )
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        rewards.close()
-    adapter_dir = stage_dir / "adapter"
-    trainer.save_model(str(adapter_dir))
-    if args.process_index == 0:
-        shutil.rmtree(adapter_dir / _STRIPPED_ADAPTER, ignore_errors=True)
-        write_dropped(stage_dir, report)
-    metrics = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
-    metrics.update(grpo_metrics(trainer.state.log_history))
-    return GRPOStageResult(
-        adapter_dir=adapter_dir,
-        checkpoint=last_complete_checkpoint(checkpoints_dir),
-        global_step=trainer.state.global_step,
-        resumed_from=resume_from,
-        metrics=metrics,
-        log_history=list(trainer.state.log_history),
-        dropped=report.counts(),
-        rewards=reward_record(settings),
-    )

@@ -1,9 +1,13 @@
 """The run manifest: ``OUTPUT/manifest.json`` records what each stage trained on and where it stands.
 
-Per stage: its kind (``sft``, ``dpo``; an entry without one is an sft stage of an earlier version), status
-(``pending``, ``running``, ``done``, ``skipped``), the stage file with its sha256, sample (or pair) and image counts,
-the rows trained and those left out by the length policy (by reason), the hyperparameters, the last checkpoint, the
-stage's adapter and its metrics (a dpo stage's: TRL's reward accuracies and margins too). ``init_adapter`` records
+Per stage: its kind (``sft``, ``dpo``, ``grpo``; an entry without one is an sft stage of an earlier version), status
+(``pending``, ``running``, ``done``, ``skipped``), the stage file with its sha256, sample (pair, prompt) and image
+counts, the rows trained and those left out by the length policy (by reason), the hyperparameters, the last
+checkpoint, the stage's adapter and its metrics (a dpo stage's: TRL's reward accuracies and margins too; a grpo
+stage's: the first and last logged rewards, total and per function, and the completions a judge outage left out).
+A grpo stage also records the rows it did not make prompts of (``left_out``: no reference, repeats) and its
+``rewards``: each function with its weight and definition, the judge (or recall for open answers) and the grader
+version. ``init_adapter`` records
 the adapter a run started from, when it did not start from the base model. A rerun reads it to skip finished
 stages and resume the running one, and refuses to continue on a stage file that changed since. ``trainer`` names what trained the run:
 a run that an earlier version started with its own trainer (format 1) is refused on resume unless allowed.

@@ -29,7 +29,7 @@ def _stage_row(entry: dict[str, Any]) -> str:
         entry.get("status", ""),
         f"`{entry.get('data', '')}`",
         entry.get("samples", entry.get("pairs", "")),
-        entry.get("trained_samples", entry.get("trained_pairs", "")),
+        entry.get("trained_samples", entry.get("trained_pairs", entry.get("trained_prompts", ""))),
         sum((entry.get("dropped") or {}).values()) if "dropped" in entry else "",
         entry.get("images", ""),
         f"`{(entry.get('data_sha256') or '')[:16]}`",
@@ -66,6 +66,43 @@ def _preference_lines(manifest: "Manifest") -> list[str]:
             "far, with no end-of-turn after it):", "", *lines, ""]
 
 
+def _reinforcement_lines(manifest: "Manifest") -> list[str]:
+    """What each grpo stage did: its prompts and generation settings, its rewards (weights, definitions, how open
+    answers were graded, the grader version), the completions a judge outage left out, and the logged rewards."""
+    lines = []
+    for entry in manifest.stages:
+        if entry.get("kind") != "grpo" or entry.get("status") not in {"done", "running"}:
+            continue
+        settings = entry.get("hyperparameters") or {}
+        metrics = entry.get("metrics") or {}
+        rewards = entry.get("rewards") or {}
+        functions = rewards.get("functions") or {}
+        open_answers = f"by the judge `{rewards['judge']}`" if rewards.get("judge") else "by recall (no judge)"
+        logged = [
+            f"{label} {_number(metrics[f'first_logged_{key}'])} -> {_number(metrics[f'last_logged_{key}'])}"
+            for key, label in [("reward", "reward"), *((f"{name}_reward", name) for name in functions)]
+            if f"first_logged_{key}" in metrics
+        ]
+        unscored = metrics.get("unscored_completions")
+        lines.append(
+            f"- {entry['name']} (grpo): {entry.get('trained_prompts', '?')} of {entry.get('samples', '?')} prompts, "
+            f"{settings.get('num_generations')} completions each of at most {settings.get('max_completion_length')} "
+            f"tokens, temperature {_number(settings.get('temperature'))}, loss {settings.get('loss_type')}, beta "
+            f"{_number(settings.get('beta'))}; open answers {open_answers}, grader version "
+            f"{rewards.get('grader_version', '?')}"
+            + (f"; {unscored} completions left out for a judge outage" if unscored is not None else "")
+            + (f"; first -> last logged: {', '.join(logged)}" if logged else "")
+        )
+        lines += [
+            f"  - {name} (weight {_number(function['weight'])}): {function['definition']}"
+            for name, function in functions.items()
+        ]
+    if not lines:
+        return []
+    return ["Reinforcement stages (GRPO; the reward is the weighted sum of the functions below, each logged apart):",
+            "", *lines, ""]
+
+
 def _dropped_lines(manifest: "Manifest") -> list[str]:
     from .lengths import REASONS
 
@@ -79,7 +116,8 @@ def _dropped_lines(manifest: "Manifest") -> list[str]:
         ]
     lines += [
         "Length policy: no answer was cut. A sample longer than max_length was left out of its stage, and a pair "
-        "where prompt + chosen or prompt + rejected is (ids in `<stage>/dropped.json`):",
+        "where prompt + chosen or prompt + rejected is, and a grpo prompt that leaves no room for "
+        "max_completion_length (ids in `<stage>/dropped.json`):",
         "",
     ]
     for entry in manifest.stages:
@@ -142,18 +180,20 @@ def render_model_card(config: "CurriculumConfig", manifest: "Manifest") -> str:
         f"# Curriculum fine-tune of {config.base_model}",
         "",
         "LoRA fine-tune on the Chiron-o1 curriculum (MICS reasoning data), stage by stage (`python -m training`: "
-        "TRL's SFTTrainer for sft stages, TRL's DPOTrainer on step preference pairs for dpo stages).",
+        "TRL's SFTTrainer for sft stages, TRL's DPOTrainer on step preference pairs for dpo stages, TRL's "
+        "GRPOTrainer with the project's grader as reward for grpo stages).",
         f"LoRA r={config.lora_r}, alpha={config.lora_alpha}, dropout={config.lora_dropout} on the language model; "
         "vision tower and projector frozen; only the assistant's answers carry loss.",
         "",
         "## Data and metrics",
         "",
-        "| stage | kind | status | stage file | samples (pairs) | trained | dropped | images | sha256 | steps | lr "
-        "| first loss | last loss | train loss |",
+        "| stage | kind | status | stage file | samples (pairs, prompts) | trained | dropped | images | sha256 | steps "
+        "| lr | first loss | last loss | train loss |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(_stage_row(entry) for entry in manifest.stages),
         "",
         *_preference_lines(manifest),
+        *_reinforcement_lines(manifest),
         *_dropped_lines(manifest),
         "Sources per stage:",
         "",
