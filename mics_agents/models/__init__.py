@@ -1,6 +1,6 @@
 """The model boundary: the protocol (``base``), its wrappers (``retrying``, ``limits``, ``sanitizing``,
-``validating``, ``cached``), its transports (``litellm_model``, ``direct``, sharing ``transport`` and ``providers``), the
-one place they are put together (``factory``), and test doubles."""
+``validating``, ``cached``), its transports (``litellm_model``, ``direct``, sharing ``transport`` and
+``providers``), the one place they are put together (``factory``), and test doubles."""
 
 from .base import (
     ChatMessage,

@@ -1,12 +1,13 @@
 """The sanitizing wrapper: a reply is made fit to keep before anything reads, grades, caches or writes it.
 
-Two things a model may send that no file should hold:
+What a model may send that no file should hold:
 
 - a configured secret (an API key the model repeats from its context, a proxy that echoes the bearer token):
   masked by value (:func:`~mics_agents.redact.mask_secret_values`), never by shape, since the text is graded
   and trained on;
 - code points UTF-8 cannot encode (a lone surrogate from a ``"\\ud800"`` escape): each becomes U+FFFD and the
-  reply says so in ``extra["repaired"]``, then it is graded like any reply.
+  reply says so in ``extra["repaired"]``, then it is graded like any reply;
+- a ``finish_reason`` that is no short word (a key, a dict, a huge number): unknown (None).
 
 Put inside the validating and caching wrappers (``models/factory.py``), so the cache stores what the search
 used; the cache key comes from the request, so masking never causes a miss. The store masks a cached reply
