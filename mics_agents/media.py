@@ -15,8 +15,10 @@ per image and folder (the content part is kept on the image after).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -25,13 +27,14 @@ from .models.base import ImagePart
 __all__ = ["MediaFolder", "media_file_name"]
 
 _EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def media_file_name(data: bytes, mime: str) -> str:
-    """The file an image's bytes are kept under: their sha256, and an extension for the people who look."""
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest() + _EXTENSIONS.get(mime, ".img")
+def media_file_name(data: bytes, mime: str, sha256: str = "") -> str:
+    """The file an image's bytes are kept under: their sha256 (``sha256`` when it is one, as an
+    :class:`ImagePart` carries it from loading; else computed), and an extension for the people who look."""
+    digest = sha256 if _SHA256.fullmatch(sha256) else hashlib.sha256(data).hexdigest()
+    return digest + _EXTENSIONS.get(mime, ".img")
 
 
 class MediaFolder:
@@ -65,7 +68,7 @@ class MediaFolder:
         """Write ``image``'s bytes to their file here unless a file with exactly those bytes is there; its path.
 
         Raises OSError when the folder cannot be made or written."""
-        target = self.path / media_file_name(image.data, image.mime)
+        target = self.path / media_file_name(image.data, image.mime, image.sha256)
         if _holds(target, image.data):
             return target
         self.path.mkdir(parents=True, exist_ok=True)

@@ -192,6 +192,15 @@ def test_a_file_already_there_is_kept_and_a_wrong_one_is_replaced(tmp_path):
     assert not path.is_symlink() and path.read_bytes() == part.data and outside.read_bytes() == part.data
 
 
+@pytest.mark.parametrize("claimed", ["../../outside", "/tmp/x", "A" * 64, "", "0" * 63 + "/"])
+def test_a_file_name_is_always_a_sha256_in_the_folder_whatever_the_image_claims(tmp_path, claimed):
+    folder = MediaFolder(tmp_path / "media")
+    data = b"bytes of an image"
+    path = folder.store(ImagePart(data, "image/png", claimed))
+    assert path.parent == folder.path and path.name == hashlib.sha256(data).hexdigest() + ".png"
+    assert [entry.name for entry in tmp_path.iterdir()] == ["media"]
+
+
 WRITER = """
 import sys
 from mics_agents import media
