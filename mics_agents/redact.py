@@ -87,7 +87,7 @@ def add_secrets(values: Iterable[Any]) -> None:
         _registered.update(found)
 
 
-_dotenv_cache: tuple[tuple[str, int] | None, dict[str, str | None]] = (None, {})
+_dotenv_cache: tuple[tuple[str, int, int, int] | None, dict[str, str | None]] = (None, {})
 
 
 def _dotenv_values() -> dict[str, str | None]:
@@ -95,7 +95,8 @@ def _dotenv_values() -> dict[str, str | None]:
     global _dotenv_cache
     path = Path(".env")
     try:
-        stamp = (str(path.resolve()), path.stat().st_mtime_ns)
+        found = os.stat(".env")  # asked on every reply: plain os calls, no path resolution
+        stamp = (os.getcwd(), found.st_ino, found.st_size, found.st_mtime_ns)
     except OSError:
         return {}
     if _dotenv_cache[0] == stamp:
@@ -110,14 +111,33 @@ def _dotenv_values() -> dict[str, str | None]:
     return values
 
 
+def _credential_values(source: Any) -> set[str]:
+    values = set()
+    for name in source:  # names first: reading every value of os.environ costs more than the rest
+        usable = _usable(source.get(name)) if is_secret_name(name) else None
+        if usable:
+            values.add(usable)
+    return values
+
+
+# The environment's credential values, and the environment they were read from (CPython's raw bytes mapping,
+# compared in C): every reply asks, and walking os.environ in Python each time cost ~40 us a call.
+_environment_cache: tuple[dict[Any, Any] | None, frozenset[str]] = (None, frozenset())
+
+
+def _environment_secrets() -> frozenset[str]:
+    global _environment_cache
+    raw = getattr(os.environ, "_data", None)
+    if raw is not None and _environment_cache[0] == raw:
+        return _environment_cache[1]
+    values = frozenset(_credential_values(os.environ))
+    _environment_cache = (dict(raw) if raw is not None else None, values)
+    return values
+
+
 def secret_values() -> set[str]:
     """Every value masked now: the environment's and .env's credential variables, and what was registered."""
-    values = set()
-    for source in (os.environ, _dotenv_values()):
-        for name in source:  # names first: reading every value of os.environ costs more than the rest
-            usable = _usable(source.get(name)) if is_secret_name(name) else None
-            if usable:
-                values.add(usable)
+    values = set(_environment_secrets()) | _credential_values(_dotenv_values())
     with _lock:
         values |= _registered
     return values

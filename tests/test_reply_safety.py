@@ -289,3 +289,18 @@ async def test_a_corrupt_cache_read_is_a_store_error(tmp_path, monkeypatch):
         for read in (store.run_cost("r"), store.count_calls(), store.get_call("k")):
             with pytest.raises(StoreError, match="malformed"):
                 await read
+
+
+def test_a_key_set_or_removed_after_the_first_reply_is_seen_at_once(monkeypatch, tmp_path):
+    """The environment's and .env's secrets are remembered between replies, never past a change."""
+    monkeypatch.chdir(tmp_path)
+    late = "sk-set-after-the-first-reply-0123456789"
+    assert mask_secret_values(f"a {late}") == f"a {late}"
+    monkeypatch.setenv("LATE_API_KEY", late)
+    assert mask_secret_values(f"a {late}") == f"a {MASK}"
+    monkeypatch.delenv("LATE_API_KEY")
+    assert mask_secret_values(f"a {late}") == f"a {late}"
+    (tmp_path / ".env").write_text(f"DOTENV_TOKEN={late}\n")
+    assert mask_secret_values(f"a {late}") == f"a {MASK}"
+    (tmp_path / ".env").write_text("DOTENV_TOKEN=another-value-entirely\n")
+    assert mask_secret_values(f"a {late}") == f"a {late}"
