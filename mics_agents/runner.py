@@ -222,6 +222,7 @@ class BatchRun:
         self._fatal: BaseException | None = None
         self._spent_before = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._batch_refused = False
         # A batched run's queue (--batch): items are marked for it, and it counts against the budget.
         self.batches: Any = getattr(self.worker, "batches", None)
 
@@ -284,6 +285,12 @@ class BatchRun:
         budget = self.options.budget_usd
         return budget is not None and self.stats.spent_usd + committed >= budget
 
+    def _batch_over_budget(self) -> None:
+        """A batch was not submitted: it would have passed the budget. The items that waited on it end as
+        model_error (retried on the next run), so the run stops on the budget even with none left to start."""
+        self._batch_refused = True
+        self.stop("budget")
+
     def _leave_waiting(self) -> None:
         """--no-wait: every item waits on a batch in progress. The items stop without a line (a rerun takes
         them up again, their calls replayed from the cache and their batches re-attached)."""
@@ -314,7 +321,7 @@ class BatchRun:
         if self.batches is not None:
             self.batches.budget_usd = self.options.budget_usd
             self.batches.spent_usd = self._spent
-            self.batches.on_budget = lambda: self.stop("budget")
+            self.batches.on_budget = self._batch_over_budget
             self.batches.on_only_waiting = self._leave_waiting
 
         def finished(task: asyncio.Task[None]) -> None:
@@ -351,7 +358,7 @@ class BatchRun:
         if self._fatal is not None:
             raise self._fatal
         # A stop that came after the last item was scheduled stopped nothing.
-        self.stats.stop_reason = self._stop if self._stop and self.stats.remaining else "completed"
+        self.stats.stop_reason = self._stop if self._stop and (self.stats.remaining or self._batch_refused) else "completed"
         if self.stats.stop_reason == "completed" and self._read_all_input:
             # Every item of the input (this shard) has its outcome on disk: keep only those lines.
             self.stats.compacted_lines = await asyncio.to_thread(self.files.compact)

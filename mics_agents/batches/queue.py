@@ -186,7 +186,7 @@ class BatchQueue:
         self._sending = 0  # batches taken from the queue and not yet recorded
         self._wakeup = asyncio.Event()
         self._scheduler: "asyncio.Task[None] | None" = None
-        self._ready = False  # re-attached batches have been looked at once
+        self._unpolled: set[str] = set()  # re-attached batches not yet looked at (--no-wait waits for that)
         self._told_waiting = False
         self._closed = False
         self._last_queued = 0.0
@@ -209,13 +209,12 @@ class BatchQueue:
         unfinished = await self.ledger.unfinished()
         for record in unfinished:
             batch = self._track(record)
+            self._unpolled.add(record.batch_key)
             self.stats.reattached += 1
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at))
             self.on_event(f"re-attached to {record.provider} batch {record.batch_id or '(not yet known: looking for it)'} "
                           f"of {record.requests} requests, recorded {when}, {record.status or record.state}")
-            self._spawn(self._follow(batch, fresh=False))
-        if not unfinished:
-            self._ready = True
+            batch.task = self._spawn(self._follow(batch, fresh=False))
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     def _track(self, record: BatchRecord) -> _Batch:
@@ -445,7 +444,7 @@ class BatchQueue:
 
     def _check_only_waiting(self) -> None:
         """--no-wait: once nothing is queued or being sent and every item waits on an open batch, say so."""
-        if not self.no_wait or self._told_waiting or not self._ready or self._sending or self._queued():
+        if not self.no_wait or self._told_waiting or self._unpolled or self._sending or self._queued():
             return
         if self._active and self._all_waiting() and self._open:
             self._told_waiting = True
@@ -492,7 +491,7 @@ class BatchQueue:
                     f"{exc} Nothing was submitted; rerun to try again.", model=calls[0].model.name))
                 return
             self.on_event(f"{exc}; the batch may exist: looking for it before sending anything again")
-            await self._follow(batch, fresh=True)
+            batch.task = self._spawn(self._follow(batch, fresh=True))
             return
         await self._stored(batch, remote)
         self.stats.submitted += 1
@@ -500,7 +499,7 @@ class BatchQueue:
         self.stats.sizes.append(len(calls))
         self.on_event(f"submitted {route.provider} batch {remote.id}: {len(calls)} requests"
                       f"{' to ' + route.wire_model if route.provider == 'openai' else ''}, counted at ${estimate:.4f}")
-        await self._follow(batch, fresh=True)
+        batch.task = self._spawn(self._follow(batch, fresh=True))
 
     async def _create(self, batch: _Batch, calls: list[_Call]) -> RemoteBatch:
         api = batch.api
@@ -546,8 +545,7 @@ class BatchQueue:
         for custom_id in batch.names:
             if self._open_keys.get(custom_id) == batch.record.batch_key:
                 del self._open_keys[custom_id]
-        if not any(not other.record.batch_id for other in self._open.values()):
-            self._ready = True
+        self._unpolled.discard(batch.record.batch_key)
         self._wake()
 
     # -- following a batch ---------------------------------------------------------------------------
@@ -558,7 +556,6 @@ class BatchQueue:
         if record.batch_id is None:
             if not await self._find_or_make(batch):
                 return
-        self._ready = self._ready or all(other.record.batch_id for other in self._open.values())
         deadline = (record.submitted_at or record.created_at) + self.settings.batch_deadline
         first = True
         last_seen = (record.status, "")
@@ -583,12 +580,12 @@ class BatchQueue:
                     await self.ledger.set_status(record.batch_key, remote.status)
                     record.status = remote.status
                 self.on_event(f"batch {remote.id}: {remote.status}{' (' + remote.counts + ')' if remote.counts else ''}")
-            self._ready = True
-            self._check_only_waiting()
             if remote.ended:
                 lines = await self._results(batch, remote)
                 await self._end(batch, remote, lines)
                 return
+            self._unpolled.discard(record.batch_key)
+            self._check_only_waiting()
             if time.time() > deadline and not batch.cancel_sent:
                 batch.cancel_sent = True
                 self.on_event(f"batch {remote.id} passed its deadline (MICS_BATCH_DEADLINE): cancelling it; "
