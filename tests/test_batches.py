@@ -67,11 +67,12 @@ def env(monkeypatch):
 
 
 async def run_once(data: Path, output: Path, cache: Path, *, batch: bool = True, no_wait: bool = False,
-                   budget: float | None = None, events: list[str] | None = None):
+                   budget: float | None = None, events: list[str] | None = None, resubmit_canceled: bool = False):
     settings = load_settings(cache_path=str(cache))
     run_id = run_id_for(output)
     if batch:
         worker = await open_batch_worker(settings, run_id=run_id, output=output, no_wait=no_wait,
+                                         resubmit_canceled=resubmit_canceled,
                                          on_event=(events.append if events is not None else None))
     else:
         worker = await Searcher.open(settings, run_id=run_id)
@@ -262,3 +263,58 @@ async def test_role_words_leave_local_interns_online_and_take_openai_only_on_its
         routes = batch_routes(load_settings())
         assert set(routes) == {"openai/mentor-a", "anthropic/mentor-b", "openai/judge"}
         assert routes["openai/mentor-a"].endpoint == "https://api.openai.com/v1"
+
+
+async def test_a_batch_cancelled_at_the_provider_is_sent_again_only_when_asked(tmp_path, env):
+    import httpx
+
+    data = write_cases(tmp_path, 3)
+    output, cache = tmp_path / "out.jsonl", tmp_path / "cache.sqlite"
+    with FakeBatchServer() as fake:
+        env(fake)
+        fake.hold = True
+        await run_once(data, output, cache, no_wait=True)
+        # Someone cancels the first batches in the provider's console.
+        async with httpx.AsyncClient() as client:
+            for batch_id in list(fake.openai_batches):
+                await client.post(f"{fake.openai_base}/batches/{batch_id}/cancel")
+            for batch_id in list(fake.anthropic_batches):
+                await client.post(f"{fake.anthropic_base}/v1/messages/batches/{batch_id}/cancel")
+        fake.hold = False
+        submitted = len(fake.submissions)
+        refused = await run_once(data, output, cache)
+        assert len(fake.submissions) == submitted, "a cancelled request was sent again unasked"
+        assert refused.model_error == 3
+        failures = [json.loads(line) for line in (tmp_path / "out_failed.jsonl").read_text().splitlines()]
+        assert all("--resubmit-canceled" in row["error"]["message"] for row in failures)
+        final = await run_once(data, output, cache, resubmit_canceled=True)
+        twice = fake.submitted_twice()
+    assert final.ended == 3 and final.model_error == 0
+    # Sent again once each, on request; nothing else twice.
+    assert twice and set(twice.values()) == {2} and len(twice) == submitted
+
+
+async def test_a_batch_past_its_deadline_is_cancelled_and_its_requests_go_in_a_later_batch(tmp_path, env):
+    data = write_cases(tmp_path, 2)
+    events: list[str] = []
+    with FakeBatchServer() as fake:
+        env(fake, MICS_BATCH_DEADLINE="0.3", MICS_BATCH_RETRIES="1")
+        fake.hold = True
+
+        async def release() -> None:  # the batches sent after the cancelled ones end normally
+            import asyncio
+
+            while not any(batch["status"] == "cancelled" for batch in fake.openai_batches.values()):
+                await asyncio.sleep(0.02)
+            fake.hold = False
+
+        import asyncio
+
+        releasing = asyncio.ensure_future(release())
+        stats = await asyncio.wait_for(run_once(data, tmp_path / "out.jsonl", tmp_path / "cache.sqlite", events=events), 60)
+        await releasing
+        twice = fake.submitted_twice()
+    assert stats.ended == 2 and stats.model_error == 0
+    assert any("passed its deadline" in event for event in events)
+    assert twice and set(twice.values()) == {2}
+    assert stats.as_dict()["batches"]["retried_in_a_later_batch"] >= len(twice)

@@ -710,6 +710,8 @@ class BatchQueue:
         for custom_id in batch.names:
             line = lines.get(custom_id)
             outcome = line.outcome if line is not None else unanswered
+            if outcome == "canceled" and batch.cancel_sent:
+                outcome = "expired"  # cancelled by us at its deadline, not by a person: it goes in a later batch
             error = line.error if line is not None else (remote.errors or f"no result in batch {remote.id} ({remote.status})")
             outcomes.append((custom_id, outcome, error))
         await self.ledger.end(batch.record.batch_key, remote.status, outcomes)
