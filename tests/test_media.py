@@ -479,3 +479,14 @@ def test_the_setting_is_a_folder(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="MICS_MEDIA_DIR"):
         load_settings(media_dir=str(tmp_path / "f"))
+
+
+def test_mics_media_dir_reaches_the_transport_the_factory_builds(tmp_path, monkeypatch):
+    from mics_agents.config import load_settings
+    from mics_agents.models.factory import _transport
+
+    monkeypatch.setenv("HOSTED_VLLM_API_BASE", "http://127.0.0.1:9/v1")
+    settings = load_settings(media_dir=tmp_path / "media")
+    transport = _transport("hosted_vllm/m", settings, None)
+    assert [folder.path for folder in transport.media] == [(tmp_path / "media").resolve()]
+    assert _transport("hosted_vllm/m", load_settings(), None).media == [None]

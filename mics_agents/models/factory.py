@@ -78,6 +78,7 @@ def _choose_transport(name: str, settings: "Settings", router: Any) -> "Transpor
                         name, replicas, timeout=settings.request_timeout, prices=prices,
                         cooldown=float(getattr(router_settings, "cooldown_time", None) or 5.0),
                         allowed_fails=allowed_fails if isinstance(allowed_fails, int) else 3,
+                        media_dir=settings.media_dir,
                     )
             from .litellm_model import LiteLLMTransport
 
@@ -91,7 +92,8 @@ def _choose_transport(name: str, settings: "Settings", router: Any) -> "Transpor
                 from .providers import listed_prices
 
                 prices = listed_prices(name)
-            return DirectTransport(name, endpoint, timeout=settings.request_timeout, prices=prices)
+            return DirectTransport(name, endpoint, timeout=settings.request_timeout, prices=prices,
+                                   media_dir=settings.media_dir)
     from .litellm_model import LiteLLMTransport
 
     return LiteLLMTransport(name, timeout=settings.request_timeout, prices=prices)
