@@ -38,8 +38,16 @@ def _counts(stats: "RunStats", kind: RunKind = MICS_RUN) -> str:
         f"{kind.ended_ok} {stats.success} ({rate}), {no_path}model_error {stats.model_error}, "
         f"bad_input {stats.bad_input}{f', internal_error {stats.internal_error}' if stats.internal_error else ''} | "
         f"calls {stats.calls} ({stats.cached_calls} cached), "
-        f"{stats.tokens:,} tokens, ${stats.spent_usd:.4f} spent"
+        f"{stats.tokens:,} tokens, ${stats.spent_usd:.4f} spent{_batches(stats.batches)}"
     )
+
+
+def _batches(batches: dict | None) -> str:
+    """A batched run's batches: how many are out, and what their replies cost against online."""
+    if not batches:
+        return ""
+    return (f" | batches {batches['batches_in_progress']} running, {batches['batches_ended']} ended, "
+            f"${batches['batch_cost_usd']:.4f} (online ${batches['online_cost_usd']:.4f})")
 
 
 class ProgressReporter:

@@ -277,6 +277,12 @@ class BatchRun:
         new = store.new_cost_usd.get(self.run_id, 0.0) if store is not None else self.stats.cost_usd
         return self._spent_before + new
 
+    def _report(self) -> None:
+        """Hand the stats to the progress display, with the batches' state as it is now (--batch)."""
+        if self.batches is not None:
+            self.stats.batches = self.batches.summary()
+        self.on_update(self.stats)
+
     def _over_budget(self) -> bool:
         """Whether the budget is spent; counts what this run spent either way (the summary shows it). Batches
         submitted and not yet ended count at their estimate."""
@@ -314,7 +320,7 @@ class BatchRun:
         if self.worker.store is not None:
             self._spent_before = await self.worker.store.run_cost(self.run_id)
             self.stats.spent_usd = self._spent_before
-        self.on_update(self.stats)
+        self._report()
 
         slots = asyncio.Semaphore(self.options.concurrency)
         tasks = self._tasks
@@ -362,7 +368,7 @@ class BatchRun:
         if self.stats.stop_reason == "completed" and self._read_all_input:
             # Every item of the input (this shard) has its outcome on disk: keep only those lines.
             self.stats.compacted_lines = await asyncio.to_thread(self.files.compact)
-        self.on_update(self.stats)
+        self._report()
         return self.stats
 
     async def _process(self, item: InputItem) -> None:
@@ -384,7 +390,7 @@ class BatchRun:
                 await self._fail(item, outcome)
         finally:
             self.stats.in_flight -= 1
-            self.on_update(self.stats)
+            self._report()
 
     async def _work(self, item: InputItem) -> Outcome:
         """The worker's outcome for one item; an exception becomes the item's failure, never the run's,

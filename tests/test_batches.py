@@ -318,3 +318,14 @@ async def test_a_batch_past_its_deadline_is_cancelled_and_its_requests_go_in_a_l
     assert any("passed its deadline" in event for event in events)
     assert twice and set(twice.values()) == {2}
     assert stats.as_dict()["batches"]["retried_in_a_later_batch"] >= len(twice)
+
+
+def test_the_progress_line_shows_the_batches_and_what_their_replies_would_cost_online():
+    from mics_agents.progress import _counts
+    from mics_agents.runner import RunStats
+
+    stats = RunStats(spent_usd=0.25)
+    assert "batches" not in _counts(stats)  # an online run says nothing of batches
+    stats.batches = {"batches_in_progress": 2, "batches_ended": 3, "batch_cost_usd": 0.25, "online_cost_usd": 0.5}
+    line = _counts(stats)
+    assert "batches 2 running, 3 ended, $0.2500 (online $0.5000)" in line and "$0.2500 spent" in line
