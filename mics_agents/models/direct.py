@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, TransientModelError
 from .base import ImagePart, ModelRequest, ModelResponse, TextPart, affinity_key
 from .clients import register_closer
-from .providers import direct_target
+from .providers import direct_deployments, direct_target, written_deployments
 from .transport import Transport, choice_responses
 
 if TYPE_CHECKING:
@@ -73,14 +73,11 @@ class HTTPStatusError(Exception):
 def direct_replicas(router: Any, name: str) -> list[DirectEndpoint] | None:
     """The endpoints of a Router name's deployments when every one takes the request unchanged
     (:func:`~.providers.direct_deployments`), else None (the Router sends them)."""
-    from . import providers
-
-    targets = providers.direct_deployments(router, name)
+    targets = direct_deployments(router, name)
     if targets is None:
         return None
     # The same deployments, in the same order, as direct_deployments read them (as the file wrote them).
-    written = providers._written_deployments.get(router) or providers.router_deployments(router)
-    deployments = [d for d in written if d.get("model_name") == name]
+    deployments = written_deployments(router, name)
     endpoints = []
     for (wire, base, key, parallel), deployment in zip(targets, deployments):
         provider = str((deployment.get("litellm_params") or {}).get("model", "")).partition("/")[0]

@@ -412,11 +412,16 @@ def _from_environment(value: Any) -> Any:
     return value
 
 
+def written_deployments(router: Any, name: str) -> list[dict[str, Any]]:
+    """The Router's deployments of ``name``, as the config file wrote them (``os.environ/`` references unread)."""
+    return [d for d in _written_deployments.get(router) or router_deployments(router) if d.get("model_name") == name]
+
+
 def direct_deployments(router: Any, name: str) -> list[tuple[str, str, str | None, int | None]] | None:
     """(wire model, base URL, key, ``max_parallel_requests``) for each Router deployment of ``name``, as the
     config file wrote them, when every one takes the OpenAI request unchanged (``hosted_vllm/`` or ``openai/``
     with an ``api_base`` that is not OpenAI's own API, and no other parameter for LiteLLM to apply); else None."""
-    deployments = [d for d in _written_deployments.get(router) or router_deployments(router) if d.get("model_name") == name]
+    deployments = written_deployments(router, name)
     if not deployments:
         return None
     targets = []
@@ -443,7 +448,7 @@ def direct_deployments(router: Any, name: str) -> list[tuple[str, str, str | Non
 def declares_n(router: Any, name: str) -> bool:
     """Whether every Router deployment of ``name`` says in its ``model_info`` that it takes ``n`` (several
     samples in one request): ``model_info: {supports_n: true}``."""
-    deployments = [d for d in _written_deployments.get(router) or router_deployments(router) if d.get("model_name") == name]
+    deployments = written_deployments(router, name)
     return bool(deployments) and all(
         isinstance(d.get("model_info"), dict) and d["model_info"].get("supports_n") is True for d in deployments
     )
