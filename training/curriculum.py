@@ -417,7 +417,7 @@ class _Prepared:
     """What a stage trains on after the length policy, and what the manifest records about it."""
 
     dataset: Any
-    report: Any  # LengthReport (sft) or PairLengthReport (dpo)
+    report: Any  # LengthReport: of samples (sft), pairs (dpo) or prompts (grpo)
     unit: str  # what a row is, for the log: 'samples' or 'pairs'
     images: int
     record: dict[str, Any]
@@ -468,32 +468,28 @@ def _prepare_dpo(
     )
 
 
-def _sft_trainer(
-    model: Any, args: Any, dataset: Any, processing_class: Any, peft_config: Any, callbacks: list, *, settings: Any
-) -> Any:
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=processing_class,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+def _trl_trainer(trainer_class: type) -> Any:
+    """A stage kind's trainer: TRL's ``trainer_class`` on the model, LoRA config and data the stage made."""
+
+    def build(
+        model: Any, args: Any, dataset: Any, processing_class: Any, peft_config: Any, callbacks: list, *, settings: Any
+    ) -> Any:
+        return trainer_class(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+
+    return build
 
 
-def _dpo_trainer(
-    model: Any, args: Any, dataset: Any, processing_class: Any, peft_config: Any, callbacks: list, *, settings: Any
-) -> Any:
-    # No ref_model: TRL takes a frozen copy of a carried adapter as the reference, or the model with a fresh
-    # adapter disabled; either way the policy the stage starts from (training.dpo).
-    return DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=processing_class,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+_sft_trainer = _trl_trainer(SFTTrainer)
+# No ref_model: TRL takes a frozen copy of a carried adapter as the reference, or the model with a fresh adapter
+# disabled; either way the policy the stage starts from (training.dpo).
+_dpo_trainer = _trl_trainer(DPOTrainer)
 
 
 @dataclass(frozen=True)

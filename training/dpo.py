@@ -22,12 +22,11 @@ What TRL is given, and why:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .data import Sample
 from .errors import StageDataError, TrainingConfigError
-from .lengths import REASONS
+from .lengths import REASONS, LengthReport
 from .pairs import Pair, message_text
 
 __all__ = [
@@ -37,8 +36,7 @@ __all__ = [
     "pair_dataset",
     "preference_collator",
     "iter_side_lengths",
-    "PairLengthReport",
-    "apply_pair_length_policy",
+        "apply_pair_length_policy",
     "dpo_metrics",
     "check_dpo_model",
     "STRIPPED_ADAPTER",
@@ -141,30 +139,9 @@ def iter_side_lengths(sides: Sequence[Sample], processing_class: Any) -> Iterato
         yield [total - step, step]
 
 
-@dataclass
-class PairLengthReport:
-    """Which pairs a dpo stage trains on, which it leaves out and why (the reasons of :data:`REASONS`)."""
-
-    max_length: int
-    kept: list[Pair]
-    dropped: dict[str, list[str]] = field(default_factory=dict)
-    longest_kept: int = 0
-
-    def counts(self) -> dict[str, int]:
-        return {reason: len(ids) for reason, ids in self.dropped.items() if ids}
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(len(ids) for ids in self.dropped.values())
-
-    @property
-    def dropped_ids(self) -> set[str]:
-        return {pair_id for ids in self.dropped.values() for pair_id in ids}
-
-
-def apply_pair_length_policy(pairs: Sequence[Pair], lengths: dict[str, list[int]], max_length: int) -> PairLengthReport:
+def apply_pair_length_policy(pairs: Sequence[Pair], lengths: dict[str, list[int]], max_length: int) -> LengthReport:
     """Keep a pair when prompt + chosen and prompt + rejected both fit in ``max_length``; drop it and say why else."""
-    report = PairLengthReport(max_length=max_length, kept=[], dropped={reason: [] for reason in REASONS})
+    report = LengthReport(max_length=max_length, kept=[], dropped={reason: [] for reason in REASONS})
     for pair in pairs:
         (prompt, chosen), (_, rejected) = lengths[f"{pair.id}:chosen"], lengths[f"{pair.id}:rejected"]
         if prompt >= max_length:

@@ -66,10 +66,11 @@ DROPPED_FILE = "dropped.json"
 
 @dataclass
 class LengthReport:
-    """Which samples a stage trains on, which it leaves out and why."""
+    """Which samples (or a dpo stage's pairs, or a grpo stage's prompts) a stage trains on, which it leaves out
+    and why."""
 
     max_length: int
-    kept: list[Sample]
+    kept: list[Any]
     dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> sample ids, in file order
     longest_kept: int = 0
 
