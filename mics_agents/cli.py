@@ -427,7 +427,8 @@ def run(
     concurrency: Annotated[Optional[int], typer.Option(min=1, help="Items in flight (default: 8; with --batch, "
                                                        "MICS_BATCH_ITEMS_IN_FLIGHT).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N items (of this shard).")] = None,
-    shard: Annotated[str, typer.Option(help="I/N: take shard I of N, by a hash of the item id.")] = "0/1",
+    shard: Annotated[str, typer.Option(help="I/N: take shard I of N, by a hash of the item id; auto: from a Slurm "
+                                       "job array (SLURM_ARRAY_TASK_*) or RANK/WORLD_SIZE.")] = "0/1",
     max_depth: Annotated[Optional[int], typer.Option(min=1, help="Search iterations (default: MICS_MAX_DEPTH).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Run seed (default: MICS_SEED).")] = None,
     budget_usd: Annotated[Optional[float], typer.Option(min=0, help="Start no new item once this run has spent this much.")] = None,

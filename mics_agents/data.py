@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -406,11 +407,16 @@ def shard_of(key: str, shards: int) -> int:
     return int.from_bytes(hashlib.sha256(legacy_form(key).encode("utf-8", "surrogatepass")).digest()[:8], "big") % shards
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+def parse_shard(text: str, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; ``"auto"``: from the launcher's variables in ``environ`` (default
+    ``os.environ``), see :mod:`mics_agents.cluster.auto_shard`."""
+    if text.strip() == "auto":
+        from .cluster.auto_shard import shard_from_environment
+
+        return shard_from_environment(os.environ if environ is None else environ)
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not match or int(match.group(2)) < 1 or int(match.group(1)) >= int(match.group(2)):
-        raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+        raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4) or auto, got {text!r}")
     return int(match.group(1)), int(match.group(2))
 
 
