@@ -331,6 +331,23 @@ class Settings(BaseSettings):
         description="A request that errored or expired batch_retries+1 times: online asks it as an ordinary "
         "call; fail ends its item as model_error.",
     )
+    # -- clusters (mics run --ray) --
+    ray_cpus_per_shard: float = Field(
+        default=1.0, gt=0, le=1024,
+        description="With 'mics run --ray': CPUs each shard's task asks of Ray; --shards defaults to the "
+        "cluster's CPUs divided by this.",
+    )
+    ray_max_retries: int = Field(
+        default=3, ge=0, le=100,
+        description="With 'mics run --ray': times Ray runs a shard's task again when its worker or node died; "
+        "each attempt resumes from the shard's journal.",
+    )
+    cluster_backup_every: float = Field(
+        default=60.0, gt=0,
+        description="With 'mics run --ray': seconds between copies of a shard's node-local call cache to the "
+        "shared storage beside its journal (also copied when the shard ends); a lost node repeats at most the "
+        "calls its items in flight made since the last copy.",
+    )
     batch_anthropic_max_tokens: int = Field(
         default=8192, ge=16,
         description="max_tokens of a batched Anthropic request whose role sets none (Anthropic requires one; "
