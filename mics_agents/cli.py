@@ -446,6 +446,12 @@ def run(
                                           "batch in progress; rerun later to go on.")] = False,
     resubmit_canceled: Annotated[bool, typer.Option(help="With --batch: send again the requests of a batch that "
                                                     "was cancelled.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the shards as Ray tasks (on --ray-address, else RAY_ADDRESS, "
+                                      "else a local Ray), then merge them.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="With --ray: the cluster, as ray.init(address=...) "
+                                                       "takes it.")] = None,
+    shards: Annotated[Optional[int], typer.Option(min=1, help="With --ray: how many shards (default: the cluster's "
+                                                  "CPUs / MICS_RAY_CPUS_PER_SHARD).")] = None,
 ) -> None:
     """Run MICS over a JSONL dataset; rerun the same command to resume.
 
@@ -457,6 +463,29 @@ def run(
 
     if (no_wait or resubmit_canceled) and not batch:
         raise _fail_config("--no-wait and --resubmit-canceled go with --batch")
+    if (shards is not None or ray_address is not None) and not ray:
+        raise _fail_config("--shards and --ray-address go with --ray; without Ray, run each shard with --shard I/N (or auto)")
+    if ray:
+        if batch or failed is not None or shard != "0/1":
+            raise _fail_config("--ray runs its own shards, each with its failed file beside its journal, and does "
+                               "not take --batch (its ledger would be SQLite on shared storage), --failed or --shard")
+        passed: list[str] = [str(data.resolve())]
+        for flag, value in (("--image-dir", image_dir and image_dir.resolve()), ("--concurrency", concurrency),
+                            ("--limit", limit), ("--max-depth", max_depth), ("--seed", seed),
+                            ("--router-config", router_config and router_config.resolve()),
+                            ("--strategy", strategy.value if strategy else None),
+                            ("--vanilla-mentor", vanilla_mentor), ("--log-every", log_every)):
+            if value is not None:
+                passed += [flag, str(value)]
+        if retry_failed:
+            passed.append("--retry-failed")
+        from .cluster.ray_command import run_on_ray
+
+        settings_overrides = {"max_depth": max_depth, "seed": seed, "router_config": router_config,
+                              "strategy": strategy.value if strategy else None, "vanilla_mentor": vanilla_mentor}
+        raise typer.Exit(run_on_ray(data=data, output=output, image_dir=image_dir, passed=passed, address=ray_address,
+                                    shards=shards, budget_usd=budget_usd, limit=limit, log_every=log_every,
+                                    json_summary=json_summary, settings_overrides=settings_overrides))
 
     async def open_searcher(settings: "Settings") -> Any:
         if batch:

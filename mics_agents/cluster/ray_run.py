@@ -1,0 +1,163 @@
+"""``mics run --ray``: the shards of one run as Ray tasks, one progress line, one budget, one merge.
+
+Each shard is a task (not an actor): Ray places it, and runs it again (``max_retries``) when its worker or node
+died; the new attempt resumes from the shard's journal and restores its cache from the last backup. A small
+actor, the board, holds what each shard last reported; the driver sums it into the usual progress display and
+budget. When the budget is spent, or on Ctrl-C, every task is cancelled (``ray.cancel``): each shard starts no
+new item, lets those in flight finish and ends; a second Ctrl-C forces them. The shard outputs are merged with
+``mics merge``'s merge once every shard ended with all its items.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..runner import RunStats
+from .shard_task import FAILURE_KINDS, ShardJob, run_shard, shard_output
+
+__all__ = ["RayRun", "forwarded_environment", "import_ray"]
+
+# The driver's variables a shard's run needs on another node: its settings, and the providers' keys and URLs.
+_FORWARDED_PREFIXES = ("MICS_", "LITELLM_", "OPENAI_", "ANTHROPIC_", "GEMINI_", "HOSTED_VLLM_", "AZURE_", "VERTEX")
+_FORWARDED_SUFFIXES = ("_API_KEY", "_API_BASE", "_BASE_URL")
+_WAIT_S = 0.5
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs the ray package: pip install 'mics-agents[ray]'") from None
+    return ray
+
+
+def forwarded_environment(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    return {name: value for name, value in environ.items()
+            if name.startswith(_FORWARDED_PREFIXES) or name.endswith(_FORWARDED_SUFFIXES)}
+
+
+class _Board:
+    """What each shard reported last (counts since its attempt started, and its spend)."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[int, dict[str, Any]] = {}
+
+    def report(self, index: int, snapshot: dict[str, Any]) -> None:
+        self.snapshots[index] = snapshot
+
+    def read(self) -> dict[int, dict[str, Any]]:
+        return self.snapshots
+
+
+def _add_counts(stats: RunStats, counts: dict[str, Any]) -> None:
+    for name in ("success", *FAILURE_KINDS, "calls", "cached_calls", "already_done"):
+        setattr(stats, name, getattr(stats, name) + int(counts.get(name, 0)))
+    stats.tokens += int(counts.get("input_tokens", 0)) + int(counts.get("output_tokens", 0)) + int(counts.get("tokens", 0))
+    stats.cost_usd += float(counts.get("cost_usd", 0.0))
+    stats.spent_usd += float(counts.get("spent_usd", 0.0))
+
+
+@dataclass
+class RayRun:
+    """One driver. ``run_args``: the ``mics run`` arguments every shard shares (absolute paths, no --output,
+    --shard, --cache, --budget-usd or --json-summary)."""
+
+    output: Path
+    run_args: list[str]
+    total: int
+    address: str | None = None
+    shards: int | None = None
+    budget_usd: float | None = None
+    cpus_per_shard: float = 1.0
+    max_retries: int = 3
+    backup_every: float = 60.0
+    on_update: Callable[[RunStats], None] = lambda stats: None
+    on_event: Callable[[str], None] = lambda text: None
+    stats: RunStats = field(default_factory=RunStats)
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def run(self) -> RunStats:
+        ray = import_ray()
+        ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        try:
+            return self._run(ray)
+        finally:
+            ray.shutdown()
+
+    def shard_outputs(self) -> list[Path]:
+        return [shard_output(self.output, index, self.shards or 1) for index in range(self.shards or 1)]
+
+    def _run(self, ray: Any) -> RunStats:
+        if self.shards is None:
+            cpus = ray.cluster_resources().get("CPU", 1.0)
+            self.shards = max(1, int(cpus // self.cpus_per_shard))
+        board = ray.remote(num_cpus=0)(_Board).remote()
+        task = ray.remote(num_cpus=self.cpus_per_shard, max_retries=self.max_retries)(run_shard)
+        environment = forwarded_environment(os.environ)
+        refs = [task.remote(ShardJob(index, self.shards, path, self.run_args, environment, self.backup_every), board)
+                for index, path in enumerate(self.shard_outputs())]
+        self.on_event(f"{self.shards} shards on Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                      f"{self.cpus_per_shard:g} per shard); journals beside {self.output}")
+        pending = list(refs)
+        cancelled_once = False
+        while pending:
+            try:
+                if self.stats.stop_reason != "completed" and not cancelled_once:
+                    for ref in pending:
+                        ray.cancel(ref)
+                    cancelled_once = True
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=_WAIT_S)
+                self._update(ray.get(board.read.remote()))
+                if self.budget_usd is not None and self.stats.spent_usd >= self.budget_usd:
+                    self.stats.stop_reason = "budget" if self.stats.stop_reason == "completed" else self.stats.stop_reason
+            except KeyboardInterrupt:
+                if cancelled_once:
+                    self.on_event("second interrupt: aborting the shards; rerun the same command to resume")
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                else:
+                    self.on_event("stopping: no shard starts a new item; items in flight finish. Interrupt again to abort.")
+                self.stats.stop_reason = "interrupted"
+        self.results = [self._result(ray, ref, index) for index, ref in enumerate(refs)]
+        self._final()
+        return self.stats
+
+    def _update(self, snapshots: dict[int, dict[str, Any]]) -> None:
+        stats = RunStats(total=self.total, started_at=self.stats.started_at, stop_reason=self.stats.stop_reason)
+        for snapshot in snapshots.values():
+            _add_counts(stats, snapshot)
+        self.stats = stats
+        self.on_update(stats)
+
+    @staticmethod
+    def _result(ray: Any, ref: Any, index: int) -> dict[str, Any]:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.TaskCancelledError:
+            return {"index": index, "exit_code": 130, "cancelled": True}
+        except ray.exceptions.RayError as exc:  # retries spent, or the task failed
+            text = " ".join(str(exc).split())[:300]
+            return {"index": index, "exit_code": 1, "last_line": f"the task failed on Ray: {text}"}
+
+    def _final(self) -> None:
+        """The summary from the shards' own summaries, where each ended with one."""
+        stats = RunStats(total=self.total, started_at=self.stats.started_at, stop_reason=self.stats.stop_reason)
+        for result in self.results:
+            summary = result.get("summary")
+            if summary is None:
+                continue
+            _add_counts(stats, {**summary, "already_done": summary.get("already_done", 0)})
+            stats.no_items += int(summary.get("no_items", 0))
+            stats.records += int(summary.get("records", 0))
+        codes = {result["exit_code"] for result in self.results}
+        if stats.stop_reason == "completed" and codes != {0}:
+            stats.stop_reason = "budget" if codes <= {0, 3} else "interrupted"
+        self.stats = stats
+
+    def failed_shards(self) -> list[dict[str, Any]]:
+        return [result for result in self.results if result["exit_code"] not in (0, 3, 130)]

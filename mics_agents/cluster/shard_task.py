@@ -1,0 +1,185 @@
+"""One shard inside its Ray task: the same resumable ``mics run --shard I/N`` as by hand, as a child process.
+
+The child is that command itself, so a shard means exactly what it means without Ray (lock, journal, resume,
+exit codes). It dies with the worker that started it (``PR_SET_PDEATHSIG``), so a task Ray retries never
+meets a former attempt still writing. Its call cache is node-local (:mod:`.cache_backup`). While it runs, the
+task reads the shard's journal as it grows and the cache's spend, and reports them to the driver's board.
+``ray.cancel`` reaches the task as ``KeyboardInterrupt``: the child gets SIGINT (no new item starts, items in
+flight finish and are written), and the task returns once it has ended.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..runner import run_id_for
+from .cache_backup import back_up, local_cache_path, remove_local, restore
+
+__all__ = ["ShardJob", "shard_output", "run_shard", "JournalTail", "FAILURE_KINDS"]
+
+FAILURE_KINDS = ("no_path", "model_error", "bad_input", "internal_error")
+_POLL_S = 0.2  # how soon a cancel or the child's end is seen
+_REPORT_S = 1.0
+
+
+def shard_output(output: Path, index: int, count: int) -> Path:
+    """``OUT.jsonl`` -> ``OUT.shard-I-of-N.jsonl``, beside it (on the storage every node shares)."""
+    return output.with_name(f"{output.name.removesuffix('.jsonl')}.shard-{index}-of-{count}.jsonl")
+
+
+@dataclass
+class ShardJob:
+    index: int
+    count: int
+    output: Path  # the shard's own output, absolute
+    run_args: list[str]  # ``mics run`` arguments shared by every shard: the data and options, absolute paths
+    env: dict[str, str] = field(default_factory=dict)  # the driver's model settings and keys
+    backup_every: float = 60.0
+
+
+class JournalTail:
+    """Counts of a journal (output or failed file) read as it grows: whole lines only, from where the last read
+    stopped; a file that was replaced (compacted) or cut (a torn line repaired) is read again from its start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._inode: int | None = None
+        self.counts: Counter = Counter()
+
+    def read(self) -> Counter:
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return self.counts
+        if status.st_ino != self._inode or status.st_size < self._offset:
+            self._inode, self._offset, self.counts = status.st_ino, 0, Counter()
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        whole = data[: data.rfind(b"\n") + 1]
+        self._offset += len(whole)
+        for line in whole.splitlines():
+            self._count(line)
+        return self.counts
+
+    def _count(self, line: bytes) -> None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(record, dict):
+            return
+        error = record.get("error")
+        kind = error.get("kind") if isinstance(error, dict) else None
+        self.counts[kind if kind in FAILURE_KINDS else "success"] += 1
+        usage = record.get("usage") if kind is None else (record.get("search") or {}).get("usage")
+        if isinstance(usage, dict):
+            for name in ("calls", "cached_calls", "input_tokens", "output_tokens", "cost_usd"):
+                value = usage.get(name)
+                if isinstance(value, (int, float)):
+                    self.counts[name] += value
+
+
+def _spent(cache: Path, run_id: str) -> float:
+    """What this shard's run paid for, over all its attempts (the backup carries it from one to the next)."""
+    try:
+        connection = sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=1.0)
+        try:
+            row = connection.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM calls WHERE run_id = ?", (run_id,)).fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error:  # not created yet, or busy for a moment: the next report has it
+        return -1.0
+    return float(row[0])
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _failed_path(output: Path) -> Path:
+    from ..outputs import default_failed_path
+
+    return default_failed_path(output)
+
+
+def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
+    """Run shard ``job.index`` to its end (or until cancelled); its exit code, summary and last log line."""
+    local = local_cache_path(job.output)
+    restore(job.output, local)
+    stem = job.output.name.removesuffix(".jsonl")
+    summary = job.output.with_name(f"{stem}.summary.json")
+    summary.unlink(missing_ok=True)
+    log = job.output.with_name(f"{stem}.log")
+    command = [
+        sys.executable, "-m", "mics_agents", "run", *job.run_args, "--output", str(job.output),
+        "--shard", f"{job.index}/{job.count}", "--cache", str(local), "--json-summary", str(summary),
+    ]
+    tails = [JournalTail(job.output), JournalTail(_failed_path(job.output))]
+    run_id = run_id_for(job.output)
+    before: Counter | None = None
+    spent = 0.0
+
+    def report() -> None:
+        nonlocal before, spent
+        counts: Counter = Counter()
+        for tail in tails:
+            counts.update(tail.read())
+        ended = sum(counts[kind] for kind in ("success", *FAILURE_KINDS))
+        if before is None:
+            before = Counter(counts, ended=ended)
+        now = _spent(local, run_id)
+        spent = now if now >= 0 else spent
+        snapshot = {name: counts[name] - before[name] for name in counts}
+        snapshot.update(already_done=before["ended"], spent_usd=spent, attempt_pid=os.getpid())
+        board.report.remote(job.index, snapshot)
+
+    with open(log, "ab") as log_file:
+        child = subprocess.Popen(command, env={**os.environ, **job.env}, cwd=job.output.parent,
+                                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                 preexec_fn=_die_with_parent)
+    backed_up = reported = time.monotonic()
+    cancelled = False
+    try:
+        report()
+        while child.poll() is None:
+            time.sleep(_POLL_S)
+            now = time.monotonic()
+            if now - reported >= _REPORT_S:
+                report()
+                reported = now
+            if now - backed_up >= job.backup_every and local.exists():
+                back_up(local, job.output)
+                backed_up = now
+    except KeyboardInterrupt:
+        cancelled = True
+        child.send_signal(signal.SIGINT)
+        child.wait()
+    finally:
+        if child.poll() is None:  # an error of ours above: never leave the shard running
+            child.kill()
+            child.wait()
+        if local.exists():
+            back_up(local, job.output)
+        remove_local(local)
+    report()
+    result = {"index": job.index, "exit_code": child.returncode, "cancelled": cancelled, "log": str(log)}
+    if summary.is_file():
+        result["summary"] = json.loads(summary.read_text(encoding="utf-8"))
+    else:
+        lines = log.read_text(encoding="utf-8", errors="replace").strip().splitlines() if log.is_file() else []
+        result["last_line"] = lines[-1] if lines else ""
+    return result
