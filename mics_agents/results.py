@@ -24,6 +24,11 @@ class Usage(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    online_cost_usd: float = Field(
+        default=0.0,
+        description="What the same calls cost at online prices: cost_usd, unless some went through a provider's "
+        "batch API (mics run --batch) at its lower price.",
+    )
     truncated_samples: dict[str, int] = Field(
         default_factory=dict, description="Intern samples cut off by the token budget even at twice it, per model."
     )
@@ -34,6 +39,8 @@ class Usage(BaseModel):
         self.input_tokens += response.input_tokens
         self.output_tokens += response.output_tokens
         self.cost_usd += response.cost_usd
+        online = response.extra.get("online_cost_usd") if response.extra else None
+        self.online_cost_usd += online if isinstance(online, (int, float)) and online >= 0 else response.cost_usd
 
     def add_truncated(self, model: str) -> None:
         self.truncated_samples[model] = self.truncated_samples.get(model, 0) + 1

@@ -119,6 +119,24 @@ async def test_a_batched_run_ends_as_the_same_run_online_with_the_same_cache_key
     assert summary["batch_cost_usd"] > 0
     assert batched.spent_usd == pytest.approx(summary["batch_cost_usd"])
     assert online.spent_usd == pytest.approx(summary["online_cost_usd"])
+    # Each record's usage says what its calls would have cost online, and the report adds them up.
+    from mics_agents.report import write_report
+
+    def usage_total(path, key):  # over every search: successes, and the failed file's no_path searches
+        failed = path.with_name(path.stem + "_failed.jsonl")
+        searches = [json.loads(line) for line in path.read_text().splitlines()]
+        if failed.exists():
+            searches += [json.loads(line)["search"] for line in failed.read_text().splitlines()]
+        return sum(search["usage"][key] for search in searches if "usage" in search)
+
+    assert usage_total(tmp_path / "online.jsonl", "online_cost_usd") == pytest.approx(
+        usage_total(tmp_path / "online.jsonl", "cost_usd"))
+    assert usage_total(tmp_path / "batched.jsonl", "online_cost_usd") == pytest.approx(
+        usage_total(tmp_path / "online.jsonl", "cost_usd"))
+    assert usage_total(tmp_path / "batched.jsonl", "cost_usd") < usage_total(tmp_path / "online.jsonl", "cost_usd")
+    page = write_report(tmp_path / "batched.jsonl", tmp_path / "report.html").summary["usage"]
+    assert page["online_cost_usd"] == pytest.approx(usage_total(tmp_path / "online.jsonl", "cost_usd"))
+    assert page["cost_usd"] == pytest.approx(usage_total(tmp_path / "batched.jsonl", "cost_usd"))
 
 
 async def test_errored_and_expired_requests_go_in_a_later_batch_then_online(tmp_path, env):

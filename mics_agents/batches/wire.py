@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ..errors import MalformedReplyError
@@ -109,9 +109,15 @@ def anthropic_request(custom_id: str, request: ModelRequest, route: BatchRoute) 
 
 
 def _priced(name: str, route: BatchRoute, text: Any, tokens_in: Any, tokens_out: Any, finish: str | None) -> ModelResponse:
+    """The reply at the batch price, carrying what it would have cost online (``extra["online_cost_usd"]``, kept
+    in the cache and summed into each record's usage, so the report can say what batching saved)."""
     choice = {"index": 0, "message": {"content": text}, "finish_reason": finish}
-    return choice_responses(name, [choice], 1, input_tokens=tokens_in, output_tokens=tokens_out,
-                            price=route.batch_cost)[0]
+    response = choice_responses(name, [choice], 1, input_tokens=tokens_in, output_tokens=tokens_out,
+                                price=route.batch_cost)[0]
+    if "usage_unknown" in response.extra:
+        return response  # no cost either way
+    online = route.online_cost(response.input_tokens, response.output_tokens)
+    return replace(response, extra={**response.extra, "online_cost_usd": online})
 
 
 def parse_openai_line(line: dict[str, Any], name: str, route: BatchRoute) -> ResultLine:

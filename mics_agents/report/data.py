@@ -151,6 +151,7 @@ class _Builder:
         self.sample_kinds: Counter = Counter()
         self.usage = dict.fromkeys(_USAGE_FIELDS, 0)
         self.usage["cost_usd"] = 0.0
+        self.usage["online_cost_usd"] = 0.0
         self.steps = StepStats()  # the step rows and pairs the trees give (mics dataset steps, default settings)
 
     def _index(self, table: dict[str, int], name: Any) -> int:
@@ -200,6 +201,8 @@ class _Builder:
         item["usage"] = [_number(usage.get(key)) or 0 for key in _USAGE_FIELDS]
         for key, value in zip(_USAGE_FIELDS, item["usage"]):
             self.usage[key] += value
+        online = _number(usage.get("online_cost_usd"))  # a batched run's replies at online prices (--batch)
+        self.usage["online_cost_usd"] += online if online is not None else item["usage"][-1]
         if status == "success":
             if generated_by:
                 item["win"] = item["path"][-1]
@@ -302,6 +305,7 @@ class _Builder:
         }
         usage = dict(self.usage)
         usage["cost_usd"] = round(usage["cost_usd"], 10)
+        usage["online_cost_usd"] = round(usage["online_cost_usd"], 10)
         return {
             "items": len(self.items),
             "status": dict(self.status),

@@ -243,6 +243,10 @@
         stat('model calls', compact(usage.calls), int(usage.calls)),
         stat('cache hits', compact(usage.cached_calls), `${int(usage.cached_calls)} answered from the cache`),
         stat('cost', money(usage.cost_usd), `$${usage.cost_usd}`),
+        ...(usage.online_cost_usd > usage.cost_usd + 1e-9
+          ? [stat('online equivalent', money(usage.online_cost_usd),
+              `the same replies at online prices; provider batch APIs saved ${money(usage.online_cost_usd - usage.cost_usd)}`)]
+          : []),
         stat('input tokens', compact(usage.input_tokens), int(usage.input_tokens)),
         stat('output tokens', compact(usage.output_tokens), int(usage.output_tokens)),
         stat('sent', compact(sent), `${int(sent)} calls sent to a provider`),
