@@ -396,10 +396,6 @@ def _scan(path: Path, *, failures: bool, group_key: str | None = None, whole_onl
     return entries
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    return [_decode(raw, path, number) for number, _, _, raw in _numbered_lines(path)]
-
-
 def _repair_tail(path: Path) -> int:
     """Cut a last line that a crash left without its newline. Returns 1 if it did, else 0."""
     if not path.exists() or path.stat().st_size == 0:
@@ -523,10 +519,6 @@ def _copy_ranges(path: Path, ranges: list[tuple[int, int]]) -> Iterator[bytes]:
         for start, end in ranges:
             handle.seek(start)
             yield handle.read(end - start)
-
-
-def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
-    _replace_atomically(path, (_encode(record) for record in records))
 
 
 def _encode(record: dict[str, Any]) -> bytes:
@@ -715,13 +707,96 @@ class MergeReport:
     overlaps: int = 0
 
 
-def _shard_outcomes(path: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
-    """One shard's outcome per item, by the rule: (item -> its success lines, item -> its failure line)."""
-    successes, failures = settle(_read_lines(path), _read_lines(default_failed_path(path)))
-    by_item: dict[str, list[dict[str, Any]]] = {}
-    for record in successes:
-        by_item.setdefault(success_line(record).key, []).append(record)
-    return by_item, {failure_key(record): record for record in failures}
+# Where an item's standing lines are in one shard: (start, end) byte offsets, flattened, with touching
+# ranges joined, so an item written as one line costs two ints.
+_Ranges = tuple[int, ...]
+_BYTE_ORDER_MARK = b"\xef\xbb\xbf"
+
+
+@dataclass
+class _ShardFile:
+    """One file a merge reads: its path, and the identity it had when its lines were read (a run that
+    compacts it between the two passes replaces it, and the offsets would point into another file)."""
+
+    path: Path
+    identity: tuple[int, int] | None = None
+
+
+def _line_offsets(source: _ShardFile, *, failures: bool) -> tuple[list[Line], list[int], list[int]]:
+    """The item of each line of a shard file and where its bytes are; the records themselves are decoded one
+    at a time and dropped."""
+    lines: list[Line] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    if not source.path.exists():
+        return lines, starts, ends
+    found = source.path.stat()
+    source.identity = (found.st_dev, found.st_ino)
+    for number, start, end, raw in _numbered_lines(source.path):
+        record = _decode(raw, source.path, number)
+        lines.append(Line(failure_key(record)) if failures else success_line(record))
+        starts.append(start)
+        ends.append(end)
+    return lines, starts, ends
+
+
+def _ranges(starts: list[int], ends: list[int], indexes: list[int]) -> _Ranges:
+    flat: list[int] = []
+    for index in indexes:
+        if flat and flat[-1] == starts[index]:
+            flat[-1] = ends[index]
+        else:
+            flat += (starts[index], ends[index])
+    return tuple(flat)
+
+
+def _shard_winners(output: _ShardFile, failed: _ShardFile) -> tuple[dict[str | None, _Ranges], dict[str | None, _Ranges]]:
+    """One shard's outcome per item, by the rule: (item -> where its success lines are, item -> where its
+    failure line is), each in file order."""
+    successes, success_starts, success_ends = _line_offsets(output, failures=False)
+    failures, failure_starts, failure_ends = _line_offsets(failed, failures=True)
+    kept, standing = winning_lines(successes, [line.key for line in failures])
+    by_item: dict[str | None, list[int]] = {}
+    for index in kept:
+        by_item.setdefault(successes[index].key, []).append(index)
+    return (
+        {key: _ranges(success_starts, success_ends, indexes) for key, indexes in by_item.items()},
+        {failures[index].key: (failure_starts[index], failure_ends[index]) for index in standing},
+    )
+
+
+def _copy_lines(sources: list[_ShardFile], chosen: Iterator[tuple[int, _Ranges]]) -> Iterator[bytes]:
+    """The bytes of the chosen lines, each ending with its newline. ``chosen`` comes shard by shard, so one
+    file is open at a time."""
+    current: int | None = None
+    handle = None
+    try:
+        for shard, ranges in chosen:
+            if shard != current:
+                if handle is not None:
+                    handle.close()
+                current, handle = shard, _reopen(sources[shard])
+            for start, end in zip(ranges[::2], ranges[1::2]):
+                handle.seek(start)
+                data = handle.read(end - start)
+                if start == 0 and data.startswith(_BYTE_ORDER_MARK):
+                    data = data[len(_BYTE_ORDER_MARK):]
+                yield data if data.endswith(b"\n") else data + b"\n"
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _reopen(source: _ShardFile):
+    handle = open(source.path, "rb")
+    found = os.fstat(handle.fileno())
+    if (found.st_dev, found.st_ino) != source.identity:
+        handle.close()
+        raise MicsError(
+            f"{source.path} was replaced while it was being merged (a run compacted it): nothing was written. "
+            "Wait for the shard's run to end and merge again."
+        )
+    return handle
 
 
 def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> MergeReport:
@@ -730,24 +805,30 @@ def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> 
     Each shard is first read by the rule of :func:`winning_lines`. An item in more than one shard is
     refused unless ``dedupe``: then a success wins over a failure, and otherwise the first input listed
     wins. Raises :class:`OutputBusyError` while a run owns ``output``.
+
+    Memory stays flat in the size of the records: a first pass keeps each item's key and the byte offsets
+    of its standing lines, a second copies those bytes, shard by shard, into the new files.
     """
-    successes: dict[str, list[dict[str, Any]]] = {}
-    failures: dict[str, dict[str, Any]] = {}
-    overlapping: list[str] = []
+    sources: list[_ShardFile] = []
+    successes: dict[str | None, tuple[int, _Ranges]] = {}
+    failures: dict[str | None, tuple[int, _Ranges]] = {}
+    overlapping: list[str | None] = []
     for path in map(Path, inputs):
         if not path.is_file():
             raise MicsError(f"shard output {str(path)!r} not found")
-        shard_successes, shard_failures = _shard_outcomes(path)
-        for key, lines in shard_successes.items():
+        output_file, failed_file = _ShardFile(path), _ShardFile(default_failed_path(path))
+        sources += (output_file, failed_file)
+        shard_successes, shard_failures = _shard_winners(output_file, failed_file)
+        for key, ranges in shard_successes.items():
             if key in successes or key in failures:
                 overlapping.append(key)
                 failures.pop(key, None)
-            successes.setdefault(key, lines)
-        for key, record in shard_failures.items():
+            successes.setdefault(key, (len(sources) - 2, ranges))
+        for key, ranges in shard_failures.items():
             if key in successes or key in failures:
                 overlapping.append(key)
             else:
-                failures[key] = record
+                failures[key] = (len(sources) - 1, ranges)
     if overlapping and not dedupe:
         shown = ", ".join(repr(key) for key in overlapping[:5])
         raise MicsError(
@@ -762,11 +843,20 @@ def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> 
     output.parent.mkdir(parents=True, exist_ok=True)
     with OutputLock(output, failed):
         # A file there that we did not write (an input, a report) is refused, never overwritten.
-        _scan(output, failures=False)
-        _scan(failed, failures=True)
-        _rewrite(output, [record for lines in successes.values() for record in lines])
-        _rewrite(failed, list(failures.values()))
+        _check_ours(output, failures=False)
+        _check_ours(failed, failures=True)
+        _replace_atomically(output, _copy_lines(sources, iter(successes.values())))
+        _replace_atomically(failed, _copy_lines(sources, iter(failures.values())))
     return MergeReport(successes=len(successes), failures=len(failures), overlaps=len(overlapping))
+
+
+def _check_ours(path: Path, *, failures: bool) -> None:
+    """Raise :class:`ForeignOutputError` at the first line of ``path`` mics-agents does not write."""
+    for number, _, _, raw in _numbered_lines(path):
+        record = _decode(raw, path, number, objects_only=False)
+        reason = foreign_failure(record) if failures else foreign_success(record)
+        if reason:
+            _refuse_foreign(path, number, reason, failures=failures)
 
 
 def rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
