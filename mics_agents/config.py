@@ -348,6 +348,12 @@ class Settings(BaseSettings):
         "shared storage beside its journal (also copied when the shard ends); a lost node repeats at most the "
         "calls its items in flight made since the last copy.",
     )
+    cluster_lock_wait: float = Field(
+        default=300.0, ge=0,
+        description="With 'mics run --ray': seconds a shard's task waits while its output's lock is held before "
+        "it starts the shard; on a network filesystem a dead node's lock lasts until its lease expires (NFSv4: "
+        "90 s by default). Past this the shard stops with exit 2 and is reported.",
+    )
     batch_anthropic_max_tokens: int = Field(
         default=8192, ge=16,
         description="max_tokens of a batched Anthropic request whose role sets none (Anthropic requires one; "
