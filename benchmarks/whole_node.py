@@ -119,11 +119,16 @@ def _cpu_of(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def run_mics(port: int, data: Path, folder: Path, media: bool, profile: Path | None = None) -> dict[str, Any]:
+def run_mics(port: int, data: Path, folder: Path, media: bool, profile: Path | None = None,
+             checkout: str | None = None) -> dict[str, Any]:
     """One ``mics run`` process over ``data``: its wall time, CPU (all, and sampled while it ran), the server's
-    counts, and when the server saw its first request."""
+    counts, and when the server saw its first request. ``checkout``: the mics_agents of that folder (PYTHONPATH)."""
     base = f"http://127.0.0.1:{port}/v1"
     env = {name: value for name, value in os.environ.items() if not name.startswith("MICS_")}
+    # As installed: bytecode cached (a process that compiles its modules each time measures the compiler).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if checkout:
+        env["PYTHONPATH"] = checkout
     env.update(MICS_MENTORS=",".join(MENTORS), MICS_INTERNS=",".join(INTERNS), MICS_JUDGE=JUDGE,
                OPENAI_API_BASE=base, OPENAI_API_KEY="sk-benchmark", HOSTED_VLLM_API_BASE=base,
                LITELLM_LOCAL_MODEL_COST_MAP="True")
@@ -138,6 +143,7 @@ def run_mics(port: int, data: Path, folder: Path, media: bool, profile: Path | N
     command = [mics, "run", str(data), "--output", str(output), "--cache", str(cache)]
     if profile is not None:
         command = [sys.executable, "-m", "cProfile", "-o", str(profile), mics, *command[1:]]
+    _get(port, "/reset-first")
     before = _get(port, "/stats")
     samples: list[tuple[float, float]] = []
     launched = time.time()
@@ -165,7 +171,7 @@ def run_mics(port: int, data: Path, folder: Path, media: bool, profile: Path | N
     after = _get(port, "/stats")
     counts = {key: after[key] - before.get(key, 0) for key in after if key.endswith(("requests", "parts"))}
     cpu = usage.ru_utime + usage.ru_stime
-    first = after["first_request_at"] if before["first_request_at"] is None else None
+    first = after["first_request_at"]
     first_cpu = None
     if first is not None:
         # CPU when the first request came: the last sample taken before it (10 ms ticks).
@@ -248,6 +254,30 @@ def _top(profile: Path, count: int, interns: int) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: -row["own_us_per_intern_call"])[:count]
 
 
+def startup(port: int, folder: Path, launches: int, checkouts: list[str | None]) -> dict[str, Any]:
+    """``launches`` launches of ``mics run`` over 4 text cases per checkout, interleaved (after one untimed launch
+    each, which writes their bytecode caches): the time from launch to the server's first request, and the CPU
+    the process had used by then."""
+    data = make_cases(folder, 4, images=False)
+    for checkout in checkouts:
+        run_mics(port, data, folder, media=False, checkout=checkout)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(launches):
+        for checkout in checkouts:
+            outcome = run_mics(port, data, folder, media=False, checkout=checkout)
+            runs.setdefault(checkout or "installed", []).append(outcome)
+    return {
+        checkout: {
+            "first_request_after_launch_s": sorted(run["first_request_after_launch_s"] for run in outcomes),
+            "cpu_before_first_request_s": sorted(run["cpu_before_first_request_s"] for run in outcomes),
+            "median_first_request_after_launch_s": statistics.median(run["first_request_after_launch_s"] for run in outcomes),
+            "median_cpu_before_first_request_s": statistics.median(run["cpu_before_first_request_s"] for run in outcomes),
+            "median_process_cpu_s": statistics.median(run["client_cpu_s"] for run in outcomes),
+        }
+        for checkout, outcomes in runs.items()
+    }
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def spread(values: list[float]) -> dict[str, float]:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -288,14 +318,33 @@ def main() -> None:
     parser.add_argument("--sdk-concurrency", type=int, default=64)
     parser.add_argument("--profile", type=int, default=0,
                         help="run each mode once under cProfile instead, keeping this many entries")
+    parser.add_argument("--profile-dir", type=Path, help="keep the cProfile files (MODE.prof) here")
+    parser.add_argument("--startup", type=int, default=0,
+                        help="only measure start-up: this many launches over 4 cases per checkout, interleaved")
+    parser.add_argument("--checkouts", default="",
+                        help="comma-separated folders whose mics_agents to run (PYTHONPATH), interleaved; "
+                             "empty: the installed one")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     modes = args.modes.split(",")
+    checkouts: list[str | None] = [c for c in args.checkouts.split(",") if c] or [None]
+    if args.startup:
+        with tempfile.TemporaryDirectory() as scratch, zero_latency_server(record=False) as port:
+            result = {"machine": machine(), "startup": startup(port, Path(scratch), args.startup, checkouts)}
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     results: dict[str, Any] = {
         "machine": machine(), "mentors": MENTORS, "interns": INTERNS, "judge": JUDGE,
         "settings": "defaults (64 items in flight, 32 calls per model, answer-only interns), fresh SQLite cache",
         "text_items": args.items, "image_items": args.image_items,
         "images": "3 per case, random RGB PNGs 396-420 px square, ~0.5 MB each", "modes": {},
+    }
+    results["checkouts"] = {
+        checkout or "installed": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                                cwd=checkout or Path(__file__).resolve().parents[1]).stdout.strip()
+        for checkout in checkouts
     }
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -305,22 +354,25 @@ def main() -> None:
         if "data" in modes or "file" in modes:
             cases["data"] = cases["file"] = make_cases(folder, args.image_items, images=True)
         for repeat in range(1 if args.profile else args.repeats):
-            for mode in modes:
-                entry = results["modes"].setdefault(mode, {"runs": []})
-                with zero_latency_server(record=args.sdk and repeat == 0 and not args.profile) as port:
-                    profile = folder / f"{mode}.prof" if args.profile else None
-                    outcome = run_mics(port, cases[mode], folder, media=mode == "file", profile=profile)
+            for mode, checkout in [(mode, checkout) for mode in modes for checkout in checkouts]:
+                label = mode if len(checkouts) == 1 else f"{mode} @ {checkout or 'installed'}"
+                entry = results["modes"].setdefault(label, {"runs": []})
+                sdk = args.sdk and repeat == 0 and not args.profile and checkout == checkouts[-1]
+                with zero_latency_server(record=sdk) as port:
+                    profile = (args.profile_dir or folder) / f"{mode}.prof" if args.profile else None
+                    outcome = run_mics(port, cases[mode], folder, media=mode == "file", profile=profile,
+                                       checkout=checkout)
                     if profile is not None:
                         outcome["profile_top_by_own_time"] = _top(profile, args.profile, outcome["intern_requests"])
                     entry["runs"].append(outcome)
-                    print(f"{mode}: {outcome['intern_requests']} intern calls, {outcome['client_cpu_s']:.2f} s CPU: "
+                    print(f"{label}: {outcome['intern_requests']} intern calls, {outcome['client_cpu_s']:.2f} s CPU: "
                           f"{outcome['intern_calls_per_cpu_s']:.0f} intern calls/CPU-s "
                           f"({outcome.get('after_first_request', {}).get('intern_calls_per_cpu_s', 0):.0f} after the "
                           f"first request), first request {outcome['first_request_after_launch_s']:.3f} s after launch",
                           flush=True)
-                    if args.sdk and repeat == 0 and not args.profile:
+                    if sdk:
                         entry["openai_sdk_loop"] = sdk_loop(port, folder, args.sdk_concurrency)
-                        print(f"{mode}: openai SDK loop {entry['openai_sdk_loop']['intern_calls_per_cpu_s']:.0f} "
+                        print(f"{label}: openai SDK loop {entry['openai_sdk_loop']['intern_calls_per_cpu_s']:.0f} "
                               f"calls/CPU-s", flush=True)
         for entry in results["modes"].values():
             if not args.profile:

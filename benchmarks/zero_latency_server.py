@@ -5,7 +5,8 @@
 
 A text request is answered in tens of microseconds of this process's CPU (parsing the JSON body dominates a
 request with data-URL images), so a client's own CPU, not the server, sets the pace. ``GET /stats`` gives
-request counts by role and the wall-clock time (``time.time()``) of the first chat request. With ``--record``,
+request counts by role and the wall-clock time (``time.time()``) of the first chat request (``GET /reset-first``
+makes the next one the first again). With ``--record``,
 ``GET /recorded`` gives the intern request bodies seen so far, each image URL replaced by
 ``{"image_ref": N}`` and the URLs listed once under ``images`` (so a client can send the same bodies again).
 """
@@ -135,6 +136,9 @@ class Connection(asyncio.Protocol):
                 return _response("200 OK", state.answer(json.loads(body)))
             if path == "/stats":
                 return _response("200 OK", json.dumps(state.counters).encode())
+            if path == "/reset-first":  # the next chat request is timed as a first one again
+                state.counters["first_request_at"] = None
+                return _response("200 OK", b"{}")
             if path == "/recorded":
                 return _response("200 OK", state.recorded_json())
             return _response("404 Not Found", b'{"error":{"message":"not found"}}')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .errors import MalformedReplyError
 
@@ -106,6 +107,11 @@ def parse_options(question: str) -> dict[str, str]:
 
     Needs at least two consecutive letters starting at A, so a stray ``A.`` in prose is not an option list.
     """
+    return dict(_options_of(question))  # a copy: the caller may change it
+
+
+@lru_cache(maxsize=1024)  # a case's question is parsed at every grade of its answers
+def _options_of(question: str) -> dict[str, str]:
     options: dict[str, str] = {}
     for match in _OPTION_LINE.finditer(question):
         letter = match.group(1).upper()

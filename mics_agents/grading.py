@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal, Protocol
 
 from .answers import parse_options
@@ -61,6 +62,9 @@ _TOKEN = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
 _YES_NO = {"yes", "no"}
 
 
+# _plain and normalize are pure and see the same few strings again and again (a case's reference and options,
+# the interns' short answers): remembered, a grade costs dict look-ups instead of a dozen regex passes.
+@lru_cache(maxsize=8192)
 def _plain(text: str) -> str:
     """Markdown, LaTeX boxes and an "the answer is:" lead-in removed; whitespace collapsed."""
     text = _BOXED.sub(r"\1", text)
@@ -69,6 +73,7 @@ def _plain(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+@lru_cache(maxsize=8192)
 def normalize(text: str) -> str:
     """The form two answers are compared in by the ``exact`` rule."""
     text = _plain(text).lower()
