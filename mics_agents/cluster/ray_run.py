@@ -76,6 +76,8 @@ class RayRun:
     cpus_per_shard: float = 1.0
     max_retries: int = 3
     backup_every: float = 60.0
+    # Seconds a shard's task waits for its output's lock; None: settings.cluster_lock_wait.
+    lock_wait: float | None = None
     on_update: Callable[[RunStats], None] = lambda stats: None
     on_event: Callable[[str], None] = lambda text: None
     stats: RunStats = field(default_factory=RunStats)
@@ -99,7 +101,12 @@ class RayRun:
         board = ray.remote(num_cpus=0)(_Board).remote()
         task = ray.remote(num_cpus=self.cpus_per_shard, max_retries=self.max_retries)(run_shard)
         environment = forwarded_environment(os.environ)
-        refs = [task.remote(ShardJob(index, self.shards, path, self.run_args, environment, self.backup_every), board)
+        if self.lock_wait is None:
+            from ..config import load_settings
+
+            self.lock_wait = load_settings().cluster_lock_wait
+        refs = [task.remote(ShardJob(index, self.shards, path, self.run_args, environment, self.backup_every,
+                                     self.lock_wait), board)
                 for index, path in enumerate(self.shard_outputs())]
         self.on_event(f"{self.shards} shards on Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
                       f"{self.cpus_per_shard:g} per shard); journals beside {self.output}")

@@ -6,6 +6,10 @@ meets a former attempt still writing. Its call cache is node-local (:mod:`.cache
 task reads the shard's journal as it grows and the cache's spend, and reports them to the driver's board.
 ``ray.cancel`` reaches the task as ``KeyboardInterrupt``: the child gets SIGINT (no new item starts, items in
 flight finish and are written), and the task returns once it has ended.
+
+A retried task can find the shard's output lock still held: on a network filesystem the lock of a node that
+died lasts until the server's lease for that node expires. The task waits for it (``lock_wait`` seconds at
+most) before it starts the child; it never breaks a lock, since a holder it cannot see may still be writing.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from typing import Any
 from ..runner import run_id_for
 from .cache_backup import back_up, local_cache_path, remove_local, restore
 
-__all__ = ["ShardJob", "shard_output", "run_shard", "JournalTail", "FAILURE_KINDS"]
+__all__ = ["ShardJob", "shard_output", "run_shard", "wait_for_output", "JournalTail", "FAILURE_KINDS"]
 
 FAILURE_KINDS = ("no_path", "model_error", "bad_input", "internal_error")
 _POLL_S = 0.2  # how soon a cancel or the child's end is seen
 _REPORT_S = 1.0
+_LOCK_POLL_S = 1.0
 
 
 def shard_output(output: Path, index: int, count: int) -> Path:
@@ -46,6 +51,7 @@ class ShardJob:
     run_args: list[str]  # ``mics run`` arguments shared by every shard: the data and options, absolute paths
     env: dict[str, str] = field(default_factory=dict)  # the driver's model settings and keys
     backup_every: float = 60.0
+    lock_wait: float = 300.0  # seconds to wait for a lock a former holder left (settings.cluster_lock_wait)
 
 
 class JournalTail:
@@ -116,14 +122,41 @@ def _failed_path(output: Path) -> Path:
     return default_failed_path(output)
 
 
+def wait_for_output(output: Path, patience: float, *, poll: float = _LOCK_POLL_S) -> tuple[bool, float]:
+    """Wait while another process holds the lock of the shard's output or failed file, ``patience`` seconds at
+    most. Returns (free now, seconds waited); when it is not free the child says who holds it and exits 2."""
+    from ..errors import OutputBusyError
+    from ..outputs import OutputLock
+
+    lock = OutputLock(output, _failed_path(output))
+    started = time.monotonic()
+    while True:
+        try:
+            lock.probe()
+            return True, time.monotonic() - started
+        except OutputBusyError:
+            waited = time.monotonic() - started
+            if waited >= patience:
+                return False, waited
+            time.sleep(min(poll, patience - waited))
+
+
 def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
     """Run shard ``job.index`` to its end (or until cancelled); its exit code, summary and last log line."""
+    stem = job.output.name.removesuffix(".jsonl")
+    log = job.output.with_name(f"{stem}.log")
+    try:
+        free, waited = wait_for_output(job.output, job.lock_wait)
+    except KeyboardInterrupt:
+        return {"index": job.index, "exit_code": 130, "cancelled": True, "log": str(log)}
+    if waited >= _LOCK_POLL_S:
+        with open(log, "a", encoding="utf-8") as log_file:
+            log_file.write(f"waited {waited:.0f} s for the output's lock (a former attempt's node may have died): "
+                           f"{'free' if free else 'still held; the run below says by whom'}\n")
     local = local_cache_path(job.output)
     restore(job.output, local)
-    stem = job.output.name.removesuffix(".jsonl")
     summary = job.output.with_name(f"{stem}.summary.json")
     summary.unlink(missing_ok=True)
-    log = job.output.with_name(f"{stem}.log")
     command = [
         sys.executable, "-m", "mics_agents", "run", *job.run_args, "--output", str(job.output),
         "--shard", f"{job.index}/{job.count}", "--cache", str(local), "--json-summary", str(summary),
@@ -176,7 +209,8 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
             back_up(local, job.output)
         remove_local(local)
     report()
-    result = {"index": job.index, "exit_code": child.returncode, "cancelled": cancelled, "log": str(log)}
+    result = {"index": job.index, "exit_code": child.returncode, "cancelled": cancelled, "log": str(log),
+              "lock_wait_s": round(waited, 1)}
     if summary.is_file():
         result["summary"] = json.loads(summary.read_text(encoding="utf-8"))
     else:
