@@ -7,12 +7,14 @@ import logging
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreError
-from ..store import Store
 from .base import Model, ModelRequest, ModelResponse, WrapperModel
 from .validating import usable
+
+if TYPE_CHECKING:  # the store imports the model boundary's types: only the annotations need it here
+    from ..store import Store
 
 __all__ = ["CachedModel"]
 
