@@ -54,6 +54,8 @@ __all__ = [
     "RecordedRequest",
     "simulated_brain",
     "simulated_brain_with_roles",
+    "prompt_brain",
+    "role_from_prompt",
     "request_from_openai",
 ]
 
@@ -212,6 +214,47 @@ def simulated_brain_with_roles(roles: Mapping[str, str]) -> Brain:
         return simulated_reply(role_of(model, roles), model, request_from_openai(body))
 
     return brain
+
+
+def role_from_prompt(body: dict[str, Any]) -> str:
+    """The role a request asks for, read from the headings of the package's prompt templates in its last message
+    (so any model name works): ``mentor`` (a correct answer known only to it), ``judge`` (a reference and a
+    candidate answer), ``intern`` (a question and the reasoning so far), ``generator`` (a case record to write
+    questions from), else ``answerer`` (a plain question, as ``mics eval`` asks it)."""
+    messages = body.get("messages") or [{}]
+    text = _message_text(messages[-1])
+    if "## Correct answer" in text:
+        return "mentor"
+    if "## Reference answer" in text and "## Candidate answer" in text:
+        return "judge"
+    if "## Reasoning so far" in text:
+        return "intern"
+    if "## Case record" in text and "## Question" not in text:
+        return "generator"
+    return "answerer"
+
+
+def _answerer_text(model: str, body: dict[str, Any]) -> str:
+    """A model under evaluation: one step, then a final answer drawn from the question's options (or yes/no),
+    fixed by a hash of the request."""
+    from mics_agents.answers import parse_options
+
+    messages = body.get("messages") or [{}]
+    question = _message_text(messages[-1])
+    seed = hashlib.sha256(f"{model}\x00{question}\x00{body.get(SAMPLE_FIELD, 0)}".encode()).digest()
+    rng = random.Random(int.from_bytes(seed[:8], "big"))
+    options = sorted(parse_options(question))
+    answer = rng.choice(options) if options else rng.choice(["Yes", "No"])
+    return f"### Step 1: Reading the question and the images.\n\n### The final answer is: {answer}"
+
+
+def prompt_brain(model: str, body: dict[str, Any]) -> str:
+    """Like :func:`simulated_brain`, but the role comes from the prompt, not the model name: what the docs'
+    examples run against, whatever models they name (``openai/gpt-4o`` as mentor, judge and intern alike)."""
+    role = role_from_prompt(body)
+    if role == "answerer":
+        return _answerer_text(model, body)
+    return simulated_reply(role, model, request_from_openai(body))
 
 
 class OpenAIServer:
