@@ -21,8 +21,9 @@ import io
 import json
 import math
 import os
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +33,9 @@ from ..data import failure_input
 from ..dataset.steps import StepStats, count_tree
 from ..errors import ImageError, InputError
 from ..images import DEFAULT_MAX_PIXELS, decode_budget, decode_cost, to_8bit
-from ..outputs import default_failed_path, failure_key, foreign_failure, foreign_success, success_line, winning_lines
+from ..outputs import Line, default_failed_path, failure_key, foreign_failure, foreign_success, success_line, winning_lines
 
-__all__ = ["ReportData", "build_report_data", "run_files", "STATUSES", "DEFAULT_THUMBNAIL_SIZE"]
+__all__ = ["ReportData", "ReportItems", "StreamedReport", "build_report_data", "stream_report_data", "run_files", "STATUSES", "DEFAULT_THUMBNAIL_SIZE"]
 
 STATUSES = ("success", "no_path", "model_error", "bad_input", "internal_error")
 DEFAULT_THUMBNAIL_SIZE = 160
@@ -54,8 +55,8 @@ class ReportData:
     images: dict[str, str | None] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
-    def payload(self) -> dict[str, Any]:
-        """What the page embeds (as JSON)."""
+    def head(self) -> dict[str, Any]:
+        """What the page embeds before the items."""
         return {
             "version": 1,
             "title": self.title,
@@ -64,32 +65,41 @@ class ReportData:
             "mentors": self.mentors,
             "interns": self.interns,
             "statuses": list(self.summary["status"]),
-            "items": self.items,
-            "images": self.images,
-            "warnings": self.warnings,
         }
 
+    def payload(self) -> dict[str, Any]:
+        """What the page embeds (as JSON)."""
+        return {**self.head(), "items": list(self.items), "images": self.images, "warnings": self.warnings}
 
-def _read_jsonl(path: Path, warnings: list[str], bad_lines: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """JSON objects of a file with their line numbers; a line that is not one is counted in ``bad_lines``,
-    not fatal (a run that is still going can leave a torn last line)."""
+
+def _read_jsonl(path: Path, warnings: list[str], bad_lines: list[int]) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+    """(line number, start, end, object) of each JSON object of a file, ``start``/``end`` its bytes; a line
+    that is not one is counted in ``bad_lines``, not fatal (a run that is still going can leave a torn last
+    line)."""
     first_bad = len(bad_lines)
     with open(path, "rb") as handle:
+        offset = 0
         for number, raw_line in enumerate(handle, start=1):
+            start, offset = offset, offset + len(raw_line)
             if not raw_line.strip():
                 continue
-            try:
-                record = json.loads(raw_line)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                record = None
-            if not isinstance(record, dict):
+            record = _decode(raw_line)
+            if record is None:
                 bad_lines.append(number)
                 continue
-            yield number, record
+            yield number, start, offset, record
     skipped = bad_lines[first_bad:]
     if skipped:
         shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
         warnings.append(f"{path.name}: skipped {len(skipped)} line(s) that are not JSON objects (line {shown})")
+
+
+def _decode(raw_line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw_line)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _number(value: Any) -> float | None:
@@ -132,12 +142,18 @@ def _question_of_input(raw: Any) -> tuple[str, str, list[str]]:
 
 
 class _Builder:
-    def __init__(self) -> None:
+    """Adds up the summary as items come, and hands each item to ``sink`` (it keeps none of them): the
+    summary, the mentor and intern tables and the image paths grow with what the run names, not with how many
+    items it has."""
+
+    def __init__(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        self.sink = sink
+        self.count = 0
+        self.image_paths: dict[str, None] = {}  # every image path the items name, once, in order
         self.mentors: dict[str, int] = {}
         self.interns: dict[str, int] = {}
         self.mentor_names: list[str] = []
         self.intern_names: list[str] = []
-        self.items: list[dict[str, Any]] = []
         self.status = Counter({status: 0 for status in STATUSES})
         self.search_id: Counter = Counter()
         self.depth: Counter = Counter()
@@ -166,7 +182,7 @@ class _Builder:
         """One item. ``record`` is a search's record (``SearchResult.to_record()``: a success line, or the
         ``search`` of a failure) or holds only ``rid`` for an item that was never searched."""
         self.status[status] += 1
-        item: dict[str, Any] = {"i": len(self.items), "rid": _text(record.get("rid")), "status": status}
+        item: dict[str, Any] = {"i": self.count, "rid": _text(record.get("rid")), "status": status}
         if line is not None:
             item["line"] = line
         if error:
@@ -210,7 +226,9 @@ class _Builder:
             self.search_id[item["sid"] or "none"] += 1
             self.depth[str(item["depth"]) if item["depth"] else "none"] += 1
             self.trend[item["trend"] or "none"] += 1
-        self.items.append(item)
+        self.image_paths.update(dict.fromkeys(images))
+        self.count += 1
+        self.sink(item)
 
     def _node(self, node: dict[str, Any]) -> dict[str, Any]:
         samples = []
@@ -307,7 +325,7 @@ class _Builder:
         usage["cost_usd"] = round(usage["cost_usd"], 10)
         usage["online_cost_usd"] = round(usage["online_cost_usd"], 10)
         return {
-            "items": len(self.items),
+            "items": self.count,
             "status": dict(self.status),
             "search_id": dict(sorted(self.search_id.items())),
             "depth": dict(sorted(self.depth.items(), key=lambda kv: (kv[0] == "none", int(kv[0]) if kv[0].isdigit() else 0))),
@@ -371,41 +389,52 @@ def thumbnail_data_url(path: Path, size: int = DEFAULT_THUMBNAIL_SIZE, *, max_pi
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _thumbnails(paths: list[str], image_dir: Path, size: int, warnings: list[str]) -> dict[str, str | None]:
+# Thumbnails made at a time: the threads overlap, and no more of them than this waits in memory.
+_THUMBNAIL_BATCH = 64
+
+
+def _thumbnails(paths: list[str], image_dir: Path, size: int, warnings: list[str]) -> Iterator[tuple[str, str | None]]:
+    """(path, thumbnail data URL or None) of each path, in order, made a batch at a time; once all are
+    given, what could not be shown is added to ``warnings``."""
     from PIL import Image
 
-    too_large: list[str] = []
-
-    def one(relative: str) -> str | None:
+    def one(relative: str) -> str | bool | None:
         try:
             path = _inside(image_dir, relative)
             if path is None:
                 return None
             return thumbnail_data_url(path, size, max_pixels=DEFAULT_MAX_PIXELS)
         except ImageError:
-            too_large.append(relative)
-            return None
+            return False  # above the pixel cap
         except (OSError, ValueError, SyntaxError, EOFError, RuntimeError, MemoryError, Image.DecompressionBombError):
             return None
 
+    # How many could not be shown, and the first of them (to name in the warning).
+    missing: list[Any] = [0, None]
+    too_large: list[Any] = [0, None]
     # Threads overlap file reads and decodes; the decode budget bounds how much memory they hold at once.
     workers = min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding and resizing release the GIL
-        urls = dict(zip(paths, pool.map(one, paths)))
-    missing = [path for path, url in urls.items() if url is None and path not in too_large]
-    if missing:
+        for first in range(0, len(paths), _THUMBNAIL_BATCH):
+            batch = paths[first:first + _THUMBNAIL_BATCH]
+            for path, url in zip(batch, pool.map(one, batch)):
+                if not isinstance(url, str):
+                    tally = too_large if url is False else missing
+                    tally[0] += 1
+                    tally[1] = tally[1] if tally[0] > 1 else path
+                    url = None
+                yield path, url
+    if missing[0]:
         warnings.append(
-            f"{len(missing)} of {len(paths)} image(s) not found or unreadable under {image_dir} (e.g. {missing[0]})"
+            f"{missing[0]} of {len(paths)} image(s) not found or unreadable under {image_dir} (e.g. {missing[1]})"
         )
-    if too_large:
+    if too_large[0]:
         warnings.append(
-            f"{len(too_large)} image(s) above {DEFAULT_MAX_PIXELS:,} pixels shown without a thumbnail "
-            f"(e.g. {too_large[0]}): a run refuses them too"
+            f"{too_large[0]} image(s) above {DEFAULT_MAX_PIXELS:,} pixels shown without a thumbnail "
+            f"(e.g. {too_large[1]}): a run refuses them too"
         )
-    return urls
 
 
-_Numbered = list[tuple[int, dict[str, Any]]]
 _FAILED_SUFFIX = "_failed.jsonl"
 
 
@@ -441,21 +470,222 @@ def _is_failure_line(record: dict[str, Any]) -> bool:
     return foreign_failure(record) is None and foreign_success(record) is not None
 
 
-def _outcomes(successes: _Numbered, failures: list[tuple[str, int, dict[str, Any]]], output: Path) -> tuple[_Numbered, _Numbered]:
-    """One line per item by the journal's rule: a run still going, or stopped, may hold a retried item's
-    old failure beside its new outcome. A line without an id gets its place in its file as one."""
-    for number, record in successes:
-        if not _text(record.get("rid")):
-            record["rid"] = f"{output.name}:{number}"
-    for file_name, number, record in failures:
-        search = record.get("search") if isinstance(record.get("search"), dict) else {}
-        line = record.get("line") if isinstance(record.get("line"), int) else None
-        # A line without a usable id is shown by its line number (its key is made up: see data.made_up_key).
-        record["rid"] = (_text(record.get("rid")) or _text(search.get("rid"))
-                         or (f"line-{line}" if line is not None else f"{file_name}:{number}"))
-    kept, kept_failures = winning_lines([success_line(record) for _, record in successes],
-                                        [failure_key(record) for _, _, record in failures])
-    return [successes[i] for i in kept], [failures[i][1:] for i in kept_failures]
+def _name_success(record: dict[str, Any], output: Path, number: int) -> dict[str, Any]:
+    """A success line without an id gets its place in its file as one."""
+    if not _text(record.get("rid")):
+        record["rid"] = f"{output.name}:{number}"
+    return record
+
+
+def _name_failure(record: dict[str, Any], file_name: str, number: int) -> dict[str, Any]:
+    search = record.get("search") if isinstance(record.get("search"), dict) else {}
+    line = record.get("line") if isinstance(record.get("line"), int) else None
+    # A line without a usable id is shown by its line number (its key is made up: see data.made_up_key).
+    record["rid"] = (_text(record.get("rid")) or _text(search.get("rid"))
+                     or (f"line-{line}" if line is not None else f"{file_name}:{number}"))
+    return record
+
+
+@dataclass
+class _RunScan:
+    """Where the standing line of each item of a run is, by the journal's rule (a run still going, or
+    stopped, may hold a retried item's old failure beside its new outcome): what the first pass over the
+    files keeps, a few numbers per item. The second pass reads those lines, one at a time.
+
+    ``files`` are the files read and the identity each had (a run that compacts one between the passes
+    replaces it). ``successes`` holds (line number, start, end) of each standing success line of the
+    output; ``failures`` (file, line number, start, end) of each standing failure line, the output's own
+    (failure lines found there) first."""
+
+    output: Path
+    failed: Path | None
+    files: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)
+    successes: array = field(default_factory=lambda: array("q"))
+    failures: array = field(default_factory=lambda: array("q"))
+    warnings: list[str] = field(default_factory=list)
+    unreadable: int = 0
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    found = path.stat()
+    return found.st_dev, found.st_ino
+
+
+def _scan_run(output: Path, failed: Path | None) -> _RunScan:
+    """The first pass: each line's item and where its bytes are; the records are decoded one at a time and
+    dropped."""
+    scan = _RunScan(output, failed)
+    bad_lines: list[int] = []
+    success_lines: list[Line] = []
+    success_places = array("q")
+    failure_keys: list[str | None] = []
+    failure_places = array("q")
+    moved = 0  # failure lines in the success file
+    if output.is_file():
+        scan.files.append((output, _identity(output)))
+        for number, start, end, record in _read_jsonl(output, scan.warnings, bad_lines):
+            if _is_failure_line(record):
+                moved += 1
+                failure_keys.append(failure_key(_name_failure(record, output.name, number)))
+                failure_places.extend((0, number, start, end))
+            else:
+                success_lines.append(success_line(_name_success(record, output, number)))
+                success_places.extend((number, start, end))
+    else:
+        scan.warnings.append(f"{output.name} does not exist: no item of this run succeeded")
+    if moved:
+        # A failed file given as the success file, or lines moved between them: each counts as what it is.
+        scan.warnings.append(f"{output.name}: {moved} line(s) are failures, not successes: counted by their kind")
+    if failed is not None:
+        scan.files.append((failed, _identity(failed)))
+        for number, start, end, record in _read_jsonl(failed, scan.warnings, bad_lines):
+            failure_keys.append(failure_key(_name_failure(record, failed.name, number)))
+            failure_places.extend((len(scan.files) - 1, number, start, end))
+    scan.unreadable = len(bad_lines)
+    kept, kept_failures = winning_lines(success_lines, failure_keys)
+    del success_lines, failure_keys
+    for index in kept:
+        scan.successes.extend(success_places[3 * index:3 * index + 3])
+    for index in kept_failures:
+        scan.failures.extend(failure_places[4 * index:4 * index + 4])
+    return scan
+
+
+class _Reader:
+    """The second pass: the standing lines, read by their offsets from files that must be the ones the
+    first pass read (a file that grew since is fine: a run still going only appends)."""
+
+    def __init__(self, scan: _RunScan) -> None:
+        self.scan = scan
+        self.handles: dict[int, Any] = {}
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+    def read(self, file: int, start: int, end: int) -> dict[str, Any]:
+        path, identity = self.scan.files[file]
+        handle = self.handles.get(file)
+        if handle is None:
+            try:
+                handle = open(path, "rb")
+            except FileNotFoundError:
+                raise self._changed(path) from None
+            found = os.fstat(handle.fileno())
+            if (found.st_dev, found.st_ino) != identity:
+                handle.close()
+                raise self._changed(path)
+            self.handles[file] = handle
+        handle.seek(start)
+        record = _decode(handle.read(end - start))
+        if record is None:
+            raise self._changed(path)
+        return record
+
+    @staticmethod
+    def _changed(path: Path) -> InputError:
+        return InputError(
+            f"{path} changed while it was being read (a run compacted or rewrote it): nothing was written. "
+            "Run mics report again (after the run ends, for a stable report)."
+        )
+
+
+def _standing(scan: _RunScan) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(status, record, keyword arguments of :meth:`_Builder.add`) of each item, successes first, each read
+    when it is needed."""
+    with _Reader(scan) as reader:
+        places = scan.successes
+        for at in range(0, len(places), 3):
+            number, start, end = places[at:at + 3]
+            yield "success", _name_success(reader.read(0, start, end), scan.output, number), {}
+        places = scan.failures
+        for at in range(0, len(places), 4):
+            file, number, start, end = places[at:at + 4]
+            record = _name_failure(reader.read(file, start, end), scan.files[file][0].name, number)
+            error = record.get("error") if isinstance(record.get("error"), dict) else {}
+            kind = _text(error.get("kind")) or "unknown"
+            search = record.get("search") if isinstance(record.get("search"), dict) else {}
+            yield kind, {**search, "rid": record["rid"]}, {
+                "line": record.get("line") if isinstance(record.get("line"), int) else None,
+                "error": _text(error.get("message")), "raw_input": failure_input(record), "has_input": True,
+            }
+
+
+def _build(scan: _RunScan, sink: Callable[[dict[str, Any]], None]) -> _Builder:
+    builder = _Builder(sink)
+    for status, record, details in _standing(scan):
+        builder.add(status, record, **details)
+    return builder
+
+
+class ReportItems(Sequence):
+    """The items of a run, read again from its files each time they are gone through (never all held)."""
+
+    def __init__(self, scan: _RunScan, count: int) -> None:
+        self._scan, self._count = scan, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ready: list[dict[str, Any]] = []
+        builder = _Builder(ready.append)
+        for status, record, details in _standing(self._scan):
+            builder.add(status, record, **details)
+            yield from ready
+            ready.clear()
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return list(self)[index]
+
+
+@dataclass
+class StreamedReport:
+    """What :func:`stream_report_data` read, and the parts of the page's data to write in order: ``head``
+    (everything before the items), ``images`` (path, thumbnail) as they are made, then ``data.warnings``
+    (complete once ``images`` is exhausted)."""
+
+    data: ReportData
+    head: dict[str, Any]
+    images: Iterator[tuple[str, str | None]]
+
+
+def stream_report_data(
+    output: Path,
+    failed: Path | None = None,
+    *,
+    sink: Callable[[dict[str, Any]], None],
+    image_dir: Path | None = None,
+    thumbnail_size: int = DEFAULT_THUMBNAIL_SIZE,
+    title: str | None = None,
+) -> StreamedReport:
+    """:func:`build_report_data` with memory flat in the number of items: the files are read twice (which
+    line stands for each item, then those lines one at a time) and each item is handed to ``sink``, never
+    kept. The returned data's ``items`` are read again from the files if gone through; its ``images`` are
+    empty (the thumbnails come from the returned ``images`` iterator, once)."""
+    output, failed = run_files(output, failed)
+    if image_dir is not None and not image_dir.is_dir():
+        raise InputError(f"image folder {str(image_dir)!r} not found")
+    scan = _scan_run(output, failed)
+    builder = _build(scan, sink)
+    warnings = scan.warnings
+    paths = list(builder.image_paths)
+    images = _thumbnails(paths, image_dir, thumbnail_size, warnings) if image_dir is not None else iter(())
+    data = ReportData(
+        title=title or f"MICS report: {output.name}",
+        sources={"output": output.name if output.is_file() else None, "failed": failed.name if failed else None,
+                 "image_dir": str(image_dir) if image_dir is not None else None},
+        summary=builder.summary(scan.unreadable),
+        mentors=list(builder.mentors),
+        interns=list(builder.interns),
+        items=ReportItems(scan, builder.count),  # type: ignore[arg-type]
+        images={},
+        warnings=warnings,
+    )
+    return StreamedReport(data, data.head(), images)
 
 
 def build_report_data(
@@ -471,51 +701,13 @@ def build_report_data(
     A run where nothing succeeded (no success file, or an empty one) is reported from its failed file. With
     ``image_dir`` each image the items name is embedded once as a small thumbnail.
 
+    Holds every item (and thumbnail) in memory: the page of a large run is written by
+    :func:`~mics_agents.report.write_report`, which streams them.
+
     Raises :class:`InputError` if neither file of the run exists, or a failed file given explicitly is missing."""
-    output, failed = run_files(output, failed)
-    if image_dir is not None and not image_dir.is_dir():
-        raise InputError(f"image folder {str(image_dir)!r} not found")
-
-    warnings: list[str] = []
-    bad_lines: list[int] = []
-    if output.is_file():
-        successes = list(_read_jsonl(output, warnings, bad_lines))
-    else:
-        successes = []
-        warnings.append(f"{output.name} does not exist: no item of this run succeeded")
-    failures = [(output.name, number, record) for number, record in successes if _is_failure_line(record)]
-    if failures:
-        # A failed file given as the success file, or lines moved between them: each counts as what it is.
-        warnings.append(f"{output.name}: {len(failures)} line(s) are failures, not successes: counted by their kind")
-        successes = [(number, record) for number, record in successes if not _is_failure_line(record)]
-    if failed is not None:
-        failures += [(failed.name, number, record) for number, record in _read_jsonl(failed, warnings, bad_lines)]
-    successes, failures = _outcomes(successes, failures, output)
-    builder = _Builder()
-    for _, record in successes:
-        builder.add("success", record)
-    for _, record in failures:
-        error = record.get("error") if isinstance(record.get("error"), dict) else {}
-        kind = _text(error.get("kind")) or "unknown"
-        search = record.get("search") if isinstance(record.get("search"), dict) else {}
-        builder.add(
-            kind, {**search, "rid": record["rid"]}, line=record.get("line") if isinstance(record.get("line"), int) else None,
-            error=_text(error.get("message")), raw_input=failure_input(record), has_input=True,
-        )
-
-    images: dict[str, str | None] = {}
-    if image_dir is not None:
-        paths = list(dict.fromkeys(path for item in builder.items for path in item["img"]))
-        images = _thumbnails(paths, image_dir, thumbnail_size, warnings)
-
-    return ReportData(
-        title=title or f"MICS report: {output.name}",
-        sources={"output": output.name if output.is_file() else None, "failed": failed.name if failed else None,
-                 "image_dir": str(image_dir) if image_dir is not None else None},
-        summary=builder.summary(len(bad_lines)),
-        mentors=list(builder.mentors),
-        interns=list(builder.interns),
-        items=builder.items,
-        images=images,
-        warnings=warnings,
-    )
+    items: list[dict[str, Any]] = []
+    streamed = stream_report_data(output, failed, sink=items.append, image_dir=image_dir,
+                                  thumbnail_size=thumbnail_size, title=title)
+    streamed.data.images = dict(streamed.images)
+    streamed.data.items = items
+    return streamed.data

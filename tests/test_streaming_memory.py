@@ -1,0 +1,181 @@
+"""``mics report`` and ``mics dataset build`` stream (issue 29): memory holds each item's key and byte offsets,
+never its record, so four times the items costs a few bytes an item more, not four times the records. The
+two passes over a file refuse one that a run compacted between them; the journal's rule still picks each
+item's line (the last failure, a success over a failure); a torn last line is skipped."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import random
+import re
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from mics_agents.errors import InputError
+from mics_agents.report import build_report_data, render_html, write_report
+from mics_agents.report import data as report_data
+
+MENTORS = ["sim/mentor-a", "sim/mentor-b"]
+
+
+def node(index: int, parent: int | None, width: int) -> dict:
+    return {
+        "id": index, "parent": parent, "depth": 1 if parent is None else 2, "mentor": MENTORS[index % 2],
+        "step": f"### Step {index}: " + "lesion margin density " * width, "score": 0.5, "selected": index == 0,
+        "samples": [{"intern": "sim/intern-1", "temperature": 0.7, "sample_index": n, "answer": f"B {n} é",
+                     "correct": n % 2 == 0, "format_ok": True, "judged_by": "option"} for n in range(4)],
+    }
+
+
+def success(rid: str, width: int = 0) -> dict:
+    """A search record like a run's, its tree's text ``width`` times longer. Every item asks the same question:
+    the caches of parsed questions (bounded: answers.py, grading.py) would otherwise fill as items come."""
+    return {
+        "rid": rid, "images": [f"{rid}/axial.png"], "question": "Which finding?\nA. Cyst\nB. Abscess",
+        "gt_answer": "B. Abscess", "reasoning": "### Step 1: Look.\n\n### The final answer is: B. Abscess",
+        "scores": {MENTORS[0]: [1.0]}, "final_depth": "1", "generated_by": [MENTORS[0]], "search_id": "1",
+        "mics_score": 1.0, "trend": "increasing", "strategy": "mics",
+        "final_answer_grade": {"answer": "B. Abscess", "correct": True, "judged_by": "option"},
+        "tree": [node(0, None, width), *(node(n, 0, width) for n in range(1, 6))],
+        "usage": {"calls": 9, "cached_calls": 0, "input_tokens": 900, "output_tokens": 300, "cost_usd": 0.01},
+    }
+
+
+def failure(rid: str, kind: str = "model_error", note: str = "") -> dict:
+    return {"rid": rid, "key": rid, "line": 1, "error": {"kind": kind, "message": f"{kind} {note}".strip()},
+            "input": {"id": rid, "question": "q", "answer": "a"}}
+
+
+def line(record: dict) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_run(folder: Path, items: int, width: int = 60) -> Path:
+    """``items`` successes of about 13 KB and a failure for every tenth item (a retry that later succeeded)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    output = folder / "out.jsonl"
+    output.write_bytes(b"".join(line(success(f"item-{n:05d}", width)) for n in range(items)))
+    (folder / "out_failed.jsonl").write_bytes(b"".join(line(failure(f"item-{n:05d}")) for n in range(0, items, 10)))
+    return output
+
+
+def peak_of(call) -> int:
+    tracemalloc.start()
+    try:
+        call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak
+
+
+def embedded_payload(html: str) -> dict:
+    match = re.search(r'<script id="mics-data" type="application/x-gzip-base64">([A-Za-z0-9+/=\s]*)</script>', html)
+    assert match
+    return json.loads(gzip.decompress(base64.b64decode(match.group(1))))
+
+
+# -- mics report ------------------------------------------------------------------------------------------
+
+
+def test_the_report_holds_offsets_not_records(tmp_path):
+    small, large = write_run(tmp_path / "n", 100), write_run(tmp_path / "4n", 400)
+    record_bytes = small.stat().st_size // 100
+    assert record_bytes > 12_000
+    peaks = {}
+    for name, output in (("n", small), ("4n", large)):
+        peaks[name] = peak_of(lambda: write_report(output, output.with_suffix(".html")))
+    payload = embedded_payload(large.with_suffix(".html").read_text(encoding="utf-8"))
+    assert payload["summary"]["items"] == len(payload["items"]) == 400
+    growth = peaks["4n"] - peaks["n"]
+    # Holding the 300 extra records would be 300 x 13 KB of JSON, several times that as Python objects.
+    assert growth < 300 * 1_000, f"300 more items cost {growth / 1e3:.0f} KB ({peaks})"
+    assert peaks["4n"] < 12 * record_bytes + 3_000_000, f"peak {peaks['4n'] / 1e6:.1f} MB"
+
+
+def one_shot_page(data) -> str:
+    """The page as the report wrote it before it streamed: the whole payload dumped, gzipped and base64ed at once."""
+    text = json.dumps(data.payload(), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    encoded = base64.b64encode(gzip.compress(text.encode("utf-8", errors="replace"), compresslevel=5, mtime=0)).decode()
+    lines = "\n".join(encoded[start:start + 4096] for start in range(0, len(encoded), 4096))
+    page = render_html(data)
+    head, _, rest = page.partition('type="application/x-gzip-base64">')
+    return head + 'type="application/x-gzip-base64">' + lines + rest[rest.index("</script>"):]
+
+
+def test_the_streamed_page_is_byte_for_byte_the_page_of_the_whole_payload(tmp_path):
+    output = write_run(tmp_path, 60, width=30)
+    rng = random.Random(0)
+    with open(output, "ab") as handle:  # text that needs care: a lone surrogate, markup, non-ASCII
+        handle.write(b'{"rid": "odd", "question": "lone \\ud800 half </script>", "gt_answer": "\xe8\x82\xba"}\n')
+        for index in range(20):  # text that does not compress: the data spans many lines of the page
+            handle.write(line({**success(f"noise-{index}"), "reasoning": rng.randbytes(3000).hex()}))
+    page = tmp_path / "report.html"
+    written = write_report(output, page, title="a title with __DATA__ in it")
+    data = build_report_data(output, title="a title with __DATA__ in it")
+    text = page.read_text(encoding="utf-8")
+    assert text == one_shot_page(data) == render_html(data)
+    assert text.count("\n") > 40, "the data spans many lines of the page"
+    assert written.summary == data.summary and list(written.items) == data.items and len(written.items) == 81
+
+
+def test_the_report_reads_each_items_standing_line_by_the_rule(tmp_path):
+    output, failed = tmp_path / "out.jsonl", tmp_path / "out_failed.jsonl"
+    output.write_bytes(line(success("a")) + line({**success("a"), "question": "again"}) + line(success("b"))
+                       + b'{"rid": "torn", "question": "cut off by a crash')
+    failed.write_bytes(line(failure("b")) + line(failure("c", note="first")) + line(failure("c", "no_path", "last"))
+                       + line(failure("d")))
+    page = tmp_path / "report.html"
+    data = write_report(output, page)
+    shown = {item["rid"]: (item["status"], item["q"][:9], item.get("err", ""))
+             for item in embedded_payload(page.read_text(encoding="utf-8"))["items"]}
+    # a: its first success stands (the rule), not the repeat; c: its last failure; b: its success over its failure
+    assert shown == {"a": ("success", "Which fin", ""), "b": ("success", "Which fin", ""),
+                     "c": ("no_path", "q", "no_path last"), "d": ("model_error", "q", "model_error")}
+    assert data.summary["unreadable_lines"] == 1 and any("skipped 1 line" in warning for warning in data.warnings)
+
+
+def test_a_file_compacted_between_the_two_passes_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(line(failure("a")) + line(success("a")) + line(success("b")))
+    scan_run = report_data._scan_run
+
+    def scan_then_compact(*args):
+        scan = scan_run(*args)
+        replacement = tmp_path / "compacted"
+        replacement.write_bytes(line(success("a")) + line(success("b")))
+        replacement.replace(output)
+        return scan
+
+    monkeypatch.setattr(report_data, "_scan_run", scan_then_compact)
+    page = tmp_path / "report.html"
+    with pytest.raises(InputError, match="changed while it was being read .* Run mics report again"):
+        write_report(output, page)
+    assert not page.exists() and [path.name for path in tmp_path.iterdir()] == ["out.jsonl"], "no page, no scratch file"
+
+    from typer.testing import CliRunner
+
+    from mics_agents.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(output), "--html", str(page)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "changedwhileitwasbeingread" in "".join(result.output.split())
+
+
+def test_a_run_that_grows_between_the_passes_is_reported_as_it_was_first_read(tmp_path, monkeypatch):
+    output = write_run(tmp_path, 5, width=1)
+    scan_run = report_data._scan_run
+
+    def scan_then_append(*args):
+        scan = scan_run(*args)
+        with open(output, "ab") as handle:  # a run still going appends its next item
+            handle.write(line(success("late")))
+        return scan
+
+    monkeypatch.setattr(report_data, "_scan_run", scan_then_append)
+    data = write_report(output, tmp_path / "report.html")
+    assert data.summary["items"] == 5
