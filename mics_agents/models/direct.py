@@ -25,6 +25,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, TransientModelError
+from .http11 import Target as _Http11Target, post as _http11_post, target_of as _http11_target_of
+from .http11 import close_pool as _close_http11_pool
 from .base import ImagePart, ModelRequest, ModelResponse, TextPart, affinity_key
 from .clients import register_closer
 from .providers import direct_deployments, direct_target, written_deployments
@@ -445,11 +447,18 @@ def _pieces_payload(pieces: list[bytes]) -> Any:
 
 
 async def post_chat_completion(endpoint: DirectEndpoint, body: Any, timeout: float) -> dict[str, Any]:
-    """POST ``body`` (JSON bytes from :func:`request_body`, or a payload dict without the model) and read the
-    reply's JSON; a non-2xx reply raises :class:`HTTPStatusError`."""
+    """POST ``body`` (JSON bytes from :func:`request_body`, its pieces, or a payload dict without the model) and
+    read the reply's JSON; a non-2xx reply raises :class:`HTTPStatusError`. A plain ``http://`` endpoint is
+    sent it by the small keep-alive client of ``models/http11.py``; any other goes through aiohttp."""
     if isinstance(body, dict):
         body = json.dumps({**body, "model": endpoint.model}, ensure_ascii=False).encode("utf-8")
-    elif isinstance(body, list):
+    target = _http11_target(endpoint.url, endpoint.api_key)
+    if target is not None:
+        reply = await _http11_post(target, body if isinstance(body, list) else [body], timeout)
+        if reply.status >= 400:
+            raise HTTPStatusError(reply.status, reply.headers, reply.body.decode("utf-8", "replace"))
+        return json.loads(reply.body)
+    if isinstance(body, list):
         body = _pieces_payload(body)
     async with _session().post(
         endpoint.url, data=body, headers=_headers(endpoint.api_key), timeout=_client_timeout(timeout)
@@ -471,6 +480,14 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 @lru_cache(maxsize=64)
+def _http11_target(url: str, api_key: str | None) -> "_Http11Target | None":
+    headers = (("Content-Type", "application/json"),)
+    if api_key:
+        headers += (("Authorization", f"Bearer {api_key}"),)
+    return _http11_target_of(url, headers)
+
+
+@lru_cache(maxsize=64)
 def _client_timeout(seconds: float) -> Any:
     import aiohttp
 
@@ -484,6 +501,7 @@ async def close_session() -> None:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return
+    _close_http11_pool()
     session = _sessions.pop(loop, None)
     if session is not None and not session.closed:
         await session.close()

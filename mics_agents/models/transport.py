@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+import sys
 import weakref
 from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
@@ -424,7 +425,13 @@ def classify_error(model: str, exc: BaseException, is_transient: Any = None) -> 
 def _is_transient_type(exc: BaseException) -> bool:
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError, json.JSONDecodeError)):
         return True
-    import aiohttp
-    import httpx
-
-    return isinstance(exc, (httpx.TransportError, httpx.DecodingError, aiohttp.ClientError))
+    # An error of a client that was never imported cannot have been raised: importing one to check costs
+    # ~100 ms (the direct transport's plain http:// calls use neither).
+    kinds: tuple[type, ...] = ()
+    httpx = sys.modules.get("httpx")
+    if httpx is not None:
+        kinds += (httpx.TransportError, httpx.DecodingError)
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        kinds += (aiohttp.ClientError,)
+    return bool(kinds) and isinstance(exc, kinds)
