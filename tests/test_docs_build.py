@@ -47,8 +47,12 @@ def test_the_site_builds_strictly_without_a_warning(tmp_path: Path) -> None:
                  "reference/cli/index.html", "reference/training-config/index.html"):
         assert (site / page).is_file(), f"the site has no {page}"
     api = (site / "reference/api/index.html").read_text(encoding="utf-8")
-    for name in ("Searcher", "SearchResult", "CachedModel", "RetryingModel", "grade_by_rules", "CurriculumConfig"):
-        assert f'id="{name}' in api or f"{name}</code>" in api, f"the API reference does not document {name}"
+    for name in ("mics_agents.search.search", "mics_agents.search.Searcher", "mics_agents.results.SearchResult",
+                 "mics_agents.config.Settings", "mics_agents.models.base.Model", "mics_agents.models.cached.CachedModel",
+                 "mics_agents.models.retrying.RetryingModel", "mics_agents.grading.grade_by_rules",
+                 "training.config.CurriculumConfig"):
+        assert f'id="{name}"' in api, f"the API reference does not document {name}"
+    assert ":class:" not in api, "a Sphinx role is shown as text in the API reference"
 
 
 def _section(page: str, heading: str) -> str:

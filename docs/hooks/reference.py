@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 import sys
 import types
 import typing
@@ -474,6 +475,14 @@ def render_training_config() -> str:
 
 def render(page: str) -> str:
     return globals()[PAGES[page]]()
+
+
+_SPHINX_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|data|attr|mod|exc|obj|const):<code>~?([^<]*)</code>")
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """The docstrings are Sphinx-flavoured (``:class:`Searcher```): show a role's target as code, not the role."""
+    return _SPHINX_ROLE.sub(lambda match: f"<code>{match.group(1)}</code>", html)
 
 
 def on_files(files: Any, config: Any) -> Any:
