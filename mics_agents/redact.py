@@ -58,7 +58,9 @@ _SHAPES = re.compile(
 _ENV_REFERENCE = "os.environ/"
 
 _registered: set[str] = set()
+_registered_generation = 0  # counts add_secrets calls: the sorted secrets are made again after one
 _lock = threading.Lock()
+_NO_VALUES: dict[str, str | None] = {}  # no .env: always this one dict, so the sorted secrets stay remembered
 
 
 @functools.lru_cache(maxsize=4096)  # asked for every variable on every reply: the names hardly change
@@ -83,8 +85,10 @@ def add_secrets(values: Iterable[Any]) -> None:
         usable = _usable(value)
         if usable:
             found.add(usable)
+    global _registered_generation
     with _lock:
         _registered.update(found)
+        _registered_generation += 1
 
 
 _dotenv_cache: tuple[tuple[str, int, int, int] | None, dict[str, str | None]] = (None, {})
@@ -93,18 +97,19 @@ _dotenv_cache: tuple[tuple[str, int, int, int] | None, dict[str, str | None]] = 
 def _dotenv_values() -> dict[str, str | None]:
     """The variables of ``.env`` in the working directory (read again only when the file changes)."""
     global _dotenv_cache
-    path = Path(".env")
+    if not os.access(".env", os.F_OK):  # asked on every reply: no exception raised when there is none
+        return _NO_VALUES
     try:
-        found = os.stat(".env")  # asked on every reply: plain os calls, no path resolution
+        found = os.stat(".env")  # plain os calls, no path resolution
         stamp = (os.getcwd(), found.st_ino, found.st_size, found.st_mtime_ns)
     except OSError:
-        return {}
+        return _NO_VALUES
     if _dotenv_cache[0] == stamp:
         return _dotenv_cache[1]
     try:
         from dotenv import dotenv_values
 
-        values = dict(dotenv_values(path))
+        values = dict(dotenv_values(Path(".env")))
     except Exception:  # an unreadable .env is reported by the settings, not here
         values = {}
     _dotenv_cache = (stamp, values)
@@ -150,9 +155,23 @@ def scrub(text: str) -> str:
     return _SHAPES.sub(_mask_shape, _mask_values(text, _sorted_secrets()))
 
 
+# The sorted secrets, and what they were made from (the environment's values, .env's, the registered ones'
+# generation): every reply asks, and making them again each time cost more than the masking.
+_sorted_cache: tuple[Any, Any, Any, list[str]] = (None, None, None, [])
+
+
 def _sorted_secrets() -> list[str]:
+    global _sorted_cache
+    environment, dotenv = _environment_secrets(), _dotenv_values()
+    registered = (_registered, _registered_generation, len(_registered))
+    cached_environment, cached_dotenv, cached_registered, cached = _sorted_cache
+    if (cached_environment is environment and cached_dotenv is dotenv and cached_registered is not None
+            and cached_registered[0] is registered[0] and cached_registered[1:] == registered[1:]):
+        return cached
     # Longest first, so a key that contains another is masked whole.
-    return sorted(secret_values(), key=len, reverse=True)
+    values = sorted(secret_values(), key=len, reverse=True)
+    _sorted_cache = (environment, dotenv, registered, values)
+    return values
 
 
 def _mask_values(text: str, secrets: list[str]) -> str:
@@ -168,7 +187,7 @@ def _mask_values(text: str, secrets: list[str]) -> str:
 def mask_secret_values(text: str) -> str:
     """``text`` with every configured secret value masked and nothing else changed: no shape is matched,
     so medical text that merely looks like a token is kept as it is."""
-    if not isinstance(text, str) or not text:
+    if not isinstance(text, str) or len(text) < MIN_SECRET_CHARS:  # too short to hold any secret ("stop")
         return text
     return _mask_values(text, _sorted_secrets())
 

@@ -101,6 +101,50 @@ async def test_retry_after_is_waited_out_when_short_and_ends_the_call_at_once_wh
     assert "3,600 s" in message and "MICS_MAX_RETRY_AFTER (120 s)" in message and "HTTP 429" in message
 
 
+async def test_backoff_waits_grow_with_full_jitter_up_to_the_cap_and_a_cancelled_wait_ends_the_call(monkeypatch):
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded_sleep(seconds, *args):
+        waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
+    down = Script(*[TransientModelError("HTTP 503", model="m")] * 6, "fine")
+    model = retrying(down, max_retries=6, initial_wait=1.0, max_wait=4.0)
+    assert (await model.request(REQUEST)).text == "fine"
+    assert len(waits) == 6 and len(down.requests) == 7
+    for attempt, wait in enumerate(waits, start=1):
+        assert 0 <= wait <= min(4.0, 2 ** (attempt - 1))
+    monkeypatch.setattr(asyncio, "sleep", real_sleep)
+
+    # A call cancelled while it backs off is cancelled, not retried nor turned into a model error.
+    slow = Script(TransientModelError("HTTP 503", model="m", retry_after=30), "never")
+    call = asyncio.ensure_future(retrying(slow).request(REQUEST))
+    await real_sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert len(slow.requests) == 1
+
+
+def test_remembered_secrets_follow_every_change_and_short_texts_skip_the_masking(monkeypatch, tmp_path):
+    from mics_agents import redact
+
+    monkeypatch.chdir(tmp_path)
+    value = "registered-secret-after-the-first-mask"
+    assert redact.mask_secret_values(f"a {value}") == f"a {value}"  # the sorted secrets are remembered now
+    redact.add_secrets([value])
+    assert redact.mask_secret_values(f"a {value}") == f"a {redact.MASK}"
+    monkeypatch.setattr(redact, "_registered", set())  # a fresh set (as a test may put) is seen too
+    assert redact.mask_secret_values(f"a {value}") == f"a {value}"
+    reason = "stop"
+    assert redact.mask_secret_values(reason) is reason
+    (tmp_path / ".env").write_text("SHORT_TOKEN=12345678\n")  # exactly MIN_SECRET_CHARS: masked
+    assert redact.mask_secret_values("x12345678") == f"x{redact.MASK}"
+    assert redact.mask_secret_values("1234567") == "1234567"
+
+
 # -- limiting --------------------------------------------------------------------------------------------
 
 
