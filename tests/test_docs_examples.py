@@ -313,6 +313,18 @@ def test_files_persist_between_blocks_and_the_cli_reaches_the_local_server(examp
     assert docs_server.count() > before
 
 
+def test_the_server_answers_by_prompt_whatever_the_models_are_called(example_env, tmp_path: Path) -> None:
+    workdir, env = example_env
+    page = _page(tmp_path, "```bash\nexport MICS_MENTORS=openai/gpt-4o,openai/gpt-4.1\n"
+                           "export MICS_INTERNS=hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct\n"
+                           "export MICS_JUDGE=openai/gpt-4o-mini\n"
+                           "mics search 'Is there a nodule? A. yes B. no' --answer A --image images/chest_ct.png --json "
+                           "> record.json\n```\n\n```python\nimport json\n"
+                           "record = json.load(open('record.json'))\nassert record['final_answer_grade']['correct'], record\n"
+                           "assert set(record['scores']) == {'openai/gpt-4o', 'openai/gpt-4.1'}, record\n```\n")
+    assert run_page(page, workdir, env) == 2
+
+
 def test_examples_run_under_the_local_only_request_policy(example_env, tmp_path: Path) -> None:
     workdir, env = example_env
     page = _page(tmp_path, "```python\nimport asyncio, mics_agents\n"
