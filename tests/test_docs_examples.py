@@ -325,6 +325,16 @@ def test_the_server_answers_by_prompt_whatever_the_models_are_called(example_env
     assert run_page(page, workdir, env) == 2
 
 
+def test_a_model_of_another_provider_is_refused_not_called(example_env, tmp_path: Path) -> None:
+    workdir, env = example_env
+    page = _page(tmp_path, "```bash\nexport GEMINI_API_KEY=dummy MICS_JUDGE=gemini/gemini-2.5-pro\n"
+                           "mics search 'Is there a nodule? A. yes B. no' --answer 'a nodule' --image images/chest_ct.png\n"
+                           "```\n")
+    with pytest.raises(ExampleError) as caught:
+        run_page(page, workdir, env)
+    assert "Only local model servers may be called" in str(caught.value)
+
+
 def test_examples_run_under_the_local_only_request_policy(example_env, tmp_path: Path) -> None:
     workdir, env = example_env
     page = _page(tmp_path, "```python\nimport asyncio, mics_agents\n"
