@@ -327,9 +327,9 @@ def test_the_server_answers_by_prompt_whatever_the_models_are_called(example_env
 
 def test_a_model_of_another_provider_is_refused_not_called(example_env, tmp_path: Path) -> None:
     workdir, env = example_env
-    page = _page(tmp_path, "```bash\nexport GEMINI_API_KEY=dummy MICS_JUDGE=gemini/gemini-2.5-pro\n"
-                           "mics search 'Is there a nodule? A. yes B. no' --answer 'a nodule' --image images/chest_ct.png\n"
-                           "```\n")
+    # What the model boundary asks before every call (mics refuses the same at start, but pays for LiteLLM first).
+    page = _page(tmp_path, "```python\nfrom mics_agents.models.base import check_request_allowed\n"
+                           "check_request_allowed('openai/gpt-4o', [None])\n```\n")
     with pytest.raises(ExampleError) as caught:
         run_page(page, workdir, env)
     assert "Only local model servers may be called" in str(caught.value)
