@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import sqlite3
 import time
 from contextlib import closing
@@ -192,22 +193,21 @@ class Store:
             except OSError as exc:
                 raise StoreError(f"cannot create the folder of the cache database {location!r}: "
                                  f"{exc.strerror or exc}. Check the path (MICS_CACHE_PATH).") from None
-        from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
-
         # Another process opening the same file at the same moment (shards started together) can make SQLite
         # answer "database is locked" at once, busy timeout or not (a journal-mode change, a WAL recovery):
-        # such a start is tried again for a while before it is reported.
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(_is_lock_error), stop=stop_after_delay(OPEN_LOCKED_FOR_S),
-            wait=wait_random_exponential(multiplier=0.05, max=1.0), reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    return await cls._connect(location)
-        except aiosqlite.Error as exc:
-            raise StoreError(f"cannot open the cache database {location!r}: {exc}. Check the path (MICS_CACHE_PATH).") from exc
-        raise AssertionError("unreachable: tenacity either returns or raises")
+        # such a start is tried again for a while before it is reported (random exponential waits; a plain
+        # loop, as importing tenacity for it cost ~20 ms of every start).
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await cls._connect(location)
+            except aiosqlite.Error as exc:
+                if not _is_lock_error(exc) or time.monotonic() - started >= OPEN_LOCKED_FOR_S:
+                    raise StoreError(f"cannot open the cache database {location!r}: {exc}. Check the path "
+                                     "(MICS_CACHE_PATH).") from exc
+            await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
 
     @classmethod
     async def _connect(cls, location: str) -> "Store":

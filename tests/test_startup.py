@@ -196,3 +196,62 @@ def test_the_cli_returns_freed_image_buffers_to_the_os():
     from mics_agents.images import return_freed_buffers_to_the_os
 
     assert return_freed_buffers_to_the_os() in (True, False)  # applied where glibc is there, harmless elsewhere
+
+
+# -- lazy start-up (issue 30): what a run of local servers never needs is never loaded -----------------------
+
+
+def test_a_run_of_local_servers_imports_neither_aiohttp_nor_tenacity_nor_parses_the_price_table(tmp_path):
+    """Through the real process against the suite's server: a plain http:// run sends every call with the
+    small keep-alive client, retries without tenacity, and prices local names without parsing LiteLLM's table."""
+    from .openai_server import OpenAIServer
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import atexit, json, sys, os\n"
+        "def report():\n"
+        "    from mics_agents.models import providers\n"
+        "    json.dump({'aiohttp': 'aiohttp' in sys.modules, 'tenacity': 'tenacity' in sys.modules,\n"
+        "               'litellm': 'litellm' in sys.modules,\n"
+        "               'table_parsed': providers._bundled_price_table.cache_info().currsize},\n"
+        "              open(os.environ['PROBE_OUT'], 'w'))\n"
+        "atexit.register(report)\n"
+        "from mics_agents.cli import main\n"
+        "sys.argv = ['mics', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    write(tmp_path / "cases.jsonl", json.dumps({"id": "q1", "question": "Which?\nA. Mass\nB. Cyst", "answer": "A",
+                                                "case_info": "A patient."}) + "\n")
+    with OpenAIServer() as server:
+        env = {name: value for name, value in os.environ.items() if not name.startswith("MICS_")}
+        env.pop("OPENAI_BASE_URL", None)
+        env.update(MICS_MENTORS="openai/mentor-a,openai/mentor-b", MICS_INTERNS="hosted_vllm/intern-1", MICS_JUDGE="openai/judge",
+                   OPENAI_API_BASE=server.base_url, OPENAI_API_KEY="sk-local-test-key", HOSTED_VLLM_API_BASE=server.base_url,
+                   PROBE_OUT=str(tmp_path / "probe.json"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        result = subprocess.run([sys.executable, str(probe), "run", "cases.jsonl", "--output", "out.jsonl", "--cache",
+                                 "cache.sqlite"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert server.count() > 0
+    seen = json.loads((tmp_path / "probe.json").read_text())
+    assert seen == {"aiohttp": False, "tenacity": False, "litellm": False, "table_parsed": 0}
+
+
+def test_a_name_the_price_table_lists_is_priced_at_the_first_reply_and_one_it_cannot_list_never_parses_it():
+    from mics_agents.models import providers
+    from mics_agents.models.direct import DirectEndpoint, DirectTransport
+
+    providers._bundled_price_table.cache_clear()
+    assert providers.listed_prices("openai/my-local-model-7b") is None
+    assert providers.listed_prices("openai/gpt-4o-mini\"") is None  # a quote cannot sneak a key match in
+    assert providers._bundled_price_table.cache_info().currsize == 0
+    looked_up = []
+    transport = DirectTransport("openai/gpt-4o-mini", DirectEndpoint("http://127.0.0.1:1/v1/chat/completions", None, "gpt-4o-mini"),
+                                timeout=5, price_lookup=lambda: looked_up.append(1) or providers.listed_prices("openai/gpt-4o-mini"))
+    assert not looked_up and providers._bundled_price_table.cache_info().currsize == 0
+    price_in, price_out = transport.prices
+    assert price_in > 0 and price_out > 0 and looked_up == [1]
+    assert transport.prices == (price_in, price_out) and looked_up == [1]  # looked up once
+    assert providers._bundled_price_table.cache_info().currsize == 1
+    priced = DirectTransport("openai/gpt-4o-mini", DirectEndpoint("http://127.0.0.1:1/v1", None, "gpt-4o-mini"),
+                             timeout=5, prices=(1.0, 2.0), price_lookup=lambda: looked_up.append(2))
+    assert priced.prices == (1.0, 2.0) and looked_up == [1]  # MICS_PRICES: never looked up

@@ -22,6 +22,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, TransientModelError
@@ -138,6 +139,7 @@ class DirectTransport(Transport):
         cooldown: float = 5.0,
         allowed_fails: int = 3,
         media_dir: "str | os.PathLike[str] | None" = None,
+        price_lookup: "Callable[[], tuple[float, float] | None] | None" = None,
     ) -> None:
         super().__init__(name, timeout=timeout)
         self.replicas = list(endpoint) if isinstance(endpoint, list) else [endpoint]
@@ -153,8 +155,11 @@ class DirectTransport(Transport):
             for replica in self.replicas
         ]
         self._media_failing: set[str] = set()  # folders a write failed in (warned about once)
-        # USD per input and output token (MICS_PRICES); a server of one's own costs nothing we can know.
-        self.prices = prices or (0.0, 0.0)
+        # USD per input and output token (MICS_PRICES), else what ``price_lookup`` finds when a reply first
+        # needs it (LiteLLM's table: ~30 ms to read, not spent before the first request); a server of one's
+        # own costs nothing we can know.
+        self._prices = prices
+        self._price_lookup = None if prices else price_lookup
         self.cooldown = cooldown
         self.allowed_fails = allowed_fails  # per replica per minute before it cools down (a 429: at once)
         self._cooling_until: dict[int, float] = {}
@@ -166,6 +171,17 @@ class DirectTransport(Transport):
         # The replica each task's request is with (set once it holds its slot), for a deadline that ends it.
         self._sending: "weakref.WeakKeyDictionary[asyncio.Task[Any], int]" = weakref.WeakKeyDictionary()
         self._fails: dict[int, list[float]] = {}
+
+    @property
+    def prices(self) -> tuple[float, float]:
+        if self._price_lookup is not None:
+            lookup, self._price_lookup = self._price_lookup, None
+            self._prices = lookup()
+        return self._prices or (0.0, 0.0)
+
+    @prices.setter
+    def prices(self, value: tuple[float, float] | None) -> None:
+        self._prices, self._price_lookup = value, None
 
     def endpoint_bases(self) -> list[str | None]:
         return [replica.url for replica in self.replicas]
@@ -292,10 +308,11 @@ class DirectTransport(Transport):
         choices = reply.get("choices") or [] if isinstance(reply, dict) else []
         usage = reply.get("usage") if isinstance(reply, dict) else None
         usage = usage if isinstance(usage, dict) else {}
+        price_in, price_out = self.prices
         return choice_responses(
             self.name, choices, count,
             input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
-            price=lambda tokens_in, tokens_out: tokens_in * self.prices[0] + tokens_out * self.prices[1],
+            price=lambda tokens_in, tokens_out: tokens_in * price_in + tokens_out * price_out,
         )
 
 

@@ -88,12 +88,12 @@ def _choose_transport(name: str, settings: "Settings", router: Any) -> "Transpor
 
         endpoint = direct_endpoint(name)
         if endpoint is not None:
-            if prices is None:  # priced as LiteLLM would price it, so --budget-usd stops alike
-                from .providers import listed_prices
+            from .providers import listed_prices
 
-                prices = listed_prices(name)
+            # Without MICS_PRICES, priced as LiteLLM would price it (so --budget-usd stops alike), looked up when
+            # a reply is first priced.
             return DirectTransport(name, endpoint, timeout=settings.request_timeout, prices=prices,
-                                   media_dir=settings.media_dir)
+                                   media_dir=settings.media_dir, price_lookup=lambda: listed_prices(name))
     from .litellm_model import LiteLLMTransport
 
     return LiteLLMTransport(name, timeout=settings.request_timeout, prices=prices)

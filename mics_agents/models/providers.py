@@ -455,22 +455,42 @@ def declares_n(router: Any, name: str) -> bool:
 
 
 @lru_cache(maxsize=1)
-def _bundled_price_table() -> dict[str, Any]:
-    """LiteLLM's own price table as it ships (the file ``LITELLM_LOCAL_MODEL_COST_MAP`` makes it use), read
-    as JSON: ~30 ms, against seconds for importing LiteLLM."""
+def _bundled_price_text() -> str:
+    """The text of LiteLLM's own price table as it ships (the file ``LITELLM_LOCAL_MODEL_COST_MAP`` makes it
+    use), or "" (~2 ms: read, not parsed)."""
     import importlib.util
-    import json
 
     spec = importlib.util.find_spec("litellm")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in folders:
         try:
-            with open(Path(folder) / "model_prices_and_context_window_backup.json", encoding="utf-8") as handle:
-                table = json.load(handle)
-            return table if isinstance(table, dict) else {}
+            return (Path(folder) / "model_prices_and_context_window_backup.json").read_text(encoding="utf-8")
         except (OSError, ValueError):
             continue
-    return {}
+    return ""
+
+
+@lru_cache(maxsize=1)
+def _bundled_price_table() -> dict[str, Any]:
+    """LiteLLM's own price table as it ships, read as JSON: ~30 ms, against seconds for importing LiteLLM."""
+    import json
+
+    try:
+        table = json.loads(_bundled_price_text() or "{}")
+    except ValueError:
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _may_be_listed(*names: str) -> bool:
+    """False when no key of the price table can be one of ``names``: none of them appears in its text as a
+    JSON string (as a key would), so the table need not be parsed (a local model's name, usually)."""
+    import json
+
+    text = _bundled_price_text()
+    forms = {form for name in names for quoted in (json.dumps(name), json.dumps(name, ensure_ascii=False))
+             for form in (quoted, quoted.replace("/", "\\/"))}
+    return any(form in text for form in forms)
 
 
 def listed_prices(model: str) -> tuple[float, float] | None:
@@ -478,7 +498,7 @@ def listed_prices(model: str) -> tuple[float, float] | None:
     it whatever the base URL: a gateway serving ``gpt-4o-mini`` is paid as that model), else None.
     ``hosted_vllm/`` models are one's own servers: never listed."""
     provider, _, wire = model.partition("/")
-    if provider != "openai" or not wire:
+    if provider != "openai" or not wire or not _may_be_listed(model, wire):
         return None
     table = _bundled_price_table()
     entry = table.get(model) or table.get(wire)
