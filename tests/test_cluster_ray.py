@@ -62,6 +62,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def monotonic_mtime(path: Path) -> float:
+    """A file's mtime on the clock the test server stamps requests with (time.monotonic())."""
+    return path.stat().st_mtime - time.time() + time.monotonic()
+
+
 def test_four_shards_on_ray_merge_to_what_one_unsharded_run_writes(cluster, dataset, tmp_path):
     with OpenAIServer(lifetime=200) as server:
         env = mics_env(server)
@@ -87,13 +92,20 @@ def test_a_shard_whose_worker_is_killed_is_retried_and_repeats_only_calls_after_
     with OpenAIServer(latency=(0.05, 0.15), latency_seed=7, lifetime=200) as server:
         env = mics_env(server, MICS_CLUSTER_BACKUP_EVERY="0.3")
         driver = launch(ray_args(dataset, output, cluster, "--concurrency", "1"), env, name="driver")
-        wait_until(lambda: holder_pid(first) is not None and backup_path(first).is_file() and server.count() >= 10,
-                   timeout=120, what="shard 0 running with a backup of its cache")
+        def backed_up_calls() -> bool:  # shard 0 runs, and its last backup holds calls answered well before it
+            try:
+                backup = monotonic_mtime(backup_path(first))
+            except FileNotFoundError:
+                return False
+            return holder_pid(first) is not None and server.count() >= 10 and any(
+                r.replied_at is not None and r.replied_at < backup - IN_FLIGHT_WINDOW for r in server.recorded())
+
+        wait_until(backed_up_calls, timeout=120, what="shard 0 running with a backup of its cache")
         child = holder_pid(first)
         stat = Path(f"/proc/{child}/stat").read_text()
         worker = int(stat.rsplit(")", 1)[1].split()[1])  # the Ray worker that runs shard 0's task
-        last_backup = backup_path(first).stat().st_mtime
-        killed_at = time.time()
+        last_backup = monotonic_mtime(backup_path(first))
+        killed_at = time.monotonic()
         os.kill(worker, signal.SIGKILL)
         assert driver.wait(timeout=240) == 0, driver.err()
         requests = server.recorded()

@@ -71,3 +71,40 @@ def test_a_backup_is_restored_whole_by_the_next_attempt_and_never_opened_on_the_
     keys = {row[0] for row in restored.execute("SELECT key FROM calls")}
     restored.close()
     assert len(keys) == 100 and "after" not in keys  # what the backup held, and only that
+
+
+class _Board:
+    """The driver's board, as a shard's task sees it (``board.report.remote(index, snapshot)``)."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict] = []
+        self.report = self
+        self.remote = lambda index, snapshot: self.snapshots.append(snapshot)
+
+
+def test_a_cancel_that_reaches_the_shard_while_its_run_starts_counts_as_interrupted_not_failed(tmp_path):
+    """``ray.cancel`` arrives as KeyboardInterrupt; the shard's run gets SIGINT. A run still importing dies of
+    the signal (exit -2); that is a stopped shard (130), not a failed one."""
+    import signal
+    import time
+
+    from mics_agents.cluster.shard_task import ShardJob, run_shard
+
+    slow = tmp_path / "mics_agents"  # what ``python -m mics_agents`` finds first in the shard's folder
+    slow.mkdir()
+    (slow / "__init__.py").write_text("")
+    (slow / "__main__.py").write_text("import time\ntime.sleep(60)\n")
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    started = time.monotonic()
+    try:
+        result = run_shard(ShardJob(0, 1, tmp_path / "out.jsonl", [str(tmp_path / "data.jsonl")], lock_wait=0), _Board())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result["cancelled"] and result["exit_code"] == 130, result
+    assert time.monotonic() - started < 30  # it did not wait for the sleeping run

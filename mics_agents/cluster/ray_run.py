@@ -105,7 +105,10 @@ class RayRun:
             from ..config import load_settings
 
             self.lock_wait = load_settings().cluster_lock_wait
-        refs = [task.remote(ShardJob(index, self.shards, path, self.run_args, environment, self.backup_every,
+        # A shard that alone spent the whole budget stops itself before its next item, without waiting for the
+        # driver to see it (the budget is the whole run's: a run of one shard stops exactly as mics run does).
+        shared = [*self.run_args, "--budget-usd", repr(self.budget_usd)] if self.budget_usd is not None else self.run_args
+        refs = [task.remote(ShardJob(index, self.shards, path, shared, environment, self.backup_every,
                                      self.lock_wait), board)
                 for index, path in enumerate(self.shard_outputs())]
         self.on_event(f"{self.shards} shards on Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
@@ -120,8 +123,14 @@ class RayRun:
                     cancelled_once = True
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=_WAIT_S)
                 self._update(ray.get(board.read.remote()))
-                if self.budget_usd is not None and self.stats.spent_usd >= self.budget_usd:
-                    self.stats.stop_reason = "budget" if self.stats.stop_reason == "completed" else self.stats.stop_reason
+                if (self.budget_usd is not None and self.stats.spent_usd >= self.budget_usd
+                        and self.stats.stop_reason == "completed"):
+                    self.stats.stop_reason = "budget"
+                    self.on_event(f"the budget of ${self.budget_usd:g} is spent (${self.stats.spent_usd:.4f} so far): "
+                                  "stopping every shard; items in flight finish")
+                    for ref in pending:
+                        ray.cancel(ref)
+                    cancelled_once = True
             except KeyboardInterrupt:
                 if cancelled_once:
                     self.on_event("second interrupt: aborting the shards; rerun the same command to resume")
@@ -162,7 +171,9 @@ class RayRun:
             stats.no_items += int(summary.get("no_items", 0))
             stats.records += int(summary.get("records", 0))
         codes = {result["exit_code"] for result in self.results}
-        if stats.stop_reason == "completed" and codes != {0}:
+        if codes == {0}:  # a stop that came after every shard had scheduled its last item stopped nothing
+            stats.stop_reason = "completed"
+        elif stats.stop_reason == "completed":
             stats.stop_reason = "budget" if codes <= {0, 3} else "interrupted"
         self.stats = stats
 

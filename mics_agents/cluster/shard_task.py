@@ -34,7 +34,7 @@ __all__ = ["ShardJob", "shard_output", "run_shard", "wait_for_output", "JournalT
 
 FAILURE_KINDS = ("no_path", "model_error", "bad_input", "internal_error")
 _POLL_S = 0.2  # how soon a cancel or the child's end is seen
-_REPORT_S = 1.0
+_REPORT_S = 0.5
 _LOCK_POLL_S = 1.0
 
 
@@ -209,7 +209,10 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
             back_up(local, job.output)
         remove_local(local)
     report()
-    result = {"index": job.index, "exit_code": child.returncode, "cancelled": cancelled, "log": str(log),
+    code = child.returncode
+    if cancelled and code == -signal.SIGINT:  # the cancel came before the run set its handler (while importing)
+        code = 130
+    result = {"index": job.index, "exit_code": code, "cancelled": cancelled, "log": str(log),
               "lock_wait_s": round(waited, 1)}
     if summary.is_file():
         result["summary"] = json.loads(summary.read_text(encoding="utf-8"))
