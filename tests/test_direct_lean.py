@@ -76,3 +76,23 @@ def test_an_error_body_that_is_not_utf8_is_still_reported():
 def test_a_reply_that_is_not_json_raises_what_the_transport_retries():
     with pytest.raises(json.JSONDecodeError):
         asyncio.run(answer_with(b'{"choices": [', 200, "application/json"))
+
+
+def test_the_fast_final_answer_scan_finds_exactly_what_the_pattern_finds():
+    """parse_solution scans for the final-answer marker from just before its lower-case core (issue 30): the
+    same matches as the full pattern, for random mixes of its pieces, case, blanks, markup and non-ASCII
+    look-alikes (a long s, a dotted I: the full pattern is used for them)."""
+    import random
+
+    from mics_agents import answers
+
+    rng = random.Random(30)
+    atoms = ["the", "The", "THE", " ", "\t", "#", "##", "**", "__", "final", "Final", "answer", "ANSWER", "is", ":",
+             "：", "x", "\n", "thefinal", "answeris", "ſ", "İ", "B", "*", "_", "the final answer is", "### Step 1: a"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 16)))
+        expected = [(match.start(), match.end()) for match in answers._FINAL_ANSWER.finditer(text)]
+        assert [(match.start(), match.end()) for match in answers._final_markers(text)] == expected, text
+    reply = "### Step 1: cystic.\n\n**The Final Answer is:** **B**\n\n## the final answer is: C"
+    assert answers.parse_solution(reply).final_answer == "C"
+    assert answers.parse_solution("No marker, the finale: B").final_answer is None
