@@ -5,7 +5,10 @@ latency, in a process of its own so that its CPU is not the client's.
 
 The role (mentor, intern, judge) comes from the model name. ``GET /stats`` gives the request count, and for
 intern requests how many found their images + question prefix already seen here (``--prefix-capacity``
-bounds how many prefixes it keeps, as a vLLM replica's prefix cache does).
+bounds how many prefixes it keeps, as a vLLM replica's prefix cache does). With ``--log-requests``,
+``GET /requests`` gives every request as ``[model, case, arrived, answered]`` (wall-clock seconds; ``case`` is
+the number of the benchmark case, from ``Case N:`` in its text, or -1), from which a benchmark computes each
+model's calls and its busy slots over time.
 Error-rate requests get an HTTP 500 (clients retry them). It stops after ``--lifetime`` seconds.
 """
 
@@ -16,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 import time
 from collections import Counter, OrderedDict
 
@@ -75,9 +79,17 @@ def prefix_key(body: dict) -> str:
     return digest.hexdigest()
 
 
+_CASE = re.compile(rb"Case (\d+):")
+
+
+def _case_number(raw: bytes) -> int:
+    match = _CASE.search(raw)
+    return int(match.group(1)) if match else -1
+
+
 def build_app(
     latency: float, jitter: float, error_rate: float, seed: int, bucket_rate: float = 0.0, prefix_capacity: int = 0,
-    distinct_samples: bool = False, count_prefixes: bool = False,
+    distinct_samples: bool = False, count_prefixes: bool = False, log_requests: bool = False,
 ) -> web.Application:
     rng = random.Random(seed)
     counters: dict = {"requests": 0, "errors": 0, "in_flight": 0, "peak_in_flight": 0, "first_request_at": None,
@@ -89,10 +101,17 @@ def build_app(
     # beyond it, HTTP 429 with Retry-After: 1.
     bucket = {"tokens": bucket_rate, "at": time.monotonic()}
 
+    log: list[list] = []
+
     async def completions(request: web.Request) -> web.Response:
+        arrived = time.time()  # wall clock: the benchmark compares it across processes
         if counters["first_request_at"] is None:
-            counters["first_request_at"] = time.time()  # wall clock: the benchmark compares it across processes
-        body = await request.json()
+            counters["first_request_at"] = arrived
+        raw = await request.read()
+        body = json.loads(raw)
+        entry = [body["model"], _case_number(raw), arrived, None] if log_requests else None
+        if entry is not None:
+            log.append(entry)
         counters["requests"] += 1
         if _role(body["model"]) == "intern":
             counters["intern_requests"] += 1
@@ -129,6 +148,8 @@ def build_app(
             texts = [simulated_reply(_role(model), model, _request(body, first + k)) for k in range(count)]
         finally:
             counters["in_flight"] -= 1
+            if entry is not None:
+                entry[3] = time.time()
         return web.json_response({
             "id": f"chatcmpl-{counters['requests']}", "object": "chat.completion", "created": int(time.time()),
             "model": model,
@@ -140,17 +161,22 @@ def build_app(
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(counters)
 
+    async def requests(request: web.Request) -> web.Response:
+        return web.json_response(log)
+
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/requests", requests)
     return app
 
 
 async def serve(
     port: int, latency: float, jitter: float, error_rate: float, lifetime: float, seed: int, bucket_rate: float = 0.0,
-    prefix_capacity: int = 0, distinct_samples: bool = False, count_prefixes: bool = False,
+    prefix_capacity: int = 0, distinct_samples: bool = False, count_prefixes: bool = False, log_requests: bool = False,
 ) -> None:
-    app = build_app(latency, jitter, error_rate, seed, bucket_rate, prefix_capacity, distinct_samples, count_prefixes)
+    app = build_app(latency, jitter, error_rate, seed, bucket_rate, prefix_capacity, distinct_samples, count_prefixes,
+                    log_requests)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
@@ -177,9 +203,11 @@ def main() -> None:
                         help="with --count-prefixes: prefixes a replica's cache holds (0: no bound)")
     parser.add_argument("--distinct-samples", action="store_true",
                         help="answer the k-th asking of one request as sample k (as choice k of a request with n)")
+    parser.add_argument("--log-requests", action="store_true",
+                        help="keep every request's model, case, arrival and answer time (GET /requests)")
     args = parser.parse_args()
     asyncio.run(serve(args.port, args.latency, args.jitter, args.error_rate, args.lifetime, args.seed, args.bucket_rate,
-                      args.prefix_capacity, args.distinct_samples, args.count_prefixes))
+                      args.prefix_capacity, args.distinct_samples, args.count_prefixes, args.log_requests))
 
 
 if __name__ == "__main__":

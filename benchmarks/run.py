@@ -197,42 +197,205 @@ def throughput(items: int, latency: float, concurrency: int, sequential_items: i
     }
 
 
-def process(items: int, latency: float, concurrency: int) -> dict[str, Any]:
-    """The real ``mics run`` process over ``items`` cases with default settings (only the models, the server
-    and the calls in flight set): wall time from launch to exit, start-up included, against the lower bound
-    of its calls, and when the server saw the first request."""
-    with tempfile.TemporaryDirectory() as folder, latency_server(latency) as port:
+def _critical_rounds_full(record: dict[str, Any]) -> int:
+    """``_critical_rounds``, plus the judge round that grades the selecting mentor's final answer when the rules
+    could not (it runs after the last iteration)."""
+    grade = record.get("final_answer_grade") or {}
+    return _critical_rounds(record) + (1 if grade.get("judged_by") == "judge" else 0)
+
+
+def _busy_over_time(spans: list[tuple[float, float]]) -> list[tuple[float, int]]:
+    """Calls in flight as a step function: ``(time, calls in flight from then on)``, in time order."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans], key=lambda e: (e[0], e[1]))
+    steps, busy = [], 0
+    for at, change in events:
+        busy += change
+        steps.append((at, busy))
+    return steps
+
+
+def _slot_seconds(steps: list[tuple[float, int]], start: float, end: float, cap: int | None = None) -> float:
+    """The integral of calls in flight (at most ``cap``) over ``[start, end]``."""
+    total, busy, last = 0.0, 0, start
+    for at, level in steps:
+        if at > start:
+            total += min(busy, cap or busy) * (min(at, end) - last)
+            last = min(at, end)
+        if at >= end:
+            break
+        busy = level
+    if last < end:
+        total += min(busy, cap or busy) * (end - last)
+    return total
+
+
+def occupancy(log: list[list], launched: float, exited: float, limits: dict[str, int], latency: float,
+              items_in_flight: int) -> dict[str, Any]:
+    """Where the time of a ``mics run`` goes, from the server's log of ``[model, case, arrived, answered]``.
+
+    Per model: calls, busy slots on average over the process's life and over the span of its requests. For the
+    busiest model (most calls per slot), the slot-seconds it left unused, by phase: start-up (launch to the
+    first request), ramp-up (to the first time that model had every slot busy), steady (to the last item's first
+    request: from then on fewer items remain in flight than were admitted), tail (to the last answer), and
+    shutdown (to the process's exit). Each as the wall seconds it cost (unused slot-seconds / limit)."""
+    by_model: dict[str, list[tuple[float, float]]] = {}
+    first_at: dict[int, float] = {}
+    last_at: dict[int, float] = {}
+    for model, case, arrived, answered in log:
+        answered = answered if answered is not None else arrived
+        by_model.setdefault(model, []).append((arrived, answered))
+        if case >= 0:
+            first_at[case] = min(first_at.get(case, arrived), arrived)
+            last_at[case] = max(last_at.get(case, answered), answered)
+    wall = exited - launched
+    models: dict[str, Any] = {}
+    for model, spans in sorted(by_model.items()):
+        steps = _busy_over_time(spans)
+        first, last = min(s for s, _ in spans), max(e for _, e in spans)
+        models[model] = {
+            "calls": len(spans), "limit": limits[model],
+            "mean_busy_slots_whole_process": _slot_seconds(steps, launched, exited) / wall,
+            "mean_busy_slots_first_to_last_request": _slot_seconds(steps, first, last) / max(1e-9, last - first),
+            "peak_busy_slots": max(level for _, level in steps),
+            "mean_server_seconds_per_call": sum(e - s for s, e in spans) / len(spans),
+        }
+    busiest = max(models, key=lambda m: models[m]["calls"] / models[m]["limit"])
+    limit = models[busiest]["limit"]
+    steps = _busy_over_time(by_model[busiest])
+    first_request = min(arrived for _, _, arrived, _ in log)
+    last_answer = max((answered or arrived) for _, _, arrived, answered in log)
+    full = next((at for at, level in steps if level >= limit), first_request)
+    last_admitted = max(first_at.values()) if first_at else first_request
+    bounds = [("start_up", launched, first_request), ("ramp_up", first_request, full),
+              ("steady", full, max(full, last_admitted)), ("tail", max(full, last_admitted), last_answer),
+              ("shutdown", last_answer, exited)]
+    phases = {}
+    for name, start, end in bounds:
+        length = max(0.0, end - start)
+        busy = _slot_seconds(steps, start, end, cap=limit) if length else 0.0
+        phases[name] = {"wall_s": length, "mean_busy_slots": busy / length if length else None,
+                        "unused_slot_s": limit * length - busy, "costs_wall_s": (limit * length - busy) / limit}
+    # Items in flight over time (first request to last answer), sampled at the steady phase's answers.
+    item_steps = _busy_over_time([(first_at[c], last_at[c]) for c in first_at])
+    return {
+        "models": models, "busiest_model": busiest, "phases_of_busiest": phases,
+        "items_seen_by_server": len(first_at),
+        "mean_items_with_calls_in_flight_steady": (
+            _slot_seconds(item_steps, full, last_admitted) / (last_admitted - full) if last_admitted > full else None),
+        "items_in_flight": items_in_flight,
+    }
+
+
+def process(items: int, latency: float, items_in_flight: int, mentors: int = 3, interns: int = 2,
+            model_concurrency: int | None = None, max_calls_in_flight: int | None = None,
+            keep_log: Path | None = None) -> dict[str, Any]:
+    """The real ``mics run`` process over ``items`` cases with default settings (only the models, the server and
+    the items in flight set; ``model_concurrency`` / ``max_calls_in_flight`` override the defaults): wall time
+    from launch to exit, start-up included, against its lower bound, the largest of
+
+    - the busiest model's calls x latency / its concurrency limit,
+    - the longest item's critical path (its sequential mentor, intern and judge rounds x latency),
+    - the sum of all items' critical paths x latency / items in flight;
+
+    and, from the server's log of every request, each model's calls and busy slots over time, and where the
+    busiest model's unused slots are (start-up, ramp-up, steady, tail, shutdown). Client CPU is the ``mics``
+    process's own (``os.wait4``); the server's from ``/proc``, so a CPU-bound client shows."""
+    from mics_agents.config import load_settings
+
+    mentor_names = [f"openai/mentor-{chr(ord('a') + n)}" for n in range(mentors)]
+    intern_names = [f"openai/intern-{n + 1}" for n in range(interns)]
+    with tempfile.TemporaryDirectory() as folder, logging_latency_server(latency) as (port, server_pid):
         root = Path(folder)
         data = make_dataset(root / "data.jsonl", items)
         env = {name: value for name, value in os.environ.items() if not name.startswith("MICS_")}
-        env.update(MICS_MENTORS=",".join(MENTORS), MICS_INTERNS=",".join(INTERNS), MICS_JUDGE=JUDGE,
-                   MICS_MODEL_CONCURRENCY=str(concurrency), MICS_MAX_CALLS_IN_FLIGHT=str(concurrency))
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env.update(MICS_MENTORS=",".join(mentor_names), MICS_INTERNS=",".join(intern_names), MICS_JUDGE=JUDGE)
+        if model_concurrency is not None:
+            env["MICS_MODEL_CONCURRENCY"] = str(model_concurrency)
+        if max_calls_in_flight is not None:
+            env["MICS_MAX_CALLS_IN_FLIGHT"] = str(max_calls_in_flight)
         if "MICS_TRANSPORT" in os.environ:
             env["MICS_TRANSPORT"] = os.environ["MICS_TRANSPORT"]
+        settings = load_settings(mentors=mentor_names, interns=intern_names, judge=JUDGE,
+                                 **({"model_concurrency": model_concurrency} if model_concurrency else {}))
+        limits = {name: settings.concurrency_for(name) for name in [*mentor_names, *intern_names, JUDGE]}
         mics = str(Path(sys.executable).with_name("mics"))
-        before = server_requests(port)
+        server_cpu_before = _process_cpu(server_pid)
         launched = time.time()
-        started = time.perf_counter()
-        result = subprocess.run(
+        child = subprocess.Popen(
             [mics, "run", str(data), "--output", str(root / "out.jsonl"), "--cache", str(root / "cache.sqlite"),
-             "--concurrency", str(concurrency)], env=env, cwd=root, capture_output=True, text=True, timeout=900,
+             "--concurrency", str(items_in_flight)], env=env, cwd=root, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
-        wall = time.perf_counter() - started
-        if result.returncode != 0:
-            raise RuntimeError(result.stderr[-2000:])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=10) as response:
-            stats = json.loads(response.read())
-        calls = int(stats["requests"]) - before
+        _, status, usage = os.wait4(child.pid, 0)
+        exited = time.time()
+        stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(stderr[-2000:])
+        server_cpu = _process_cpu(server_pid) - server_cpu_before
+        stats = server_stats(port)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/requests", timeout=60) as response:
+            log = json.loads(response.read())
+        if keep_log is not None:
+            keep_log.write_text(json.dumps({"launched": launched, "exited": exited, "log": log}))
         records = _records(root / "out.jsonl")
-        critical = max(_critical_rounds(record) for record in records) * latency
-        bound = max(critical, calls * latency / concurrency)
-    first = stats.get("first_request_at")
-    return {
-        "items": items, "latency_s": latency, "concurrency": concurrency, "model_calls": calls,
-        "process_wall_s": wall, "lower_bound_s": bound, "ratio_to_bound": wall / bound,
-        "target_s": 1.25 * bound + 1.0,
-        "first_request_after_launch_s": None if first is None else first - launched,
+    wall = exited - launched
+    rounds = [_critical_rounds_full(record) for record in records]
+    calls = {name: sum(1 for entry in log if entry[0] == name.split("/", 1)[1]) for name in limits}
+    busiest = max(limits, key=lambda name: calls[name] / limits[name])
+    bound_parts = {
+        "busiest_model_s": calls[busiest] * latency / limits[busiest],
+        "longest_item_s": max(rounds) * latency,
+        "all_items_over_items_in_flight_s": sum(rounds) * latency / items_in_flight,
     }
+    bound = max(bound_parts.values())
+    first = stats.get("first_request_at")
+    client_cpu = usage.ru_utime + usage.ru_stime
+    analysis = occupancy([[entry[0] if "/" in entry[0] else f"openai/{entry[0]}", *entry[1:]] for entry in log],
+                         launched, exited, limits, latency, items_in_flight)
+    return {
+        "items": items, "latency_s": latency, "items_in_flight": items_in_flight,
+        "mentors": mentor_names, "interns": intern_names, "judge": JUDGE, "limits": limits,
+        "max_calls_in_flight": settings.max_calls_in_flight if max_calls_in_flight is None else max_calls_in_flight,
+        "model_calls": len(log), "calls_per_model": calls, "busiest_model": busiest,
+        "records": len(records), "critical_rounds": {"max": max(rounds), "mean": statistics.mean(rounds)},
+        "process_wall_s": wall, "lower_bound_s": bound, "lower_bound_parts": bound_parts,
+        "ratio_to_bound": wall / bound,
+        "first_request_after_launch_s": None if first is None else first - launched,
+        "client_cpu_s": client_cpu, "client_cpu_share_of_wall": client_cpu / wall,
+        "client_cpu_ms_per_call": 1000 * client_cpu / len(log),
+        "server_cpu_s": server_cpu, "server_cpu_share_of_wall": server_cpu / wall,
+        "occupancy": analysis,
+    }
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used, from /proc."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        fields = handle.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def logging_latency_server(latency: float) -> Iterator[tuple[int, int]]:
+    """A latency server that logs every request (``GET /requests``); its port and process id."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.latency_server", "--port", str(port), "--latency", str(latency),
+         "--lifetime", "3600", "--log-requests"], stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if "listening" not in line:
+            raise RuntimeError(f"latency server did not start: {line!r}")
+        os.environ["OPENAI_API_BASE"] = f"http://127.0.0.1:{port}/v1"
+        os.environ.setdefault("OPENAI_API_KEY", "sk-benchmark")
+        yield port, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 async def _image_calls(
@@ -555,8 +718,13 @@ def machine() -> dict[str, Any]:
 
     from importlib.metadata import version
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "mics_agents"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
-            "litellm": version("litellm"), "openai": version("openai")}
+            "litellm": version("litellm"), "openai": version("openai"), "commit": commit,
+            "mics_agents_uncommitted_changes": bool(dirty)}
 
 
 def main() -> None:
@@ -572,6 +740,13 @@ def main() -> None:
     parser.add_argument("--image-cases", type=int, default=20)
     parser.add_argument("--image-calls-per-case", type=int, default=30)
     parser.add_argument("--process-items", type=int, default=120)
+    parser.add_argument("--process-mentors", type=int, default=3)
+    parser.add_argument("--process-interns", type=int, default=2)
+    parser.add_argument("--process-model-concurrency", type=int, default=None,
+                        help="calls in flight per model (default: the settings' default, 32)")
+    parser.add_argument("--process-max-calls-in-flight", type=int, default=None,
+                        help="calls in flight over all models (default: the settings' default, no limit)")
+    parser.add_argument("--process-log", type=Path, default=None, help="keep the server's request log here")
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -586,7 +761,9 @@ def main() -> None:
     if args.what in ("throughput", "all"):
         results["throughput"] = throughput(args.items, args.latency, args.concurrency, args.sequential_items)
     if args.what in ("process", "all"):
-        results["process"] = process(args.process_items, args.latency, args.concurrency)
+        results["process"] = process(args.process_items, args.latency, args.concurrency, args.process_mentors,
+                                     args.process_interns, args.process_model_concurrency,
+                                     args.process_max_calls_in_flight, args.process_log)
     if args.what in ("images", "all"):
         results["images"] = images(args.image_cases, args.image_calls_per_case, args.concurrency, args.latency)
     if args.what in ("ratelimit", "all"):

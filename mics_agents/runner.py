@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import time
 import traceback
@@ -34,6 +35,36 @@ __all__ = ["RunOptions", "RunStats", "BatchRun", "Outcome", "Worker", "MicsWorke
 # "waiting": --no-wait found every item waiting on provider batches still in progress.
 StopReason = Literal["completed", "budget", "interrupted", "waiting"]
 _READ_BATCH = 256
+
+# The cyclic garbage collector while a run goes on. With the default thresholds (700, 10, 10) a run of 64
+# items in flight, whose trees and replies live for seconds, promotes them to the oldest generation and
+# collects all of it every few seconds: measured on a 1,200-case run, a fifth of the client's CPU and pauses of
+# 0.1-0.4 s, in which no reply is read and no freed slot of a model is used. Objects of the process's
+# start (modules, settings, clients) are frozen, and the young generation is collected after 50,000
+# allocations rather than 700: nearly everything of a call is freed by reference counting long before.
+RUN_GC_THRESHOLDS = (50_000, 10, 10)
+_gc_users = 0
+_gc_saved: tuple[int, int, int] | None = None
+
+
+@contextlib.contextmanager
+def run_gc_settings() -> Any:
+    """:data:`RUN_GC_THRESHOLDS` and the start-up objects frozen, while at least one run is on (runs in one
+    process may overlap: the first to start sets, the last to end puts back what it found)."""
+    global _gc_users, _gc_saved
+    if _gc_users == 0:
+        _gc_saved = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(*RUN_GC_THRESHOLDS)
+    _gc_users += 1
+    try:
+        yield
+    finally:
+        _gc_users -= 1
+        if _gc_users == 0 and _gc_saved is not None:
+            gc.set_threshold(*_gc_saved)
+            gc.unfreeze()
+            _gc_saved = None
 
 
 def run_id_for(output: Path) -> str:
@@ -307,10 +338,11 @@ class BatchRun:
     async def run(self) -> RunStats:
         if not self.options.data.is_file():
             raise MicsError(f"input file {str(self.options.data)!r} not found")
-        if self.output_lock is not None:
-            return await self._run()
-        with OutputLock(self.files.output, self.files.failed):
-            return await self._run()
+        with run_gc_settings():
+            if self.output_lock is not None:
+                return await self._run()
+            with OutputLock(self.files.output, self.files.failed):
+                return await self._run()
 
     async def _run(self) -> RunStats:
         resume = self._resume or await asyncio.to_thread(self.files.prepare, retry_failed=self.options.retry_failed)
