@@ -470,3 +470,24 @@ def test_an_empty_stage_is_still_a_loadable_datasets_folder(tmp_path):
 
     _write_hf([], tmp_path / "hf")
     assert len(load_from_disk(str(tmp_path / "hf"))) == 0
+
+
+def test_records_the_search_did_not_grade_are_graded_in_batches_into_the_same_curriculum(corpus, tmp_path, monkeypatch):
+    """Older output (no final_answer_grade) is graded while it is read, a batch at a time: batches that end
+    mid-file and a last short one give the curriculum of the graded records."""
+    from mics_agents.dataset import build as build_module
+
+    build(corpus, tmp_path / "graded")
+    records = [json.loads(line) for line in corpus["mics"].read_text().splitlines()]
+    for record in records:
+        record.pop("final_answer_grade", None)
+    older = {**corpus, "mics": tmp_path / "older.jsonl"}
+    older["mics"].write_text("".join(json.dumps(record) + "\n" for record in records))
+    monkeypatch.setattr(build_module, "_GRADE_BATCH", 3)
+    report = build(older, tmp_path / "older")
+    assert report.graded_here == sum(record.get("search_id") is not None for record in records) > 3
+    assert len(records) % 3, "the last batch is a short one"
+    # The step rows name the output file they come from (older.jsonl); every other file is the same.
+    graded, older_digest = tree_digest(tmp_path / "graded"), tree_digest(tmp_path / "older")
+    assert {k: v for k, v in older_digest.items() if not k.startswith("steps/")} == \
+        {k: v for k, v in graded.items() if not k.startswith("steps/")}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mics_agents.dataset import BuildOptions, build_dataset, default_recipe
 from mics_agents.errors import InputError
 from mics_agents.report import build_report_data, render_html, write_report
 from mics_agents.report import data as report_data
@@ -179,3 +180,74 @@ def test_a_run_that_grows_between_the_passes_is_reported_as_it_was_first_read(tm
     monkeypatch.setattr(report_data, "_scan_run", scan_then_append)
     data = write_report(output, tmp_path / "report.html")
     assert data.summary["items"] == 5
+
+
+# -- mics dataset build ------------------------------------------------------------------------------------
+
+
+def write_build_input(folder: Path, items: int, width: int = 120) -> BuildOptions:
+    """``items`` cases and their MICS records of about 20 KB, which quality control drops (their trend
+    fluctuates): what the build holds of them is then what it reads, not what it writes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mics = folder / "mics.jsonl"
+    mics.write_bytes(b"".join(line({**success(f"item-{n:05d}", width), "final_depth": "2", "trend": "fluctuating"})
+                              for n in range(items)))
+    cases = folder / "cases.jsonl"
+    cases.write_bytes(b"".join(line({"id": f"item-{n:05d}", "question": "Which finding?", "answer": "B"})
+                               for n in range(items)))
+    (folder / "images").mkdir(exist_ok=True)
+    return BuildOptions(mics=[mics], cases=cases, image_dir=folder / "images", output=folder / "dataset",
+                        recipe=default_recipe())
+
+
+def test_the_dataset_build_holds_offsets_not_records(tmp_path):
+    build_dataset(write_build_input(tmp_path / "warm", 20))  # imports (datasets, matplotlib) out of the count
+    small, large = write_build_input(tmp_path / "n", 50), write_build_input(tmp_path / "4n", 200)
+    record_bytes = small.mics[0].stat().st_size // 50
+    assert record_bytes > 20_000
+    peaks = {}
+    for name, options in (("n", small), ("4n", large)):
+        report = None
+
+        def build(options=options):
+            nonlocal report
+            report = build_dataset(options)
+
+        peaks[name] = peak_of(build)
+        assert report.drops["qc"] == {"trend_fluctuating": len(options.mics[0].read_bytes().splitlines())}
+    growth = peaks["4n"] - peaks["n"]
+    # Holding the 150 extra records would be 150 x 20 KB of JSON, several times that as Python objects; what
+    # grows is each item's key and offsets, and its case (the cases file is read whole, for Part 2).
+    assert growth < 150 * 6_000, f"150 more items cost {growth / 1e3:.0f} KB ({peaks})"
+
+
+def test_a_mics_file_compacted_between_the_two_passes_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from mics_agents.dataset import build as build_module
+
+    options = write_build_input(tmp_path, 3, width=1)
+    mics = options.mics[0]
+    mics.write_bytes(mics.read_bytes() + mics.read_bytes())  # a run not compacted yet: each item twice
+    standing_mics = build_module._standing_mics
+
+    def first_pass_then_compact(paths):
+        standing = standing_mics(paths)
+        replacement = tmp_path / "compacted"
+        replacement.write_bytes(b"".join(mics.read_bytes().splitlines(keepends=True)[:3]))
+        replacement.replace(mics)
+        return standing
+
+    monkeypatch.setattr(build_module, "_standing_mics", first_pass_then_compact)
+    with pytest.raises(InputError, match="mics.jsonl changed while the build read it .* Build again"):
+        build_dataset(options)
+    assert not options.output.exists()
+
+
+def test_a_torn_last_line_of_mics_output_is_an_input_error_naming_the_line(tmp_path):
+    options = write_build_input(tmp_path, 2, width=1)
+    with open(options.mics[0], "ab") as handle:
+        handle.write(b'{"rid": "torn", "question": "cut off')
+    with pytest.raises(InputError, match=r"mics.jsonl:3: invalid JSON in the MICS output file"):
+        build_dataset(options)
+    options.mics[0].write_bytes(b'{"rid": "x", "question": "\xff"}\n')
+    with pytest.raises(InputError, match=r"mics.jsonl:1: invalid JSON in the MICS output file \(not UTF-8\)"):
+        build_dataset(options)

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from array import array
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import InputError
-from ..outputs import settle
+from ..outputs import Line, settle, success_line, winning_lines
 from ..task_format import final_answer_line, task_prompt, write_task_format
 from .alignment import AlignmentOptions, alignment_samples
 from .curriculum import Recipe, assemble_stage, is_held_out, split_by_case
 from .evalset import answer_type_of, write_eval_items
 from .exports import export_samples, place_images
 from .images import ImageCatalog
-from .qc import QcOptions, grade_final_answers, needs_final_answer_grade, quality_control
+from .qc import QcOptions, drop_reason, grade_final_answers, needs_final_answer_grade
 from .samples import PART1, PART3, Sample, case_captions, case_text, detect_modality
-from .stats import dataset_stats, write_stats
+from .stats import MicsCounts, dataset_stats, write_stats
 from .steps import StepOptions, StepStats, read_step_records, write_steps
 
 __all__ = ["BuildOptions", "BuildReport", "build_dataset", "item_case_id", "read_jsonl"]
@@ -115,18 +118,19 @@ def build_dataset(options: BuildOptions) -> BuildReport:
     samples: list[Sample] = []
 
     # Part 3: MICS chain-of-thought that passes quality control.
-    # One success per item by the journal's rule (a run's file may hold a cut group or a repeat until it compacts).
-    mics_records = settle([record for path in options.mics for record in read_jsonl(path, "MICS output")], [])[0]
-    graded_here = 0
-    if any(needs_final_answer_grade(record) for record in mics_records):
-        graded_here = asyncio.run(_grade_older_records(mics_records, options.judge))
-    qc = quality_control(
-        mics_records,
-        QcOptions(tuple(recipe.keep_trends), recipe.keep_single_step, recipe.keep_search_id_zero, recipe.keep_ungraded,
-                  recipe.include_vanilla),
-    )
-    drops["qc"] = qc.dropped
-    for record in qc.kept:
+    # One success per item by the journal's rule (a run's file may hold a cut group or a repeat until it compacts),
+    # read one at a time: a first pass finds where each item's line is, a second reads those lines.
+    standing = _standing_mics(options.mics)
+    graded = [0]
+    qc_options = QcOptions(tuple(recipe.keep_trends), recipe.keep_single_step, recipe.keep_search_id_zero,
+                           recipe.keep_ungraded, recipe.include_vanilla)
+    mics_counts = MicsCounts()
+    for record in _graded(_read_standing(standing), options.judge, standing.needs_grade, graded):
+        mics_counts.add(record)
+        reason = drop_reason(record, qc_options)
+        if reason:
+            drops["qc"][reason] += 1
+            continue
         rid = str(record["rid"])
         infos = [catalog.lookup(image, options.image_dir) for image in record.get("images") or []]
         if any(info is None for info in infos):
@@ -206,23 +210,146 @@ def build_dataset(options: BuildOptions) -> BuildReport:
         images_root=options.output / "images", catalog=catalog, options=options.steps,
         test_fraction=recipe.test_fraction, seed=options.seed, case_of=case_of,
     )
-    write_stats(dataset_stats(stages, test, mics_records, drops, caption_cleaning, steps.as_dict()), options.output)
+    write_stats(dataset_stats(stages, test, mics_counts, drops, caption_cleaning, steps.as_dict()), options.output)
     write_task_format(options.output / "task_format.json")
     return BuildReport(
         stages={stage: len(items) for stage, items in stages.items()},
         test=len(test),
         drops={step: dict(counter) for step, counter in drops.items() if counter},
         output=options.output,
-        graded_here=graded_here,
+        graded_here=graded[0],
         eval_items=eval_count,
         steps=steps,
     )
 
 
-async def _grade_older_records(records: list[dict[str, Any]], judge_name: str | None) -> int:
-    """Grade final answers the search did not (files written before it did), with the judge if named."""
+# --- reading MICS output twice, holding no record -------------------------------------------------------
+
+
+@dataclass
+class _Standing:
+    """Where each item's standing success line is: (file, start, end) of each, in the order the files give
+    them, and each file's identity when it was read (a run that compacts it between the passes replaces it)."""
+
+    files: list[tuple[Path, tuple[int, int]]]
+    places: array
+    needs_grade: bool  # a standing record the search did not grade (older output): the judge is opened for it
+
+
+def _mics_lines(path: Path) -> Iterator[tuple[int, int, int, Any]]:
+    """(line number, start, end, JSON value) of each non-blank line of a MICS output file."""
+    with open(path, "rb") as handle:
+        offset = 0
+        for number, raw in enumerate(handle, start=1):
+            start, offset = offset, offset + len(raw)
+            if raw.strip():
+                yield number, start, offset, _decode_mics(raw, path, number)
+
+
+def _decode_mics(raw: bytes, path: Path, number: int) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{number}: invalid JSON in the MICS output file ({exc.msg})") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "nested too deeply"
+        raise InputError(f"{path}:{number}: invalid JSON in the MICS output file ({reason})") from None
+
+
+def _standing_mics(paths: list[Path]) -> _Standing:
+    """The first pass: each line's item, and where its bytes are; records are decoded one at a time, dropped."""
+    files: list[tuple[Path, tuple[int, int]]] = []
+    lines: list[Line] = []
+    places = array("q")
+    needs = array("b")
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"MICS output file {str(path)!r} not found")
+        found = path.stat()
+        files.append((path, (found.st_dev, found.st_ino)))
+        for _, start, end, record in _mics_lines(path):
+            if isinstance(record, dict):
+                lines.append(success_line(record))
+                places.extend((len(files) - 1, start, end))
+                needs.append(needs_final_answer_grade(record))
+    kept, _ = winning_lines(lines, [])
+    del lines
+    standing = array("q")
+    for index in kept:
+        standing.extend(places[3 * index:3 * index + 3])
+    return _Standing(files, standing, any(needs[index] for index in kept))
+
+
+def _read_standing(standing: _Standing) -> Iterator[dict[str, Any]]:
+    """The second pass: the standing records, one at a time, from files that must be the ones first read (a
+    file that grew since is fine: a run still going only appends)."""
+    handle, current = None, -1
+    try:
+        for at in range(0, len(standing.places), 3):
+            file, start, end = standing.places[at:at + 3]
+            path, identity = standing.files[file]
+            if file != current:
+                if handle is not None:
+                    handle.close()
+                handle, current = _reopen(path, identity), file
+            handle.seek(start)
+            raw = handle.read(end - start)
+            try:
+                record = json.loads(raw)
+            except (ValueError, RecursionError):
+                record = None
+            if not isinstance(record, dict):
+                raise _changed(path)
+            yield record
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _reopen(path: Path, identity: tuple[int, int]) -> BinaryIO:
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise _changed(path) from None
+    found = os.fstat(handle.fileno())
+    if (found.st_dev, found.st_ino) != identity:
+        handle.close()
+        raise _changed(path)
+    return handle
+
+
+def _changed(path: Path) -> InputError:
+    return InputError(
+        f"{path} changed while the build read it (a run compacted or rewrote it). Build again once the run "
+        "has ended."
+    )
+
+
+# Records graded together (the judge's calls run concurrently within a batch).
+_GRADE_BATCH = 256
+
+
+def _graded(records: Iterator[dict[str, Any]], judge_name: str | None, needed: bool, graded: list[int]) -> Iterator[dict[str, Any]]:
+    """``records``, each with a ``final_answer_grade``: those the search did not grade (files written before it
+    did) are graded here, a batch at a time, with the judge if named; ``graded[0]`` counts them."""
+    if not needed:
+        yield from records
+        return
     from ..agents import open_judge
     from ..config import load_settings
 
-    async with open_judge(judge_name, load_settings()) as judge:
-        return await grade_final_answers(records, judge)
+    with asyncio.Runner() as runner:
+        context = open_judge(judge_name, load_settings())
+        judge = runner.run(context.__aenter__())
+        try:
+            batch: list[dict[str, Any]] = []
+            for record in records:
+                batch.append(record)
+                if len(batch) == _GRADE_BATCH:
+                    graded[0] += runner.run(grade_final_answers(batch, judge))
+                    yield from batch
+                    batch = []
+            graded[0] += runner.run(grade_final_answers(batch, judge))
+            yield from batch
+        finally:
+            runner.run(context.__aexit__(None, None, None))

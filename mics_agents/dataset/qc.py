@@ -22,7 +22,7 @@ from typing import Any
 from ..answers import parse_solution
 from ..grading import Grade, Grader, JudgeLike
 
-__all__ = ["QcOptions", "QcResult", "quality_control", "grade_final_answers", "needs_final_answer_grade"]
+__all__ = ["QcOptions", "QcResult", "quality_control", "drop_reason", "grade_final_answers", "needs_final_answer_grade"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ async def grade_final_answers(
 def quality_control(records: Iterable[dict[str, Any]], options: QcOptions = QcOptions()) -> QcResult:
     result = QcResult()
     for record in records:
-        reason = _drop_reason(record, options)
+        reason = drop_reason(record, options)
         if reason:
             result.dropped[reason] += 1
         else:
@@ -82,7 +82,8 @@ def quality_control(records: Iterable[dict[str, Any]], options: QcOptions = QcOp
     return result
 
 
-def _drop_reason(record: dict[str, Any], options: QcOptions) -> str | None:
+def drop_reason(record: dict[str, Any], options: QcOptions = QcOptions()) -> str | None:
+    """Why quality control drops ``record`` (the key it is counted under), or None if it keeps it."""
     if record.get("search_id") is None:
         return "not_a_success"
     if record.get("strategy") == "vanilla" and not options.include_vanilla:

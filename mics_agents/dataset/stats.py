@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .samples import Sample
 
-__all__ = ["dataset_stats", "write_stats", "write_step_stats"]
+__all__ = ["MicsCounts", "dataset_stats", "write_stats", "write_step_stats"]
 
 
 def _summary(samples: list[Sample]) -> dict[str, Any]:
@@ -45,10 +46,36 @@ def _modality_mix(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
+class MicsCounts:
+    """The MICS records' numbers, added up one record at a time (a build never holds them all)."""
+
+    def __init__(self, records: Iterable[dict[str, Any]] = ()) -> None:
+        self.records = 0
+        self.final_depth: Counter = Counter()
+        self.trend: Counter = Counter()
+        self.search_id: Counter = Counter()
+        for record in records:
+            self.add(record)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records += 1
+        self.final_depth[str(record.get("final_depth"))] += 1
+        self.trend[str(record.get("trend"))] += 1
+        self.search_id[str(record.get("search_id"))] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "final_depth": dict(sorted(self.final_depth.items())),
+            "trend": dict(sorted(self.trend.items())),
+            "search_id": dict(sorted(self.search_id.items())),
+        }
+
+
 def dataset_stats(
     stages: dict[str, list[Sample]],
     test: list[Sample],
-    mics_records: list[dict[str, Any]],
+    mics_records: Iterable[dict[str, Any]] | MicsCounts,
     drops: dict[str, Counter],
     caption_cleaning: Counter | None = None,
     steps: dict[str, Any] | None = None,
@@ -60,12 +87,7 @@ def dataset_stats(
         "test": _summary(test),
         "modality": _modality_mix(list(distinct.values())),
         "caption_cleaning": dict(sorted((caption_cleaning or Counter()).items())),
-        "mics": {
-            "records": len(mics_records),
-            "final_depth": dict(sorted(Counter(str(r.get("final_depth")) for r in mics_records).items())),
-            "trend": dict(sorted(Counter(str(r.get("trend")) for r in mics_records).items())),
-            "search_id": dict(sorted(Counter(str(r.get("search_id")) for r in mics_records).items())),
-        },
+        "mics": (mics_records if isinstance(mics_records, MicsCounts) else MicsCounts(mics_records)).as_dict(),
         "drops": {step: dict(sorted(counter.items())) for step, counter in sorted(drops.items())},
         **({"steps": steps} if steps is not None else {}),
     }
