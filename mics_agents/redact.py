@@ -174,11 +174,17 @@ def _sorted_secrets() -> list[str]:
     return values
 
 
+@functools.lru_cache(maxsize=1024)
+def _escaped(secret: str) -> str:
+    """``secret`` as it appears inside a JSON string (in an error body)."""
+    return json.dumps(secret)[1:-1]
+
+
 def _mask_values(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, MASK)
-        escaped = json.dumps(secret)[1:-1]  # as it appears inside a JSON string in an error body
+        escaped = _escaped(secret)
         if escaped != secret and escaped in text:
             text = text.replace(escaped, MASK)
     return text

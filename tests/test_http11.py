@@ -281,3 +281,9 @@ async def test_a_dripping_suite_server_is_stopped_by_the_total_deadline():
             await post_chat_completion(endpoint, {"messages": [{"role": "user", "content": "hi"}]}, 0.7)
         assert time.monotonic() - started < 3.0
         http11.close_pool()
+
+
+def test_short_pieces_are_joined_and_an_image_part_is_never_copied():
+    big = b"i" * (http11._SEPARATE_PIECE_BYTES + 1)
+    joined = http11._coalesced([b"{", b'"a":', big, b",", b"}"])
+    assert joined == [b'{"a":', big, b",}"] and joined[1] is big

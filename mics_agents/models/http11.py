@@ -332,6 +332,8 @@ class _Connection(asyncio.Protocol):
         self._reset_reply()
         self._buffer.clear()
         waiter = self._waiter = self.loop.create_future()
+        if pieces and len(pieces[0]) < _SEPARATE_PIECE_BYTES:  # the head and a short start: one send
+            head, pieces = head + pieces[0], pieces[1:]
         transport.write(head)
         for piece in pieces:
             transport.write(piece)
@@ -419,8 +421,8 @@ async def post(target: Target, pieces: list[bytes], timeout: float) -> Reply:
     for piece in pieces:
         length += len(piece)
     head = target.head + b"Content-Length: %d\r\n\r\n" % length
-    if len(pieces) > 1 and length < _SEPARATE_PIECE_BYTES:
-        pieces = [b"".join(pieces)]
+    if len(pieces) > 1:
+        pieces = [b"".join(pieces)] if length < _SEPARATE_PIECE_BYTES else _coalesced(pieces)
     connection = pool.take(target.key)
     deadline = loop.time() + timeout
     if connection is None:
@@ -436,6 +438,24 @@ async def post(target: Target, pieces: list[bytes], timeout: float) -> Reply:
         raise
     pool.give_back(target.key, connection)
     return reply
+
+
+def _coalesced(pieces: list[bytes]) -> list[bytes]:
+    """The pieces with each run of short ones joined (a send each, not one per JSON fragment); long ones (an
+    image's encoded part) are kept as they are, never copied."""
+    joined: list[bytes] = []
+    run: list[bytes] = []
+    for piece in pieces:
+        if len(piece) < _SEPARATE_PIECE_BYTES:
+            run.append(piece)
+            continue
+        if run:
+            joined.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+        joined.append(piece)
+    if run:
+        joined.append(run[0] if len(run) == 1 else b"".join(run))
+    return joined
 
 
 def _expire_connection(connection: _Connection, timeout: float) -> None:
