@@ -629,6 +629,10 @@ class OutputFiles:
                         "that disk and rerun the same command to compact it."
                     ) from None
                 dropped += len(entries) - len(keep)
+        # A finished run leaves both files, empty ones included: a shard whose items all failed (or that had
+        # none) is then told apart from a shard that never ran, and merges as what it is.
+        for path in (self.output, self.failed):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
         return dropped
 
     async def append_success(self, records: list[dict[str, Any]]) -> None:
@@ -734,6 +738,9 @@ def _line_offsets(source: _ShardFile, *, failures: bool) -> tuple[list[Line], li
     source.identity = (found.st_dev, found.st_ino)
     for number, start, end, raw in _numbered_lines(source.path):
         record = _decode(raw, source.path, number)
+        reason = foreign_failure(record) if failures else foreign_success(record, GROUP_KEY if "group_size" in record else None)
+        if reason:
+            _refuse_foreign(source.path, number, reason, failures=failures)
         lines.append(Line(failure_key(record)) if failures else success_line(record))
         starts.append(start)
         ends.append(end)
@@ -813,9 +820,7 @@ def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> 
     successes: dict[str | None, tuple[int, _Ranges]] = {}
     failures: dict[str | None, tuple[int, _Ranges]] = {}
     overlapping: list[str | None] = []
-    for path in map(Path, inputs):
-        if not path.is_file():
-            raise MicsError(f"shard output {str(path)!r} not found")
+    for path in _shard_outputs(inputs):
         output_file, failed_file = _ShardFile(path), _ShardFile(default_failed_path(path))
         sources += (output_file, failed_file)
         shard_successes, shard_failures = _shard_winners(output_file, failed_file)
@@ -848,6 +853,45 @@ def merge_outputs(inputs: list[Path], output: Path, *, dedupe: bool = False) -> 
         _replace_atomically(output, _copy_lines(sources, iter(successes.values())))
         _replace_atomically(failed, _copy_lines(sources, iter(failures.values())))
     return MergeReport(successes=len(successes), failures=len(failures), overlaps=len(overlapping))
+
+
+def _shard_outputs(inputs: list[Path]) -> list[Path]:
+    """The shards the inputs name, each once and in order. A shard is named by its output or by its failed
+    file (``shard-*.jsonl`` matches both), and needs at least one of the two on disk: a shard whose items all
+    failed has only failures to give, but a shard with neither file has not run (or the name is wrong)."""
+    shards: list[Path] = []
+    named: dict[Path, set[bool]] = {}  # shard -> which of its files were named (True: the failed file)
+    for path in map(Path, inputs):
+        of_failed = _output_of_failed_file(path)
+        shard = of_failed or path
+        kinds = named.setdefault(shard, set())
+        if kinds and (of_failed is not None) not in kinds:
+            kinds.add(of_failed is not None)
+            continue  # its other file: the same shard (the same file twice is two inputs, and overlaps)
+        kinds.add(of_failed is not None)
+        if path.exists() and not path.is_file():
+            raise MicsError(f"{str(path)!r} is not a file: name the shards' outputs (OUT.jsonl), e.g. run.shard-*.jsonl")
+        if not shard.is_file() and not default_failed_path(shard).is_file():
+            raise MicsError(
+                f"shard output {str(shard)!r} not found, nor its failed file: has that shard run? Merge once every "
+                "shard has finished (a finished shard always leaves both files), or check the name."
+            )
+        shards.append(shard)
+    return shards
+
+
+def _output_of_failed_file(path: Path) -> Path | None:
+    """The output whose failed file ``path`` is, when its name says so and its first line is a failure line
+    (or it has none); else None: it is an output of its own, whatever it is called."""
+    suffix = "_failed.jsonl"
+    if not path.name.endswith(suffix) or len(path.name) == len(suffix) or not path.is_file():
+        return None
+    for number, _, _, raw in _numbered_lines(path):
+        record = _decode(raw, path, number, objects_only=False)
+        if foreign_failure(record) is not None:
+            return None
+        break
+    return path.with_name(path.name[: -len(suffix)] + ".jsonl")
 
 
 def _check_ours(path: Path, *, failures: bool) -> None:

@@ -237,7 +237,7 @@ def test_temporary_files_of_an_output_with_glob_characters_in_its_name_are_found
     files = OutputFiles(output)
     files.prepare()
     assert files.compact() == 1
-    assert sorted(os.listdir(tmp_path)) == ["run[1].jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["run[1].jsonl", "run[1]_failed.jsonl"]  # the temporary file is gone
 
 
 def test_resume_counts_finished_records_an_older_grader_graded(tmp_path):
