@@ -249,7 +249,7 @@ def run_page(path: Path, workdir: Path, env: dict[str, str]) -> int:
 
 
 def doc_pages() -> list[Path]:
-    pages = sorted(DOCS.rglob("*.md")) + [ROOT / "CONTRIBUTING.md"]
+    pages = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md", ROOT / "CONTRIBUTING.md"]
     return [page for page in pages if page.is_file() and "hooks" not in page.relative_to(ROOT).parts]
 
 
