@@ -417,7 +417,10 @@ class StrategyChoice(str, Enum):
     vanilla = "vanilla"
 
 
-@app.command()
+from .cluster.ray_option import RunCommand  # noqa: E402  (--ray [ADDRESS]: see its docstring)
+
+
+@app.command(cls=RunCommand)
 def run(
     data: Annotated[Path, typer.Argument(help="Cases, one JSON object per line (Chiron-o1 or plain layout).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Successes, one Chiron-o1 record per line.")],
@@ -446,10 +449,11 @@ def run(
                                           "batch in progress; rerun later to go on.")] = False,
     resubmit_canceled: Annotated[bool, typer.Option(help="With --batch: send again the requests of a batch that "
                                                     "was cancelled.")] = False,
-    ray: Annotated[bool, typer.Option("--ray", help="Run the shards as Ray tasks (on --ray-address, else RAY_ADDRESS, "
-                                      "else a local Ray), then merge them.")] = False,
-    ray_address: Annotated[Optional[str], typer.Option(help="With --ray: the cluster, as ray.init(address=...) "
-                                                       "takes it.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="[ADDRESS]", show_default=False,
+                                               help="Run the shards as Ray tasks, then merge them: on ADDRESS (as "
+                                               "ray.init(address=...) takes it: auto, HOST:PORT, ray://HEAD:10001), "
+                                               "else RAY_ADDRESS, else a local Ray.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="The same as --ray ADDRESS.")] = None,
     shards: Annotated[Optional[int], typer.Option(min=1, help="With --ray: how many shards (default: the cluster's "
                                                   "CPUs / MICS_RAY_CPUS_PER_SHARD).")] = None,
 ) -> None:
@@ -463,9 +467,13 @@ def run(
 
     if (no_wait or resubmit_canceled) and not batch:
         raise _fail_config("--no-wait and --resubmit-canceled go with --batch")
-    if (shards is not None or ray_address is not None) and not ray:
-        raise _fail_config("--shards and --ray-address go with --ray; without Ray, run each shard with --shard I/N (or auto)")
-    if ray:
+    if ray is not None or ray_address is not None:
+        if ray and ray_address and ray != ray_address:
+            raise _fail_config(f"--ray {ray} and --ray-address {ray_address} name two clusters; give one")
+        ray_address = ray or ray_address or None
+    elif shards is not None:
+        raise _fail_config("--shards goes with --ray; without Ray, run each shard with --shard I/N (or auto)")
+    if ray is not None or ray_address is not None:
         if batch or failed is not None or shard != "0/1":
             raise _fail_config("--ray runs its own shards, each with its failed file beside its journal, and does "
                                "not take --batch (its ledger would be SQLite on shared storage), --failed or --shard")

@@ -42,7 +42,8 @@ def dataset(tmp_path_factory):
 
 
 def ray_args(dataset, output: Path, address: str, *extra: str) -> list[str]:
-    return [*run_args(dataset, output, output.with_name("ignored.sqlite"), "--ray", "--ray-address", address,
+    """``--ray ADDRESS --shards N`` (the budget test spells it ``--ray-address``)."""
+    return [*run_args(dataset, output, output.with_name("ignored.sqlite"), "--ray", address,
                       "--shards", str(SHARDS)), *extra]
 
 
