@@ -491,3 +491,22 @@ def test_records_the_search_did_not_grade_are_graded_in_batches_into_the_same_cu
     graded, older_digest = tree_digest(tmp_path / "graded"), tree_digest(tmp_path / "older")
     assert {k: v for k, v in older_digest.items() if not k.startswith("steps/")} == \
         {k: v for k, v in graded.items() if not k.startswith("steps/")}
+
+
+def test_a_json_list_written_an_element_at_a_time_is_the_list_dumped_whole(tmp_path):
+    from mics_agents.dataset.exports import _dump_json, _JsonListWriter
+
+    lists = [
+        [],
+        [{}],
+        [{"id": "a", "conversations": [{"from": "human", "value": "line\nbreak \u2028 é <image>\n"}], "image": ["x", "y"]},
+         {"nested": {"deep": [[], {}, [1, [2, {"k": None}]]]}, "text": "  indented\n  text\r\n\\n"}, "plain", 3, None],
+    ]
+    for index, elements in enumerate(lists):
+        whole, streamed = tmp_path / f"whole{index}.json", tmp_path / f"streamed{index}.json"
+        _dump_json(whole, elements)
+        writer = _JsonListWriter(streamed)
+        for element in elements:
+            writer.add(element)
+        writer.close()
+        assert streamed.read_bytes() == whole.read_bytes()

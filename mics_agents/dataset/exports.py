@@ -25,6 +25,7 @@ import shutil
 import sys
 from collections import Counter
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from ..task_format import image_labels
@@ -43,7 +44,25 @@ def _dump_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _dump_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+class _JsonListWriter:
+    """A JSON list written an element at a time, byte for byte what :func:`_dump_json` writes of the whole list
+    (``indent=1``: each element one level in; the encoder escapes every newline inside a string)."""
+
+    def __init__(self, path: Path) -> None:
+        self._handle = open(path, "w", encoding="utf-8")
+        self._count = 0
+
+    def add(self, element: Any) -> None:
+        text = json.dumps(element, ensure_ascii=False, indent=1, sort_keys=True).replace("\n", "\n ")
+        self._handle.write(("[\n " if self._count == 0 else ",\n ") + text)
+        self._count += 1
+
+    def close(self) -> None:
+        self._handle.write("[]\n" if self._count == 0 else "\n]\n")
+        self._handle.close()
+
+
+def _dump_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
@@ -98,33 +117,35 @@ def export_samples(
             entry["image"] = images[0] if len(images) == 1 else images
         return entry
 
-    llava, sharegpt, messages, hf_rows = [], [], [], []
-    for sample in samples:
-        entry = llava_entry(sample)
-        llava.append(entry)
-        images = [relative(image) for image in sample.images]
-        # LLaMA-Factory reads the file with `datasets`, which needs one type per column: always a list.
-        sharegpt.append({"id": sample.id, "conversations": entry["conversations"], "images": images})
-        user_content = _user_content(len(images), sample.prompt)
-        row = {
-            "id": sample.id,
-            "case_id": sample.case_id,
-            "source": sample.source,
-            "images": images,
-            "messages": [
-                {"role": "user", "content": user_content},
-                {"role": "assistant", "content": [{"type": "text", "text": sample.response}]},
-            ],
-        }
-        messages.append({**row, "messages": [_drop_none(m) for m in row["messages"]]})
-        hf_rows.append({**row, "images": [image_paths[image] for image in sample.images]})
-
-    _dump_json(folder / "llava.json", llava)
-    _dump_json(folder / SHAREGPT, sharegpt)
+    # Each file is written a sample at a time; only the datasets folder needs its columns whole (see _HfColumns).
+    llava, sharegpt = _JsonListWriter(folder / "llava.json"), _JsonListWriter(folder / SHAREGPT)
+    hf = _HfColumns()
+    with open(folder / "messages.jsonl", "w", encoding="utf-8") as messages:
+        for sample in samples:
+            entry = llava_entry(sample)
+            llava.add(entry)
+            images = [relative(image) for image in sample.images]
+            # LLaMA-Factory reads the file with `datasets`, which needs one type per column: always a list.
+            sharegpt.add({"id": sample.id, "conversations": entry["conversations"], "images": images})
+            user_content = _user_content(len(images), sample.prompt)
+            row = {
+                "id": sample.id,
+                "case_id": sample.case_id,
+                "source": sample.source,
+                "images": images,
+                "messages": [
+                    {"role": "user", "content": user_content},
+                    {"role": "assistant", "content": [{"type": "text", "text": sample.response}]},
+                ],
+            }
+            messages.write(json.dumps({**row, "messages": [_drop_none(m) for m in row["messages"]]},
+                                      ensure_ascii=False, sort_keys=True) + "\n")
+            hf.add({**row, "images": [image_paths[image] for image in sample.images]})
+    llava.close()
+    sharegpt.close()
     _dump_json(folder / LLAMAFACTORY_INFO, {name: _llamafactory_entry()})
     _write_internvl(samples, pool, folder, name, llava_entry)
-    _dump_jsonl(folder / "messages.jsonl", messages)
-    _write_hf(hf_rows, folder / "hf")
+    _write_hf(hf, folder / "hf")
 
 
 def _llamafactory_entry() -> dict[str, Any]:
@@ -196,7 +217,7 @@ def _write_internvl(samples: list[Sample], pool: list[Sample] | None, folder: Pa
             chosen = {s.id for s in extra}
             lines = extra + [s for s in unique if s.id not in chosen]  # InternVL's fraction takes the head
         path = annotations / f"{_slug(source)}.jsonl"
-        _dump_jsonl(path, [entry_of(sample) for sample in lines])
+        _dump_jsonl(path, (entry_of(sample) for sample in lines))
         spec = {"root": str(folder.resolve()), "annotation": str(path.resolve()), "data_augment": False,
                 "length": len(lines)}
         key = f"{name}_{_slug(source)}"
@@ -226,7 +247,28 @@ def _drop_none(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": [{k: v for k, v in part.items() if v is not None} for part in message["content"]]}
 
 
-def _write_hf(rows: list[dict[str, Any]], target: Path) -> None:
+class _HfColumns:
+    """The datasets folder's rows as columns, each image's bytes read once and shared by every row showing it
+    (a Part 2 image repeats in every copy of its sample)."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[Any]] = {name: [] for name in ("id", "case_id", "source", "images", "messages")}
+        self._bytes: dict[Path, bytes] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        for name, column in self.columns.items():
+            column.append(row[name] if name != "images" else [self._image(Path(path)) for path in row["images"]])
+
+    def _image(self, path: Path) -> dict[str, Any]:
+        if path not in self._bytes:
+            self._bytes[path] = path.read_bytes()
+        return {"bytes": self._bytes[path], "path": path.name}
+
+    def __len__(self) -> int:
+        return len(self.columns["id"])
+
+
+def _write_hf(rows: _HfColumns | Iterable[dict[str, Any]], target: Path) -> None:
     from datasets import Dataset, Features, Image, List, Value, disable_progress_bars
 
     disable_progress_bars()
@@ -242,13 +284,13 @@ def _write_hf(rows: list[dict[str, Any]], target: Path) -> None:
             ),
         }
     )
-    embedded = [
-        {**row, "images": [{"bytes": Path(path).read_bytes(), "path": Path(path).name} for path in row["images"]]}
-        for row in rows
-    ]
+    if not isinstance(rows, _HfColumns):
+        given, rows = rows, _HfColumns()
+        for row in given:
+            rows.add(row)
     if target.exists():
         shutil.rmtree(target)
-    columns = {name: [row[name] for row in embedded] for name in features}
+    columns = {name: rows.columns[name] for name in features}
     # An empty stage (the demo's stage 1) saved with the default sharding cannot be loaded back: one shard.
     Dataset.from_dict(columns, features=features).save_to_disk(str(target), **({} if rows else {"num_shards": 1}))
 
