@@ -108,3 +108,86 @@ def test_a_cancel_that_reaches_the_shard_while_its_run_starts_counts_as_interrup
         signal.signal(signal.SIGALRM, previous)
     assert result["cancelled"] and result["exit_code"] == 130, result
     assert time.monotonic() - started < 30  # it did not wait for the sleeping run
+
+
+def test_a_stop_after_every_shard_ended_with_all_its_items_stopped_nothing(tmp_path):
+    """The budget was reached by the last items: every shard exited 0, so the run completed (and merges), as a
+    normal run whose stop came after its last item; a shard stopped by it makes the run a budget stop."""
+    from mics_agents.cluster.ray_run import RayRun
+
+    def final(codes: list[int], reason: str) -> str:
+        run = RayRun(output=tmp_path / "out.jsonl", run_args=[], total=4)
+        run.stats.stop_reason = reason
+        run.results = [{"index": index, "exit_code": code, "summary": {"success": 1, "spent_usd": 0.5}}
+                       for index, code in enumerate(codes)]
+        run._final()
+        assert run.stats.success == len(codes) and run.stats.spent_usd == 0.5 * len(codes)
+        return run.stats.stop_reason
+
+    assert final([0, 0], "budget") == "completed"
+    assert final([0, 130], "budget") == "budget"
+    assert final([0, 3], "completed") == "budget"  # a shard stopped itself on the budget
+    assert final([130, 0], "interrupted") == "interrupted"
+    assert final([0, 1], "completed") == "interrupted"
+
+
+def test_the_journal_tail_reads_a_large_journal_a_line_at_a_time(tmp_path):
+    """A resumed shard of a 10^5-item run has a journal of gigabytes; its task reads it whole once per attempt.
+    Peak memory stays near one record, not the file (here 20 MB: it held ~2x the file before)."""
+    import tracemalloc
+
+    path = tmp_path / "out.jsonl"
+    record = {"rid": "x", "reasoning": "step " * 2600, "usage": {"calls": 2, "cost_usd": 0.001}}
+    line = json.dumps(record).encode() + b"\n"
+    with open(path, "wb") as handle:
+        for _ in range(1500):
+            handle.write(line)
+        handle.write(line[:5000])  # torn: being written
+    tail = JournalTail(path)
+    tracemalloc.start()
+    try:
+        counts = tail.read()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (counts["success"], counts["calls"]) == (1500, 3000)
+    assert path.stat().st_size > 19_000_000 and peak < 1_000_000, peak
+    with open(path, "ab") as handle:
+        handle.write(line[5000:])
+    assert tail.read()["success"] == 1501  # the torn line, once whole
+
+
+def test_the_spend_sums_only_new_rows_and_counts_a_replaced_reply_too(tmp_path):
+    """Twice a second per shard: summing all ~10^6 calls of a 10^5-item shard each time would cost a core. The
+    incremental sum reads the rows past the last rowid seen (a range of the run's index)."""
+    from mics_agents.cluster.shard_task import Spend
+    from mics_agents.store import MIGRATIONS
+
+    cache = tmp_path / "cache.sqlite"
+    spend = Spend(cache, "run-a")
+    assert spend.read() == 0.0  # no cache yet
+    live = sqlite3.connect(cache)
+    for migration in MIGRATIONS:
+        live.executescript(migration)
+    assert spend.read() == 0.0  # no row yet
+
+    def insert(key: str, cost: float, run: str = "run-a", replace: bool = False) -> None:
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        live.execute(f"{verb} INTO calls (key, model, text, cost_usd, created_at, run_id) VALUES (?, 'm', '', ?, 0, ?)",
+                     (key, cost, run))
+        live.commit()
+
+    for number in range(3):
+        insert(f"k{number}", 0.25)
+    insert("other", 10.0, run="run-b")  # another run's call (a shared cache) is not this run's spend
+    assert spend.read() == 0.75
+    insert("k3", 0.5)
+    assert spend.read() == 1.25
+    plan = " ".join(str(row) for row in live.execute(
+        "EXPLAIN QUERY PLAN SELECT COALESCE(SUM(cost_usd), 0), MAX(rowid) FROM calls WHERE run_id = ? AND rowid > ?",
+        ("run-a", 3)))
+    assert "calls_by_run (run_id=? AND rowid>?)" in plan  # a range, never the whole run
+    insert("k3", 2.0, replace=True)  # the last reply asked again: both were paid for
+    assert spend.read() == 3.25
+    assert Spend(cache, "run-a").read() == 2.75  # a new attempt starts from the rows the cache holds
+    live.close()

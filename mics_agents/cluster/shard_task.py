@@ -30,7 +30,7 @@ from typing import Any
 from ..runner import run_id_for
 from .cache_backup import back_up, local_cache_path, remove_local, restore
 
-__all__ = ["ShardJob", "shard_output", "run_shard", "wait_for_output", "JournalTail", "FAILURE_KINDS"]
+__all__ = ["ShardJob", "shard_output", "run_shard", "wait_for_output", "JournalTail", "Spend", "FAILURE_KINDS"]
 
 FAILURE_KINDS = ("no_path", "model_error", "bad_input", "internal_error")
 _POLL_S = 0.2  # how soon a cancel or the child's end is seen
@@ -71,13 +71,15 @@ class JournalTail:
             return self.counts
         if status.st_ino != self._inode or status.st_size < self._offset:
             self._inode, self._offset, self.counts = status.st_ino, 0, Counter()
+        # A line at a time: a resumed shard's journal can be gigabytes (10^5 items of ~13 KB each), read whole
+        # once per attempt; only a torn last line (no newline yet) is left for the next read.
         with open(self.path, "rb") as handle:
             handle.seek(self._offset)
-            data = handle.read()
-        whole = data[: data.rfind(b"\n") + 1]
-        self._offset += len(whole)
-        for line in whole.splitlines():
-            self._count(line)
+            for line in handle:
+                if not line.endswith(b"\n"):
+                    break
+                self._offset += len(line)
+                self._count(line)
         return self.counts
 
     def _count(self, line: bytes) -> None:
@@ -98,17 +100,34 @@ class JournalTail:
                     self.counts[name] += value
 
 
-def _spent(cache: Path, run_id: str) -> float:
-    """What this shard's run paid for, over all its attempts (the backup carries it from one to the next)."""
-    try:
-        connection = sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=1.0)
+class Spend:
+    """What this shard's run paid for, over all its attempts (the backup carries it from one to the next).
+
+    Read twice a second while the shard runs, so only the rows added since the last read are summed (a range of
+    the run's index, by rowid): a shard of a 10^5-item run holds ~10^6 calls, and summing them all each time would
+    cost the node a core. The cache never deletes a row, and a replaced reply (asked again) gets a new, larger
+    rowid, so no row is missed; both replies count, as both were paid for (as in ``mics run``'s own count)."""
+
+    def __init__(self, cache: Path, run_id: str) -> None:
+        self.cache, self.run_id = cache, run_id
+        self.total = 0.0
+        self._last_rowid = 0
+
+    def read(self) -> float:
         try:
-            row = connection.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM calls WHERE run_id = ?", (run_id,)).fetchone()
-        finally:
-            connection.close()
-    except sqlite3.Error:  # not created yet, or busy for a moment: the next report has it
-        return -1.0
-    return float(row[0])
+            connection = sqlite3.connect(f"file:{self.cache}?mode=ro", uri=True, timeout=1.0)
+            try:
+                added, last = connection.execute(
+                    "SELECT COALESCE(SUM(cost_usd), 0), MAX(rowid) FROM calls WHERE run_id = ? AND rowid > ?",
+                    (self.run_id, self._last_rowid)).fetchone()
+            finally:
+                connection.close()
+        except sqlite3.Error:  # not created yet, or busy for a moment: the next report has it
+            return self.total
+        if last is not None:
+            self.total += float(added)
+            self._last_rowid = int(last)
+        return self.total
 
 
 def _die_with_parent() -> None:
@@ -164,20 +183,18 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
     tails = [JournalTail(job.output), JournalTail(_failed_path(job.output))]
     run_id = run_id_for(job.output)
     before: Counter | None = None
-    spent = 0.0
+    spend = Spend(local, run_id)
 
     def report() -> None:
-        nonlocal before, spent
+        nonlocal before
         counts: Counter = Counter()
         for tail in tails:
             counts.update(tail.read())
         ended = sum(counts[kind] for kind in ("success", *FAILURE_KINDS))
         if before is None:
             before = Counter(counts, ended=ended)
-        now = _spent(local, run_id)
-        spent = now if now >= 0 else spent
         snapshot = {name: counts[name] - before[name] for name in counts}
-        snapshot.update(already_done=before["ended"], spent_usd=spent, attempt_pid=os.getpid())
+        snapshot.update(already_done=before["ended"], spent_usd=spend.read(), attempt_pid=os.getpid())
         board.report.remote(job.index, snapshot)
 
     with open(log, "ab") as log_file:
@@ -207,6 +224,7 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
             child.wait()
         if local.exists():
             back_up(local, job.output)
+            spend.read()  # all it spent, for the last report (the file goes now)
         remove_local(local)
     report()
     code = child.returncode
