@@ -1,7 +1,9 @@
-"""How a batch run keeps its models busy: the garbage collector's settings while it runs."""
+"""How a batch run keeps its models busy: the busiest model's slots never idle while items wait to start, and
+the garbage collector's settings while it runs."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 from pathlib import Path
@@ -10,6 +12,8 @@ import pytest
 
 from mics_agents.config import load_settings
 from mics_agents.models import FunctionModel, ModelRequest
+from mics_agents.models.base import WrapperModel
+from mics_agents.models.limits import LimitingModel
 from mics_agents.models.simulated import simulated_reply
 from mics_agents.runner import RUN_GC_THRESHOLDS, BatchRun, RunOptions, run_gc_settings
 from mics_agents.search import Searcher
@@ -98,3 +102,82 @@ def test_overlapping_runs_restore_what_the_first_one_found(default_gc):
         assert gc.get_threshold() == RUN_GC_THRESHOLDS  # the first run still goes on
     assert gc.get_threshold() == (1234, 5, 6)
     assert gc.get_freeze_count() == 0
+
+
+class _Asked(WrapperModel):
+    """Counts the calls asked of the model inside it, before they wait for a slot."""
+
+    def __init__(self, inner, on_asked) -> None:
+        super().__init__(inner)
+        self.on_asked = on_asked
+
+    async def request(self, request: ModelRequest):
+        self.on_asked()
+        return await self.inner.request(request)
+
+
+async def _saturation_run(tmp_path: Path, items: int, items_in_flight: int, limit: int) -> dict:
+    """A run whose intern has ``limit`` slots; every event of its calls counted: asked (before the slot),
+    started, ended. An intern call that ends while no other intern call is waiting for a slot leaves its slot
+    idle; counted while the runner still had items to start."""
+    state = {"asked": 0, "started": 0, "ended": 0, "admitted": 0, "peak": 0, "idle_while_items_wait": 0,
+             "ends_after_full": 0}
+
+    def count_asked() -> None:
+        state["asked"] += 1
+
+    async def intern_reply(request: ModelRequest) -> str:
+        state["started"] += 1
+        state["peak"] = max(state["peak"], state["started"] - state["ended"])
+        await asyncio.sleep(0.002)
+        waiting = state["asked"] - state["started"]
+        if state["peak"] == limit and state["admitted"] < items:
+            state["ends_after_full"] += 1
+            state["idle_while_items_wait"] += waiting == 0
+        state["ended"] += 1
+        return simulated_reply("intern", "sim/intern-1", request)
+
+    async def mentor_reply(name: str, request: ModelRequest) -> str:
+        await asyncio.sleep(0.002)
+        return simulated_reply("mentor", name, request)
+
+    intern = _Asked(LimitingModel(FunctionModel("sim/intern-1", intern_reply), limit=limit, adaptive=False), count_asked)
+    searcher = Searcher(
+        mentors=[FunctionModel(name, lambda request, name=name: mentor_reply(name, request))
+                 for name in ("sim/mentor-a", "sim/mentor-b")],
+        interns=[intern],
+        judge=FunctionModel("sim/judge", lambda request: simulated_reply("judge", "sim/judge", request)),
+        settings=load_settings(cache_path=None, seed=1),
+    )
+    data = write_cases(tmp_path / f"cases-{items_in_flight}.jsonl", items)
+    batch = BatchRun(searcher, RunOptions(data=data, output=tmp_path / f"out-{items_in_flight}.jsonl",
+                                          concurrency=items_in_flight))
+    process = batch._process
+
+    async def admitted(item):
+        state["admitted"] += 1
+        await process(item)
+
+    batch._process = admitted  # type: ignore[method-assign]
+    stats = await batch.run()
+    await intern.aclose()
+    assert stats.success + stats.no_path == items
+    return state
+
+
+async def test_the_interns_slots_are_never_idle_while_items_wait_to_start(tmp_path):
+    """Items in flight keep the busiest model's queue from running dry: once the intern has had all its slots
+    busy, every intern call that ends hands its slot to a waiting call as long as the runner has items left
+    to start. Counted with events, not time."""
+    state = await _saturation_run(tmp_path, items=40, items_in_flight=12, limit=4)
+    assert state["peak"] == 4
+    assert state["ends_after_full"] > 40
+    assert state["idle_while_items_wait"] == 0
+
+
+async def test_the_count_sees_idle_slots_when_too_few_items_are_in_flight(tmp_path):
+    """Adversarial check of the measure itself: one item in flight cannot keep 4 slots busy (its intern
+    round asks 4 calls at most, then waits on the mentors), so idle slots are counted."""
+    state = await _saturation_run(tmp_path, items=10, items_in_flight=1, limit=4)
+    assert state["peak"] == 4
+    assert state["idle_while_items_wait"] > 0
