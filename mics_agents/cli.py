@@ -474,9 +474,12 @@ def run(
     elif shards is not None:
         raise _fail_config("--shards goes with --ray; without Ray, run each shard with --shard I/N (or auto)")
     if ray is not None or ray_address is not None:
-        if batch or failed is not None or shard != "0/1":
+        if batch:
+            raise _fail_config("--ray does not take --batch: a shard's batch ledger would be SQLite on the shared "
+                               "storage; run the shards with --batch --shard I/N (or auto, under Slurm) instead")
+        if failed is not None or shard != "0/1":
             raise _fail_config("--ray runs its own shards, each with its failed file beside its journal, and does "
-                               "not take --batch (its ledger would be SQLite on shared storage), --failed or --shard")
+                               "not take --failed or --shard")
         passed: list[str] = [str(data.resolve())]
         for flag, value in (("--image-dir", image_dir and image_dir.resolve()), ("--concurrency", concurrency),
                             ("--limit", limit), ("--max-depth", max_depth), ("--seed", seed),

@@ -64,10 +64,13 @@ def test_every_spelling_of_ray_reaches_the_ray_run_with_its_address(data, ray_ru
 def test_two_different_clusters_or_shards_without_ray_are_refused_in_one_line(data, ray_runs):
     both = invoke("cases.jsonl", "-o", "out.jsonl", "--ray", "auto", "--ray-address", "10.0.0.5:6379")
     lonely = invoke("cases.jsonl", "-o", "out.jsonl", "--shards", "3")
-    for result in (both, lonely):
+    failed = invoke("cases.jsonl", "-o", "out.jsonl", "--ray", "--failed", "f.jsonl")
+    sharded = invoke("cases.jsonl", "-o", "out.jsonl", "--ray", "--shard", "1/2")
+    for result in (both, lonely, failed, sharded):
         assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
         assert "Traceback" not in result.output
     assert "name two clusters" in both.output and "--shards goes with --ray" in lonely.output
+    assert all("does not take --failed or --shard" in result.output for result in (failed, sharded))
     assert ray_runs == []
 
 
