@@ -251,3 +251,23 @@ def test_a_torn_last_line_of_mics_output_is_an_input_error_naming_the_line(tmp_p
     options.mics[0].write_bytes(b'{"rid": "x", "question": "\xff"}\n')
     with pytest.raises(InputError, match=r"mics.jsonl:1: invalid JSON in the MICS output file \(not UTF-8\)"):
         build_dataset(options)
+
+
+def test_step_records_of_a_failed_file_replaced_between_the_passes_are_refused(tmp_path):
+    from mics_agents.dataset import read_step_records
+
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(line(success("a", 1)) + line(success("b", 1)))
+    failed = tmp_path / "out_failed.jsonl"
+    no_path = {**failure("c", "no_path"), "search": success("c", 1)}
+    failed.write_bytes(line(failure("c")) + line(no_path))
+    records = read_step_records([output])
+    assert next(records)[1]["rid"] == "a"  # the first pass is over: each standing line's offsets are kept
+    replacement = tmp_path / "compacted"
+    replacement.write_bytes(line(no_path))
+    replacement.replace(failed)
+    with pytest.raises(InputError, match="out_failed.jsonl changed while it was being read"):
+        list(records)
+    # Read whole, the same files give each item's standing record.
+    assert [(source, record["rid"]) for source, record in read_step_records([output])] == \
+        [("out.jsonl", "a"), ("out.jsonl", "b"), ("out.jsonl", "c")]

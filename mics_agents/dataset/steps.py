@@ -388,9 +388,12 @@ def count_tree(record: dict[str, Any], stats: StepStats) -> None:
 # --- reading a run's outcomes ----------------------------------------------------------------------------
 
 
-def _objects(path: Path, what: str) -> Iterator[dict[str, Any]]:
+def _objects(path: Path, what: str) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(start, end, record) of each JSON object line of a file, ``start``/``end`` its bytes."""
     with open(path, "rb") as handle:
+        offset = 0
         for number, raw in enumerate(handle, start=1):
+            start, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue
             try:
@@ -401,44 +404,92 @@ def _objects(path: Path, what: str) -> Iterator[dict[str, Any]]:
                     "(a run still writing may end in a torn line: build once it has stopped)"
                 ) from None
             if isinstance(record, dict):
-                yield record
+                yield start, offset, record
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    found = path.stat()
+    return found.st_dev, found.st_ino
+
+
+def _read_at(handles: dict[Path, Any], path: Path, identity: tuple[int, int], start: int, end: int) -> dict[str, Any]:
+    """The record at ``start``..``end`` of ``path``, which must be the file first read (a file that grew since is
+    fine: a run still going only appends)."""
+    handle = handles.get(path)
+    if handle is None:
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:
+            handle = None
+        if handle is None or (os.fstat(handle.fileno()).st_dev, os.fstat(handle.fileno()).st_ino) != identity:
+            if handle is not None:
+                handle.close()
+            raise _changed(path)
+        handles[path] = handle
+    handle.seek(start)
+    try:
+        record = json.loads(handle.read(end - start))
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        raise _changed(path)
+    return record
+
+
+def _changed(path: Path) -> InputError:
+    return InputError(f"{path} changed while it was being read (a run compacted or rewrote it). Build again once "
+                      "the run has ended.")
 
 
 def read_step_records(paths: Iterable[Path]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(source, search record) of each item's standing outcome over ``paths`` (``mics run`` outputs) and the
     failed file beside each: successes, and the searches of ``no_path`` failures. ``source`` is the output's
     file name: it names the run without putting the machine's folders into a dataset that may be shared (and
-    the same records give the same bytes wherever the run lived). Reads the files twice (which line stands for an item, then the lines), so memory holds
-    item keys, never every tree."""
+    the same records give the same bytes wherever the run lived). Reads the files twice (which line stands
+    for an item, then those lines by their byte offsets), so memory holds item keys, never every tree; a file
+    replaced between the two (a run compacted it) is an :class:`InputError`."""
     files = []
     for path in paths:
         if not Path(path).is_file():
             raise InputError(f"MICS output file {str(path)!r} not found")
         failed = default_failed_path(Path(path))
         files.append((Path(path), failed if failed.is_file() else None))
-    successes = [success_line(record) for path, _ in files for record in _objects(path, "MICS output")]
-    failures = [failure_key(record) for _, failed in files if failed for record in _objects(failed, "failed")]
-    kept, kept_failures = winning_lines(successes, failures)
-    kept_set, failure_set = set(kept), set(kept_failures)
-    del successes, failures, kept, kept_failures
-
-    index = 0
+    # Per line: (index into ``sources``, start, end); ``sources`` are (file, identity, the output's name).
+    sources: list[tuple[Path, tuple[int, int], str]] = []
+    successes, success_places = [], []
     for path, _ in files:
-        for record in _objects(path, "MICS output"):
-            if index in kept_set:
-                yield path.name, record
-            index += 1
-    index = 0
+        sources.append((path, _identity(path), path.name))
+        for start, end, record in _objects(path, "MICS output"):
+            successes.append(success_line(record))
+            success_places.append((len(sources) - 1, start, end))
+    failures, failure_places = [], []
     for path, failed in files:
         if failed is None:
             continue
-        for record in _objects(failed, "failed"):
-            if index in failure_set:
-                error = record.get("error") if isinstance(record.get("error"), dict) else {}
-                search = record.get("search")
-                if error.get("kind") in SEARCHED_FAILURES and isinstance(search, dict):
-                    yield path.name, {**search, "rid": search.get("rid") or record.get("rid") or record.get("key")}
-            index += 1
+        sources.append((failed, _identity(failed), path.name))
+        for start, end, record in _objects(failed, "failed"):
+            failures.append(failure_key(record))
+            failure_places.append((len(sources) - 1, start, end))
+    kept, kept_failures = winning_lines(successes, failures)
+    kept_places = [success_places[index] for index in kept]
+    kept_failure_places = [failure_places[index] for index in kept_failures]
+    del successes, failures, success_places, failure_places, kept, kept_failures
+
+    handles: dict[Path, Any] = {}
+    try:
+        for source, start, end in kept_places:
+            path, identity, name = sources[source]
+            yield name, _read_at(handles, path, identity, start, end)
+        for source, start, end in kept_failure_places:
+            path, identity, name = sources[source]
+            record = _read_at(handles, path, identity, start, end)
+            error = record.get("error") if isinstance(record.get("error"), dict) else {}
+            search = record.get("search")
+            if error.get("kind") in SEARCHED_FAILURES and isinstance(search, dict):
+                yield name, {**search, "rid": search.get("rid") or record.get("rid") or record.get("key")}
+    finally:
+        for handle in handles.values():
+            handle.close()
 
 
 # --- writing a steps folder ------------------------------------------------------------------------------
