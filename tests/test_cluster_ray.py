@@ -15,7 +15,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from mics_agents.cluster.cache_backup import backup_path  # noqa: E402
+from mics_agents.cluster.cache_backup import backup_path, delta_paths  # noqa: E402
 from mics_agents.cluster.shard_task import shard_output  # noqa: E402
 
 from .openai_server import OpenAIServer  # noqa: E402
@@ -63,9 +63,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def monotonic_mtime(path: Path) -> float:
-    """A file's mtime on the clock the test server stamps requests with (time.monotonic())."""
-    return path.stat().st_mtime - time.time() + time.monotonic()
+def last_checkpoint(shard: Path) -> float:
+    """When the shard's cache was last copied beside it (its base or newest delta), on the clock the test server
+    stamps requests with (time.monotonic())."""
+    newest = max(path.stat().st_mtime for path in [backup_path(shard), *(path for _, path in delta_paths(shard))])
+    return newest - time.time() + time.monotonic()
 
 
 def test_four_shards_on_ray_merge_to_what_one_unsharded_run_writes(cluster, dataset, tmp_path):
@@ -81,6 +83,8 @@ def test_four_shards_on_ray_merge_to_what_one_unsharded_run_writes(cluster, data
     assert without_usage(merged) == without_usage(lines_by_item(tmp_path / "single.jsonl"))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [shard["exit_code"] for shard in summary["shards"]] == [0] * SHARDS
+    # Each shard copied its whole cache once (its first checkpoint, at its end here), no delta yet.
+    assert [shard["cache_backups"] for shard in summary["shards"]] == [{"full": 1, "deltas": 0}] * SHARDS
     assert summary["success"] + summary["no_path"] + summary["model_error"] == len(dataset.keys)
     for index in range(SHARDS):  # every shard's cache came back beside its journal; none was left on the node
         assert backup_path(shard_output(tmp_path / "ray.jsonl", index, SHARDS)).is_file()
@@ -95,7 +99,7 @@ def test_a_shard_whose_worker_is_killed_is_retried_and_repeats_only_calls_after_
         driver = launch(ray_args(dataset, output, cluster, "--concurrency", "1"), env, name="driver")
         def backed_up_calls() -> bool:  # shard 0 runs, and its last backup holds calls answered well before it
             try:
-                backup = monotonic_mtime(backup_path(first))
+                backup = last_checkpoint(first)
             except FileNotFoundError:
                 return False
             return holder_pid(first) is not None and server.count() >= 10 and any(
@@ -105,7 +109,7 @@ def test_a_shard_whose_worker_is_killed_is_retried_and_repeats_only_calls_after_
         child = holder_pid(first)
         stat = Path(f"/proc/{child}/stat").read_text()
         worker = int(stat.rsplit(")", 1)[1].split()[1])  # the Ray worker that runs shard 0's task
-        last_backup = monotonic_mtime(backup_path(first))
+        last_backup = last_checkpoint(first)
         killed_at = time.monotonic()
         os.kill(worker, signal.SIGKILL)
         assert driver.wait(timeout=240) == 0, driver.err()

@@ -191,3 +191,76 @@ def test_the_spend_sums_only_new_rows_and_counts_a_replaced_reply_too(tmp_path):
     assert spend.read() == 3.25
     assert Spend(cache, "run-a").read() == 2.75  # a new attempt starts from the rows the cache holds
     live.close()
+
+
+def test_checkpoints_copy_only_new_calls_until_the_deltas_match_the_base_and_restore_the_newest_replies(tmp_path):
+    """A 10^5-item shard's cache is gigabytes: a checkpoint copies the calls added since the last one (a delta),
+    and the whole cache again only once the deltas add up to it. A restore applies them in order; an older
+    delta left behind never replaces a newer reply."""
+    import shutil
+
+    from mics_agents.cluster.cache_backup import CacheBackups, delta_paths
+    from mics_agents.store import MIGRATIONS
+
+    shard = tmp_path / "shared" / "out.shard-1-of-2.jsonl"
+    shard.parent.mkdir()
+    first = local_cache_path(shard, tmp_path / "node-a")
+    live = sqlite3.connect(first)
+    live.execute("PRAGMA journal_mode=WAL")  # open throughout, as the running shard's connection is
+    for migration in MIGRATIONS:
+        live.executescript(migration)
+
+    def insert(connection, keys, text="reply", replace=False):
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        connection.executemany(f"{verb} INTO calls (key, model, text, cost_usd, created_at, run_id) "
+                               "VALUES (?, 'm', ?, 0.01, 0, 'r')", [(key, f"{text} {key} " * 20) for key in keys])
+        connection.commit()
+
+    def contents(path):
+        connection = sqlite3.connect(path)
+        try:
+            return dict(connection.execute("SELECT key, text FROM calls"))
+        finally:
+            connection.close()
+
+    insert(live, [f"k{n}" for n in range(200)])
+    live.execute("INSERT INTO runs VALUES ('r', 'in', 'out', '{}', 0, 0)")
+    live.commit()
+    backups = CacheBackups(first, shard)
+    assert not backups.restore()
+    backups.back_up()  # no base yet: a full copy
+    insert(live, ["n1", "n2"])
+    backups.back_up()
+    insert(live, ["k5"], text="asked again", replace=True)
+    backups.back_up()
+    backups.back_up()  # nothing new: no file
+    assert (backups.full_copies, backups.delta_copies) == (1, 2)
+    deltas = delta_paths(shard)
+    assert [number for number, _ in deltas] == [1, 2]
+    assert all(path.stat().st_size < backup_path(shard).stat().st_size / 3 for _, path in deltas)
+    assert sorted(p.name for p in shard.parent.iterdir()) == sorted([backup_path(shard).name, *(p.name for _, p in deltas)])
+
+    second = local_cache_path(shard, tmp_path / "node-b")
+    again = CacheBackups(second, shard)
+    assert again.restore()
+    restored = contents(second)
+    assert restored == contents(first) and restored["k5"].startswith("asked again") and len(restored) == 202
+    attempt = sqlite3.connect(second)
+    insert(attempt, ["b1"])  # the retried attempt goes on: its next checkpoint is delta 3
+    again.back_up()
+    assert [number for number, _ in delta_paths(shard)] == [1, 2, 3] and again.full_copies == 0
+
+    stale = tmp_path / "stale.sqlite"
+    shutil.copyfile(deltas[0][1], stale)  # delta 1, as a crash between a new base and the deletions leaves it
+    insert(attempt, [f"big{n}" for n in range(400)])  # a delta larger than the base...
+    again.back_up()
+    insert(attempt, ["n1"], text="newer", replace=True)  # a newer reply to a call delta 1 holds
+    again.back_up()  # ...so the next checkpoint copies the whole cache, and the deltas go
+    attempt.close()
+    assert (again.full_copies, again.delta_copies) == (1, 2) and delta_paths(shard) == []
+    shutil.copyfile(stale, deltas[0][1])  # delta 1 is back, older than the base
+    third = local_cache_path(shard, tmp_path / "node-c")
+    assert CacheBackups(third, shard).restore()
+    final = contents(third)
+    assert final == contents(second) and final["n1"].startswith("newer") and len(final) == 603
+    live.close()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runner import run_id_for
-from .cache_backup import back_up, local_cache_path, remove_local, restore
+from .cache_backup import CacheBackups, local_cache_path, remove_local
 
 __all__ = ["ShardJob", "shard_output", "run_shard", "wait_for_output", "JournalTail", "Spend", "FAILURE_KINDS"]
 
@@ -173,7 +173,8 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
             log_file.write(f"waited {waited:.0f} s for the output's lock (a former attempt's node may have died): "
                            f"{'free' if free else 'still held; the run below says by whom'}\n")
     local = local_cache_path(job.output)
-    restore(job.output, local)
+    backups = CacheBackups(local, job.output)
+    backups.restore()
     summary = job.output.with_name(f"{stem}.summary.json")
     summary.unlink(missing_ok=True)
     command = [
@@ -211,8 +212,8 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
             if now - reported >= _REPORT_S:
                 report()
                 reported = now
-            if now - backed_up >= job.backup_every and local.exists():
-                back_up(local, job.output)
+            if now - backed_up >= job.backup_every:
+                backups.back_up()
                 backed_up = now
     except KeyboardInterrupt:
         cancelled = True
@@ -223,7 +224,7 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
             child.kill()
             child.wait()
         if local.exists():
-            back_up(local, job.output)
+            backups.back_up()
             spend.read()  # all it spent, for the last report (the file goes now)
         remove_local(local)
     report()
@@ -231,7 +232,8 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
     if cancelled and code == -signal.SIGINT:  # the cancel came before the run set its handler (while importing)
         code = 130
     result = {"index": job.index, "exit_code": code, "cancelled": cancelled, "log": str(log),
-              "lock_wait_s": round(waited, 1)}
+              "lock_wait_s": round(waited, 1),
+              "cache_backups": {"full": backups.full_copies, "deltas": backups.delta_copies}}
     if summary.is_file():
         result["summary"] = json.loads(summary.read_text(encoding="utf-8"))
     else:
