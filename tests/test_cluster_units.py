@@ -264,3 +264,27 @@ def test_checkpoints_copy_only_new_calls_until_the_deltas_match_the_base_and_res
     final = contents(third)
     assert final == contents(second) and final["n1"].startswith("newer") and len(final) == 603
     live.close()
+
+
+def test_done_before_counts_items_by_their_standing_line_not_journal_lines(tmp_path):
+    """A resumed shard's progress starts from the items its run will not redo; its journal has a line per
+    attempt of an item (a model_error retried, then its success), so counting lines showed more done than
+    there were items, and the bar passed 100%."""
+    from mics_agents.cluster.shard_task import done_before
+
+    output, failed = tmp_path / "out.jsonl", tmp_path / "out_failed.jsonl"
+    output.write_text("".join(json.dumps(r) + "\n" for r in [{"rid": "a"}, {"rid": "b"}]))
+    failed.write_text("".join(json.dumps({"key": key, "error": {"kind": kind}}) + "\n" for key, kind in [
+        ("b", "model_error"),  # retried, then succeeded: one item, done
+        ("c", "model_error"),  # retried next run: not done
+        ("d", "no_path"),  # final unless --retry-failed
+        ("e", "no_path"), ("e", "model_error"),  # its last line says model_error: redone
+        ("f", "bad_input"), ("g", "internal_error"),
+    ]))
+    tails = [JournalTail(output, keep_kinds=True), JournalTail(failed, keep_kinds=True)]
+    lines = sum(sum(tail.read()[kind] for kind in ("success", "no_path", "model_error", "bad_input",
+                                                     "internal_error")) for tail in tails)
+    assert lines == 9
+    assert done_before(tails[0].kinds, tails[1].kinds, retry_failed=False) == 4  # a, b, d, f
+    assert done_before(tails[0].kinds, tails[1].kinds, retry_failed=True) == 2  # a, b
+    assert JournalTail(output).kinds is None  # kept only when asked

@@ -30,7 +30,8 @@ from typing import Any
 from ..runner import run_id_for
 from .cache_backup import CacheBackups, local_cache_path, remove_local
 
-__all__ = ["ShardJob", "shard_output", "run_shard", "wait_for_output", "JournalTail", "Spend", "FAILURE_KINDS"]
+__all__ = ["ShardJob", "shard_output", "run_shard", "wait_for_output", "JournalTail", "Spend", "done_before",
+           "FAILURE_KINDS"]
 
 FAILURE_KINDS = ("no_path", "model_error", "bad_input", "internal_error")
 _POLL_S = 0.2  # how soon a cancel or the child's end is seen
@@ -58,11 +59,13 @@ class JournalTail:
     """Counts of a journal (output or failed file) read as it grows: whole lines only, from where the last read
     stopped; a file that was replaced (compacted) or cut (a torn line repaired) is read again from its start."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, keep_kinds: bool = False) -> None:
         self.path = path
         self._offset = 0
         self._inode: int | None = None
         self.counts: Counter = Counter()
+        # Each item's last outcome while kept (what was done before an attempt: see :func:`done_before`).
+        self.kinds: dict[str, str] | None = {} if keep_kinds else None
 
     def read(self) -> Counter:
         try:
@@ -71,6 +74,7 @@ class JournalTail:
             return self.counts
         if status.st_ino != self._inode or status.st_size < self._offset:
             self._inode, self._offset, self.counts = status.st_ino, 0, Counter()
+            self.kinds = {} if self.kinds is not None else None
         # A line at a time: a resumed shard's journal can be gigabytes (10^5 items of ~13 KB each), read whole
         # once per attempt; only a torn last line (no newline yet) is left for the next read.
         with open(self.path, "rb") as handle:
@@ -92,12 +96,26 @@ class JournalTail:
         error = record.get("error")
         kind = error.get("kind") if isinstance(error, dict) else None
         self.counts[kind if kind in FAILURE_KINDS else "success"] += 1
+        if self.kinds is not None:
+            key = record.get("key", record.get("rid"))
+            if key is not None:
+                self.kinds[str(key)] = kind if kind in FAILURE_KINDS else "success"
         usage = record.get("usage") if kind is None else (record.get("search") or {}).get("usage")
         if isinstance(usage, dict):
             for name in ("calls", "cached_calls", "input_tokens", "output_tokens", "cost_usd"):
                 value = usage.get(name)
                 if isinstance(value, (int, float)):
                     self.counts[name] += value
+
+
+def done_before(successes: dict[str, str], failures: dict[str, str], *, retry_failed: bool) -> int:
+    """Items a shard's run will not redo, from each item's last line in its output and failed file: as the
+    journal's rule (``outputs.winning_lines``), a success stands, else the last failure; no_path and bad_input
+    are done unless --retry-failed; model_error and internal_error are retried. Journal lines are not items: a
+    retried item has several, so counting lines would show more done than there are items."""
+    succeeded = {key for key, kind in successes.items() if kind == "success"}
+    final = () if retry_failed else ("no_path", "bad_input")
+    return len(succeeded) + sum(1 for key, kind in failures.items() if key not in succeeded and kind in final)
 
 
 class Spend:
@@ -181,21 +199,25 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
         sys.executable, "-m", "mics_agents", "run", *job.run_args, "--output", str(job.output),
         "--shard", f"{job.index}/{job.count}", "--cache", str(local), "--json-summary", str(summary),
     ]
-    tails = [JournalTail(job.output), JournalTail(_failed_path(job.output))]
+    tails = [JournalTail(job.output, keep_kinds=True), JournalTail(_failed_path(job.output), keep_kinds=True)]
     run_id = run_id_for(job.output)
     before: Counter | None = None
+    already_done = 0
     spend = Spend(local, run_id)
 
     def report() -> None:
-        nonlocal before
+        nonlocal before, already_done
         counts: Counter = Counter()
         for tail in tails:
             counts.update(tail.read())
-        ended = sum(counts[kind] for kind in ("success", *FAILURE_KINDS))
-        if before is None:
-            before = Counter(counts, ended=ended)
+        if before is None:  # what the journal held when this attempt started; its lines since are items it ended
+            before = counts
+            already_done = done_before(tails[0].kinds or {}, tails[1].kinds or {},
+                                       retry_failed="--retry-failed" in job.run_args)
+            for tail in tails:
+                tail.kinds = None  # a key per item: not kept while the shard runs
         snapshot = {name: counts[name] - before[name] for name in counts}
-        snapshot.update(already_done=before["ended"], spent_usd=spend.read(), attempt_pid=os.getpid())
+        snapshot.update(already_done=already_done, spent_usd=spend.read(), attempt_pid=os.getpid())
         board.report.remote(job.index, snapshot)
 
     with open(log, "ab") as log_file:
