@@ -17,6 +17,7 @@ import os
 import random
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import closing
 from pathlib import Path
 from types import TracebackType
@@ -154,6 +155,31 @@ def _is_lock_error(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
+_CALL_COLUMNS = ("calls (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id, finish_reason)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_CALL = "INSERT OR IGNORE INTO " + _CALL_COLUMNS
+_REPLACE_CALL = "INSERT OR REPLACE INTO " + _CALL_COLUMNS
+# Keys per look-up query (SQLite's default limit on bound values is 32,766 since 3.32; 999 before).
+LOOKUP_CHUNK = 500
+
+
+def _write_rows_in_thread(connection: sqlite3.Connection, rows: list[tuple[str, tuple]]) -> list[int]:
+    """Run in the database thread: the statements in one transaction (within one already open, if another
+    caller's is, as a lone statement would be), each statement's row count."""
+    begin = not connection.in_transaction
+    if begin:
+        connection.execute("BEGIN IMMEDIATE")
+    try:
+        counts = [connection.execute(statement, values).rowcount for statement, values in rows]
+        if begin:
+            connection.execute("COMMIT")
+    except BaseException:
+        if begin and connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+    return counts
+
+
 def _storable_count(value: object) -> int:
     """A token count SQLite can hold; anything else (a transport's parsing guards against it already) is
     stored as 0, unknown, rather than failing the write of a paid reply."""
@@ -183,6 +209,11 @@ class Store:
         self.new_cost_usd: dict[str, float] = {}
         # Replies that could not be written (after retries) and were used all the same; a rerun pays again.
         self.unsaved_calls = 0
+        # Group commit: the replies and look-ups asked for in one turn of the event loop go to the database
+        # thread together (one trip, one transaction), see :meth:`put_call` and :meth:`get_call`.
+        self._puts: list[tuple[str, tuple, str | None, float, asyncio.Future[None]]] = []
+        self._lookups: dict[str, list[asyncio.Future[Any]]] = {}
+        self._flushing: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, path: str | Path) -> "Store":
@@ -275,13 +306,20 @@ class Store:
         )
 
     async def get_call(self, key: str) -> ModelResponse | None:
-        rows = await self._read(  # one trip to the database thread
-            "SELECT model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason FROM calls WHERE key = ?",
-            (key,),
-        )
-        if not rows:
+        """The reply stored under ``key``, or None. The look-ups of one turn of the event loop are one query
+        (one trip to the database thread)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiting = self._lookups.get(key)
+        if waiting is not None:
+            waiting.append(future)
+        else:
+            if not self._lookups:
+                self._start_soon(self._flush_lookups)
+            self._lookups[key] = [future]
+        row = await future
+        if row is None:
             return None
-        model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason = next(iter(rows))
+        model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason = row
         # Masked again as read: the entry may predate the scrubbing of replies, or a key set since.
         return sanitize_reply(ModelResponse(
             text=text,
@@ -301,7 +339,6 @@ class Store:
 
         A reply was paid for, so a failed write is tried again (:data:`WRITE_ATTEMPTS` times in all, with a
         short pause) before it raises :class:`StoreError`."""
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         response = sanitize_reply(response)  # a reply from any model, wrapped or not, is stored fit to keep
         values = (
             key,
@@ -315,15 +352,85 @@ class Store:
             run_id,
             response.finish_reason,
         )
-        cursor = await self._write(
-            f"{verb} INTO calls"
-            " (key, model, text, input_tokens, output_tokens, cost_usd, extra, created_at, run_id, finish_reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            values,
-        )
-        # Another process sharing the file may have stored the same call first: then it paid, not us.
-        if run_id is not None and cursor.rowcount == 1:
-            self.new_cost_usd[run_id] = self.new_cost_usd.get(run_id, 0.0) + _storable_cost(response.cost_usd)
+        # Written with the other replies of this turn of the event loop, in one transaction; this returns once
+        # it has committed (a reply is never handed on before it is stored).
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._puts:
+            self._start_soon(self._flush_puts)
+        self._puts.append((_REPLACE_CALL if replace else _INSERT_CALL, values, run_id,
+                           _storable_cost(response.cost_usd), future))
+        await future
+
+    def _start_soon(self, flush: Callable[[], Awaitable[None]]) -> None:
+        """Run ``flush`` once the callbacks ready now have run (they may add to the batch)."""
+        loop = asyncio.get_running_loop()
+
+        def start() -> None:
+            task = loop.create_task(flush())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+        loop.call_soon(start)
+
+    async def _flush_lookups(self) -> None:
+        lookups, self._lookups = self._lookups, {}
+        keys = list(lookups)
+        found: dict[str, tuple] = {}
+        try:
+            for start in range(0, len(keys), LOOKUP_CHUNK):
+                chunk = keys[start:start + LOOKUP_CHUNK]
+                rows = await self._read(
+                    "SELECT key, model, text, input_tokens, output_tokens, cost_usd, extra, finish_reason FROM calls "
+                    f"WHERE key IN ({', '.join('?' * len(chunk))})", tuple(chunk),
+                )
+                for row in rows:
+                    found[row[0]] = tuple(row[1:])
+        except BaseException as exc:
+            for futures in lookups.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc) if isinstance(exc, Exception) else future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for key, futures in lookups.items():
+            for future in futures:
+                if not future.done():
+                    future.set_result(found.get(key))
+
+    async def _flush_puts(self) -> None:
+        puts, self._puts = self._puts, []
+        rows = [(statement, values) for statement, values, _, _, _ in puts]
+        try:
+            counts = await self._write_rows(rows)
+        except BaseException as exc:
+            for *_, future in puts:
+                if not future.done():
+                    future.set_exception(exc) if isinstance(exc, Exception) else future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, run_id, cost, future), count in zip(puts, counts):
+            # Another process sharing the file may have stored the same call first: then it paid, not us.
+            if run_id is not None and count == 1:
+                self.new_cost_usd[run_id] = self.new_cost_usd.get(run_id, 0.0) + cost
+            if not future.done():
+                future.set_result(None)
+
+    async def _write_rows(self, rows: list[tuple[str, tuple]]) -> list[int]:
+        """Statements in one transaction in one trip to the database thread (each its own row count), tried
+        :data:`WRITE_ATTEMPTS` times in all before it raises :class:`StoreError`."""
+        run_in_thread = getattr(self._db, "_execute", None)
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                if run_in_thread is None:  # an aiosqlite without it: a trip per statement
+                    return [(await self._db.execute(statement, values)).rowcount for statement, values in rows]
+                return await run_in_thread(_write_rows_in_thread, self._db._conn, rows)
+            except sqlite3.Error as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    raise self._failed("write to", exc) from exc
+                await asyncio.sleep(WRITE_RETRY_PAUSE * attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _write(self, statement: str, values: tuple) -> aiosqlite.Cursor:
         """One write statement, tried :data:`WRITE_ATTEMPTS` times in all (a full disk freed meanwhile, a lock
@@ -418,6 +525,12 @@ class Store:
         return int(rows[0][0]) if rows else 0
 
     async def close(self) -> None:
+        # Replies and look-ups asked for before closing are written and answered first.
+        while self._flushing or self._puts or self._lookups:
+            if self._flushing:
+                await asyncio.gather(*self._flushing, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)
         await self._db.close()
 
     async def __aenter__(self) -> "Store":

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import io
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -320,18 +321,19 @@ async def test_a_cache_entry_written_under_the_old_image_key_is_found_and_not_pa
 async def test_a_store_write_that_fails_once_is_retried_and_the_reply_kept(tmp_path, monkeypatch):
     import sqlite3
 
+    from mics_agents import store as store_module
+
     async with await Store.open(tmp_path / "cache.sqlite") as store:
-        real_execute = store._db.execute
+        real_write = store_module._write_rows_in_thread
         failures = iter([sqlite3.OperationalError("disk I/O error")])
 
-        def flaky_execute(sql, *args, **kwargs):
-            if sql.lstrip().startswith("INSERT"):
-                failure = next(failures, None)
-                if failure is not None:
-                    raise failure
-            return real_execute(sql, *args, **kwargs)
+        def flaky_write(connection, rows):
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            return real_write(connection, rows)
 
-        monkeypatch.setattr(store._db, "execute", flaky_execute)
+        monkeypatch.setattr(store_module, "_write_rows_in_thread", flaky_write)
         inner = Script("paid reply")
         reply = await CachedModel(inner, store, run_id="run").request(REQUEST)
         assert reply.text == "paid reply" and store.unsaved_calls == 0
@@ -343,15 +345,13 @@ async def test_a_store_write_that_keeps_failing_still_gives_the_reply_and_says_s
     import sqlite3
 
     monkeypatch.setattr("mics_agents.store.WRITE_RETRY_PAUSE", 0.0)
+    from mics_agents import store as store_module
+
     async with await Store.open(tmp_path / "cache.sqlite") as store:
-        real_execute = store._db.execute
+        def full_disk(connection, rows):
+            raise sqlite3.OperationalError("database or disk is full")
 
-        def full_disk(sql, *args, **kwargs):
-            if sql.lstrip().startswith("INSERT"):
-                raise sqlite3.OperationalError("database or disk is full")
-            return real_execute(sql, *args, **kwargs)
-
-        monkeypatch.setattr(store._db, "execute", full_disk)
+        monkeypatch.setattr(store_module, "_write_rows_in_thread", full_disk)
         with pytest.raises(StoreError) as caught:
             await store.put_call("k", "m", ModelResponse("x", "m"))
         assert str(tmp_path / "cache.sqlite") in str(caught.value) and "MICS_CACHE_PATH" in str(caught.value)
@@ -362,6 +362,95 @@ async def test_a_store_write_that_keeps_failing_still_gives_the_reply_and_says_s
             reply = await CachedModel(inner, store).request(REQUEST)
         assert reply.text == "paid reply" and store.unsaved_calls == 1
         assert "a rerun will ask for it again" in caplog.text
+
+
+async def test_replies_stored_in_one_turn_share_one_commit_and_each_returns_once_committed(tmp_path, monkeypatch):
+    import sqlite3
+
+    from mics_agents import store as store_module
+
+    trips: list[int] = []
+    real_write = store_module._write_rows_in_thread
+
+    def counted(connection, rows):
+        trips.append(len(rows))
+        return real_write(connection, rows)
+
+    monkeypatch.setattr(store_module, "_write_rows_in_thread", counted)
+    path = tmp_path / "cache.sqlite"
+    async with await Store.open(path) as store:
+        await store.put_call("old", "m", ModelResponse("stored first elsewhere", "m", cost_usd=5.0), run_id="run")
+        trips.clear()
+        store.new_cost_usd.clear()
+
+        async def put(index: int) -> int:
+            await store.put_call(f"k{index}" if index else "old", "m", ModelResponse(f"reply {index}", "m", cost_usd=1.0),
+                                 run_id="run")
+            with closing(sqlite3.connect(path)) as reader:  # committed: another connection sees it
+                return reader.execute("SELECT COUNT(*) FROM calls WHERE key = ?", (f"k{index}" if index else "old",)).fetchone()[0]
+
+        assert await asyncio.gather(*(put(index) for index in range(64))) == [1] * 64
+        assert trips == [64]
+        # The key stored before was not written again, so this run paid for 63 replies, not 64.
+        assert store.new_cost_usd == {"run": 63.0}
+        assert (await store.get_call("old")).text == "stored first elsewhere"
+
+        # A reply whose caller is cancelled meanwhile is stored all the same (it was paid for).
+        cancelled = asyncio.ensure_future(store.put_call("cancelled", "m", ModelResponse("paid", "m")))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        pending = asyncio.ensure_future(store.put_call("at-close", "m", ModelResponse("paid too", "m")))
+    assert not pending.done() or pending.exception() is None
+    with closing(sqlite3.connect(path)) as reader:
+        keys = {row[0] for row in reader.execute("SELECT key FROM calls")}
+    assert {"cancelled", "at-close"} <= keys  # written before the store closed
+
+
+async def test_lookups_in_one_turn_are_one_query_with_duplicates_and_misses(tmp_path, monkeypatch):
+    import aiosqlite
+
+    queries: list[int] = []
+    real_read = aiosqlite.Connection.execute_fetchall
+
+    async def counted(self, sql, parameters=None):
+        if "FROM calls WHERE key IN" in sql:
+            queries.append(len(parameters))
+        return await real_read(self, sql, parameters)
+
+    monkeypatch.setattr(aiosqlite.Connection, "execute_fetchall", counted)
+    monkeypatch.setattr("mics_agents.store.LOOKUP_CHUNK", 7)
+    async with await Store.open(tmp_path / "cache.sqlite") as store:
+        await asyncio.gather(*(store.put_call(f"k{index}", "m", ModelResponse(f"reply {index}", "m"))
+                               for index in range(0, 20, 2)))
+        keys = [f"k{index % 20}" for index in range(30)] + ["missing", "k'); DROP TABLE calls; --"]
+        found = await asyncio.gather(*(store.get_call(key) for key in keys))
+        assert [reply.text if reply else None for reply in found] == [
+            f"reply {index % 20}" if index % 2 == 0 else None for index in range(30)] + [None, None]
+        assert all(reply.cached for reply in found if reply)
+        assert queries == [7, 7, 7, 1]  # 22 distinct keys, 7 a query
+        assert await store.count_calls() == 10
+
+
+async def test_a_batch_that_cannot_be_written_fails_each_of_its_replies_and_the_next_batch_is_written(tmp_path, monkeypatch):
+    from mics_agents import store as store_module
+
+    monkeypatch.setattr("mics_agents.store.WRITE_RETRY_PAUSE", 0.0)
+    real_write = store_module._write_rows_in_thread
+    broken = True
+
+    def flaky(connection, rows):
+        # The batch's last statement fails after the others ran, inside its transaction.
+        return real_write(connection, rows + [("INSERT INTO no_such_table VALUES (1)", ())] if broken else rows)
+
+    monkeypatch.setattr(store_module, "_write_rows_in_thread", flaky)
+    async with await Store.open(tmp_path / "cache.sqlite") as store:
+        results = await asyncio.gather(*(store.put_call(f"k{index}", "m", ModelResponse("x", "m")) for index in range(5)),
+                                       return_exceptions=True)
+        assert all(isinstance(result, StoreError) and "no_such_table" in str(result) for result in results)
+        assert await store.count_calls() == 0  # rolled back whole: no half-written batch
+        broken = False
+        await asyncio.gather(*(store.put_call(f"k{index}", "m", ModelResponse("x", "m")) for index in range(5)))
+        assert await store.count_calls() == 5
 
 
 async def test_a_store_read_failure_is_a_store_error_naming_the_file_and_the_fix(tmp_path):
