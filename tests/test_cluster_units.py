@@ -288,3 +288,14 @@ def test_done_before_counts_items_by_their_standing_line_not_journal_lines(tmp_p
     assert done_before(tails[0].kinds, tails[1].kinds, retry_failed=False) == 4  # a, b, d, f
     assert done_before(tails[0].kinds, tails[1].kinds, retry_failed=True) == 2  # a, b
     assert JournalTail(output).kinds is None  # kept only when asked
+
+
+def test_a_failed_shard_reports_the_last_line_of_its_log_read_from_the_end(tmp_path):
+    from mics_agents.cluster.shard_task import last_line
+
+    log = tmp_path / "out.shard-0-of-2.log"
+    assert last_line(log) == ""  # no log
+    log.write_bytes(b"progress line\n" * 200_000 + "Configuration error: MICS_MENTORS is not set \u2014 set it\n\n".encode())
+    assert last_line(log) == "Configuration error: MICS_MENTORS is not set \u2014 set it"
+    log.write_bytes(b"\xff\xfe broken bytes\n")
+    assert last_line(log) == "\ufffd\ufffd broken bytes"

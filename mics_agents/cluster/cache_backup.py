@@ -176,10 +176,10 @@ class CacheBackups:
         self._last_rowid = back_up(self.local, self.output)
         self._base_size = backup_path(self.output).stat().st_size
         self.full_copies += 1
-        # The base holds every delta now. One left behind (a crash just here) is applied again harmlessly.
-        for number, path in delta_paths(self.output):
-            if number < self._next:
-                path.unlink(missing_ok=True)
+        # The base holds every delta now. One left behind (a crash just here) is applied again harmlessly, and
+        # deleted by the next attempt's first full copy. (No listing of the folder: it holds every shard's files.)
+        for number, _ in self._deltas:
+            _delta_path(self.output, number).unlink(missing_ok=True)
         self._deltas = []
 
     def _delta(self) -> None:

@@ -75,6 +75,8 @@ class JournalTail:
         if status.st_ino != self._inode or status.st_size < self._offset:
             self._inode, self._offset, self.counts = status.st_ino, 0, Counter()
             self.kinds = {} if self.kinds is not None else None
+        elif status.st_size == self._offset:
+            return self.counts  # nothing new: not even opened (twice a second, per shard, on shared storage)
         # A line at a time: a resumed shard's journal can be gigabytes (10^5 items of ~13 KB each), read whole
         # once per attempt; only a torn last line (no newline yet) is left for the next read.
         with open(self.path, "rb") as handle:
@@ -146,6 +148,19 @@ class Spend:
             self.total += float(added)
             self._last_rowid = int(last)
         return self.total
+
+
+def last_line(log: Path, *, window: int = 64 * 1024) -> str:
+    """The last non-blank line of a shard's log, read from its end (a log of a days-long run is megabytes)."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - window))
+            tail = handle.read()
+    except OSError:
+        return ""
+    lines = tail.decode("utf-8", errors="replace").strip().splitlines()
+    return lines[-1].strip() if lines else ""
 
 
 def _die_with_parent() -> None:
@@ -259,6 +274,5 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
     if summary.is_file():
         result["summary"] = json.loads(summary.read_text(encoding="utf-8"))
     else:
-        lines = log.read_text(encoding="utf-8", errors="replace").strip().splitlines() if log.is_file() else []
-        result["last_line"] = lines[-1] if lines else ""
+        result["last_line"] = last_line(log)
     return result
