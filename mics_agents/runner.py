@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 
 from .data import InputItem, failure_record, parse_record, read_items, shard_of
 from .errors import InputError, MicsError, ModelError
-from .outputs import OutputFiles, OutputLock, ResumeState
+from .outputs import OutputFiles, OutputLock, ResumeState, failure_key, success_line
 from .redact import scrub, scrub_data
 from .results import Usage
 from .search import Searcher
@@ -65,6 +65,19 @@ def run_gc_settings() -> Any:
             gc.set_threshold(*_gc_saved)
             gc.unfreeze()
             _gc_saved = None
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
+
+
+def _touch(*paths: Path) -> None:
+    """Both files exist once a run is finished, empty ones too (as compacting leaves them)."""
+    for path in paths:
+        path.touch(exist_ok=True)
 
 
 def run_id_for(output: Path) -> str:
@@ -246,6 +259,10 @@ class BatchRun:
         self.output_lock = output_lock
         self._resume = resume
         self._read_all_input = False
+        # Keys this session wrote a line for, while the files held nothing before it: then each key has one
+        # line, and compacting (which reads both files back whole) would drop nothing. None once that is
+        # not known (files not empty, a key written twice, lines grouped by item).
+        self._keys_written: set[str] | None = None
         self.run_id = run_id_for(options.output)
         self.stats = RunStats()
         self.on_update = on_update or (lambda stats: None)
@@ -346,6 +363,8 @@ class BatchRun:
 
     async def _run(self) -> RunStats:
         resume = self._resume or await asyncio.to_thread(self.files.prepare, retry_failed=self.options.retry_failed)
+        if self.worker.group_key is None and all(_empty(path) for path in (self.files.output, self.files.failed)):
+            self._keys_written = set()
         self.stats.total, self.stats.already_done = await asyncio.to_thread(self._count_scope, resume.done)
         self.stats.repaired_lines = resume.repaired_lines
         self.stats.retried_failures = resume.retried_failures
@@ -399,7 +418,11 @@ class BatchRun:
         self.stats.stop_reason = self._stop if self._stop and (self.stats.remaining or self._batch_refused) else "completed"
         if self.stats.stop_reason == "completed" and self._read_all_input:
             # Every item of the input (this shard) has its outcome on disk: keep only those lines.
-            self.stats.compacted_lines = await asyncio.to_thread(self.files.compact)
+            if self._keys_written is not None:
+                # One line per item already: nothing to drop (reading back a large output costs seconds).
+                await asyncio.to_thread(_touch, self.files.output, self.files.failed)
+            else:
+                self.stats.compacted_lines = await asyncio.to_thread(self.files.compact)
         self._report()
         return self.stats
 
@@ -415,6 +438,7 @@ class BatchRun:
                 self._count_usage(outcome.usage)
             self.stats.drops.update(outcome.drops)
             if outcome.failure is None:
+                self._note_lines([success_line(record).key for record in outcome.records])
                 await self.files.append_success(outcome.records)
                 self.stats.success += 1
                 self.stats.records += len(outcome.records)
@@ -423,6 +447,19 @@ class BatchRun:
         finally:
             self.stats.in_flight -= 1
             self._report()
+
+    def _note_lines(self, keys: list[str | None]) -> None:
+        """The items of the lines about to be written, as compacting reads them (a line naming none stands
+        alone); an item that gets a second line means compacting at the end has something to drop."""
+        written = self._keys_written
+        if written is None:
+            return
+        for key in keys:
+            if key is not None:
+                if key in written:
+                    self._keys_written = None  # e.g. an id repeated in the input: its records share a rid
+                    return
+                written.add(key)
 
     async def _work(self, item: InputItem) -> Outcome:
         """The worker's outcome for one item; an exception becomes the item's failure, never the run's,
@@ -450,6 +487,8 @@ class BatchRun:
         record = failure_record(item.rid, item.key, item.line, {"kind": kind, "message": scrub(outcome.message)}, item.raw)
         record.update(outcome.extra)
         # A provider's error may echo the API key; nothing secret reaches the file.
-        await self.files.append_failure(scrub_data(record))
+        record = scrub_data(record)
+        self._note_lines([failure_key(record)])
+        await self.files.append_failure(record)
         if hasattr(self.stats, kind):
             setattr(self.stats, kind, getattr(self.stats, kind) + 1)

@@ -310,3 +310,84 @@ async def test_a_failed_file_fed_back_as_input_runs_its_items_in_either_layout(t
         assert stats.bad_input == 0 and stats.ended == 4, name
         outcomes = lines_of(output) + lines_of(tmp_path / f"{name}_failed.jsonl")
         assert sorted(record["rid"] for record in outcomes) == [f"case-{i}" for i in range(4)]
+
+
+def _compaction_watched(batch: BatchRun) -> list[int]:
+    """Calls of the batch's compaction, by the dropped-lines count each returned."""
+    calls: list[int] = []
+    compact = batch.files.compact
+
+    def watched() -> int:
+        calls.append(compact())
+        return calls[-1]
+
+    batch.files.compact = watched  # type: ignore[method-assign]
+    return calls
+
+
+async def test_a_fresh_run_with_one_line_per_item_is_not_read_back_to_compact(tmp_path):
+    """A run that started on empty files and wrote one line per item has nothing to compact: the files are
+    not read back (seconds for a large output), yet both exist, as compacting would leave them."""
+    data = make_dataset(tmp_path, 5)
+    output = tmp_path / "out.jsonl"
+    async with await Store.open(tmp_path / "cache.sqlite") as store:
+        searcher = await Counting().searcher(store, output)
+        batch = BatchRun(searcher, RunOptions(data=data, output=output, image_dir=tmp_path / "images", concurrency=3))
+        compactions = _compaction_watched(batch)
+        stats = await batch.run()
+    assert stats.stop_reason == "completed" and stats.ended == 5
+    assert compactions == []
+    assert output.exists() and (tmp_path / "out_failed.jsonl").exists()
+    keys = [line["rid"] for line in lines_of(output)] + [line["key"] for line in lines_of(tmp_path / "out_failed.jsonl")]
+    assert sorted(keys) == [f"case-{index}" for index in range(5)]
+    from mics_agents.outputs import OutputFiles
+
+    assert OutputFiles(output).compact() == 0  # what compacting would have done: nothing
+
+
+async def test_compacting_is_skipped_only_when_it_would_drop_nothing(tmp_path):
+    """Adversarial: an id twice in the input (its second line is a bad_input under a key of its own, so
+    nothing to drop, and a compaction afterwards drops nothing); a worker whose item writes two records with
+    one rid (compacted to one); a session that resumes files with lines in them (compacted as before)."""
+    from mics_agents.outputs import OutputFiles
+    from mics_agents.runner import MicsWorker, Outcome
+
+    data = make_dataset(tmp_path, 3)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([*lines, lines[1]]) + "\n")  # case-1 again, on line 4
+    output = tmp_path / "out.jsonl"
+    async with await Store.open(tmp_path / "cache.sqlite") as store:
+        searcher = await Counting().searcher(store, output)
+        batch = BatchRun(searcher, RunOptions(data=data, output=output, image_dir=tmp_path / "images"))
+        compactions = _compaction_watched(batch)
+        stats = await batch.run()
+        assert stats.bad_input == 1 and compactions == []
+        assert OutputFiles(output).compact() == 0
+
+        class Twice(MicsWorker):
+            async def __call__(self, item, image_dir):
+                outcome = await super().__call__(item, image_dir)
+                if outcome.failure is None and item.rid == "case-2":
+                    return Outcome(records=outcome.records * 2, usage=outcome.usage)
+                return outcome
+
+        twice_output = tmp_path / "twice.jsonl"
+        batch = BatchRun(Twice(searcher), RunOptions(data=data, output=twice_output, image_dir=tmp_path / "images"))
+        compactions = _compaction_watched(batch)
+        stats = await batch.run()
+    assert any(line["rid"] == "case-2" for line in lines_of(twice_output))  # the simulated case-2 succeeds
+    assert compactions == [1] and stats.compacted_lines == 1
+    successes = [line["rid"] for line in lines_of(twice_output)]
+    assert len(successes) == len(set(successes))
+
+    second = tmp_path / "second"
+    second.mkdir()
+    data = make_dataset(second, 4)
+    output = second / "out.jsonl"
+    async with await Store.open(second / "cache.sqlite") as store:
+        searcher = await Counting().searcher(store, output)
+        await BatchRun(searcher, RunOptions(data=data, output=output, image_dir=second / "images", limit=2)).run()
+        batch = BatchRun(searcher, RunOptions(data=data, output=output, image_dir=second / "images"))
+        compactions = _compaction_watched(batch)
+        stats = await batch.run()
+    assert stats.already_done == 2 and len(compactions) == 1
