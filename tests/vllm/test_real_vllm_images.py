@@ -337,11 +337,16 @@ def run_mics(folder: Path, *, by_reference: bool) -> dict[str, Any]:
     with sqlite3.connect(folder / "cache.sqlite") as db:
         calls = {key: (model, text) for key, model, text in db.execute("SELECT key, model, text FROM calls")}
     after_files = {path.name for path in media_dir().iterdir()} if media_dir().is_dir() else set()
+    # Read before these tests read them: a new file's access time after its modification time says that someone
+    # read it after mics wrote it (mics does not read a file it wrote; vLLM does). Reported, not asserted (a
+    # noatime mount, or a read within the clock tick of the write, leaves the times equal).
+    stats = {name: (media_dir() / name).stat() for name in after_files - before_files}
     return {
         "folder": folder, "result": result, "seconds": seconds, "cases": cases,
         "summary": json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {},
         "successes": read_lines(folder / "mics.jsonl"), "failures": read_lines(folder / "mics_failed.jsonl"),
         "stub": stub.requests, "proxy": proxy.records, "calls": calls, "new_files": after_files - before_files,
+        "read_after_written": sum(stat.st_atime_ns > stat.st_mtime_ns for stat in stats.values()),
         "served": finished_requests() - served_before,
     }
 
@@ -389,7 +394,7 @@ def run_report(run: dict[str, Any]) -> dict[str, Any]:
             "data_urls": sum(url.startswith("data:") for url in urls),
             "image_bytes_sent_inline": sum(len(url) for url in urls if url.startswith("data:")),
             "vllm_statuses": sorted({record["status"] for record in interns}), "server_requests": run["served"],
-            "media_files_written": len(run["new_files"])}
+            "media_files_written": len(run["new_files"]), "media_files_read_after_written": run["read_after_written"]}
 
 
 # --- the tests ----------------------------------------------------------------------------------------------------
