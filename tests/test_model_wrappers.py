@@ -572,3 +572,37 @@ def test_the_model_package_has_no_import_cycle_and_transports_do_not_import_each
     for name in graph:
         if name != "__init__":
             visit(name, ())
+
+
+async def test_one_sample_of_a_model_that_sends_samples_together_is_one_shared_call(tmp_path):
+    """request_samples with one index takes the single-call path (no batch task around it): a twin asked
+    meanwhile shares it, a cancelled caller does not cancel the twin, and the reply is stored under the
+    sample's own key."""
+    release = asyncio.Event()
+    sent: list[int] = []
+
+    class Together(FunctionModel):
+        @property
+        def sends_samples_together(self) -> bool:
+            return True
+
+    async def answer(request: ModelRequest) -> str:
+        sent.append(request.sample_index)
+        await release.wait()
+        return f"sample {request.sample_index}"
+
+    async with await Store.open(tmp_path / "cache.sqlite") as store:
+        cached = CachedModel(Together("scripted/m", answer), store)
+        assert cached.sends_samples_together
+        first = asyncio.ensure_future(cached.request_samples(REQUEST, [3]))
+        twin = asyncio.ensure_future(cached.request_samples(REQUEST, [3]))
+        await asyncio.sleep(0.01)
+        assert not cached._batches and len(cached._in_flight) == 1
+        first.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        [reply] = await twin
+        assert reply.text == "sample 3" and sent == [3]
+        from dataclasses import replace as replaced
+
+        assert (await store.get_call(replaced(REQUEST, sample_index=3).cache_key("scripted/m"))).text == "sample 3"

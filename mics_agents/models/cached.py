@@ -64,7 +64,8 @@ class CachedModel(WrapperModel):
         elsewhere is waited for, not asked twice. When the model below sends samples one by one, or a
         validator may refuse one of them, each is a call of its own here too: a failed or refused sample
         never loses a sibling's paid reply."""
-        if not self.sends_samples_together or request.validate is not None:
+        if not self.sends_samples_together or request.validate is not None or len(sample_indices) == 1:
+            # One sample is one call (Model.request_samples): a shared call of its own, no batch around it.
             return await super().request_samples(request, sample_indices)
         requests = [replace(request, sample_index=index) for index in sample_indices]
         keys = [self._key(sample) for sample in requests]

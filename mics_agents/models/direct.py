@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -294,7 +295,12 @@ class DirectTransport(Transport):
                 async with self._slot(replica):
                     # From here a deadline is this replica's doing (not the queue's): see _deadline_passed.
                     self._sending[task] = replica
-                    reply = await post_chat_completion(self.replicas[replica], body, timeout)
+                    # The attempt's deadline (Transport._attempt) ends it: no second timer of the client's own.
+                    under_deadline = _UNDER_ATTEMPT_DEADLINE.set(True)
+                    try:
+                        reply = await post_chat_completion(self.replicas[replica], body, timeout)
+                    finally:
+                        _UNDER_ATTEMPT_DEADLINE.reset(under_deadline)
                     del self._sending[task]
             except asyncio.CancelledError:
                 raise  # the transport's own deadline, or the caller: _deadline_passed tells them apart
@@ -463,15 +469,22 @@ def _pieces_payload(pieces: list[bytes]) -> Any:
     return _pieces_payload_type()(joined)
 
 
+# Set while a transport's attempt (whose deadline cancels it) posts: the plain http:// client then sets no timer.
+_UNDER_ATTEMPT_DEADLINE: "contextvars.ContextVar[bool]" = contextvars.ContextVar("mics_under_attempt_deadline",
+                                                                                 default=False)
+
+
 async def post_chat_completion(endpoint: DirectEndpoint, body: Any, timeout: float) -> dict[str, Any]:
     """POST ``body`` (JSON bytes from :func:`request_body`, its pieces, or a payload dict without the model) and
-    read the reply's JSON; a non-2xx reply raises :class:`HTTPStatusError`. A plain ``http://`` endpoint is
+    read the reply's JSON within ``timeout`` seconds (under a transport's attempt, whose deadline ends it, a
+    plain http:// call sets no timer of its own); a non-2xx reply raises :class:`HTTPStatusError`. A plain ``http://`` endpoint is
     sent it by the small keep-alive client of ``models/http11.py``; any other goes through aiohttp."""
     if isinstance(body, dict):
         body = json.dumps({**body, "model": endpoint.model}, ensure_ascii=False).encode("utf-8")
     target = _http11_target(endpoint.url, endpoint.api_key)
     if target is not None:
-        reply = await _http11_post(target, body if isinstance(body, list) else [body], timeout)
+        own_deadline = None if _UNDER_ATTEMPT_DEADLINE.get() else timeout
+        reply = await _http11_post(target, body if isinstance(body, list) else [body], own_deadline)
         if reply.status >= 400:
             raise HTTPStatusError(reply.status, reply.headers, reply.body.decode("utf-8", "replace"))
         return json.loads(reply.body)

@@ -411,10 +411,11 @@ def _expire(waiter: asyncio.Future[Any], timeout: float) -> None:
         waiter.set_exception(TimeoutError(f"no complete reply within {timeout:g} s"))
 
 
-async def post(target: Target, pieces: list[bytes], timeout: float) -> Reply:
+async def post(target: Target, pieces: list[bytes], timeout: float | None) -> Reply:
     """POST the body ``pieces`` (JSON, in order) to ``target``; the whole reply within ``timeout`` seconds,
-    whatever its status. Raises :class:`TimeoutError`, :class:`ProtocolError` (and other :class:`OSError`
-    connection failures) or :class:`ReplyTooLarge`."""
+    whatever its status (None: no deadline here, the caller's cancellation ends the call). Raises
+    :class:`TimeoutError`, :class:`ProtocolError` (and other :class:`OSError` connection failures) or
+    :class:`ReplyTooLarge`."""
     pool = _pool()
     loop = pool.loop
     length = 0
@@ -424,6 +425,16 @@ async def post(target: Target, pieces: list[bytes], timeout: float) -> Reply:
     if len(pieces) > 1:
         pieces = [b"".join(pieces)] if length < _SEPARATE_PIECE_BYTES else _coalesced(pieces)
     connection = pool.take(target.key)
+    if timeout is None:
+        if connection is None:
+            connection = await pool.connect(target)
+        try:
+            reply = await connection.exchange(head, pieces)
+        except BaseException:
+            connection.abort()  # cancelled or failed mid-reply: never reused half-read
+            raise
+        pool.give_back(target.key, connection)
+        return reply
     deadline = loop.time() + timeout
     if connection is None:
         connection = await asyncio.wait_for(pool.connect(target), timeout)
