@@ -34,7 +34,7 @@ __all__ = ["ShardJob", "shard_output", "run_shard", "wait_for_output", "JournalT
            "FAILURE_KINDS"]
 
 FAILURE_KINDS = ("no_path", "model_error", "bad_input", "internal_error")
-_POLL_S = 0.2  # how soon a cancel or the child's end is seen
+_POLL_S = 0.05  # how soon a cancel (it lands when a sleep ends) or the child's end is seen
 _REPORT_S = 0.5
 _LOCK_POLL_S = 1.0
 
