@@ -99,15 +99,18 @@ def test_a_cancel_that_reaches_the_shard_while_its_run_starts_counts_as_interrup
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    signal.setitimer(signal.ITIMER_REAL, 2.0)
     started = time.monotonic()
+    board = _Board()
     try:
-        result = run_shard(ShardJob(0, 1, tmp_path / "out.jsonl", [str(tmp_path / "data.jsonl")], lock_wait=0), _Board())
+        result = run_shard(ShardJob(0, 1, tmp_path / "out.jsonl", [str(tmp_path / "data.jsonl")], lock_wait=0), board)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert result["cancelled"] and result["exit_code"] == 130, result
     assert time.monotonic() - started < 30  # it did not wait for the sleeping run
+    # Four report times in 2 s, nothing new after the first: one report (the board hears from every shard).
+    assert len(board.snapshots) == 1 and board.snapshots[0]["spent_usd"] == 0.0, board.snapshots
 
 
 def test_a_stop_after_every_shard_ended_with_all_its_items_stopped_nothing(tmp_path):

@@ -218,10 +218,11 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
     run_id = run_id_for(job.output)
     before: Counter | None = None
     already_done = 0
+    sent: dict[str, Any] | None = None
     spend = Spend(local, run_id)
 
     def report() -> None:
-        nonlocal before, already_done
+        nonlocal before, already_done, sent
         counts: Counter = Counter()
         for tail in tails:
             counts.update(tail.read())
@@ -233,7 +234,9 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
                 tail.kinds = None  # a key per item: not kept while the shard runs
         snapshot = {name: counts[name] - before[name] for name in counts}
         snapshot.update(already_done=already_done, spent_usd=spend.read(), attempt_pid=os.getpid())
-        board.report.remote(job.index, snapshot)
+        if snapshot != sent:  # items take minutes: most reports would say nothing new to one actor for every shard
+            board.report.remote(job.index, snapshot)
+            sent = snapshot
 
     with open(log, "ab") as log_file:
         child = subprocess.Popen(command, env={**os.environ, **job.env}, cwd=job.output.parent,
