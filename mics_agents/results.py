@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .grading import GRADER_VERSION, JudgedBy
 from .models.base import ModelResponse
@@ -18,6 +18,7 @@ SearchStatus = Literal["success", "no_path", "model_error"]
 class Usage(BaseModel):
     """Model calls of one search. Tokens and cost count every call, cached ones at what they first cost;
     ``cached_calls`` says how many were answered from the cache rather than sent."""
+    model_config = ConfigDict(defer_build=True)
 
     calls: int = 0
     cached_calls: int = 0
@@ -47,6 +48,7 @@ class Usage(BaseModel):
 
 
 class InternSample(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     intern: str
     temperature: float
     sample_index: int
@@ -59,6 +61,7 @@ class InternSample(BaseModel):
 
 class FinalAnswerGrade(BaseModel):
     """The selected mentor's final answer graded against the reference: what dataset QC keeps or drops on."""
+    model_config = ConfigDict(defer_build=True)
 
     answer: str | None
     correct: bool | None = Field(description="None when no rule decided and no judge was asked.")
@@ -68,6 +71,7 @@ class FinalAnswerGrade(BaseModel):
 
 class Node(BaseModel):
     """One candidate: a mentor's next reasoning step(s) after its parent's path."""
+    model_config = ConfigDict(defer_build=True)
 
     id: int
     parent: int | None
@@ -84,6 +88,7 @@ class Node(BaseModel):
 
 
 class SearchResult(BaseModel):
+    model_config = ConfigDict(defer_build=True)
     rid: str
     strategy: Literal["mics", "vanilla"] = "mics"
     question: str

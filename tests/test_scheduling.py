@@ -181,3 +181,34 @@ async def test_the_count_sees_idle_slots_when_too_few_items_are_in_flight(tmp_pa
     state = await _saturation_run(tmp_path, items=10, items_in_flight=1, limit=4)
     assert state["peak"] == 4
     assert state["idle_while_items_wait"] > 0
+
+
+def test_the_result_models_are_built_when_first_used_not_when_imported():
+    """Start-up: building the pydantic schemas of the search's results took ~9 ms of every launch before the
+    first request; they are built when first used (in a fresh process: the suite has used them already)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import mics_agents.results as r\n"
+        "models = (r.Usage, r.InternSample, r.FinalAnswerGrade, r.Node, r.SearchResult)\n"
+        "print(sum(m.__pydantic_complete__ for m in models))\n"
+    )
+    built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert built == "0"
+
+
+def test_a_result_built_late_still_validates_and_round_trips():
+    """Adversarial: a lazily built model validates as strictly as before (a status it does not know is
+    refused) and a record reads back to the same result."""
+    from pydantic import ValidationError
+
+    from mics_agents.results import Node, SearchResult, Usage
+
+    result = SearchResult(rid="x", question="q", gt_answer="a", status="success", usage=Usage(calls=2),
+                          tree=[Node(id=0, parent=None, depth=1, mentor="m", steps=["s"], step="### Step 1: s")])
+    assert SearchResult.model_validate(result.model_dump()) == result
+    with pytest.raises(ValidationError):
+        SearchResult(rid="x", question="q", gt_answer="a", status="bogus")
+    with pytest.raises(ValidationError):
+        Node(id="not a number", parent=None, depth=1, mentor="m", steps=[], step="")
