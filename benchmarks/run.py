@@ -369,6 +369,104 @@ def process(items: int, latency: float, items_in_flight: int, mentors: int = 3, 
     }
 
 
+def process_compared(items: int, latency: float, items_in_flight: int, checkouts: list[str], repeats: int,
+                     **options: Any) -> dict[str, Any]:
+    """:func:`process` for each checkout's ``mics_agents`` (a folder put first on the ``mics`` process's
+    PYTHONPATH; "" for the installed one), the checkouts alternating, ``repeats`` times: every run, and per
+    checkout the run of median ratio and the spread."""
+    import copy
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    saved = os.environ.get("PYTHONPATH")
+    try:
+        for _ in range(repeats):
+            for checkout in checkouts:
+                if checkout:
+                    os.environ["PYTHONPATH"] = checkout
+                elif saved is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = saved
+                result = process(items, latency, items_in_flight, **options)
+                result["load_average_1min"] = os.getloadavg()[0]
+                runs.setdefault(checkout or "installed", []).append(result)
+                print(f"{checkout or 'installed'}: {result['ratio_to_bound']:.3f}x its bound", file=sys.stderr, flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    summary = {}
+    for label, results in runs.items():
+        ordered = sorted(results, key=lambda r: r["ratio_to_bound"])
+        median = copy.deepcopy(ordered[len(ordered) // 2])
+        busiest = median["occupancy"]["busiest_model"]
+        summary[label] = {
+            "ratios": [round(r["ratio_to_bound"], 4) for r in results],
+            "median_ratio": median["ratio_to_bound"],
+            "busiest_mean_busy_slots": [round(r["occupancy"]["models"][r["occupancy"]["busiest_model"]]
+                                              ["mean_busy_slots_first_to_last_request"], 2) for r in results],
+            "client_cpu_s": [round(r["client_cpu_s"], 2) for r in results],
+            "median_run": {**median, "occupancy": {**median["occupancy"], "busiest": busiest}},
+        }
+    return {"items": items, "latency_s": latency, "items_in_flight": items_in_flight, "repeats": repeats,
+            "checkouts": checkouts, "summary": summary}
+
+
+def queue(items: int, latency: float, items_in_flight: int, mentors: int = 3, interns: int = 2) -> dict[str, Any]:
+    """The same search in this process (``BatchRun``, default settings), the first intern's limit sampled
+    every 5 ms: its slots held and the calls waiting for one, and how late the event loop ran the sampler
+    (its lag). In the steady part (after the first second, before the last), waiting calls that never fall to
+    0 mean the items in flight kept the busiest model's queue from running dry: what remains between its
+    busy slots and the limit is then the client's time per call, not the scheduling."""
+    mentor_names = [f"openai/mentor-{chr(ord('a') + n)}" for n in range(mentors)]
+    intern_names = [f"openai/intern-{n + 1}" for n in range(interns)]
+
+    async def run(root: Path) -> dict[str, Any]:
+        from mics_agents.models.limits import model_limit
+        from mics_agents.runner import BatchRun, RunOptions
+        from mics_agents.search import Searcher
+
+        settings = _settings(root / "cache.sqlite", 32, mentors=mentor_names, interns=intern_names,
+                             max_calls_in_flight=0)
+        searcher = await Searcher.open(settings, run_id="queue")
+        limit = model_limit(intern_names[0])
+        samples: list[tuple[float, int, int]] = []
+        lags: list[float] = []
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            while not done.is_set():
+                asked = time.perf_counter()
+                await asyncio.sleep(0.005)
+                lags.append(time.perf_counter() - asked - 0.005)
+                samples.append((time.perf_counter(), limit.in_flight, len(limit._waiters)))
+
+        sampler = asyncio.create_task(sample())
+        try:
+            data = make_dataset(root / "data.jsonl", items)
+            await BatchRun(searcher, RunOptions(data=data, output=root / "out.jsonl", concurrency=items_in_flight)).run()
+        finally:
+            done.set()
+            await sampler
+            await searcher.aclose()
+        start, end = samples[0][0] + 1.0, samples[-1][0] - 1.0
+        steady = [(held, waiting) for at, held, waiting in samples if start < at < end]
+        lags.sort()
+        return {
+            "limit": 32, "samples": len(samples), "steady_samples": len(steady),
+            "steady_mean_slots_held": statistics.mean(held for held, _ in steady),
+            "steady_min_calls_waiting": min(waiting for _, waiting in steady),
+            "steady_mean_calls_waiting": statistics.mean(waiting for _, waiting in steady),
+            "steady_samples_with_no_call_waiting": sum(1 for _, waiting in steady if waiting == 0),
+            "loop_lag_ms": {f"p{q}": 1000 * lags[min(len(lags) - 1, int(len(lags) * q / 100))] for q in (50, 90, 99)},
+        }
+
+    with tempfile.TemporaryDirectory() as folder, latency_server(latency):
+        return {"items": items, "latency_s": latency, "items_in_flight": items_in_flight, "mentors": mentor_names,
+                "interns": intern_names, **asyncio.run(run(Path(folder)))}
+
+
 def _process_cpu(pid: int) -> float:
     """CPU seconds (user + system, all threads) process ``pid`` has used, from /proc."""
     with open(f"/proc/{pid}/stat", "rb") as handle:
@@ -729,7 +827,7 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="mics-agents performance harness")
-    parser.add_argument("what", choices=["throughput", "process", "images", "ratelimit", "affinity", "samples", "resume",
+    parser.add_argument("what", choices=["throughput", "process", "queue", "images", "ratelimit", "affinity", "samples", "resume",
                                          "memory", "startup", "all"])
     parser.add_argument("--samples-items", type=int, default=120)
     parser.add_argument("--samples-per-temperature", type=int, default=4)
@@ -747,6 +845,10 @@ def main() -> None:
     parser.add_argument("--process-max-calls-in-flight", type=int, default=None,
                         help="calls in flight over all models (default: the settings' default, no limit)")
     parser.add_argument("--process-log", type=Path, default=None, help="keep the server's request log here")
+    parser.add_argument("--process-checkouts", default=None,
+                        help="comma-separated folders whose mics_agents the process runs (PYTHONPATH), alternating; "
+                             "empty entry: the installed one")
+    parser.add_argument("--process-repeats", type=int, default=1)
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -761,9 +863,18 @@ def main() -> None:
     if args.what in ("throughput", "all"):
         results["throughput"] = throughput(args.items, args.latency, args.concurrency, args.sequential_items)
     if args.what in ("process", "all"):
-        results["process"] = process(args.process_items, args.latency, args.concurrency, args.process_mentors,
-                                     args.process_interns, args.process_model_concurrency,
-                                     args.process_max_calls_in_flight, args.process_log)
+        if args.process_checkouts is not None or args.process_repeats > 1:
+            results["process"] = process_compared(
+                args.process_items, args.latency, args.concurrency, (args.process_checkouts or "").split(","),
+                args.process_repeats, mentors=args.process_mentors, interns=args.process_interns,
+                model_concurrency=args.process_model_concurrency, max_calls_in_flight=args.process_max_calls_in_flight)
+        else:
+            results["process"] = process(args.process_items, args.latency, args.concurrency, args.process_mentors,
+                                         args.process_interns, args.process_model_concurrency,
+                                         args.process_max_calls_in_flight, args.process_log)
+    if args.what == "queue":
+        results["queue"] = queue(args.process_items, args.latency, args.concurrency, args.process_mentors,
+                                 args.process_interns)
     if args.what in ("images", "all"):
         results["images"] = images(args.image_cases, args.image_calls_per_case, args.concurrency, args.latency)
     if args.what in ("ratelimit", "all"):
