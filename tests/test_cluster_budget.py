@@ -40,6 +40,10 @@ def item_of(request: RecordedRequest, questions: dict[str, str]) -> str:
     return found[0]
 
 
+def summary_spent(path: Path) -> float:
+    return json.loads(path.read_text())["spent_usd"]
+
+
 def shard_costs(records: dict[str, dict]) -> dict[int, float]:
     costs = dict.fromkeys(range(SHARDS), 0.0)
     for key, record in records.items():
@@ -92,13 +96,22 @@ def test_the_budget_stops_every_shard_and_a_larger_budget_completes_the_run(clus
         assert not output.exists()  # no merge of a run that did not end
         ended_first = {key for shard in shards for key in lines_by_item(shard)}  # (one line per item, each shard)
 
-        # The same budget again: the shards report what they spent before (their restored caches) at once, so
-        # the driver stops them while they start; none sends a call, and none counts as failed.
-        again = run_mics([*args, "--budget-usd", f"{budget}"], env, tmp_path)
+        # The same budget again: what each shard spent before (beside its journal) is spent already; no shard
+        # starts, none sends a call, and none counts as failed.
+        again = run_mics([*args, "--budget-usd", f"{budget}", "--json-summary", str(tmp_path / "again.json")], env,
+                         tmp_path)
         assert again.returncode == 3, again.stderr
         assert server.count() == 0 and "Shard" not in flat(again.stderr)
+        assert "was spent by former sessions" in flat(again.stderr) and "no shard starts" in flat(again.stderr)
+        again_summary = json.loads((tmp_path / "again.json").read_text())
+        assert again_summary["stop_reason"] == "budget" and again_summary["shards"] == []
+        assert again_summary["spent_usd"] == pytest.approx(summary_spent(tmp_path / "s1.json"), abs=1e-6)
 
-        resumed = run_mics([*args, "--budget-usd", "100", "--json-summary", str(tmp_path / "s2.json")], env, tmp_path)
+        # Without --shards the cluster's CPUs would make 2 shards: the rerun takes the 4 its journals were run with.
+        at = args.index("--shards")
+        unsharded = args[:at] + args[at + 2:]
+        resumed = run_mics([*unsharded, "--budget-usd", "100", "--json-summary", str(tmp_path / "s2.json")], env,
+                           tmp_path)
         second_session = server.recorded()
         assert server.errors == []
 
@@ -124,6 +137,7 @@ def test_the_budget_stops_every_shard_and_a_larger_budget_completes_the_run(clus
           f"stop, of {len(set(after))} items ({len(started_late)} started after it); {len(ended_first)} items ended")
 
     assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming the {SHARDS} shards beside" in flat(resumed.stderr)
     records = lines_by_item(output)
     assert sorted(records) == sorted(dataset.keys)
     assert without_usage(records) == without_usage(lines_by_item(tmp_path / "single.jsonl"))

@@ -302,3 +302,37 @@ def test_a_failed_shard_reports_the_last_line_of_its_log_read_from_the_end(tmp_p
     assert last_line(log) == "Configuration error: MICS_MENTORS is not set \u2014 set it"
     log.write_bytes(b"\xff\xfe broken bytes\n")
     assert last_line(log) == "\ufffd\ufffd broken bytes"
+
+
+def test_a_rerun_keeps_the_shard_count_its_journals_were_run_with(tmp_path):
+    """Another count would put every item in a shard without a journal or cache: searched and paid for again.
+    Without --shards the count is taken from the journals; a different --shards, or two sets, is refused."""
+    from mics_agents.cluster.ray_run import shards_of_journals
+    from mics_agents.errors import ConfigError
+
+    output = tmp_path / "run.jsonl"
+    assert shards_of_journals(output, None) is None and shards_of_journals(output, 3) is None
+    (tmp_path / "run.shard-2-of-4_failed.jsonl").write_text("")  # a shard whose items all failed
+    (tmp_path / "run.shard-0-of-4.cache.sqlite").write_text("")
+    (tmp_path / "other.shard-0-of-7.jsonl").write_text("")  # another output's shards
+    (tmp_path / "run.shard-x-of-9.jsonl").write_text("")  # not a shard's name
+    assert shards_of_journals(output, None) == 4 and shards_of_journals(output, 4) == 4
+    try:
+        shards_of_journals(output, 3)
+    except ConfigError as exc:
+        assert "rerun with --shards 4" in str(exc)
+    else:
+        raise AssertionError("a different --shards was taken")
+    (tmp_path / "run.shard-1-of-2.jsonl").write_text("")
+    try:
+        shards_of_journals(output, None)
+    except ConfigError as exc:
+        assert "2 and 4 shards" in str(exc)
+    else:
+        raise AssertionError("two sets of journals were taken")
+    data = write_dataset(tmp_path / "data")
+    with OpenAIServer(lifetime=60) as server:
+        result = run_mics(run_args(data, output, tmp_path / "c.sqlite", "--ray", "--shards", "3"), mics_env(server),
+                          tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "2 and 4 shards" in flat(result.stderr) and "Traceback" not in result.stderr

@@ -26,18 +26,23 @@ def run_on_ray(*, data: Path, output: Path, image_dir: Path | None, passed: list
     from ..errors import MicsError, OutputBusyError
     from ..outputs import default_failed_path, merge_outputs
     from ..progress import ProgressReporter, summary_table
-    from .ray_run import RayRun, import_ray
+    from .ray_run import RayRun, import_ray, shards_of_journals
 
+    output = output.resolve()
     try:
         settings = load_settings(**{k: v for k, v in settings_overrides.items() if v is not None})
         settings.check_roles()
         cli._check_start(settings, data, image_dir)
         cli._check_writable_path(json_summary, "--json-summary")
         import_ray()
+        found = shards_of_journals(output, shards)
     except MicsError as exc:
         cli._say("Configuration error", exc)
         return cli.EXIT_CONFIG_ERROR
-    output = output.resolve()
+    if shards is None and found is not None:
+        cli.err_console.print(f"[cyan]Ray:[/] resuming the {found} shards beside {output}", soft_wrap=True,
+                              highlight=False)
+        shards = found
     total = _count_items(data)
     reporter = ProgressReporter(cli.err_console, log_every=log_every)
     runner = RayRun(

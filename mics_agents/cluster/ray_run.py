@@ -18,9 +18,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..runner import RunStats
-from .shard_task import FAILURE_KINDS, ShardJob, run_shard, shard_output
+from .shard_task import FAILURE_KINDS, ShardJob, read_spent, run_shard, shard_output
 
-__all__ = ["RayRun", "forwarded_environment", "import_ray"]
+__all__ = ["RayRun", "forwarded_environment", "import_ray", "shards_of_journals"]
 
 # The driver's variables a shard's run needs on another node: its settings, and the providers' keys and URLs.
 _FORWARDED_PREFIXES = ("MICS_", "LITELLM_", "OPENAI_", "ANTHROPIC_", "GEMINI_", "HOSTED_VLLM_", "AZURE_", "VERTEX")
@@ -34,6 +34,25 @@ def import_ray() -> Any:
     except ImportError:
         raise ConfigError("--ray needs the ray package: pip install 'mics-agents[ray]'") from None
     return ray
+
+
+def shards_of_journals(output: Path, requested: int | None) -> int | None:
+    """The shard count of the journals a former run left beside ``output`` (``OUT.shard-I-of-N``), which a rerun
+    must keep: with another N every item would belong to a shard without a journal or cache and be searched, and
+    paid for, again (a cluster that grew or shrank changes the default count). None when there are none."""
+    import re
+
+    stem = output.name.removesuffix(".jsonl")
+    pattern = re.compile(re.escape(stem) + r"\.shard-\d+-of-(\d+)(?:_failed)?\.jsonl")
+    counts = sorted({int(match.group(1)) for path in output.parent.glob(f"{stem}.shard-*-of-*.jsonl")
+                     if (match := pattern.fullmatch(path.name))})
+    if len(counts) > 1:
+        raise ConfigError(f"the journals beside {output} are of runs with {' and '.join(map(str, counts))} shards; "
+                          f"keep one set (merge the other with mics merge first, or move it away) and rerun")
+    if counts and requested is not None and requested != counts[0]:
+        raise ConfigError(f"--shards {requested}: the journals beside {output} are of {counts[0]} shards; rerun with "
+                          f"--shards {counts[0]} (another count would search their items again)")
+    return counts[0] if counts else None
 
 
 def forwarded_environment(environ: dict[str, str] | os._Environ) -> dict[str, str]:
@@ -82,6 +101,7 @@ class RayRun:
     on_event: Callable[[str], None] = lambda text: None
     stats: RunStats = field(default_factory=RunStats)
     results: list[dict[str, Any]] = field(default_factory=list)
+    _spent_before: dict[int, float] = field(default_factory=dict)
 
     def run(self) -> RunStats:
         ray = import_ray()
@@ -108,6 +128,15 @@ class RayRun:
         # A shard that alone spent the whole budget stops itself before its next item, without waiting for the
         # driver to see it (the budget is the whole run's: a run of one shard stops exactly as mics run does).
         shared = [*self.run_args, "--budget-usd", repr(self.budget_usd)] if self.budget_usd is not None else self.run_args
+        # What each shard spent in former sessions counts until it reports (a shard waiting for a CPU does not).
+        self._spent_before = {index: read_spent(path) for index, path in enumerate(self.shard_outputs())}
+        if self.budget_usd is not None and sum(self._spent_before.values()) >= self.budget_usd:
+            self._update({})
+            self.stats.stop_reason = "budget"
+            self.on_event(f"the budget of ${self.budget_usd:g} was spent by former sessions "
+                          f"(${self.stats.spent_usd:.4f}): no shard starts")
+            self._final()
+            return self.stats
         refs = [task.remote(ShardJob(index, self.shards, path, shared, environment, self.backup_every,
                                      self.lock_wait), board)
                 for index, path in enumerate(self.shard_outputs())]
@@ -147,6 +176,7 @@ class RayRun:
         stats = RunStats(total=self.total, started_at=self.stats.started_at, stop_reason=self.stats.stop_reason)
         for snapshot in snapshots.values():
             _add_counts(stats, snapshot)
+        stats.spent_usd += sum(spent for index, spent in self._spent_before.items() if index not in snapshots)
         self.stats = stats
         self.on_update(stats)
 
@@ -163,6 +193,8 @@ class RayRun:
     def _final(self) -> None:
         """The summary from the shards' own summaries, where each ended with one."""
         stats = RunStats(total=self.total, started_at=self.stats.started_at, stop_reason=self.stats.stop_reason)
+        summarized = {result["index"] for result in self.results if result.get("summary") is not None}
+        stats.spent_usd = sum(spent for index, spent in self._spent_before.items() if index not in summarized)
         for result in self.results:
             summary = result.get("summary")
             if summary is None:

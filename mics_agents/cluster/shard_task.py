@@ -30,13 +30,37 @@ from typing import Any
 from ..runner import run_id_for
 from .cache_backup import CacheBackups, local_cache_path, remove_local
 
-__all__ = ["ShardJob", "shard_output", "run_shard", "wait_for_output", "JournalTail", "Spend", "done_before",
+__all__ = ["ShardJob", "shard_output", "spent_path", "read_spent", "run_shard", "wait_for_output", "JournalTail", "Spend", "done_before",
            "FAILURE_KINDS"]
 
 FAILURE_KINDS = ("no_path", "model_error", "bad_input", "internal_error")
 _POLL_S = 0.05  # how soon a cancel (it lands when a sleep ends) or the child's end is seen
 _REPORT_S = 0.5
 _LOCK_POLL_S = 1.0
+
+
+def spent_path(shard: Path) -> Path:
+    """``OUT.shard-0-of-4.jsonl`` -> ``OUT.shard-0-of-4.spent.json``: what the shard's run has spent, over all its
+    attempts, as of its last checkpoint; the driver reads it before it starts the shard (its one budget)."""
+    return shard.with_name(shard.name.removesuffix(".jsonl") + ".spent.json")
+
+
+def read_spent(shard: Path) -> float:
+    try:
+        value = json.loads(spent_path(shard).read_text(encoding="utf-8"))["spent_usd"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else 0.0
+
+
+def _write_spent(shard: Path, spent: float) -> None:
+    target = spent_path(shard)
+    staged = target.with_name(target.name + f".{os.getpid()}.tmp")
+    try:
+        staged.write_text(json.dumps({"spent_usd": spent}) + "\n", encoding="utf-8")
+        os.replace(staged, target)
+    except OSError:  # the checkpoint after this one writes it again
+        staged.unlink(missing_ok=True)
 
 
 def shard_output(output: Path, index: int, count: int) -> Path:
@@ -254,6 +278,7 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
                 reported = now
             if now - backed_up >= job.backup_every:
                 backups.back_up()
+                _write_spent(job.output, spend.read())
                 backed_up = now
     except KeyboardInterrupt:
         cancelled = True
@@ -265,7 +290,7 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
             child.wait()
         if local.exists():
             backups.back_up()
-            spend.read()  # all it spent, for the last report (the file goes now)
+            _write_spent(job.output, spend.read())  # all it spent (the local file goes now)
         remove_local(local)
     report()
     code = child.returncode
