@@ -175,6 +175,59 @@ def test_an_image_is_written_once_off_the_event_loop_however_many_calls_send_it(
     assert media.ready(part) and not _needs_a_thread(a_request(part), media)  # later bodies are built at once
 
 
+def test_calls_sent_at_once_with_new_images_wait_for_one_write_of_each(tmp_path, monkeypatch, caplog):
+    """A case's calls go out together: each image is written once (not once per call, nor read back by each),
+    a call cancelled meanwhile leaves the write to the others, and a folder that cannot be written sends every
+    one of them data URLs with one warning."""
+    media = MediaFolder(tmp_path / "media")
+    parts = [ImagePart(bytes([n]) * 5000, "image/png", hashlib.sha256(bytes([n]) * 5000).hexdigest()) for n in range(3)]
+    writes: list[str] = []
+    store = MediaFolder.store
+    started = threading.Event()
+
+    def slow_counted(self, image):
+        writes.append(image.sha256)
+        started.set()
+        threading.Event().wait(0.2)  # long enough for every call to arrive while it writes
+        return store(self, image)
+
+    monkeypatch.setattr(MediaFolder, "store", slow_counted)
+    with OpenAIServer(media_dir=media.path) as server:
+        async def at_once() -> list[str]:
+            transport = DirectTransport("hosted_vllm/intern-1", vllm_endpoint(server), timeout=10, media_dir=media.path)
+            try:
+                cancelled = asyncio.ensure_future(transport.request(a_request(*parts, text="cancelled")))
+                calls = [asyncio.ensure_future(transport.request(a_request(*parts, text=f"call {n}"))) for n in range(8)]
+                await asyncio.sleep(0.05)
+                cancelled.cancel()
+                return [reply.text for reply in await asyncio.gather(*calls)]
+            finally:
+                await transport.aclose()
+
+        assert len(asyncio.run(at_once())) == 8
+        assert sorted(writes) == sorted(part.sha256 for part in parts), "each image written once"
+        assert all(record.images == [part.data for part in parts] for record in server.recorded())
+        assert all(record.image_urls and all(url.startswith("file://") for url in record.image_urls)
+                   for record in server.recorded())
+
+    unwritable = tmp_path / "not-a-folder"
+    unwritable.write_text("a file where the folder should be")
+    fresh = [ImagePart(b"x" * 3000, "image/png", hashlib.sha256(b"x" * 3000).hexdigest())]
+    with OpenAIServer(media_dir=unwritable) as server:
+        async def refused() -> None:
+            transport = DirectTransport("hosted_vllm/intern-1", vllm_endpoint(server), timeout=10, media_dir=unwritable)
+            try:
+                await asyncio.gather(*(transport.request(a_request(*fresh, text=f"call {n}")) for n in range(4)))
+            finally:
+                await transport.aclose()
+
+        with caplog.at_level(logging.WARNING, logger="mics_agents"):
+            asyncio.run(refused())
+        assert server.count() == 4
+        assert all(url.startswith("data:") for record in server.recorded() for url in record.image_urls)
+    assert caplog.text.count("cannot write images into the media folder") == 1
+
+
 def test_a_file_already_there_is_kept_and_a_wrong_one_is_replaced(tmp_path):
     folder = MediaFolder(tmp_path / "media")
     part = ImagePart(b"the prepared bytes", "image/jpeg", hashlib.sha256(b"the prepared bytes").hexdigest())

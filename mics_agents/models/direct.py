@@ -22,7 +22,7 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +156,9 @@ class DirectTransport(Transport):
             for replica in self.replicas
         ]
         self._media_failing: set[str] = set()  # folders a write failed in (warned about once)
+        # Image files being written (folder, image hash) -> the write: calls of one case sent at once wait for
+        # the one write of each image instead of each writing (or reading back) it in a thread of its own.
+        self._writing: dict[tuple[str, str], "asyncio.Future[Any]"] = {}
         # USD per input and output token (MICS_PRICES), else what ``price_lookup`` finds when a reply first
         # needs it (LiteLLM's table: ~30 ms to read, not spent before the first request); a server of one's
         # own costs nothing we can know.
@@ -271,6 +274,43 @@ class DirectTransport(Transport):
                     )
         return request_pieces(request, wire_model, extra)
 
+    @staticmethod
+    def _written_already(request: ModelRequest, media: "MediaFolder") -> bool:
+        return all(media.ready(part) for message in request.messages for part in message.parts
+                   if isinstance(part, ImagePart))
+
+    async def _write_images(self, request: ModelRequest, media: "MediaFolder") -> "MediaFolder | None":
+        """Write the request's images not yet in ``media`` (each once, in a worker thread, however many calls
+        ask at once); ``media``, or None when the folder cannot be written (the call is sent data URLs, with a
+        warning, as :meth:`_pieces` does)."""
+        writes = []
+        for message in request.messages:
+            for part in message.parts:
+                if isinstance(part, ImagePart) and not media.ready(part):
+                    key = (media.key, part.sha256)
+                    write = self._writing.get(key)
+                    if write is None:
+                        write = self._writing[key] = asyncio.ensure_future(asyncio.to_thread(media.json_part, part))
+                        write.add_done_callback(partial(self._written, key))
+                    writes.append(write)
+        try:
+            # Shielded: a call cancelled meanwhile leaves the write to the others waiting for it.
+            await asyncio.gather(*(asyncio.shield(write) for write in dict.fromkeys(writes)))
+        except OSError as exc:
+            if media.key not in self._media_failing:
+                self._media_failing.add(media.key)
+                logging.getLogger("mics_agents").warning(
+                    "%s: cannot write images into the media folder %s (%s); sending them as data URLs until "
+                    "it can be written", self.name, media.key, exc.strerror or exc,
+                )
+            return None
+        return media
+
+    def _written(self, key: tuple[str, str], write: "asyncio.Future[Any]") -> None:
+        self._writing.pop(key, None)
+        if not write.cancelled():
+            write.exception()  # retrieved: every call that waited for it has seen it
+
     async def _send_samples(self, request: ModelRequest, count: int, timeout: float) -> list[ModelResponse]:
         return await self._post(request, count, timeout)
 
@@ -286,6 +326,8 @@ class DirectTransport(Transport):
         media = self.media[replica]
         self._in_flight[replica] += 1  # counted from the choice on, so a case choosing meanwhile sees it
         try:
+            if media is not None and not self._written_already(request, media):
+                media = await self._write_images(request, media)
             if _needs_a_thread(request, media):
                 body = await asyncio.to_thread(self._pieces, request, wire_model, extra, media)
             else:
