@@ -3,8 +3,10 @@ item done (resume), ``mics merge`` of 4 shards, ``mics report`` and ``mics datas
 items.
 
 Each item is a real search record: the largest record of a ``mics demo`` run, its tree repeated until the line
-is about 12 KB, under its own id. Each command runs as its own process, and its peak RSS is the kernel's
-``ru_maxrss`` for that process (``os.wait4``). Not part of the test suite.
+is about 12 KB, under its own id. Each command runs as its own process: its peak RSS is the kernel's
+``ru_maxrss`` for that process (``os.wait4``), its peak anonymous RSS (heap, without mapped files' pages) is
+sampled from ``/proc``, and its CPU time (user + system) is told apart from its wall time, which other work on
+the machine stretches. Not part of the test suite.
 
     python -m benchmarks.scale --items 10000 100000 --out benchmarks/results/scale.json
 """
@@ -20,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +99,30 @@ def write_run(folder: Path, items: int, record: dict[str, Any], case: dict[str, 
     return paths
 
 
+class _AnonymousPeak(threading.Thread):
+    """The largest ``RssAnon`` of a process, sampled every 20 ms: its heap, without the pages of files it maps
+    (``ru_maxrss`` counts those too: the datasets library reads the Arrow files it writes through a memory map,
+    whose pages the kernel can drop at any time)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak_kib = 0
+
+    def run(self) -> None:
+        status = Path(f"/proc/{self.pid}/status")
+        while True:
+            try:
+                text = status.read_text()
+            except OSError:
+                return
+            fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+            if "RssAnon" not in fields:  # exited: a zombie has no memory
+                return
+            self.peak_kib = max(self.peak_kib, int(fields["RssAnon"].split()[0]))
+            time.sleep(0.02)
+
+
 def measure(command: list[str], folder: Path, memory_cap_gb: float, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``command`` as a child process: its wall time, its peak RSS, its exit code and last output line."""
     cap = int(memory_cap_gb * 2**30)
@@ -108,12 +135,17 @@ def measure(command: list[str], folder: Path, memory_cap_gb: float, env: dict[st
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, cwd=folder, stdout=sink, stderr=subprocess.STDOUT,
                                    env={**os.environ, **(env or {})}, preexec_fn=limit_memory)
+        anonymous = _AnonymousPeak(process.pid)
+        anonymous.start()
         _, status, usage = os.wait4(process.pid, 0)
+        anonymous.join()
     wall = time.perf_counter() - started
     lines = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
     return {
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux reports KiB
+        "peak_rss_anon_mb": round(anonymous.peak_kib / 1024, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "exit_code": os.waitstatus_to_exitcode(status),
         "last_line": lines[-1][:300] if lines else "",
     }
@@ -165,7 +197,11 @@ def main() -> None:
         record, case = template_records(Path(folder))
     record = widened(record)
     results = {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
+                    "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                    # Other work on the machine when the measurement began (wall times stretch with it; CPU
+                    # times and memory much less).
+                    "load_average_1min": round(os.getloadavg()[0], 2)},
         "memory_cap_gb": args.memory_cap_gb,
         "runs": [measure_all(items, record, case, args.memory_cap_gb, set(args.skip)) for items in args.items],
     }
