@@ -12,6 +12,11 @@ reasoning, the error of a failure) under short keys, with mentor and intern name
 
 The summary's ``steps`` counts the step rows and sibling preference pairs ``mics dataset steps`` would make
 from the run's success and ``no_path`` trees with its default settings, before any split.
+
+A run's files are read twice, as ``mics merge`` reads shards: a first pass keeps each item's key and where its
+standing line is (a few numbers an item), a second reads those lines one at a time into the summary and hands
+each item on. So memory stays flat in the number of items: :func:`stream_report_data` (what the page is
+written from) never holds them; :func:`build_report_data` collects them in a list, for tests and small runs.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ class ReportData:
     summary: dict[str, Any]
     mentors: list[str]
     interns: list[str]
-    items: list[dict[str, Any]]
+    # A list from build_report_data; from write_report, a ReportItems that reads them again from the files.
+    items: Sequence[dict[str, Any]]
     images: dict[str, str | None] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -681,7 +687,7 @@ def stream_report_data(
         summary=builder.summary(scan.unreadable),
         mentors=list(builder.mentors),
         interns=list(builder.interns),
-        items=ReportItems(scan, builder.count),  # type: ignore[arg-type]
+        items=ReportItems(scan, builder.count),
         images={},
         warnings=warnings,
     )
