@@ -336,3 +336,27 @@ def test_a_rerun_keeps_the_shard_count_its_journals_were_run_with(tmp_path):
                           tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "2 and 4 shards" in flat(result.stderr) and "Traceback" not in result.stderr
+
+
+def test_a_cluster_address_nothing_answers_at_is_refused_in_one_line_at_once(tmp_path):
+    """ray.init waits minutes for an address nothing answers at, printing warnings; the run says so at once."""
+    import socket
+    import time
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    data = write_dataset(tmp_path / "data")
+    with OpenAIServer(lifetime=60) as server:
+        started = time.monotonic()
+        given = run_mics(run_args(data, tmp_path / "out.jsonl", tmp_path / "c.sqlite", "--ray", f"127.0.0.1:{port}"),
+                         mics_env(server), tmp_path)
+        from_env = run_mics(run_args(data, tmp_path / "out.jsonl", tmp_path / "c.sqlite", "--ray"),
+                            mics_env(server, RAY_ADDRESS=f"ray://127.0.0.1:{port}"), tmp_path)
+        elapsed = time.monotonic() - started
+    for result, names in ((given, "check --ray"), (from_env, "check RAY_ADDRESS")):
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "nothing answers at the Ray cluster" in flat(result.stderr) and names in flat(result.stderr)
+    assert elapsed < 60
+    assert not (tmp_path / "out.jsonl").exists()

@@ -26,7 +26,7 @@ def run_on_ray(*, data: Path, output: Path, image_dir: Path | None, passed: list
     from ..errors import MicsError, OutputBusyError
     from ..outputs import default_failed_path, merge_outputs
     from ..progress import ProgressReporter, summary_table
-    from .ray_run import RayRun, import_ray, shards_of_journals
+    from .ray_run import RayRun, check_reachable, import_ray, shards_of_journals
 
     output = output.resolve()
     try:
@@ -36,6 +36,7 @@ def run_on_ray(*, data: Path, output: Path, image_dir: Path | None, passed: list
         cli._check_writable_path(json_summary, "--json-summary")
         import_ray()
         found = shards_of_journals(output, shards)
+        check_reachable(address)
     except MicsError as exc:
         cli._say("Configuration error", exc)
         return cli.EXIT_CONFIG_ERROR
@@ -53,6 +54,10 @@ def run_on_ray(*, data: Path, output: Path, image_dir: Path | None, passed: list
     )
     try:
         stats = runner.run()
+    except MicsError as exc:  # Ray would not start or connect
+        reporter.close()
+        cli._say("Configuration error", exc)
+        return cli.EXIT_CONFIG_ERROR
     finally:
         reporter.close()
     cli.err_console.print(summary_table(stats, output=str(output), failed=str(default_failed_path(output))))

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..runner import RunStats
 from .shard_task import FAILURE_KINDS, ShardJob, read_spent, run_shard, shard_output
 
-__all__ = ["RayRun", "forwarded_environment", "import_ray", "shards_of_journals"]
+__all__ = ["RayRun", "check_reachable", "forwarded_environment", "import_ray", "shards_of_journals"]
 
 # The driver's variables a shard's run needs on another node: its settings, and the providers' keys and URLs.
 _FORWARDED_PREFIXES = ("MICS_", "LITELLM_", "OPENAI_", "ANTHROPIC_", "GEMINI_", "HOSTED_VLLM_", "AZURE_", "VERTEX")
@@ -34,6 +34,26 @@ def import_ray() -> Any:
     except ImportError:
         raise ConfigError("--ray needs the ray package: pip install 'mics-agents[ray]'") from None
     return ray
+
+
+def check_reachable(address: str | None, *, timeout: float = 10.0) -> None:
+    """Refuse, in one line, a cluster address nothing answers at: ``ray.init`` would wait for it for minutes,
+    printing warnings. ``address`` as given (else ``RAY_ADDRESS``); ``auto``, ``local`` and none are Ray's."""
+    import socket
+
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    if target in ("", "auto", "local"):
+        return
+    place = target.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = place.rpartition(":")
+    if not host or not port.isdigit():
+        return  # Ray's own message says what is wrong with it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        given = "--ray" if address else "RAY_ADDRESS"
+        raise ConfigError(f"nothing answers at the Ray cluster {target} ({exc.strerror or exc}): check {given}, or "
+                          "start Ray there (ray start --head)") from None
 
 
 def shards_of_journals(output: Path, requested: int | None) -> int | None:
@@ -105,7 +125,12 @@ class RayRun:
 
     def run(self) -> RunStats:
         ray = import_ray()
-        ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster at "auto", a bad address
+            text = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"could not connect to Ray ({self.address or 'RAY_ADDRESS, else a local Ray'}): "
+                              f"{text}") from None
         try:
             return self._run(ray)
         finally:
