@@ -152,3 +152,29 @@ def test_ctrl_c_on_the_driver_stops_every_shard(cluster, dataset, tmp_path, laun
         assert time.monotonic() - ended_at >= 1.0
     assert not output.exists()  # no merge of a run that did not end
     lines_by_item(shards[0])  # every shard left whole lines, at most one per item
+
+
+def test_a_driver_killed_ends_its_shards_and_the_same_command_resumes_them(cluster, dataset, tmp_path, launch):
+    """Ray ends the tasks of a driver that died (kill -9): each shard's run dies with its worker, as after a
+    node loss; the same command run again resumes every shard and completes with one line per item."""
+    output = tmp_path / "out.jsonl"
+    shards = [shard_output(output, index, SHARDS) for index in range(SHARDS)]
+    seen: set[int] = set()
+
+    def running() -> bool:
+        seen.update(pid for pid in map(holder_pid, shards) if pid is not None)
+        return len(seen) >= 2
+
+    with OpenAIServer(latency=(0.05, 0.1), latency_seed=5, lifetime=200) as server:
+        env = mics_env(server)
+        driver = launch(ray_args(dataset, output, cluster, "--concurrency", "1"), env, name="driver")
+        wait_until(lambda: running() and server.count() >= 10, timeout=120, what="two shards running")
+        driver.process.kill()
+        driver.wait(timeout=30)
+        wait_until(lambda: not any(alive(pid) for pid in seen), timeout=60, what="the shards' runs to end")
+        count = server.count()
+        time.sleep(1.0)
+        assert server.count() == count  # nothing sends calls any more
+        again = run_mics(ray_args(dataset, output, cluster), env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert sorted(lines_by_item(output)) == sorted(dataset.keys)
