@@ -1,7 +1,8 @@
 """``mics run --ray`` on a local Ray (issue 29): 4 shards against the test's OpenAI-compatible server equal an
 unsharded run; a shard whose worker is SIGKILLed is retried and repeats no call answered before its cache's
-last backup; Ctrl-C on the driver stops every shard. The cluster (2 CPUs) is started and stopped here; each
-``mics run --ray`` is a driver process of its own that connects to it."""
+last checkpoint; Ctrl-C on the driver stops every shard; a driver killed ends its shards and the same command
+resumes them. The cluster (2 CPUs) is started and stopped here; each ``mics run --ray`` is a driver process of
+its own that connects to it. The budget: ``test_cluster_budget.py``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
 """``mics run --ray``: the shards of one run as Ray tasks, one progress line, one budget, one merge.
 
 Each shard is a task (not an actor): Ray places it, and runs it again (``max_retries``) when its worker or node
-died; the new attempt resumes from the shard's journal and restores its cache from the last backup. A small
+died; the new attempt resumes from the shard's journal and restores its cache from the last checkpoint. A small
 actor, the board, holds what each shard last reported; the driver sums it into the usual progress display and
-budget. When the budget is spent, or on Ctrl-C, every task is cancelled (``ray.cancel``): each shard starts no
-new item, lets those in flight finish and ends; a second Ctrl-C forces them. The shard outputs are merged with
-``mics merge``'s merge once every shard ended with all its items.
+budget, counting what a shard spent in former sessions (its ``.spent.json``) until it reports, so a budget spent
+already starts no shard. When the budget is spent, or on Ctrl-C, every task is cancelled (``ray.cancel``): each
+shard starts no new item, lets those in flight finish and ends; a second Ctrl-C forces them. Each shard also
+gets the whole budget, so one that alone spent it stops before its next item without waiting for the driver.
+The shard outputs are merged with ``mics merge``'s merge once every shard ended with all its items. A rerun keeps
+the shard count its journals were run with.
 """
 
 from __future__ import annotations
