@@ -271,3 +271,9 @@ def test_step_records_of_a_failed_file_replaced_between_the_passes_are_refused(t
     # Read whole, the same files give each item's standing record.
     assert [(source, record["rid"]) for source, record in read_step_records([output])] == \
         [("out.jsonl", "a"), ("out.jsonl", "b"), ("out.jsonl", "c")]
+
+
+def test_a_missing_run_makes_no_folder_for_its_page(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        write_report(tmp_path / "none.jsonl", tmp_path / "pages" / "report.html")
+    assert not (tmp_path / "pages").exists()

@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
-from .data import DEFAULT_THUMBNAIL_SIZE, ReportData, stream_report_data
+from .data import DEFAULT_THUMBNAIL_SIZE, ReportData, run_files, stream_report_data
 
 __all__ = ["render_html", "write_report", "encode_payload"]
 
@@ -228,6 +228,7 @@ def write_report(
     its ``items`` are read again from the run's files if gone through, its thumbnails are in the page only.
 
     Memory stays flat in the number of items: see the module doc."""
+    run_files(output, failed)  # a run that is not there is an error before any folder is made
     html_path.parent.mkdir(parents=True, exist_ok=True)
     spool = _ItemSpool(html_path.parent)
     try:
