@@ -475,8 +475,9 @@ def run(
         raise _fail_config("--shards goes with --ray; without Ray, run each shard with --shard I/N (or auto)")
     if ray is not None or ray_address is not None:
         if batch:
-            raise _fail_config("--ray does not take --batch: a shard's batch ledger would be SQLite on the shared "
-                               "storage; run the shards with --batch --shard I/N (or auto, under Slurm) instead")
+            raise _fail_config("--ray does not take --batch: each shard's batch ledger (SQLite, WAL) would live on "
+                               "the shared storage; run --batch without --ray, its --output on a local disk (split "
+                               "the work with --shard I/N, then mics merge)")
         if failed is not None or shard != "0/1":
             raise _fail_config("--ray runs its own shards, each with its failed file beside its journal, and does "
                                "not take --failed or --shard")
