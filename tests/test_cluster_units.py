@@ -360,3 +360,37 @@ def test_a_cluster_address_nothing_answers_at_is_refused_in_one_line_at_once(tmp
         assert "nothing answers at the Ray cluster" in flat(result.stderr) and names in flat(result.stderr)
     assert elapsed < 60
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_checkpoint_that_cannot_be_taken_is_reported_and_the_next_one_takes_it(tmp_path):
+    """A cache still being created (no table yet), or shared storage gone for a moment: the checkpoint says what
+    went wrong (the shard's log gets it) instead of failing the shard, and the next one is whole."""
+    import shutil
+
+    from mics_agents.cluster.cache_backup import CacheBackups, delta_paths
+    from mics_agents.store import MIGRATIONS
+
+    shard = tmp_path / "shared" / "out.shard-0-of-1.jsonl"
+    shard.parent.mkdir()
+    local = local_cache_path(shard, tmp_path / "node")
+    sqlite3.connect(local).close()  # the run has created its cache file, not yet its tables
+    backups = CacheBackups(local, shard)
+    assert backups.back_up() is None and backups.full_copies == 1  # an empty base
+    problem = backups.back_up()
+    assert problem is not None and "no such table" in problem
+    live = sqlite3.connect(local)
+    for migration in MIGRATIONS:
+        live.executescript(migration)
+    live.execute("INSERT INTO calls (key, model, text, created_at, run_id) VALUES ('k', 'm', 't', 0, 'r')")
+    live.commit()
+    shutil.rmtree(shard.parent)  # the shared storage, gone
+    problem = backups.back_up()
+    assert problem is not None and "FileNotFoundError" in problem
+    shard.parent.mkdir()  # back, empty: the base is gone, so the next checkpoint is a whole copy, not a delta
+    assert backups.back_up() is None and backups.full_copies == 2 and delta_paths(shard) == []
+    restored = local_cache_path(shard, tmp_path / "other")
+    assert CacheBackups(restored, shard).restore()
+    connection = sqlite3.connect(restored)
+    assert connection.execute("SELECT key FROM calls").fetchall() == [("k",)]
+    connection.close()
+    live.close()

@@ -163,14 +163,21 @@ class CacheBackups:
             self._deltas = [(number, path.stat().st_size) for number, path in deltas]
         return restored
 
-    def back_up(self) -> None:
+    def back_up(self) -> str | None:
+        """Take a checkpoint; what went wrong, if it could not (the shard runs on, and the next one tries again:
+        a cache still being created, shared storage full or gone for a moment)."""
         if not self.local.exists():
-            return
-        if (self._last_rowid is None or len(self._deltas) >= DELTA_LIMIT
-                or sum(size for _, size in self._deltas) >= self._base_size):
-            self._full()
-        else:
-            self._delta()
+            return None
+        try:
+            if (self._last_rowid is None or len(self._deltas) >= DELTA_LIMIT
+                    or sum(size for _, size in self._deltas) >= self._base_size
+                    or not backup_path(self.output).is_file()):  # the base was lost: deltas alone restore nothing
+                self._full()
+            else:
+                self._delta()
+        except (sqlite3.Error, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     def _full(self) -> None:
         self._last_rowid = back_up(self.local, self.output)

@@ -268,6 +268,13 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
                                  preexec_fn=_die_with_parent)
     backed_up = reported = time.monotonic()
     cancelled = False
+
+    def checkpoint() -> None:
+        problem = backups.back_up()
+        if problem is not None:  # said in the shard's log; the shard runs on
+            with open(log, "a", encoding="utf-8") as log_file:
+                log_file.write(f"cache checkpoint failed ({problem}); the next one tries again\n")
+        _write_spent(job.output, spend.read())
     try:
         report()
         while child.poll() is None:
@@ -277,8 +284,7 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
                 report()
                 reported = now
             if now - backed_up >= job.backup_every:
-                backups.back_up()
-                _write_spent(job.output, spend.read())
+                checkpoint()
                 backed_up = now
     except KeyboardInterrupt:
         cancelled = True
@@ -289,8 +295,7 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
             child.kill()
             child.wait()
         if local.exists():
-            backups.back_up()
-            _write_spent(job.output, spend.read())  # all it spent (the local file goes now)
+            checkpoint()  # and all it spent (the local file goes now)
         remove_local(local)
     report()
     code = child.returncode
