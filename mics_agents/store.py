@@ -329,7 +329,7 @@ class Store:
             cost_usd=cost_usd,
             cached=True,
             finish_reason=finish_reason,
-            extra=json.loads(extra),
+            extra={} if extra == "{}" else json.loads(extra),
         ))
 
     async def put_call(
@@ -347,7 +347,7 @@ class Store:
             _storable_count(response.input_tokens),
             _storable_count(response.output_tokens),
             _storable_cost(response.cost_usd),
-            json.dumps(response.extra, sort_keys=True),
+            "{}" if type(response.extra) is dict and not response.extra else json.dumps(response.extra, sort_keys=True),
             time.time(),
             run_id,
             response.finish_reason,
