@@ -394,3 +394,29 @@ def test_a_checkpoint_that_cannot_be_taken_is_reported_and_the_next_one_takes_it
     assert connection.execute("SELECT key FROM calls").fetchall() == [("k",)]
     connection.close()
     live.close()
+
+
+def test_a_report_that_cannot_read_the_journal_is_skipped_not_fatal(tmp_path, monkeypatch):
+    """An NFS hiccup (ESTALE) while a shard's task reads its journal must not end a shard hours into its run."""
+    import errno
+
+    from mics_agents.cluster import shard_task
+
+    reads = {"count": 0}
+    real = shard_task.JournalTail.read
+
+    def flaky(self):
+        reads["count"] += 1
+        if reads["count"] in (3, 4, 5):
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(self)
+
+    monkeypatch.setattr(shard_task.JournalTail, "read", flaky)
+    slow = tmp_path / "mics_agents"
+    slow.mkdir()
+    (slow / "__init__.py").write_text("")
+    (slow / "__main__.py").write_text("import time\ntime.sleep(2)\n")  # a run that ends by itself, exit 0
+    board = _Board()
+    result = shard_task.run_shard(shard_task.ShardJob(0, 1, tmp_path / "out.jsonl", [], lock_wait=0), board)
+    assert result["exit_code"] == 0 and not result["cancelled"], result
+    assert reads["count"] > 5 and board.snapshots  # it went on reading after the failed reads

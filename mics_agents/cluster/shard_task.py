@@ -248,8 +248,11 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
     def report() -> None:
         nonlocal before, already_done, sent
         counts: Counter = Counter()
-        for tail in tails:
-            counts.update(tail.read())
+        try:
+            for tail in tails:
+                counts.update(tail.read())
+        except OSError:  # the shared storage, unavailable for a moment (ESTALE, EIO): the next report reads it
+            return
         if before is None:  # what the journal held when this attempt started; its lines since are items it ended
             before = counts
             already_done = done_before(tails[0].kinds or {}, tails[1].kinds or {},
