@@ -415,8 +415,12 @@ def test_a_report_that_cannot_read_the_journal_is_skipped_not_fatal(tmp_path, mo
     slow = tmp_path / "mics_agents"
     slow.mkdir()
     (slow / "__init__.py").write_text("")
-    (slow / "__main__.py").write_text("import time\ntime.sleep(2)\n")  # a run that ends by itself, exit 0
+    # A run that ends by itself (exit 0), its summary cut short (killed while writing it).
+    (slow / "__main__.py").write_text("import sys, time\ntime.sleep(2)\n"
+                                      "open(sys.argv[sys.argv.index('--json-summary') + 1], 'w').write('{\"succ')\n"
+                                      "print('last words')\n")
     board = _Board()
     result = shard_task.run_shard(shard_task.ShardJob(0, 1, tmp_path / "out.jsonl", [], lock_wait=0), board)
     assert result["exit_code"] == 0 and not result["cancelled"], result
+    assert "summary" not in result and result["last_line"] == "last words"
     assert reads["count"] > 5 and board.snapshots  # it went on reading after the failed reads

@@ -307,8 +307,8 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
     result = {"index": job.index, "exit_code": code, "cancelled": cancelled, "log": str(log),
               "lock_wait_s": round(waited, 1),
               "cache_backups": {"full": backups.full_copies, "deltas": backups.delta_copies}}
-    if summary.is_file():
+    try:
         result["summary"] = json.loads(summary.read_text(encoding="utf-8"))
-    else:
+    except (OSError, ValueError):  # none (the run stopped before its end), or cut short by a kill
         result["last_line"] = last_line(log)
     return result
