@@ -64,10 +64,11 @@ class ProgressReporter:
         self._started = time.monotonic()
 
     def __call__(self, stats: "RunStats") -> None:
-        todo = max(0, stats.total - stats.already_done)
+        # While the input is still being counted (beside the first items), how many there are is not known.
+        todo = max(0, stats.total - stats.already_done) if stats.counted else None
         if self.console.is_terminal:
             self._update_bar(stats, todo)
-        else:
+        elif todo is not None:  # the first line comes once the count is known
             now = time.monotonic()
             state = (stats.ended, stats.total)
             due = now - self._last_log >= self.log_every or stats.ended == todo
@@ -80,7 +81,7 @@ class ProgressReporter:
                     soft_wrap=True,
                 )
 
-    def _update_bar(self, stats: "RunStats", todo: int) -> None:
+    def _update_bar(self, stats: "RunStats", todo: int | None) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         if self._progress is None:

@@ -212,3 +212,65 @@ def test_a_result_built_late_still_validates_and_round_trips():
         SearchResult(rid="x", question="q", gt_answer="a", status="bogus")
     with pytest.raises(ValidationError):
         Node(id="not a number", parent=None, depth=1, mentor="m", steps=[], step="")
+
+
+async def test_the_first_items_start_while_the_input_is_still_being_counted(tmp_path, default_gc):
+    """Start-up: counting the input (every line parsed: 0.7 s at 10^5 cases) no longer comes before the first
+    request. Here the count waits until the first model call has been made; counted first, it would wait for
+    ever (the safety timeout then fails the test). Once counted, the totals are right and the run completes."""
+    import threading
+
+    from mics_agents.progress import ProgressReporter
+
+    first_call = threading.Event()
+    searcher = simulated_searcher(lambda role, name: first_call.set())
+    data = write_cases(tmp_path / "cases.jsonl", 5)
+    updates = []
+    batch = BatchRun(searcher, RunOptions(data=data, output=tmp_path / "out.jsonl", concurrency=2),
+                     on_update=lambda stats: updates.append((stats.counted, stats.total, stats.ended)))
+    count = batch._count_scope
+    seen_first_call = []
+
+    def slow_count(done):
+        seen_first_call.append(first_call.wait(timeout=30))
+        return count(done)
+
+    batch._count_scope = slow_count  # type: ignore[method-assign]
+    stats = await batch.run()
+    assert seen_first_call == [True]
+    assert stats.counted and stats.total == 5 and stats.ended == 5 and stats.stop_reason == "completed"
+    assert updates[0] == (False, 0, 0) and updates[-1] == (True, 5, 5)
+    assert (tmp_path / "out_failed.jsonl").exists()  # the run completed: its files were settled
+
+    # A log line (no terminal) says nothing until the count is known, then counts against it.
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    reporter = ProgressReporter(Console(file=out, force_terminal=False, width=200), log_every=0.0)
+    uncounted = type(stats)(total=0, counted=False)
+    reporter(uncounted)
+    assert out.getvalue() == ""
+    reporter(type(stats)(total=5, counted=True))
+    assert "0/5 items" in out.getvalue()
+
+
+async def test_a_count_that_fails_after_the_items_began_fails_the_run(tmp_path, default_gc):
+    """Adversarial: reading the input for the count fails once the items are under way (the first model call
+    made): the run raises that error, not lost in a background task, and the run waits for the count."""
+    import threading
+
+    first_call = threading.Event()
+    searcher = simulated_searcher(lambda role, name: first_call.set())
+    data = write_cases(tmp_path / "cases.jsonl", 3)
+    batch = BatchRun(searcher, RunOptions(data=data, output=tmp_path / "out.jsonl"))
+
+    def broken_count(done):
+        assert first_call.wait(timeout=30)
+        raise OSError(5, "Input/output error")
+
+    batch._count_scope = broken_count  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="Input/output error"):
+        await batch.run()
+    assert first_call.is_set()
