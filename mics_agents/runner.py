@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from .data import InputItem, failure_record, parse_record, read_items, shard_of
+from .data import InputItem, _read_line, failure_record, parse_record, read_items, shard_of
 from .errors import InputError, MicsError, ModelError
 from .outputs import OutputFiles, OutputLock, ResumeState, failure_key, success_line
 from .redact import scrub, scrub_data
@@ -65,6 +65,30 @@ def run_gc_settings() -> Any:
             gc.set_threshold(*_gc_saved)
             gc.unfreeze()
             _gc_saved = None
+
+
+def count_items(path: Path) -> int:
+    """How many items :func:`~mics_agents.data.read_items` gives for this file, without parsing a line: every
+    line but a blank one (whitespace alone, or a byte order mark) is an item, whatever is wrong with it. A
+    line that opens with ``{`` is one at once; any other is decoded and judged as the reader judges it. The
+    run counts its input beside the first items, and parsing every line (0.7 s at 10^5 cases) held the
+    interpreter from them."""
+    count = number = 0
+    with open(path, "rb") as handle:
+        while True:
+            raw, whole = _read_line(handle)
+            if not raw:
+                return count
+            number += 1
+            if not whole or raw.lstrip(b" \t")[:1] == b"{":
+                count += 1
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                count += 1  # an item: its error says the line is not UTF-8
+                continue
+            count += bool(text.strip())
 
 
 def _empty(path: Path) -> bool:
@@ -292,6 +316,8 @@ class BatchRun:
 
     def _count_scope(self, done: set[str]) -> tuple[int, int]:
         """Items in this shard (up to ``limit``), and how many of them are done already."""
+        if self.options.shard[1] == 1 and self.options.limit is None and not done:
+            return count_items(self.options.data), 0  # every item counts: no line needs parsing
         count = finished = 0
         for item in read_items(self.options.data, self.worker.parse):
             if self._in_scope(item):

@@ -274,3 +274,28 @@ async def test_a_count_that_fails_after_the_items_began_fails_the_run(tmp_path, 
     with pytest.raises(OSError, match="Input/output error"):
         await batch.run()
     assert first_call.is_set()
+
+
+@pytest.mark.parametrize("bom_first", [False, True])
+def test_the_quick_count_equals_the_readers_count_on_hostile_lines(tmp_path, monkeypatch, bom_first):
+    """The count beside the first items skips parsing: on every kind of line the reader has a rule for it
+    counts exactly the items the reader gives (blank and whitespace-only lines, a byte order mark alone,
+    Unicode whitespace, bytes that are not UTF-8, a line over the size limit, a last line without a newline)."""
+    from mics_agents import data as data_module
+    from mics_agents.data import read_items
+    from mics_agents.runner import count_items
+
+    monkeypatch.setattr(data_module, "MAX_LINE_BYTES", 200)
+    record = json.dumps({"id": "a", "question": "Q?", "answer": "A"}).encode()
+    lines = [
+        (b"\xef\xbb\xbf" if bom_first else b"") + (b"" if bom_first else record),  # a BOM alone, or a record
+        record.replace(b'"a"', b'"b"'), b"", b"   ", b"\t", b"\x1c", "\u00a0".encode(), "\u2028".encode(),
+        b"\xff\xfe not utf-8", b"not json", b"[1, 2]", b"  " + record.replace(b'"a"', b'"c"'),
+        b'{"id": "long", "question": "' + b"x" * 400 + b'"}', record.replace(b'"a"', b'"d"') + b"\r",
+        record.replace(b'"a"', b'"a"'),  # a repeated id: an item all the same
+    ]
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n" + b'{"id": "last", "question": "Q", "answer": "A"}')
+    expected = sum(1 for _ in read_items(path))
+    assert count_items(path) == expected
+    assert expected == (9 if bom_first else 10)
