@@ -467,6 +467,39 @@ def queue(items: int, latency: float, items_in_flight: int, mentors: int = 3, in
                 "interns": intern_names, **asyncio.run(run(Path(folder)))}
 
 
+def first_request(items: int, repeats: int, checkouts: list[str], mentors: int = 3, interns: int = 2) -> dict[str, Any]:
+    """How long after launch a ``mics run`` over ``items`` cases sends its first request (the server's request
+    count, polled every 10 ms), per checkout (PYTHONPATH; "" for the installed one), alternating; the process is
+    stopped once it has. Large inputs show what start-up does per line of input."""
+    mentor_names = [f"openai/mentor-{chr(ord('a') + n)}" for n in range(mentors)]
+    intern_names = [f"openai/intern-{n + 1}" for n in range(interns)]
+    mics = str(Path(sys.executable).with_name("mics"))
+    seconds: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as folder, latency_server(0.1) as port:
+        data = make_dataset(Path(folder) / "data.jsonl", items)
+        for _ in range(repeats):
+            for checkout in checkouts:
+                with tempfile.TemporaryDirectory() as scratch:
+                    env = {name: value for name, value in os.environ.items() if not name.startswith("MICS_")}
+                    env.pop("PYTHONDONTWRITEBYTECODE", None)
+                    if checkout:
+                        env["PYTHONPATH"] = checkout
+                    env.update(MICS_MENTORS=",".join(mentor_names), MICS_INTERNS=",".join(intern_names), MICS_JUDGE=JUDGE)
+                    before = server_requests(port)
+                    launched = time.perf_counter()
+                    child = subprocess.Popen([mics, "run", str(data), "--output", f"{scratch}/out.jsonl", "--cache",
+                                              f"{scratch}/cache.sqlite", "--concurrency", "64"], env=env,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    try:
+                        while server_requests(port) == before and time.perf_counter() - launched < 60:
+                            time.sleep(0.01)
+                        seconds.setdefault(checkout or "installed", []).append(round(time.perf_counter() - launched, 3))
+                    finally:
+                        child.kill()
+                        child.wait()
+    return {"items": items, "repeats": repeats, "first_request_after_launch_s": seconds}
+
+
 def _process_cpu(pid: int) -> float:
     """CPU seconds (user + system, all threads) process ``pid`` has used, from /proc."""
     with open(f"/proc/{pid}/stat", "rb") as handle:
@@ -827,7 +860,7 @@ def machine() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="mics-agents performance harness")
-    parser.add_argument("what", choices=["throughput", "process", "queue", "images", "ratelimit", "affinity", "samples", "resume",
+    parser.add_argument("what", choices=["throughput", "process", "queue", "first-request", "images", "ratelimit", "affinity", "samples", "resume",
                                          "memory", "startup", "all"])
     parser.add_argument("--samples-items", type=int, default=120)
     parser.add_argument("--samples-per-temperature", type=int, default=4)
@@ -872,6 +905,10 @@ def main() -> None:
             results["process"] = process(args.process_items, args.latency, args.concurrency, args.process_mentors,
                                          args.process_interns, args.process_model_concurrency,
                                          args.process_max_calls_in_flight, args.process_log)
+    if args.what == "first-request":
+        results["first_request"] = first_request(args.process_items, args.process_repeats,
+                                                 (args.process_checkouts or "").split(","), args.process_mentors,
+                                                 args.process_interns)
     if args.what == "queue":
         results["queue"] = queue(args.process_items, args.latency, args.concurrency, args.process_mentors,
                                  args.process_interns)
