@@ -580,6 +580,8 @@ class Settings(BaseSettings):
         return own if own is not None else self.request_timeout
 
     def concurrency_for(self, model_name: str) -> int:
+        """Calls in flight allowed to ``model_name``: its entry in ``MICS_MODEL_CONCURRENCY_OVERRIDES``,
+        else ``MICS_MODEL_CONCURRENCY``."""
         return self.model_concurrency_overrides.get(model_name, self.model_concurrency)
 
 

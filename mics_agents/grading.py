@@ -148,6 +148,7 @@ class Grade:
     version: int = GRADER_VERSION
 
     def as_record(self) -> dict[str, object]:
+        """The verdict as records keep it: ``correct``, ``judged_by``, ``grader_version`` (and ``recall``)."""
         record: dict[str, object] = {"correct": self.correct, "judged_by": self.judged_by, "grader_version": self.version}
         if self.recall is not None:
             record["recall"] = self.recall
@@ -179,7 +180,9 @@ def grade_by_rules(
 class JudgeLike(Protocol):
     """What :class:`Grader` needs of a judge: the verdict on one answer and the replies it took."""
 
-    async def ask(self, question: str, candidate: str, reference: str) -> tuple[bool, tuple[ModelResponse, ...]]: ...
+    async def ask(self, question: str, candidate: str, reference: str) -> tuple[bool, tuple[ModelResponse, ...]]:
+        """Whether ``candidate`` answers ``question`` as ``reference`` does, and the replies that said so."""
+        ...
 
 
 class Grader:
@@ -195,6 +198,9 @@ class Grader:
     async def grade(
         self, question: str, candidate: str, reference: str, options: Mapping[str, str] | None = None
     ) -> Grade:
+        """The verdict on ``candidate``: the rules (exact, option letter, yes/no) when one decides, else the
+        judge, else recall. ``options`` are the question's lettered options when known (parsed from the
+        question otherwise)."""
         decided = grade_by_rules(question, candidate, reference, options)
         if decided is not None:
             return decided

@@ -380,6 +380,7 @@ class CurriculumConfig(StageSettings):
         return StageConfig(name=name, data=path.expanduser().absolute(), overrides=overrides, kind=kind)
 
     def stage_defaults(self) -> StageSettings:
+        """The run-wide stage settings, before any stage's own overrides."""
         return StageSettings(**{name: getattr(self, name) for name in STAGE_SETTING_NAMES})
 
     def stage_settings(self, stage: StageConfig) -> StageSettings:

@@ -40,6 +40,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class TextPart:
+    """A piece of text in a message."""
+
     text: str
 
 
@@ -90,6 +92,7 @@ class ImagePart:
         return self._json_part  # type: ignore[return-value]
 
     def json_part_ready(self) -> bool:
+        """Whether the JSON content part (its data URL) is already encoded, so using it costs no work."""
         return self._json_part is not None
 
     def reference_part(self, folder: str) -> bytes | None:
@@ -99,6 +102,8 @@ class ImagePart:
         return None if parts is None else parts.get(folder)
 
     def keep_reference_part(self, folder: str, part: bytes) -> None:
+        """Remember the content part naming this image's file in media folder ``folder`` (called by
+        :class:`~mics_agents.media.MediaFolder` once the file is written)."""
         if self._reference_parts is None:
             object.__setattr__(self, "_reference_parts", {})
         self._reference_parts[folder] = part  # type: ignore[index]
@@ -109,17 +114,22 @@ Part = Union[TextPart, ImagePart]
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
+    """One message of a conversation: a role and its parts (text and images, in order)."""
+
     role: Literal["system", "user", "assistant"]
     parts: tuple[Part, ...]
 
     @classmethod
     def text(cls, role: Literal["system", "user", "assistant"], text: str) -> "ChatMessage":
+        """A message of one text part."""
         return cls(role, (TextPart(text),))
 
     def plain_text(self) -> str:
+        """The message's text parts joined by newlines (its images left out)."""
         return "\n".join(part.text for part in self.parts if isinstance(part, TextPart))
 
     def images(self) -> list[ImagePart]:
+        """The message's image parts, in order."""
         return [part for part in self.parts if isinstance(part, ImagePart)]
 
 
@@ -172,6 +182,10 @@ class ModelRequest:
         return payload
 
     def cache_key(self, model_name: str, *, namespace: str = "", legacy_images: bool = False) -> str:
+        """The sha256 of the request's canonical JSON for ``model_name``: what the cache stores the reply
+        under. Images enter as hashes of the prepared image (never a URL), so a data URL and a ``file://``
+        reference to the same bytes share a key; ``namespace`` separates a changed model served under the
+        same name; ``legacy_images`` gives the key older versions wrote for a resized image."""
         payload = self.key_payload(model_name, namespace=namespace, legacy_images=legacy_images)
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -204,6 +218,9 @@ class ModelRequest:
 
 @dataclass(frozen=True, slots=True)
 class ModelResponse:
+    """A model's reply: its text, the model that wrote it, token counts and cost (0 when unknown), whether
+    the cache answered, why generation stopped, and transport details in ``extra``."""
+
     text: str
     model: str
     input_tokens: int = 0
@@ -325,6 +342,7 @@ def set_request_policy(policy: RequestPolicy) -> RequestPolicy:
 
 
 def request_policy() -> RequestPolicy:
+    """The policy in effect for real model requests (see :func:`set_request_policy`)."""
     return _policy
 
 
