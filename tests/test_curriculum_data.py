@@ -357,6 +357,29 @@ def test_hf_export_loads_with_load_from_disk(built):
     assert with_images["images"][0].size == (64, 48)
 
 
+def test_each_hf_folder_is_its_messages_rows_with_the_image_bytes_embedded(built):
+    """hf/ is read back from messages.jsonl (memory flat in the stage's size): the same rows in the same order,
+    an image part's missing text a None, and each image the bytes of the file the row names."""
+    from datasets import Image, List, load_from_disk
+
+    for name in ("stage1", "stage2", "stage3", "test"):
+        folder = built / name
+        rows = [json.loads(line) for line in (folder / "messages.jsonl").read_text().splitlines()]
+        hf = load_from_disk(str(folder / "hf")).cast_column("images", List(Image(decode=False)))
+        assert len(hf) == len(rows)
+        for loaded, row in zip(hf, rows):
+            assert {key: loaded[key] for key in ("id", "case_id", "source")} == \
+                {key: row[key] for key in ("id", "case_id", "source")}
+            assert loaded["messages"] == [
+                {**message, "content": [{"text": None, **part} for part in message["content"]]}
+                for message in row["messages"]
+            ]
+            assert [(image["path"], image["bytes"]) for image in loaded["images"]] == \
+                [(Path(image).name, (folder / image).read_bytes()) for image in row["images"]]
+        assert not list(folder.glob(".arrow-*")), "the Arrow cache is removed"
+    assert any(rows for rows in (load_from_disk(str(built / name / "hf")) for name in ("stage2", "stage3")))
+
+
 def test_a_moved_curriculum_is_relocated_for_internvl(built, tmp_path, monkeypatch):
     moved = tmp_path / "elsewhere" / "curriculum"
     shutil.copytree(built, moved)

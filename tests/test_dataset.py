@@ -466,9 +466,10 @@ def test_the_build_writes_every_scored_candidate_of_train_cases_as_a_step_row(co
 def test_an_empty_stage_is_still_a_loadable_datasets_folder(tmp_path):
     from datasets import load_from_disk
 
-    from mics_agents.dataset.exports import _write_hf
+    from mics_agents.dataset.hf import MESSAGES, write_hf
 
-    _write_hf([], tmp_path / "hf")
+    (tmp_path / "messages.jsonl").write_text("")
+    write_hf(tmp_path / "messages.jsonl", tmp_path / "hf", MESSAGES)
     assert len(load_from_disk(str(tmp_path / "hf"))) == 0
 
 

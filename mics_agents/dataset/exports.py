@@ -8,7 +8,8 @@ Each folder gets:
 - ``internvl_meta.json`` + ``internvl/<source>.jsonl``: InternVL's meta file, one entry per source whose
   ``repeat_time`` is the source's ratio in the stage, over an annotation file holding each sample once;
 - ``messages.jsonl``: TRL's conversational format, the one ``training/`` reads;
-- ``hf/``: a Hugging Face ``datasets`` folder (``load_from_disk``) with the images embedded.
+- ``hf/``: a Hugging Face ``datasets`` folder (``load_from_disk``) of messages.jsonl's rows with the images
+  embedded, read back from that file a row at a time (mics_agents.dataset.hf).
 
 Images live once, by content hash, in the shared ``images/`` folder beside the stage folders; every path
 written is relative to the file's own folder, except the InternVL meta's: InternVL opens ``annotation`` and
@@ -29,6 +30,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..task_format import image_labels
+from .hf import MESSAGES, write_hf
 from .images import ImageCatalog
 from .samples import Sample
 
@@ -117,9 +119,8 @@ def export_samples(
             entry["image"] = images[0] if len(images) == 1 else images
         return entry
 
-    # Each file is written a sample at a time; only the datasets folder needs its columns whole (see _HfColumns).
+    # Each file is written a sample at a time; the datasets folder is then read back from messages.jsonl.
     llava, sharegpt = _JsonListWriter(folder / "llava.json"), _JsonListWriter(folder / SHAREGPT)
-    hf = _HfColumns()
     with open(folder / "messages.jsonl", "w", encoding="utf-8") as messages:
         for sample in samples:
             entry = llava_entry(sample)
@@ -140,12 +141,11 @@ def export_samples(
             }
             messages.write(json.dumps({**row, "messages": [_drop_none(m) for m in row["messages"]]},
                                       ensure_ascii=False, sort_keys=True) + "\n")
-            hf.add({**row, "images": [image_paths[image] for image in sample.images]})
     llava.close()
     sharegpt.close()
     _dump_json(folder / LLAMAFACTORY_INFO, {name: _llamafactory_entry()})
     _write_internvl(samples, pool, folder, name, llava_entry)
-    _write_hf(hf, folder / "hf")
+    write_hf(folder / "messages.jsonl", folder / "hf", MESSAGES)
 
 
 def _llamafactory_entry() -> dict[str, Any]:
@@ -240,59 +240,11 @@ def relocate_internvl_meta(meta_path: Path) -> None:
     _dump_json(meta_path, meta)
 
 
-# --- Hugging Face datasets ---------------------------------------------------------------------------------
+# --- TRL's messages ---------------------------------------------------------------------------------------
 
 
 def _drop_none(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": [{k: v for k, v in part.items() if v is not None} for part in message["content"]]}
-
-
-class _HfColumns:
-    """The datasets folder's rows as columns, each image's bytes read once and shared by every row showing it
-    (a Part 2 image repeats in every copy of its sample)."""
-
-    def __init__(self) -> None:
-        self.columns: dict[str, list[Any]] = {name: [] for name in ("id", "case_id", "source", "images", "messages")}
-        self._bytes: dict[Path, bytes] = {}
-
-    def add(self, row: dict[str, Any]) -> None:
-        for name, column in self.columns.items():
-            column.append(row[name] if name != "images" else [self._image(Path(path)) for path in row["images"]])
-
-    def _image(self, path: Path) -> dict[str, Any]:
-        if path not in self._bytes:
-            self._bytes[path] = path.read_bytes()
-        return {"bytes": self._bytes[path], "path": path.name}
-
-    def __len__(self) -> int:
-        return len(self.columns["id"])
-
-
-def _write_hf(rows: _HfColumns | Iterable[dict[str, Any]], target: Path) -> None:
-    from datasets import Dataset, Features, Image, List, Value, disable_progress_bars
-
-    disable_progress_bars()
-
-    features = Features(
-        {
-            "id": Value("string"),
-            "case_id": Value("string"),
-            "source": Value("string"),
-            "images": List(Image()),
-            "messages": List(
-                {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
-            ),
-        }
-    )
-    if not isinstance(rows, _HfColumns):
-        given, rows = rows, _HfColumns()
-        for row in given:
-            rows.add(row)
-    if target.exists():
-        shutil.rmtree(target)
-    columns = {name: rows.columns[name] for name in features}
-    # An empty stage (the demo's stage 1) saved with the default sharding cannot be loaded back: one shard.
-    Dataset.from_dict(columns, features=features).save_to_disk(str(target), **({} if rows else {"num_shards": 1}))
 
 
 def place_images(samples: list[Sample], catalog: ImageCatalog, images_root: Path) -> dict[Path, Path]:

@@ -36,12 +36,9 @@ left out: they are retried, and their trees are cut short.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,6 +52,7 @@ from ..task_format import task_prompt
 from .curriculum import is_held_out
 from .evalset import answer_type_of
 from .exports import _user_content
+from .hf import PAIRS, STEPS, write_hf
 from .images import ImageCatalog
 
 __all__ = [
@@ -546,75 +544,6 @@ def write_steps(
             for pair in pairs:
                 pairs_out.write(json.dumps(pair, ensure_ascii=False, sort_keys=True) + "\n")
             stats.add(rows, pairs, capped)
-    _write_hf(folder / STEPS_FILE, folder / HF_STEPS, _STEP_FEATURES)
-    _write_hf(folder / PAIRS_FILE, folder / HF_PAIRS, _PAIR_FEATURES)
+    write_hf(folder / STEPS_FILE, folder / HF_STEPS, STEPS)
+    write_hf(folder / PAIRS_FILE, folder / HF_PAIRS, PAIRS)
     return stats
-
-
-def _features(kind: str):
-    from datasets import Features, Image, List, Value
-
-    common = {
-        "id": Value("string"), "rid": Value("string"), "case_id": Value("string"), "images": List(Image()),
-        "grader_version": Value("int64"), "source": Value("string"), "depth": Value("int64"),
-    }
-    if kind == "steps":
-        return Features({
-            **common, "node": Value("int64"), "mentor": Value("string"), "reused": Value("bool"),
-            "selected": Value("bool"), "prompt": Value("string"), "completions": List(Value("string")),
-            "labels": List(Value("bool")), "scores": List(Value("float64")),
-        })
-    turn = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
-    return Features({
-        **common, "parent": Value("int64"), "prompt": turn, "chosen": turn, "rejected": turn,
-        "chosen_node": Value("int64"), "rejected_node": Value("int64"), "chosen_score": Value("float64"),
-        "rejected_score": Value("float64"), "score_gap": Value("float64"), "chosen_mentor": Value("string"),
-        "rejected_mentor": Value("string"),
-    })
-
-
-_STEP_FEATURES = "steps"
-_PAIR_FEATURES = "pairs"
-
-
-def _embedded_rows(jsonl: str, folder: str) -> Iterator[dict[str, Any]]:
-    """The rows of a JSONL file with each image's bytes in place of its path (one row in memory at a time)."""
-    with open(jsonl, encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            row["images"] = [
-                {"bytes": (Path(folder) / image).read_bytes(), "path": Path(image).name} for image in row["images"]
-            ]
-            yield row
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_hf(jsonl: Path, target: Path, kind: str) -> None:
-    """A ``datasets`` folder of a JSONL file's rows, written in Arrow batches (memory flat in the rows)."""
-    from datasets import Dataset
-
-    features = _features(kind)
-    if target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if jsonl.stat().st_size == 0:
-        # One shard named: by default an empty dataset is saved with no data file, which load_from_disk refuses.
-        Dataset.from_dict({name: [] for name in features}, features=features).save_to_disk(str(target), num_shards=1)
-        return
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".arrow-") as cache:
-        dataset = Dataset.from_generator(
-            _embedded_rows, features=features, cache_dir=cache,
-            gen_kwargs={"jsonl": str(jsonl), "folder": str(jsonl.parent)},
-            # Of the rows themselves (image paths are content hashes): the same rows give the same folder,
-            # wherever they are written.
-            fingerprint=file_sha256(jsonl)[:16],
-        )
-        dataset.save_to_disk(str(target))
-        del dataset
