@@ -17,8 +17,9 @@ transformers' image_processing_pixtral, which imports torchvision ("Model archit
 ['LlavaForConditionalGeneration'] failed to be inspected ... No module named 'torchvision'"). ``--family
 qwen2_5_vl`` / ``qwen2_vl`` build the paper's intern family (a 2-layer Qwen2 with head_dim 64 and M-RoPE sections
 [8, 12, 12], a 2-block vision tower with head_dim 64, Qwen's chat template, 4-16 image tokens); vLLM's qwen2_vl.py
-and qwen2_5_vl.py import torchvision too, and transformers 5.19's Qwen2VLProcessor always loads a video processor
-whose class needs it. Both are kept for a vLLM venv with a CPU torchvision, where they are saved complete.
+(which qwen2_5_vl.py imports) imports transformers' image_processing_qwen2_vl, which imports torchvision, and
+transformers 5.19's Qwen2VLProcessor always loads a video processor whose class needs it (InternVL's vLLM module
+needs it too). Both are kept for a vLLM venv with a CPU torchvision, where they are saved complete.
 
 Run it with the vLLM venv's interpreter, so the model is saved by the transformers that vLLM loads it with (only
 torch, transformers, tokenizers and Pillow are needed; mics_agents is not imported):
