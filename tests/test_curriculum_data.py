@@ -376,7 +376,7 @@ def test_each_hf_folder_is_its_messages_rows_with_the_image_bytes_embedded(built
             ]
             assert [(image["path"], image["bytes"]) for image in loaded["images"]] == \
                 [(Path(image).name, (folder / image).read_bytes()) for image in row["images"]]
-        assert not list(folder.glob(".arrow-*")), "the Arrow cache is removed"
+        assert not list(folder.glob(".*")) and not list((folder / "hf").glob(".*")), "no temporary file left"
     assert any(rows for rows in (load_from_disk(str(built / name / "hf")) for name in ("stage2", "stage3")))
 
 

@@ -221,6 +221,63 @@ def test_the_dataset_build_holds_offsets_not_records(tmp_path):
     assert growth < 150 * 6_000, f"150 more items cost {growth / 1e3:.0f} KB ({peaks})"
 
 
+def write_kept_build_input(folder: Path, items: int) -> BuildOptions:
+    """``items`` cases that each become training samples: a MICS path quality control keeps (its reasoning
+    about 6 KB), a case with two captioned images (two Part 2 units, ten copies in stage 2 and five in
+    stage 3), and a text QA question (Part 1)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = folder / "images"
+    for n in range(items):
+        for view in ("axial", "coronal"):
+            (images / f"item-{n:05d}").mkdir(parents=True, exist_ok=True)
+            colour = (n % 256, n // 256, 1 if view == "axial" else 2)
+            Image.new("RGB", (40, 36), color=colour).save(images / f"item-{n:05d}" / f"{view}.png")
+    reasoning = "### Step 1: case {n}: " + "the margin is irregular and enhancing; " * 150 + "\n\n### The final answer is: B. Abscess"
+    mics = folder / "mics.jsonl"
+    mics.write_bytes(b"".join(line({**success(f"item-{n:05d}", 60), "reasoning": reasoning.format(n=n)})
+                              for n in range(items)))
+    cases = folder / "cases.jsonl"
+    cases.write_bytes(b"".join(line({
+        "id": f"item-{n:05d}", "question": "Which finding?", "answer": "B", "images": [f"item-{n:05d}/axial.png",
+                                                                                     f"item-{n:05d}/coronal.png"],
+        "caption": [f"<image> Axial CT {n}: " + "a rim-enhancing collection; " * 40,
+                    f"<image> Coronal CT {n}: " + "no free air; " * 40],
+        "case_info": "Fever and right upper quadrant pain. " * 30,
+    }) for n in range(items)))
+    text_qa = folder / "text_qa.jsonl"
+    text_qa.write_bytes(b"".join(line({"id": f"item-{n:05d}-qa0", "case_id": f"item-{n:05d}",
+                                       "question": f"Q{n}?\nA. a\nB. b", "answer": "B. b",
+                                       "rationale": "Because b. " * 100}) for n in range(items)))
+    return BuildOptions(mics=[mics], cases=cases, image_dir=images, output=folder / "dataset",
+                        recipe=default_recipe(), text_qa=text_qa)
+
+
+def test_the_dataset_build_holds_each_samples_ids_not_its_texts(tmp_path):
+    """A build that keeps every item (Part 3, two Part 2 units repeated 15 times across the stages, Part 1)
+    holds a few hundred bytes per sample and copy (ids, image paths, where its texts are spilled), never the
+    texts (6 KB of reasoning, 2 KB of captions per unit), the records or the stages' rows (hf/ is read back
+    from messages.jsonl)."""
+    build_dataset(write_kept_build_input(tmp_path / "warm", 10))
+    small, large = write_kept_build_input(tmp_path / "n", 50), write_kept_build_input(tmp_path / "4n", 200)
+    peaks, reports = {}, {}
+    for name, options in (("n", small), ("4n", large)):
+
+        def build(options=options, name=name):
+            reports[name] = build_dataset(options)
+
+        peaks[name] = peak_of(build)
+    report = reports["4n"]
+    assert report.drops.get("qc") is None and report.stages["stage3"] > 200 * (1 + 2 * 5) * 0.9, report
+    from datasets import load_from_disk
+
+    assert len(load_from_disk(str(large.output / "stage2" / "hf"))) == report.stages["stage2"]
+    growth = peaks["4n"] - peaks["n"]
+    # Per item: 1 + 2 x 15 + 2 samples and copies in the stages (one sample's texts alone are 2-6 KB).
+    assert growth < 150 * 15_000, f"150 more items cost {growth / 1e3:.0f} KB ({peaks})"
+
+
 def test_a_mics_file_compacted_between_the_two_passes_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     from mics_agents.dataset import build as build_module
 

@@ -17,12 +17,13 @@ import html
 import random
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .images import ImageCatalog
-from .samples import PART2, Sample, detect_modality
+from .samples import PART2, Sample, TextSpill, detect_modality
 
 __all__ = ["AlignmentOptions", "alignment_samples", "clean_caption"]
 
@@ -175,9 +176,11 @@ def clean_caption(caption: str, count: int) -> tuple[str, Counter]:
 
 
 def alignment_samples(
-    cases: list[dict[str, Any]], catalog: ImageCatalog, image_dir: Path, options: AlignmentOptions, seed: int
+    cases: Iterable[dict[str, Any]], catalog: ImageCatalog, image_dir: Path, options: AlignmentOptions, seed: int,
+    spill: TextSpill | None = None,
 ) -> tuple[list[Sample], Counter, Counter]:
-    """(samples, drops by reason, caption cleaning by kind: how many units needed each fix)."""
+    """(samples, drops by reason, caption cleaning by kind: how many units needed each fix); with ``spill``,
+    each sample's texts are written there as it is made."""
     rng = random.Random(seed)
     seen: set[tuple[str, ...]] = set()
     samples: list[Sample] = []
@@ -221,4 +224,6 @@ def alignment_samples(
                     modality=detect_modality(response, case.get("text", ""), images=paths, case=case.get("fields")),
                 )
             )
+            if spill is not None:
+                samples[-1].spill(spill)
     return samples, dropped, cleaning

@@ -21,7 +21,7 @@ from .evalset import answer_type_of, write_eval_items
 from .exports import export_samples, place_images
 from .images import ImageCatalog
 from .qc import QcOptions, drop_reason, grade_final_answers, needs_final_answer_grade
-from .samples import PART1, PART3, Sample, case_captions, case_text, detect_modality
+from .samples import PART1, PART3, Sample, TextSpill, case_captions, case_text, detect_modality
 from .stats import MicsCounts, dataset_stats, write_stats
 from .steps import StepOptions, StepStats, read_step_records, write_steps
 
@@ -81,6 +81,56 @@ def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
     return records
 
 
+class _CaseFile:
+    """The cases file, read a line at a time: each object with where its line starts, then any of them again
+    by that offset (from the same file: one replaced between the reads is refused)."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise InputError(f"cases file {str(path)!r} not found")
+        self.path = path
+        self._handle: BinaryIO | None = None
+        self._identity: tuple[int, int] | None = None
+
+    def records(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(start, object) of each line that holds a JSON object, as :func:`read_jsonl` reads them."""
+        with open(self.path, "rb") as handle:
+            found = os.fstat(handle.fileno())
+            self._identity = (found.st_dev, found.st_ino)
+            offset = 0
+            for number, raw in enumerate(handle, start=1):
+                start, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{self.path}:{number}: invalid JSON in the cases file ({exc.msg})") from None
+                except (UnicodeDecodeError, RecursionError) as exc:
+                    reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "nested too deeply"
+                    raise InputError(f"{self.path}:{number}: invalid JSON in the cases file ({reason})") from None
+                if isinstance(record, dict):
+                    yield start, record
+
+    def record(self, start: int) -> dict[str, Any]:
+        if self._handle is None:
+            assert self._identity is not None, "records() first"
+            self._handle = _reopen(self.path, self._identity)
+        self._handle.seek(start)
+        try:
+            record = json.loads(self._handle.readline())
+        except (ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict):
+            raise _changed(self.path)
+        return record
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
 def _case_view(record: dict[str, Any]) -> dict[str, Any]:
     """A case record of any accepted layout as {case_id, images, caption, text}."""
     return {
@@ -99,21 +149,42 @@ def item_case_id(record: dict[str, Any]) -> tuple[str, str]:
 
 
 def build_dataset(options: BuildOptions) -> BuildReport:
+    cases = _CaseFile(options.cases)
+    try:
+        with TextSpill(_existing_folder(options.output)) as spill:
+            return _build(options, cases, spill)
+    finally:
+        cases.close()
+
+
+def _existing_folder(path: Path) -> Path | None:
+    """The nearest folder that exists at or above ``path`` (where the spill file goes: the output's disk)."""
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _build(options: BuildOptions, cases: _CaseFile, spill: TextSpill) -> BuildReport:
+    """The build, every sample's texts in ``spill`` (a sample holds its ids, images and modality)."""
     recipe = options.recipe
     catalog = ImageCatalog()
     drops: dict[str, Counter] = {"qc": Counter(), "part1": Counter(), "part2": Counter(), "part3": Counter(), "vqa": Counter()}
 
-    # Cases: the case id behind each item id, and the captions Part 2 is made from.
+    # Cases: the case id behind each item id, and where each case's line is (its captions make Part 2, its
+    # text and fields name a modality): the records are read back by offset when needed, never held.
     case_of: dict[str, str] = {}
-    cases: dict[str, dict[str, Any]] = {}
-    held_out_items: list[tuple[dict[str, Any], str]] = []
-    for record in read_jsonl(options.cases, "cases"):
-        view = _case_view(record)
-        item_id, _ = item_case_id(record)
-        case_of[item_id] = view["case_id"]
-        cases.setdefault(view["case_id"], view)
-        if is_held_out(view["case_id"], recipe.test_fraction, options.seed):
-            held_out_items.append((record, view["case_id"]))
+    case_at: dict[str, int] = {}  # case id -> start of its first line
+    held_out_at = array("q")  # starts of the held-out cases' lines, for test/eval.jsonl
+    for start, record in cases.records():
+        item_id, case_id = item_case_id(record)
+        case_of[item_id] = case_id
+        case_at.setdefault(case_id, start)
+        if is_held_out(case_id, recipe.test_fraction, options.seed):
+            held_out_at.append(start)
+
+    def case_view(case_id: str) -> dict[str, Any]:
+        return _case_view(cases.record(case_at[case_id])) if case_id in case_at else {}
 
     samples: list[Sample] = []
 
@@ -137,6 +208,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
             drops["part3"]["image_missing_or_unreadable"] += 1
             continue
         case_id = case_of.get(rid, rid)
+        case = case_view(case_id)
         samples.append(
             Sample(
                 id=f"{rid}-cot",
@@ -145,9 +217,9 @@ def build_dataset(options: BuildOptions) -> BuildReport:
                 prompt=task_prompt(record["question"], answer_type_of(record["question"], str(record.get("gt_answer") or ""))),
                 response=record["reasoning"],
                 images=[info.path for info in infos],
-                modality=detect_modality(record["question"], cases.get(case_id, {}).get("text", ""),
-                                         images=record.get("images"), case=cases.get(case_id, {}).get("fields")),
-            )
+                modality=detect_modality(record["question"], case.get("text", ""),
+                                         images=record.get("images"), case=case.get("fields")),
+            ).spill(spill)
         )
 
     # Part 1: text multiple-choice QA made from case text (mics generate qa).
@@ -161,16 +233,18 @@ def build_dataset(options: BuildOptions) -> BuildReport:
             response = (f"{rationale}\n\n" if rationale else "") + final_answer_line(answer)
             case_id = str(record.get("case_id") or record.get("id"))
             samples.append(
-                Sample(f"{record.get('id')}-qa", case_id, PART1, task_prompt(question, "choice"), response, [], "none")
+                Sample(f"{record.get('id')}-qa", case_id, PART1, task_prompt(question, "choice"), response, [],
+                       "none").spill(spill)
             )
 
     # Part 2: image-text alignment from captions.
     part2, drops["part2"], caption_cleaning = alignment_samples(
-        [cases[key] for key in sorted(cases)],
+        (case_view(case_id) for case_id in sorted(case_at)),
         catalog,
         options.image_dir,
         AlignmentOptions(recipe.alignment_min_side, recipe.alignment_max_images),
         options.seed,
+        spill,
     )
     samples.extend(part2)
 
@@ -189,7 +263,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
             samples.append(
                 Sample(f"{name}-{item_id}", f"vqa:{name}:{item_id}", f"vqa:{name}",
                        task_prompt(question, answer_type_of(question, answer)), final_answer_line(answer),
-                       [info.path for info in infos], detect_modality(question, images=images, case=record))
+                       [info.path for info in infos], detect_modality(question, images=images, case=record)).spill(spill)
             )
 
     train, test = split_by_case(samples, recipe.test_fraction, options.seed)
@@ -201,7 +275,7 @@ def build_dataset(options: BuildOptions) -> BuildReport:
         export_samples(stage_samples, options.output / stage, name=f"mmrp_{stage}", image_paths=image_paths, pool=train)
     export_samples(test, options.output / "test", name="mmrp_test", image_paths=image_paths)
     eval_count, drops["eval"] = write_eval_items(
-        held_out_items, catalog, options.image_dir, options.output / "test" / "eval.jsonl",
+        ((record, item_case_id(record)[1]) for record in map(cases.record, held_out_at)), catalog, options.image_dir, options.output / "test" / "eval.jsonl",
         options.output / "test" / "images",
     )
     # Step data from every scored tree, failed searches included, on the side of the split its case is on.

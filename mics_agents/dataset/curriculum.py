@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from array import array
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import overload
 
 from pydantic import BaseModel, Field, field_validator
 
 from ..config import load_yaml_model
 from .samples import PART1, PART2, PART3, Sample
 
-__all__ = ["Recipe", "default_recipe", "load_recipe", "split_by_case", "assemble_stage", "source_weight"]
+__all__ = ["Recipe", "default_recipe", "load_recipe", "split_by_case", "assemble_stage", "Stage", "source_weight"]
 
 VQA = "vqa"
 KNOWN_SOURCES = {VQA, PART1, PART2, PART3}
@@ -104,34 +107,66 @@ def source_weight(source: str, stage_sources: dict[str, float]) -> float | None:
     return None
 
 
-def _apply_ratio(samples: list[Sample], ratio: float, rng: random.Random) -> list[Sample]:
-    copies = math.floor(ratio)
-    chosen: list[Sample] = []
-    for copy in range(copies):
-        chosen.extend(_copy(sample, copy) for sample in samples)
-    remainder = round((ratio - copies) * len(samples))
+class Stage(Sequence[Sample]):
+    """A stage's samples in order, held as (pool index, copy number) pairs over the train pool: a copy
+    (``<id>#<copy>``, :meth:`Sample.copy`) is made each time it is read and dropped after, so a stage that
+    repeats Part 2 ten times holds 16 bytes per repeat, not a sample."""
+
+    def __init__(self, pool: list[Sample], indices: array, copies: array) -> None:
+        self.pool, self._indices, self._copies = pool, indices, copies
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def _at(self, position: int) -> Sample:
+        return _copy(self.pool[self._indices[position]], self._copies[position])
+
+    @overload
+    def __getitem__(self, position: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, position: slice) -> list[Sample]: ...
+
+    def __getitem__(self, position: int | slice) -> Sample | list[Sample]:
+        if isinstance(position, slice):
+            return [self._at(index) for index in range(*position.indices(len(self)))]
+        return self._at(range(len(self))[position])
+
+    def __iter__(self) -> Iterator[Sample]:
+        for index, copy in zip(self._indices, self._copies):
+            yield _copy(self.pool[index], copy)
+
+
+def _apply_ratio(positions: list[int], ratio: float, rng: random.Random, indices: array, copies: array) -> None:
+    """Append to (``indices``, ``copies``) the pool position and copy number of each sample a ratio takes from a
+    source's ``positions``; the draw is the one ``rng.sample`` makes of the samples themselves (it picks by
+    position)."""
+    whole = math.floor(ratio)
+    for copy in range(whole):
+        indices.extend(positions)
+        copies.extend(array("q", [copy]) * len(positions))
+    remainder = round((ratio - whole) * len(positions))
     if remainder:
-        chosen.extend(_copy(sample, copies) for sample in rng.sample(samples, remainder))
-    return chosen
+        indices.extend(rng.sample(positions, remainder))
+        copies.extend(array("q", [whole]) * remainder)
 
 
 def _copy(sample: Sample, index: int) -> Sample:
-    if index == 0:
-        return sample
-    return Sample(sample.id + f"#{index}", sample.case_id, sample.source, sample.prompt, sample.response,
-                  list(sample.images), sample.modality)
+    return sample if index == 0 else sample.copy(sample.id + f"#{index}")
 
 
-def assemble_stage(stage: str, stage_sources: dict[str, float], train: list[Sample], seed: int) -> list[Sample]:
+def assemble_stage(stage: str, stage_sources: dict[str, float], train: list[Sample], seed: int) -> Stage:
     """The samples of one stage, each source at its ratio, shuffled with a seed of its own."""
-    by_source: dict[str, list[Sample]] = {}
-    for sample in train:
-        by_source.setdefault(sample.source, []).append(sample)
-    chosen: list[Sample] = []
+    by_source: dict[str, list[int]] = {}
+    for position, sample in enumerate(train):
+        by_source.setdefault(sample.source, []).append(position)
+    stage_indices, stage_copies = array("q"), array("q")
     for source in sorted(by_source):
         ratio = source_weight(source, stage_sources)
         if ratio:
             rng = random.Random(f"{seed}:{stage}:{source}")
-            chosen.extend(_apply_ratio(by_source[source], ratio, rng))
-    random.Random(f"{seed}:{stage}:order").shuffle(chosen)
-    return chosen
+            _apply_ratio(by_source[source], ratio, rng, stage_indices, stage_copies)
+    # A shuffle moves each element by its place alone: shuffling the places shuffles the samples alike.
+    order = array("q", range(len(stage_indices)))
+    random.Random(f"{seed}:{stage}:order").shuffle(order)
+    return Stage(train, array("q", (stage_indices[at] for at in order)), array("q", (stage_copies[at] for at in order)))

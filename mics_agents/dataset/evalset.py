@@ -9,7 +9,6 @@ MICS found easy. Each item keeps its ground-truth answer; alignment units are no
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 from ..answers import parse_options
 from ..data import parse_record
 from ..grading import normalize
-from .images import ImageCatalog
+from .images import ImageCatalog, posix_relpath
 from .samples import case_text, detect_modality
 
 __all__ = ["write_eval_items", "answer_type_of"]
@@ -59,7 +58,7 @@ def write_eval_items(
             "case_id": case_id,
             "question": item.question,
             "answer": item.answer,
-            "images": [Path(os.path.relpath(path, output.parent)).as_posix() for path in placed],
+            "images": [posix_relpath(path, output.parent) for path in placed],
             "answer_type": answer_type_of(item.question, item.answer),
             # As for the case's training samples: the captions often name the modality the question does not.
             "modality": detect_modality(item.question, case_text(record), images=item.images, case=record),

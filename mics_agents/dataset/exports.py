@@ -20,18 +20,17 @@ written is relative to the file's own folder, except the InternVL meta's: Intern
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
 from collections import Counter
 from pathlib import Path
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ..task_format import image_labels
 from .hf import MESSAGES, write_hf
-from .images import ImageCatalog
+from .images import ImageCatalog, posix_relpath
 from .samples import Sample
 
 __all__ = ["export_samples", "place_images", "relocate_internvl_meta", "internvl_repeat_time"]
@@ -93,12 +92,12 @@ def _human_turn(sample: Sample) -> str:
 
 
 def export_samples(
-    samples: list[Sample],
+    samples: Sequence[Sample],
     folder: Path,
     *,
     name: str,
     image_paths: dict[Path, Path],
-    pool: list[Sample] | None = None,
+    pool: Sequence[Sample] | None = None,
 ) -> None:
     """Write ``samples`` into ``folder``. ``image_paths`` maps each source image to its placed copy.
 
@@ -109,7 +108,7 @@ def export_samples(
     folder.mkdir(parents=True, exist_ok=True)
 
     def relative(image: Path) -> str:
-        return Path(os.path.relpath(image_paths[image], folder)).as_posix()
+        return posix_relpath(image_paths[image], folder)
 
     def llava_entry(sample: Sample) -> dict[str, Any]:
         images = [relative(image) for image in sample.images]
@@ -184,12 +183,13 @@ def _slug(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", source)
 
 
-def _base_ids(samples: list[Sample], pool_ids: set[str]) -> list[str]:
+def _base_ids(samples: Iterable[Sample], pool_ids: set[str]) -> Iterator[str]:
     """The pool id behind each sample: repeats of a sample are ``<id>#<copy>`` (curriculum.assemble_stage)."""
-    return [s.id if s.id in pool_ids else re.sub(r"#\d+$", "", s.id) for s in samples]
+    return (s.id if s.id in pool_ids else re.sub(r"#\d+$", "", s.id) for s in samples)
 
 
-def _write_internvl(samples: list[Sample], pool: list[Sample] | None, folder: Path, name: str, entry_of) -> None:
+def _write_internvl(samples: Sequence[Sample], pool: Sequence[Sample] | None, folder: Path, name: str,
+                    entry_of) -> None:
     annotations = folder / INTERNVL_DIR
     if annotations.exists():
         shutil.rmtree(annotations)
@@ -202,17 +202,21 @@ def _write_internvl(samples: list[Sample], pool: list[Sample] | None, folder: Pa
         pool_by_source.setdefault(sample.source, []).append(sample)
     meta: dict[str, dict[str, Any]] = {}
     for source in stage_sources:
-        in_stage = [sample for sample in samples if sample.source == source]
+
+        def in_stage(source: str = source) -> Iterator[Sample]:
+            # Read again each time it is needed: a stage's repeats are made as they are read (curriculum.Stage).
+            return (sample for sample in samples if sample.source == source)
+
         unique = list({s.id: s for s in pool_by_source.get(source, [])}.values())
-        counts = Counter(_base_ids(in_stage, {s.id for s in unique}))
+        counts = Counter(_base_ids(in_stage(), {s.id for s in unique}))
         if set(counts) - {s.id for s in unique}:
-            unique = list({base: s for base, s in zip(_base_ids(in_stage, set()), in_stage)}.values())
-            counts = Counter(_base_ids(in_stage, {s.id for s in unique}))
+            unique = list({base: s for base, s in zip(_base_ids(in_stage(), set()), in_stage())}.values())
+            counts = Counter(_base_ids(in_stage(), {s.id for s in unique}))
         whole = min(counts.get(s.id, 0) for s in unique)
         extra = [s for s in unique if counts.get(s.id, 0) == whole + 1]
         if any(counts.get(s.id, 0) not in (whole, whole + 1) for s in unique):
             # Not the shape of a ratio (a hand-made list): every sample as often as it appears, once each line.
-            lines, whole, extra = [s for s in in_stage], 1, []
+            lines, whole, extra = list(in_stage()), 1, []
         else:
             chosen = {s.id for s in extra}
             lines = extra + [s for s in unique if s.id not in chosen]  # InternVL's fraction takes the head

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["ImageInfo", "ImageCatalog"]
+__all__ = ["ImageInfo", "ImageCatalog", "posix_relpath"]
+
+
+def posix_relpath(path: Path | str, start: Path | str) -> str:
+    """``path`` relative to ``start``, with forward slashes: what ``Path(os.path.relpath(...)).as_posix()``
+    gives, without a Path (which interns every part of it for good: a build names one file per image)."""
+    return os.path.relpath(path, start).replace(os.sep, "/")
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,14 @@ builder, its stats and ``mics eval`` share."""
 
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-__all__ = ["Sample", "PART1", "PART2", "PART3", "MODALITIES", "MIXED", "OTHER", "detect_modality", "modality_evidence",
+__all__ = ["Sample", "TextSpill", "PART1", "PART2", "PART3", "MODALITIES", "MIXED", "OTHER", "detect_modality", "modality_evidence",
            "case_captions", "case_text"]
 
 PART1 = "part1_text_qa"
@@ -181,17 +182,105 @@ def detect_modality(
     return modality_evidence(*texts, images=images, case=case)[0]
 
 
-@dataclass
+class TextSpill:
+    """Samples' texts written to an anonymous temporary file and read back when asked for, so that a build
+    holds each sample's ids, images and modality but not its prompt and response (the texts grow with the
+    items; a stage's copies share one spilled pair)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._end = 0
+        self._writing = True
+
+    def put(self, prompt: str, response: str) -> _Spilled:
+        if not self._writing:
+            self._file.seek(0, 2)
+            self._writing = True
+        data = json.dumps([prompt, response], ensure_ascii=False).encode("utf-8", "surrogatepass")
+        self._file.write(data)
+        start, self._end = self._end, self._end + len(data)
+        return _Spilled(self, start, len(data))
+
+    def get(self, start: int, length: int) -> tuple[str, str]:
+        if self._writing:
+            self._file.flush()
+            self._writing = False
+        self._file.seek(start)
+        prompt, response = json.loads(self._file.read(length).decode("utf-8", "surrogatepass"))
+        return prompt, response
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TextSpill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Spilled:
+    __slots__ = ("spill", "start", "length")
+
+    def __init__(self, spill: TextSpill, start: int, length: int) -> None:
+        self.spill, self.start, self.length = spill, start, length
+
+    def texts(self) -> tuple[str, str]:
+        return self.spill.get(self.start, self.length)
+
+
 class Sample:
     """A user turn (images, then ``prompt``) and the assistant's ``response``.
 
-    ``images`` are paths to the source files; exports copy them next to the data they write.
+    ``images`` are paths to the source files; exports copy them next to the data they write. The two texts
+    may live in a :class:`TextSpill` (:meth:`spill`), read back each time they are asked for.
     """
 
-    id: str
-    case_id: str
-    source: str
-    prompt: str
-    response: str
-    images: list[Path] = field(default_factory=list)
-    modality: str = "none"
+    __slots__ = ("id", "case_id", "source", "_texts", "images", "modality")
+
+    def __init__(self, id: str, case_id: str, source: str, prompt: str, response: str,
+                 images: list[Path] | None = None, modality: str = "none") -> None:
+        self.id, self.case_id, self.source = id, case_id, source
+        self._texts: tuple[str, str] | _Spilled = (prompt, response)
+        self.images = [] if images is None else images
+        self.modality = modality
+
+    @property
+    def texts(self) -> tuple[str, str]:
+        """(prompt, response), read back once for both where they were spilled."""
+        return self._texts.texts() if isinstance(self._texts, _Spilled) else self._texts
+
+    @property
+    def prompt(self) -> str:
+        return self.texts[0]
+
+    @property
+    def response(self) -> str:
+        return self.texts[1]
+
+    def spill(self, spill: TextSpill) -> Sample:
+        """Move the texts into ``spill``; the sample itself, for chaining."""
+        if not isinstance(self._texts, _Spilled):
+            self._texts = spill.put(*self._texts)
+        return self
+
+    def copy(self, id: str) -> Sample:
+        """The same sample under another id, sharing its texts (spilled or not) and not its images list."""
+        copied = Sample.__new__(Sample)
+        copied.id, copied.case_id, copied.source = id, self.case_id, self.source
+        copied._texts, copied.images, copied.modality = self._texts, list(self.images), self.modality
+        return copied
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.id, self.case_id, self.source, *self.texts, self.images, self.modality)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it was
+
+    def __repr__(self) -> str:
+        names = ("id", "case_id", "source", "prompt", "response", "images", "modality")
+        return "Sample(" + ", ".join(f"{name}={value!r}" for name, value in zip(names, self._fields())) + ")"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from .samples import Sample
 __all__ = ["MicsCounts", "dataset_stats", "write_stats", "write_step_stats"]
 
 
-def _summary(samples: list[Sample]) -> dict[str, Any]:
+def _summary(samples: Sequence[Sample]) -> dict[str, Any]:
     return {
         "total": len(samples),
         "by_source": dict(sorted(Counter(s.source for s in samples).items())),
@@ -25,7 +26,7 @@ def _summary(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
-def _distinct(samples: list[Sample]) -> dict[str, Sample]:
+def _distinct(samples: Iterable[Sample]) -> dict[str, Sample]:
     """Each sample once: a stage repeats a sample as ``<id>#<copy>``."""
     distinct: dict[str, Sample] = {}
     for sample in samples:
@@ -73,15 +74,15 @@ class MicsCounts:
 
 
 def dataset_stats(
-    stages: dict[str, list[Sample]],
-    test: list[Sample],
+    stages: dict[str, Sequence[Sample]],
+    test: Sequence[Sample],
     mics_records: Iterable[dict[str, Any]] | MicsCounts,
     drops: dict[str, Counter],
     caption_cleaning: Counter | None = None,
     steps: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The curriculum's numbers; ``steps`` is the step export's (:meth:`StepStats.as_dict`)."""
-    distinct = _distinct([sample for samples in stages.values() for sample in samples] + list(test))
+    distinct = _distinct(chain(*stages.values(), test))
     return {
         "stages": {name: _summary(samples) for name, samples in stages.items()},
         "test": _summary(test),

@@ -53,7 +53,7 @@ from .curriculum import is_held_out
 from .evalset import answer_type_of
 from .exports import _user_content
 from .hf import PAIRS, STEPS, write_hf
-from .images import ImageCatalog
+from .images import ImageCatalog, posix_relpath
 
 __all__ = [
     "StepOptions",
@@ -531,7 +531,7 @@ def write_steps(
             if any(info is None for info in infos):
                 stats.records_skipped["image_missing_or_unreadable"] += 1
                 continue
-            placed = [Path(os.path.relpath(catalog.place(info, images_root), folder)).as_posix() for info in infos]
+            placed = [posix_relpath(catalog.place(info, images_root), folder) for info in infos]
             candidates, skipped = scored_candidates(record)
             stats.nodes_skipped.update(skipped)
             if not candidates:
