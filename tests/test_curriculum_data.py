@@ -418,3 +418,72 @@ def test_messages_rows_name_several_images_as_the_llava_turn_and_the_alignment_t
         targets = [row for row in several if "Image 2" in row["messages"][1]["content"][0]["text"]]
         assert targets, "an alignment target names Image 2 of a unit whose user turn labels it"
         assert len(read_stage_file(built / stage / "messages.jsonl", stage=stage).samples) == len(rows)
+
+
+# --- stages and samples held lightly ---------------------------------------------------------------------------
+
+
+def _stage_as_lists(stage: str, stage_sources: dict[str, float], train: list, seed: int) -> list:
+    """How stages were assembled when each copy was a sample in a list: what curriculum.Stage must equal."""
+    import math
+    import random
+
+    from mics_agents.dataset.curriculum import source_weight
+    from mics_agents.dataset.samples import Sample
+
+    def copy(sample, index):
+        if index == 0:
+            return sample
+        return Sample(sample.id + f"#{index}", sample.case_id, sample.source, sample.prompt, sample.response,
+                      list(sample.images), sample.modality)
+
+    by_source: dict[str, list] = {}
+    for sample in train:
+        by_source.setdefault(sample.source, []).append(sample)
+    chosen = []
+    for source in sorted(by_source):
+        ratio = source_weight(source, stage_sources)
+        if ratio:
+            rng = random.Random(f"{seed}:{stage}:{source}")
+            copies = math.floor(ratio)
+            for index in range(copies):
+                chosen.extend(copy(sample, index) for sample in by_source[source])
+            remainder = round((ratio - copies) * len(by_source[source]))
+            if remainder:
+                chosen.extend(copy(sample, copies) for sample in rng.sample(by_source[source], remainder))
+    random.Random(f"{seed}:{stage}:order").shuffle(chosen)
+    return chosen
+
+
+@pytest.mark.parametrize("count", [1, 7, 40, 300])
+def test_a_stage_of_pool_places_reads_as_the_list_of_copies_it_replaced(count, tmp_path):
+    from mics_agents.dataset.curriculum import assemble_stage
+    from mics_agents.dataset.samples import PART1, PART2, PART3, Sample, TextSpill
+
+    sources = [PART1, PART2, PART3, "vqa:rad", "vqa:path"]
+    with TextSpill(tmp_path) as spill:
+        train = [Sample(f"s{n}", f"c{n % 9}", sources[n % 5], f"prompt {n} é\u2028", f"response {n}\n\ud800",
+                        [tmp_path / f"{n}.png"], "CT").spill(spill) for n in range(count)]
+        for recipe in ({"vqa": 0.2, PART1: 1.0, PART2: 10.0}, {"vqa:rad": 2.5, "vqa": 0.3, PART3: 1.0, PART2: 0.55}):
+            for seed in (0, 5):
+                stage = assemble_stage("stage2", recipe, train, seed)
+                expected = _stage_as_lists("stage2", recipe, train, seed)
+                assert len(stage) == len(expected) and list(stage) == expected
+                if expected:
+                    assert stage[-1] == expected[-1] and stage[1:3] == expected[1:3]
+
+
+def test_spilled_texts_read_back_whole_and_copies_share_them(tmp_path):
+    from mics_agents.dataset.samples import Sample, TextSpill
+
+    texts = [("", ""), ("é \u2028 \x00 \ud83d\ude00", "line\nbreak"), ("lone \udc80 surrogate", "x" * 100_000)]
+    with TextSpill(tmp_path) as spill:
+        samples = [Sample(f"s{n}", "c", "part", prompt, response) for n, (prompt, response) in enumerate(texts)]
+        for sample in samples:
+            sample.spill(spill)
+        spill.put("written after", "a read")  # reads and writes interleave
+        copied = samples[1].copy("s1#1")
+        assert [(sample.prompt, sample.response) for sample in samples] == texts
+        assert (copied.id, copied.texts) == ("s1#1", texts[1]) and copied._texts is samples[1]._texts
+        assert copied.images is not samples[1].images
+    assert not list(tmp_path.iterdir()), "the spill file is anonymous"
