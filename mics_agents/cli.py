@@ -474,10 +474,6 @@ def run(
     elif shards is not None:
         raise _fail_config("--shards goes with --ray; without Ray, run each shard with --shard I/N (or auto)")
     if ray is not None or ray_address is not None:
-        if batch:
-            raise _fail_config("--ray does not take --batch: each shard's batch ledger (SQLite, WAL) would live on "
-                               "the shared storage; run --batch without --ray, its --output on a local disk (split "
-                               "the work with --shard I/N, then mics merge)")
         if failed is not None or shard != "0/1":
             raise _fail_config("--ray runs its own shards, each with its failed file beside its journal, and does "
                                "not take --failed or --shard")
@@ -491,13 +487,18 @@ def run(
                 passed += [flag, str(value)]
         if retry_failed:
             passed.append("--retry-failed")
+        # --batch: each shard's ledger beside its journal (held by its run alone: no -shm file on the shared
+        # storage); its task keeps the shard going while its items wait on batches, unless --no-wait.
+        passed += [flag for flag, given in (("--batch", batch), ("--no-wait", no_wait),
+                                            ("--resubmit-canceled", resubmit_canceled)) if given]
         from .cluster.ray_command import run_on_ray
 
         settings_overrides = {"max_depth": max_depth, "seed": seed, "router_config": router_config,
                               "strategy": strategy.value if strategy else None, "vanilla_mentor": vanilla_mentor}
         raise typer.Exit(run_on_ray(data=data, output=output, image_dir=image_dir, passed=passed, address=ray_address,
                                     shards=shards, budget_usd=budget_usd, limit=limit, log_every=log_every,
-                                    json_summary=json_summary, settings_overrides=settings_overrides))
+                                    json_summary=json_summary, settings_overrides=settings_overrides,
+                                    batch=batch, no_wait=no_wait))
 
     async def open_searcher(settings: "Settings") -> Any:
         if batch:

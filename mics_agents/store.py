@@ -25,7 +25,7 @@ from typing import Any
 
 import aiosqlite
 
-from .errors import StoreError
+from .errors import OutputBusyError, StoreError
 from .models.base import ModelResponse
 from .models.sanitizing import sanitize_reply
 
@@ -216,8 +216,24 @@ class Store:
         self._flushing: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def open(cls, path: str | Path) -> "Store":
+    async def open(cls, path: str | Path, *, exclusive: bool = False) -> "Store":
+        """``exclusive``: one process at a time (the batch ledger, which may live on a network filesystem
+        beside its journal): SQLite's ``locking_mode=EXCLUSIVE``, set before WAL is, keeps the WAL index in
+        this process's memory, so no ``-shm`` file (shared memory, unsafe over NFS) is made; a second opener
+        is refused at once with :class:`OutputBusyError`."""
         location = str(path)
+        if exclusive:
+            try:
+                Path(location).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                return await cls._connect(location, exclusive=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the folder of {location!r}: {exc.strerror or exc}") from None
+            except aiosqlite.Error as exc:
+                if _is_lock_error(exc):
+                    raise OutputBusyError(
+                        f"{location!r} is in use by another process (another run of this output, maybe on "
+                        "another node); wait for it to end or stop it, then rerun") from None
+                raise StoreError(f"cannot open {location!r}: {exc}") from exc
         if location != ":memory:":
             try:
                 Path(location).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -241,10 +257,10 @@ class Store:
             await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))
 
     @classmethod
-    async def _connect(cls, location: str) -> "Store":
+    async def _connect(cls, location: str, *, exclusive: bool = False) -> "Store":
         # Autocommit: each cache write is one statement and one trip to the database thread, durable when it
         # returns; migrations open their own transactions.
-        connection = aiosqlite.connect(location, timeout=60.0, isolation_level=None)
+        connection = aiosqlite.connect(location, timeout=1.0 if exclusive else 60.0, isolation_level=None)
         try:
             await connection
         except BaseException:
@@ -253,9 +269,12 @@ class Store:
         try:
             # Several processes (shards) may share one file: WAL lets readers run beside the writer and
             # busy_timeout makes a writer wait for the lock instead of failing with "database is locked".
+            if exclusive:  # before the first access in WAL mode: the WAL index then lives in heap memory
+                await connection.execute("PRAGMA locking_mode=EXCLUSIVE")
             await connection.execute("PRAGMA journal_mode=WAL")
             await connection.execute("PRAGMA synchronous=NORMAL")
-            await connection.execute("PRAGMA busy_timeout=60000")
+            if not exclusive:
+                await connection.execute("PRAGMA busy_timeout=60000")
             store = cls(connection, location)
             await store._migrate()
             await store.check_writable()

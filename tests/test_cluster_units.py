@@ -27,7 +27,8 @@ def test_without_ray_installed_ray_runs_exit_2_naming_the_package(tmp_path):
         lonely = run_mics(run_args(data, tmp_path / "out.jsonl", tmp_path / "c.sqlite", "--shards", "3"), env, tmp_path)
     assert result.returncode == 2 and "pip install 'mics-agents[ray]'" in flat(result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert refused.returncode == 2 and "run --batch without --ray, its --output on a local disk" in flat(refused.stderr)
+    # --batch goes with --ray now (issue 29): refused here only for the missing package, as without it.
+    assert refused.returncode == 2 and "pip install 'mics-agents[ray]'" in flat(refused.stderr)
     assert lonely.returncode == 2 and "--shards goes with --ray" in flat(lonely.stderr)
     assert not (tmp_path / "out.jsonl").exists()
 

@@ -58,7 +58,9 @@ class BatchLedger:
 
     @classmethod
     async def open(cls, path: Path) -> "BatchLedger":
-        store = await Store.open(path)
+        # Beside the journal, so maybe on a network filesystem: one process at a time (the output's lock
+        # already says so), without WAL's shared-memory file; a second opener is refused, never blocked.
+        store = await Store.open(path, exclusive=True)
         try:
             await store.sync_every_commit()
         except BaseException:

@@ -27,6 +27,7 @@ times), then is asked online or fails its item (``MICS_BATCH_FALLBACK``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -64,6 +65,14 @@ CLOCK_SLACK_S = 600.0
 # Tries of an upload, and of a create whose outcome was unknown and that listing showed was not made.
 SEND_ATTEMPTS = 4
 FAILED_OUTCOMES = frozenset({"errored", "expired", "missing"})
+# Set by a Ray shard's task (``cluster/shard_task.py``): a file where the queue keeps what its open batches are
+# counted at, for the driver's one budget (the ledger itself is held exclusively by this process).
+COMMITTED_FILE_VARIABLE = "MICS_BATCH_COMMITTED_FILE"
+# Also set by a Ray shard's task under a budget: a node-local folder where the queue asks the task (which asks the
+# driver's board) whether a batch may be submitted, with what the other shards spent and committed; the board
+# answers one shard at a time, so shards cannot each commit the whole budget at the same moment.
+GATE_FOLDER_VARIABLE = "MICS_BATCH_GATE_DIR"
+GATE_PATIENCE_S = 120.0  # no answer in this long (the task is stuck): the batch is not submitted
 KILL_AT_VARIABLE = "MICS_TEST_KILL_AT"  # tests only: NAME:N kills the process the N-th time it passes NAME
 _passed: Counter = Counter()
 
@@ -190,6 +199,8 @@ class BatchQueue:
         self._told_waiting = False
         self._closed = False
         self._last_queued = 0.0
+        # One batch at a time between asking the gate and recording it (what it commits is then in the next ask).
+        self._gate_lock = asyncio.Lock()
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -215,6 +226,8 @@ class BatchQueue:
             self.on_event(f"re-attached to {record.provider} batch {record.batch_id or '(not yet known: looking for it)'} "
                           f"of {record.requests} requests, recorded {when}, {record.status or record.state}")
             batch.task = self._spawn(self._follow(batch, fresh=False))
+        if not unfinished:
+            self._publish_committed()  # none open: a former session's file may say otherwise
         self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
 
     def _track(self, record: BatchRecord) -> _Batch:
@@ -222,6 +235,7 @@ class BatchQueue:
         self._open[record.batch_key] = batch
         for custom_id in batch.names:
             self._open_keys[custom_id] = record.batch_key
+        self._publish_committed()
         return batch
 
     def _spawn(self, coroutine: Any) -> "asyncio.Task[Any]":
@@ -250,6 +264,20 @@ class BatchQueue:
     def committed_usd(self) -> float:
         """What the batches submitted and not yet ended are counted at (their estimate)."""
         return sum(batch.record.estimated_cost_usd for batch in self._open.values())
+
+    def _publish_committed(self) -> None:
+        """Under a Ray shard's task: write :attr:`committed_usd` where the task reads it (atomically; a failed
+        write is logged, and the next change writes it again)."""
+        target = os.environ.get(COMMITTED_FILE_VARIABLE)
+        if not target:
+            return
+        staged = f"{target}.{os.getpid()}.tmp"
+        try:
+            with open(staged, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps({"committed_usd": self.committed_usd}) + "\n")
+            os.replace(staged, target)
+        except OSError as exc:
+            log.warning("could not write %s: %s", target, exc)
 
     # -- items and calls -----------------------------------------------------------------------------
 
@@ -454,6 +482,34 @@ class BatchQueue:
 
     # -- submitting ----------------------------------------------------------------------------------
 
+    async def _gate_allows(self, own: float, estimate: float) -> bool:
+        """Under a Ray shard's task with a budget (:data:`GATE_FOLDER_VARIABLE`): ask whether a batch counted at
+        ``estimate`` may be submitted, this shard having spent and committed ``own``. Without one: yes."""
+        folder = os.environ.get(GATE_FOLDER_VARIABLE)
+        if not folder:
+            return True
+        name = uuid.uuid4().hex
+        ask, answer = Path(folder) / f"ask-{name}.json", Path(folder) / f"ask-{name}.answer"
+        staged = Path(folder) / f"ask-{name}.tmp"
+        try:
+            staged.write_text(json.dumps({"own": own, "estimate": estimate}), encoding="utf-8")
+            os.replace(staged, ask)
+            waited = 0.0
+            while not answer.exists():
+                if waited >= GATE_PATIENCE_S:
+                    log.warning("no answer from the shard's task about the budget in %g s: not submitting",
+                                GATE_PATIENCE_S)
+                    return False
+                await asyncio.sleep(0.02)
+                waited += 0.02
+            return bool(json.loads(answer.read_text(encoding="utf-8")).get("granted"))
+        except (OSError, ValueError) as exc:
+            log.warning("asking the shard's task about the budget: %s: not submitting", exc)
+            return False
+        finally:
+            for path in (staged, ask, answer):
+                path.unlink(missing_ok=True)
+
     async def _submit(self, calls: list[_Call]) -> None:
         try:
             await self._send(calls)
@@ -464,20 +520,28 @@ class BatchQueue:
     async def _send(self, calls: list[_Call]) -> None:
         route = calls[0].model.route
         estimate = sum(route.batch_cost(*estimated_tokens(call.request, route)) for call in calls)
-        if self.budget_usd is not None and self.spent_usd() + self.committed_usd + estimate > self.budget_usd:
-            for call in calls:
-                self._settle(call, error=ModelCallError(
-                    f"{call.model.name}: not submitted: its batch of {len(calls)} requests, counted at "
-                    f"${estimate:.4f}, would pass the budget of ${self.budget_usd:g}. Rerun with a larger "
-                    "--budget-usd to continue.", model=call.model.name))
-            self.on_budget()
-            return
-        batch_key = uuid.uuid4().hex
-        await self.ledger.record(batch_key, self.run_id, route.provider, route.endpoint,
-                                 [(call.key, call.model.name) for call in calls], estimate)
-        record = BatchRecord(batch_key, route.provider, route.endpoint, "recorded", None, None, None, len(calls),
-                             estimate, time.time(), None, [(call.key, call.model.name) for call in calls])
-        batch = self._track(record)
+        async with self._gate_lock:
+            own = self.spent_usd() + self.committed_usd
+            refusal = None
+            if self.budget_usd is not None and own + estimate > self.budget_usd:
+                refusal = f"would pass the budget of ${self.budget_usd:g}"
+            elif self.budget_usd is not None and not await self._gate_allows(own, estimate):
+                refusal = (f"would pass the budget of ${self.budget_usd:g} with what the other shards spent and "
+                           "committed")
+            if refusal is not None:
+                for call in calls:
+                    self._settle(call, error=ModelCallError(
+                        f"{call.model.name}: not submitted: its batch of {len(calls)} requests, counted at "
+                        f"${estimate:.4f}, {refusal}. Rerun with a larger --budget-usd to continue.",
+                        model=call.model.name))
+                self.on_budget()
+                return
+            batch_key = uuid.uuid4().hex
+            await self.ledger.record(batch_key, self.run_id, route.provider, route.endpoint,
+                                     [(call.key, call.model.name) for call in calls], estimate)
+            record = BatchRecord(batch_key, route.provider, route.endpoint, "recorded", None, None, None, len(calls),
+                                 estimate, time.time(), None, [(call.key, call.model.name) for call in calls])
+            batch = self._track(record)
         for call in calls:
             call.queued = False
             call.batch_key = batch_key
@@ -541,7 +605,8 @@ class BatchQueue:
                 self._settle(call, error=error)
 
     def _close(self, batch: _Batch) -> None:
-        self._open.pop(batch.record.batch_key, None)
+        if self._open.pop(batch.record.batch_key, None) is not None:
+            self._publish_committed()
         for custom_id in batch.names:
             if self._open_keys.get(custom_id) == batch.record.batch_key:
                 del self._open_keys[custom_id]

@@ -1,5 +1,6 @@
 """The ``mics run --ray`` command around :class:`.ray_run.RayRun`: the same start-up checks as ``mics run``,
-the progress display and summary, the merge, and the exit codes."""
+the progress display and summary, the merge, and the exit codes (75 when --batch --no-wait left every shard
+waiting on batches in progress)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def _count_items(data: Path) -> int:
 
 def run_on_ray(*, data: Path, output: Path, image_dir: Path | None, passed: list[str], address: str | None,
                shards: int | None, budget_usd: float | None, limit: int | None, log_every: float,
-               json_summary: Path | None, settings_overrides: dict[str, Any]) -> int:
+               json_summary: Path | None, settings_overrides: dict[str, Any], batch: bool = False,
+               no_wait: bool = False) -> int:
     """Run, merge, and return the exit code (as ``mics run``'s)."""
     import json
 
@@ -34,6 +36,10 @@ def run_on_ray(*, data: Path, output: Path, image_dir: Path | None, passed: list
         settings.check_roles()
         cli._check_start(settings, data, image_dir)
         cli._check_writable_path(json_summary, "--json-summary")
+        if batch:  # what each shard's run would refuse, refused once here, before Ray starts
+            from ..batches.setup import batch_routes
+
+            batch_routes(settings)
         import_ray()
         found = shards_of_journals(output, shards)
         check_reachable(address)
@@ -50,6 +56,7 @@ def run_on_ray(*, data: Path, output: Path, image_dir: Path | None, passed: list
         output=output, run_args=passed, total=total if limit is None else min(total, limit * (shards or total)),
         address=address, shards=shards, budget_usd=budget_usd, cpus_per_shard=settings.ray_cpus_per_shard,
         max_retries=settings.ray_max_retries, backup_every=settings.cluster_backup_every, on_update=reporter,
+        batch_rerun_every=settings.batch_poll_interval if batch and not no_wait else None,
         on_event=lambda text: cli.err_console.print(f"[cyan]Ray:[/] {text}", soft_wrap=True, highlight=False),
     )
     try:
@@ -73,6 +80,10 @@ def run_on_ray(*, data: Path, output: Path, image_dir: Path | None, passed: list
         cli.err_console.print(f"[yellow]Budget of ${budget_usd} reached: every shard stopped. Rerun with a larger "
                               "--budget-usd to continue.[/]")
         return cli.EXIT_BUDGET
+    if stats.stop_reason == "waiting":
+        cli.err_console.print("[yellow]Batches still in progress at the provider (--no-wait). Rerun the same "
+                              "command later (e.g. from cron) to pick up their results and go on.[/]")
+        return cli.EXIT_BATCHES_PENDING
     if stats.stop_reason != "completed":
         cli.err_console.print("[yellow]Interrupted: every shard stopped. Rerun the same command to resume.[/]")
         return cli.EXIT_INTERRUPTED

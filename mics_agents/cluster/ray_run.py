@@ -9,6 +9,10 @@ shard starts no new item, lets those in flight finish and ends; a second Ctrl-C 
 gets the whole budget, so one that alone spent it stops before its next item without waiting for the driver.
 The shard outputs are merged with ``mics merge``'s merge once every shard ended with all its items. A rerun keeps
 the shard count its journals were run with.
+
+With ``--batch`` each shard's batch ledger lies beside its journal (held by its run alone, without WAL's shared
+memory: see ``store.py``), its task runs it again while all its items wait on batches in progress, and what its
+open batches are counted at (money committed, not yet billed) counts against the budget with what it spent.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..runner import RunStats
-from .shard_task import FAILURE_KINDS, ShardJob, read_spent, run_shard, shard_output
+from .shard_task import EXIT_BATCHES_PENDING, FAILURE_KINDS, ShardJob, read_committed, read_spent, run_shard, shard_output
 
 __all__ = ["RayRun", "check_reachable", "forwarded_environment", "import_ray", "shards_of_journals"]
 
@@ -84,13 +88,35 @@ def forwarded_environment(environ: dict[str, str] | os._Environ) -> dict[str, st
 
 
 class _Board:
-    """What each shard reported last (counts since its attempt started, and its spend)."""
+    """What each shard reported last (counts since its attempt started, its spend and what its open batches are
+    counted at), and, under a budget, the batches it granted: an actor answers one call at a time, so two
+    shards asking at the same moment are answered one after the other, the second counting the first's grant."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget_usd: float | None = None, before: dict[int, float] | None = None) -> None:
         self.snapshots: dict[int, dict[str, Any]] = {}
+        self.budget_usd = budget_usd
+        self.before = dict(before or {})  # what each shard spent and committed in former sessions
+        self.claims: dict[int, float] = {}  # what each shard had spent and committed at its last grant, with it
 
     def report(self, index: int, snapshot: dict[str, Any]) -> None:
         self.snapshots[index] = snapshot
+
+    def _counted(self, index: int) -> float:
+        snapshot = self.snapshots.get(index)
+        reported = (float(snapshot.get("spent_usd", 0.0)) + float(snapshot.get("committed_usd", 0.0))
+                    if snapshot is not None else self.before.get(index, 0.0))
+        return max(reported, self.claims.get(index, 0.0))
+
+    def reserve(self, index: int, own: float, estimate: float) -> bool:
+        """May shard ``index``, having spent and committed ``own``, submit a batch counted at ``estimate``?"""
+        if self.budget_usd is None:
+            return True
+        others = sum(self._counted(shard) for shard in set(self.snapshots) | set(self.before) | set(self.claims)
+                     if shard != index)
+        if others + own + estimate > self.budget_usd:
+            return False
+        self.claims[index] = own + estimate
+        return True
 
     def read(self) -> dict[int, dict[str, Any]]:
         return self.snapshots
@@ -120,11 +146,18 @@ class RayRun:
     backup_every: float = 60.0
     # Seconds a shard's task waits for its output's lock; None: settings.cluster_lock_wait.
     lock_wait: float | None = None
+    # --batch: seconds between a shard's runs while all its items wait on batches (None: the user's --no-wait,
+    # each shard exits 75 then, and so does the run).
+    batch_rerun_every: float | None = None
     on_update: Callable[[RunStats], None] = lambda stats: None
     on_event: Callable[[str], None] = lambda text: None
     stats: RunStats = field(default_factory=RunStats)
     results: list[dict[str, Any]] = field(default_factory=list)
     _spent_before: dict[int, float] = field(default_factory=dict)
+    # --batch: what the shards' open batches are counted at (money committed, not yet billed), which counts
+    # against the budget with what they spent.
+    committed_usd: float = 0.0
+    _committed_before: dict[int, float] = field(default_factory=dict)
 
     def run(self) -> RunStats:
         ray = import_ray()
@@ -146,7 +179,6 @@ class RayRun:
         if self.shards is None:
             cpus = ray.cluster_resources().get("CPU", 1.0)
             self.shards = max(1, int(cpus // self.cpus_per_shard))
-        board = ray.remote(num_cpus=0)(_Board).remote()
         task = ray.remote(num_cpus=self.cpus_per_shard, max_retries=self.max_retries)(run_shard)
         environment = forwarded_environment(os.environ)
         if self.lock_wait is None:
@@ -158,15 +190,20 @@ class RayRun:
         shared = [*self.run_args, "--budget-usd", repr(self.budget_usd)] if self.budget_usd is not None else self.run_args
         # What each shard spent in former sessions counts until it reports (a shard waiting for a CPU does not).
         self._spent_before = {index: read_spent(path) for index, path in enumerate(self.shard_outputs())}
-        if self.budget_usd is not None and sum(self._spent_before.values()) >= self.budget_usd:
+        self._committed_before = {index: read_committed(path) for index, path in enumerate(self.shard_outputs())}
+        if (self.budget_usd is not None
+                and sum(self._spent_before.values()) + sum(self._committed_before.values()) >= self.budget_usd):
             self._update({})
             self.stats.stop_reason = "budget"
             self.on_event(f"the budget of ${self.budget_usd:g} was spent by former sessions "
-                          f"(${self.stats.spent_usd:.4f}): no shard starts")
+                          f"(${self.stats.spent_usd:.4f}{self._committed_words()}): no shard starts")
             self._final()
             return self.stats
+        board = ray.remote(num_cpus=0)(_Board).remote(self.budget_usd, {
+            index: self._spent_before[index] + self._committed_before[index] for index in self._spent_before})
+        gate = self.budget_usd is not None and "--batch" in self.run_args
         refs = [task.remote(ShardJob(index, self.shards, path, shared, environment, self.backup_every,
-                                     self.lock_wait), board)
+                                     self.lock_wait, self.batch_rerun_every, gate), board)
                 for index, path in enumerate(self.shard_outputs())]
         self.on_event(f"{self.shards} shards on Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
                       f"{self.cpus_per_shard:g} per shard); journals beside {self.output}")
@@ -179,12 +216,16 @@ class RayRun:
                         ray.cancel(ref)
                     cancelled_once = True
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=_WAIT_S)
-                self._update(ray.get(board.read.remote()))
-                if (self.budget_usd is not None and self.stats.spent_usd >= self.budget_usd
-                        and self.stats.stop_reason == "completed"):
+                snapshots = ray.get(board.read.remote())
+                self._update(snapshots)
+                refused = any(snapshot.get("budget_refused") for snapshot in snapshots.values())
+                if (self.budget_usd is not None and self.stats.stop_reason == "completed"
+                        and (refused or self.stats.spent_usd + self.committed_usd >= self.budget_usd)):
                     self.stats.stop_reason = "budget"
-                    self.on_event(f"the budget of ${self.budget_usd:g} is spent (${self.stats.spent_usd:.4f} so far): "
-                                  "stopping every shard; items in flight finish")
+                    why = "a shard's next batch would pass it" if refused else "it is spent"
+                    self.on_event(f"the budget of ${self.budget_usd:g} is reached: {why} (${self.stats.spent_usd:.4f} "
+                                  f"spent so far{self._committed_words()}): stopping every shard; items in flight "
+                                  "finish")
                     for ref in pending:
                         ray.cancel(ref)
                     cancelled_once = True
@@ -205,6 +246,8 @@ class RayRun:
         for snapshot in snapshots.values():
             _add_counts(stats, snapshot)
         stats.spent_usd += sum(spent for index, spent in self._spent_before.items() if index not in snapshots)
+        self.committed_usd = sum(float(snapshot.get("committed_usd", 0.0)) for snapshot in snapshots.values()) + sum(
+            committed for index, committed in self._committed_before.items() if index not in snapshots)
         self.stats = stats
         self.on_update(stats)
 
@@ -233,9 +276,14 @@ class RayRun:
         codes = {result["exit_code"] for result in self.results}
         if codes == {0}:  # a stop that came after every shard had scheduled its last item stopped nothing
             stats.stop_reason = "completed"
+        elif stats.stop_reason == "completed" and EXIT_BATCHES_PENDING in codes and codes <= {0, EXIT_BATCHES_PENDING}:
+            stats.stop_reason = "waiting"  # --no-wait: shards whose items all wait on batches in progress
         elif stats.stop_reason == "completed":
-            stats.stop_reason = "budget" if codes <= {0, 3} else "interrupted"
+            stats.stop_reason = "budget" if codes <= {0, 3, EXIT_BATCHES_PENDING} else "interrupted"
         self.stats = stats
 
     def failed_shards(self) -> list[dict[str, Any]]:
-        return [result for result in self.results if result["exit_code"] not in (0, 3, 130)]
+        return [result for result in self.results if result["exit_code"] not in (0, 3, 130, EXIT_BATCHES_PENDING)]
+
+    def _committed_words(self) -> str:
+        return f", and ${self.committed_usd:.4f} in batches still open" if self.committed_usd else ""

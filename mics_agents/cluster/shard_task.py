@@ -7,6 +7,12 @@ task reads the shard's journal as it grows and the cache's spend, and reports th
 ``ray.cancel`` reaches the task as ``KeyboardInterrupt``: the child gets SIGINT (no new item starts, items in
 flight finish and are written), and the task returns once it has ended.
 
+A batched shard (``--batch``) runs with ``--no-wait``: when every item waits on a batch in progress its run exits
+(75), and the task starts it again after ``MICS_BATCH_POLL_INTERVAL`` seconds; each run resumes from the journal
+and re-attaches to the batches its ledger (beside the journal) records, so nothing is submitted twice, by a rerun
+or by a retried task. A cancel between two runs returns at once. The run keeps what its open batches are counted
+at in ``OUT.shard-I-of-N.committed.json``; the task reports it with the spend.
+
 A retried task can find the shard's output lock still held: on a network filesystem the lock of a node that
 died lasts until the server's lease for that node expires. The task waits for it (``lock_wait`` seconds at
 most) before it starts the child; it never breaks a lock, since a holder it cannot see may still be writing.
@@ -30,13 +36,16 @@ from typing import Any
 from ..runner import run_id_for
 from .cache_backup import CacheBackups, local_cache_path, remove_local
 
-__all__ = ["ShardJob", "shard_output", "spent_path", "read_spent", "run_shard", "wait_for_output", "JournalTail", "Spend", "done_before",
+__all__ = ["ShardJob", "shard_output", "spent_path", "read_spent", "read_committed", "committed_path", "run_shard", "wait_for_output", "JournalTail", "Spend", "done_before",
            "FAILURE_KINDS"]
 
 FAILURE_KINDS = ("no_path", "model_error", "bad_input", "internal_error")
 _POLL_S = 0.05  # how soon a cancel (it lands when a sleep ends) or the child's end is seen
 _REPORT_S = 0.5
 _LOCK_POLL_S = 1.0
+EXIT_BATCHES_PENDING = 75  # mics run --batch --no-wait: every item waits on a batch in progress (cli.py's)
+COMMITTED_FILE_VARIABLE = "MICS_BATCH_COMMITTED_FILE"  # batches/queue.py's (not imported: 0.17 s per task)
+GATE_FOLDER_VARIABLE = "MICS_BATCH_GATE_DIR"  # batches/queue.py's too
 
 
 def spent_path(shard: Path) -> Path:
@@ -45,19 +54,35 @@ def spent_path(shard: Path) -> Path:
     return shard.with_name(shard.name.removesuffix(".jsonl") + ".spent.json")
 
 
-def read_spent(shard: Path) -> float:
+def _read_amount(path: Path, name: str) -> float:
     try:
-        value = json.loads(spent_path(shard).read_text(encoding="utf-8"))["spent_usd"]
+        value = json.loads(path.read_text(encoding="utf-8"))[name]
     except (OSError, ValueError, KeyError, TypeError):
         return 0.0
     return float(value) if isinstance(value, (int, float)) and value >= 0 else 0.0
 
 
-def _write_spent(shard: Path, spent: float) -> None:
+def read_spent(shard: Path) -> float:
+    return _read_amount(spent_path(shard), "spent_usd")
+
+
+def read_committed(shard: Path) -> float:
+    """What the shard's batches still open were counted at (their estimate) as of its last checkpoint: money
+    committed, not yet billed (``mics run --batch``), which counts against the budget as spent does."""
+    return _read_amount(spent_path(shard), "committed_usd")
+
+
+def committed_path(shard: Path) -> Path:
+    """``OUT.shard-0-of-4.committed.json``: where a batched shard's run keeps what its open batches are counted at
+    (its ledger is held by that run alone); the task reads it for the driver."""
+    return shard.with_name(shard.name.removesuffix(".jsonl") + ".committed.json")
+
+
+def _write_spent(shard: Path, spent: float, committed: float = 0.0) -> None:
     target = spent_path(shard)
     staged = target.with_name(target.name + f".{os.getpid()}.tmp")
     try:
-        staged.write_text(json.dumps({"spent_usd": spent}) + "\n", encoding="utf-8")
+        staged.write_text(json.dumps({"spent_usd": spent, "committed_usd": committed}) + "\n", encoding="utf-8")
         os.replace(staged, target)
     except OSError:  # the checkpoint after this one writes it again
         staged.unlink(missing_ok=True)
@@ -77,6 +102,13 @@ class ShardJob:
     env: dict[str, str] = field(default_factory=dict)  # the driver's model settings and keys
     backup_every: float = 60.0
     lock_wait: float = 300.0  # seconds to wait for a lock a former holder left (settings.cluster_lock_wait)
+    # A batched shard (--batch): its run is started with --no-wait, and while it exits 75 (every item waits on
+    # a batch in progress) it is started again after this many seconds (MICS_BATCH_POLL_INTERVAL), resuming
+    # from its journal and ledger, until it ends otherwise. None: not batched, or the user's own --no-wait.
+    batch_rerun_every: float | None = None
+    # A batched shard under a budget: each batch its run would submit is first granted by the driver's board
+    # (``board.reserve``), which answers one shard at a time against what every shard spent and committed.
+    budget_gate: bool = False
 
 
 class JournalTail:
@@ -217,6 +249,16 @@ def wait_for_output(output: Path, patience: float, *, poll: float = _LOCK_POLL_S
             time.sleep(min(poll, patience - waited))
 
 
+def _reserve(board: Any, index: int, own: float, estimate: float) -> bool:
+    """The board's answer (an actor's, through Ray; a test's board answers at once)."""
+    answer = board.reserve.remote(index, own, estimate)
+    if not isinstance(answer, bool):
+        import ray
+
+        answer = ray.get(answer)
+    return bool(answer)
+
+
 def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
     """Run shard ``job.index`` to its end (or until cancelled); its exit code, summary and last log line."""
     stem = job.output.name.removesuffix(".jsonl")
@@ -238,12 +280,31 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
         sys.executable, "-m", "mics_agents", "run", *job.run_args, "--output", str(job.output),
         "--shard", f"{job.index}/{job.count}", "--cache", str(local), "--json-summary", str(summary),
     ]
+    environment = {**os.environ, **job.env}
+    committed_file = committed_path(job.output)
+    batched = "--batch" in job.run_args
+    # Run again while every item waits on batches: only a batched run, and not when the user said --no-wait.
+    rerun_every = job.batch_rerun_every if batched and "--no-wait" not in job.run_args else None
+    gate: Path | None = None
+    if batched:
+        environment[COMMITTED_FILE_VARIABLE] = str(committed_file)
+        if job.budget_gate:  # node-local: only this task and its run use it
+            import tempfile
+
+            gate = Path(tempfile.mkdtemp(prefix="mics-gate-"))
+            environment[GATE_FOLDER_VARIABLE] = str(gate)
+    refused = False
+    if rerun_every is not None:
+        command.append("--no-wait")
     tails = [JournalTail(job.output, keep_kinds=True), JournalTail(_failed_path(job.output), keep_kinds=True)]
     run_id = run_id_for(job.output)
     before: Counter | None = None
     already_done = 0
     sent: dict[str, Any] | None = None
     spend = Spend(local, run_id)
+
+    def committed() -> float:
+        return _read_amount(committed_file, "committed_usd") if batched else 0.0
 
     def report() -> None:
         nonlocal before, already_done, sent
@@ -260,52 +321,100 @@ def run_shard(job: ShardJob, board: Any) -> dict[str, Any]:
             for tail in tails:
                 tail.kinds = None  # a key per item: not kept while the shard runs
         snapshot = {name: counts[name] - before[name] for name in counts}
-        snapshot.update(already_done=already_done, spent_usd=spend.read(), attempt_pid=os.getpid())
+        snapshot.update(already_done=already_done, spent_usd=spend.read(), committed_usd=committed(),
+                        attempt_pid=os.getpid())
+        if refused:
+            snapshot["budget_refused"] = True
         if snapshot != sent:  # items take minutes: most reports would say nothing new to one actor for every shard
             board.report.remote(job.index, snapshot)
             sent = snapshot
 
-    with open(log, "ab") as log_file:
-        child = subprocess.Popen(command, env={**os.environ, **job.env}, cwd=job.output.parent,
-                                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                 preexec_fn=_die_with_parent)
+    def start() -> subprocess.Popen:
+        with open(log, "ab") as log_file:
+            return subprocess.Popen(command, env=environment, cwd=job.output.parent, stdin=subprocess.DEVNULL,
+                                    stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
+
     backed_up = reported = time.monotonic()
     cancelled = False
+    reruns = 0
 
     def checkpoint() -> None:
         problem = backups.back_up()
         if problem is not None:  # said in the shard's log; the shard runs on
             with open(log, "a", encoding="utf-8") as log_file:
                 log_file.write(f"cache checkpoint failed ({problem}); the next one tries again\n")
-        _write_spent(job.output, spend.read())
+        _write_spent(job.output, spend.read(), committed())
+
+    def answer_gate() -> None:
+        nonlocal refused
+        for ask in sorted(gate.glob("ask-*.json")) if gate is not None else ():
+            answer = ask.with_suffix(".answer")
+            if answer.exists():
+                continue
+            try:
+                question = json.loads(ask.read_text(encoding="utf-8"))
+                own, estimate = float(question["own"]), float(question["estimate"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # gone (the run gave up on it), or not ours
+            granted = _reserve(board, job.index, own, estimate)
+            if not granted:
+                refused = True
+                report()  # the driver stops every shard on it without waiting for the next report
+            staged = answer.with_suffix(".staged")
+            staged.write_text(json.dumps({"granted": granted}), encoding="utf-8")
+            os.replace(staged, answer)
+
+    def tick() -> None:
+        nonlocal reported, backed_up
+        time.sleep(_POLL_S)
+        answer_gate()
+        now = time.monotonic()
+        if now - reported >= _REPORT_S:
+            report()
+            reported = now
+        if now - backed_up >= job.backup_every:
+            checkpoint()
+            backed_up = now
+
+    child: subprocess.Popen | None = None
     try:
         report()
-        while child.poll() is None:
-            time.sleep(_POLL_S)
-            now = time.monotonic()
-            if now - reported >= _REPORT_S:
-                report()
-                reported = now
-            if now - backed_up >= job.backup_every:
-                checkpoint()
-                backed_up = now
+        while True:
+            child = start()
+            while child.poll() is None:
+                tick()
+            if child.returncode != EXIT_BATCHES_PENDING or rerun_every is None:
+                break
+            # Every item waits on a batch in progress: the run exited (its memory freed, its ledger closed);
+            # it is started again once the batches had time to move, and resumes from its journal and ledger.
+            reruns += 1
+            child = None
+            resume_at = time.monotonic() + rerun_every
+            while time.monotonic() < resume_at:
+                tick()
     except KeyboardInterrupt:
         cancelled = True
-        child.send_signal(signal.SIGINT)
-        child.wait()
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGINT)
+            child.wait()
     finally:
-        if child.poll() is None:  # an error of ours above: never leave the shard running
+        if child is not None and child.poll() is None:  # an error of ours above: never leave the shard running
             child.kill()
             child.wait()
         if local.exists():
             checkpoint()  # and all it spent (the local file goes now)
         remove_local(local)
+        if gate is not None:
+            import shutil
+
+            shutil.rmtree(gate, ignore_errors=True)
     report()
-    code = child.returncode
-    if cancelled and code == -signal.SIGINT:  # the cancel came before the run set its handler (while importing)
-        code = 130
+    # Cancelled between two runs (all its items waited on batches): it stopped as an interrupted run does.
+    code = child.returncode if child is not None else 130
+    if cancelled and code in (-signal.SIGINT, EXIT_BATCHES_PENDING):
+        code = 130  # the cancel came before the run set its handler (while importing), or as it left waiting
     result = {"index": job.index, "exit_code": code, "cancelled": cancelled, "log": str(log),
-              "lock_wait_s": round(waited, 1),
+              "lock_wait_s": round(waited, 1), "batch_reruns": reruns,
               "cache_backups": {"full": backups.full_copies, "deltas": backups.delta_copies}}
     try:
         result["summary"] = json.loads(summary.read_text(encoding="utf-8"))
