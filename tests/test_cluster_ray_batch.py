@@ -8,6 +8,8 @@ every shard on it and exits 3."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 from contextlib import closing
@@ -18,12 +20,13 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from mics_agents.batches import ledger_path  # noqa: E402
-from mics_agents.cluster.shard_task import shard_output  # noqa: E402
+from mics_agents.cluster.shard_task import committed_path, shard_output  # noqa: E402
 
 from .fake_batch_server import FakeBatchServer  # noqa: E402
 from .test_batches import write_cases  # noqa: E402
 from .test_batches_process import MICS, mics_env, outcomes, run  # noqa: E402
-from .test_cluster_ray import cluster  # noqa: E402,F401
+from .test_cluster_ray import alive, cluster, holder_pid  # noqa: E402,F401
+from .test_run_process import launch, wait_until  # noqa: E402,F401
 
 SHARDS = 2
 RAY_TIMEOUT = 300.0
@@ -135,3 +138,43 @@ def test_the_budget_counts_what_both_shards_committed_to_batches_and_stops_them(
             with closing(sqlite3.connect(ledger_path(shard_output(ray_dir / "out.jsonl", index, SHARDS)))) as db:
                 total += db.execute("SELECT COALESCE(SUM(estimated_cost_usd), 0) FROM batches").fetchone()[0]
         assert total <= budget
+
+
+def test_a_batched_shard_whose_worker_is_killed_is_retried_and_resubmits_nothing(cluster, tmp_path, launch):
+    """Ray runs the task again after its worker died with batches in progress: the new attempt resumes from the
+    journal and re-attaches to the batches its ledger (beside the journal) records; none is submitted twice."""
+    data = write_cases(tmp_path, 6)
+    output = tmp_path / "out.jsonl"
+    first = shard_output(output, 0, SHARDS)
+    with FakeBatchServer(delay=1.5) as fake:
+        env = mics_env(fake, "openai", MICS_PRICES=PRICES, MICS_CLUSTER_BACKUP_EVERY="0.3")
+        driver = launch(["run", str(data), "--image-dir", str(data.parent / "images"), "--output", str(output),
+                         "--batch", "--seed", "3", "--ray", cluster, "--shards", str(SHARDS)], env, name="driver")
+
+        def shard_0_has_a_batch_in_progress() -> bool:
+            try:
+                committed = json.loads(committed_path(first).read_text())["committed_usd"]
+            except (OSError, ValueError, KeyError):
+                return False
+            return committed > 0 and holder_pid(first) is not None and len(fake.submissions) > 0
+
+        wait_until(shard_0_has_a_batch_in_progress, timeout=120, what="shard 0 running with a batch in progress")
+        child = holder_pid(first)
+        worker = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its Ray worker
+        submitted_before = len(fake.submissions)
+        os.kill(worker, signal.SIGKILL)
+        assert driver.wait(timeout=240) == 0, driver.err()
+        assert fake.submitted_twice() == {} and fake.errors == []
+        assert submitted_before > 0
+        made = {batch_id for batch_id, _ in fake.submissions}
+    assert not alive(child)  # the shard's run died with its worker; a second attempt finished the shard
+    records = outcomes(output)
+    assert len(records) == 6
+    recorded: set[str] = set()
+    for index in range(SHARDS):
+        with closing(sqlite3.connect(ledger_path(shard_output(output, index, SHARDS)))) as db:
+            # Every batch is known at the provider (none left recorded but unsent); one whose calls the items no
+            # longer needed once they ended may still be in progress, as after any run.
+            assert {row[0] for row in db.execute("SELECT state FROM batches")} <= {"ended", "submitted"}
+            recorded |= {row[0] for row in db.execute("SELECT batch_id FROM batches")}
+    assert made == recorded  # every batch made was recorded, and the retried attempt made none again
