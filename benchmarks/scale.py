@@ -9,6 +9,11 @@ sampled from ``/proc``, and its CPU time (user + system) is told apart from its 
 the machine stretches. Not part of the test suite.
 
     python -m benchmarks.scale --items 10000 100000 --out benchmarks/results/scale.json
+
+``--previous FILE`` keeps an earlier result file's figures: a command measured again gets the earlier figure
+as its ``before`` field, and commands and sizes not measured again stay as they were (say, only
+``dataset_build`` measured after a change to it: ``--skip resume merge report --previous
+benchmarks/results/scale.json``).
 """
 
 from __future__ import annotations
@@ -175,7 +180,8 @@ def measure_all(items: int, record: dict[str, Any], case: dict[str, Any], memory
         for name, (command, env) in commands.items():
             if name in skip:
                 continue
-            result[name] = measure(command, folder, memory_cap_gb, env)
+            load = round(os.getloadavg()[0], 2)
+            result[name] = {**measure(command, folder, memory_cap_gb, env), "load_average_1min": load}
             if name == "resume" and result[name]["exit_code"] == 0:
                 summary = json.loads((folder / "resume.json").read_text(encoding="utf-8"))
                 result[name]["last_line"] = f"{summary['already_done']} done before, {summary['calls']} model calls"
@@ -185,6 +191,26 @@ def measure_all(items: int, record: dict[str, Any], case: dict[str, Any], memory
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def with_previous(results: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """``results`` over ``previous``: each command measured now carries its earlier figure as ``before`` (and
+    the load the earlier measurement began under); the rest of ``previous`` stays."""
+    load = previous["machine"].get("load_average_1min")
+    # Each earlier figure keeps the load it was measured under (older files name one load for all).
+    earlier = {run["items"]: {name: {"load_average_1min": load, **figures} if isinstance(figures, dict) else figures
+                              for name, figures in run.items()}
+               for run in previous.get("runs", [])}
+    runs = []
+    for items in sorted({*earlier, *(run["items"] for run in results["runs"])}):
+        run = dict(earlier.get(items, {}))
+        measured = next((run for run in results["runs"] if run["items"] == items), None)
+        for name, figures in (measured or {}).items():
+            if isinstance(figures, dict) and name in run:
+                figures = {**figures, "before": {key: value for key, value in run[name].items() if key != "before"}}
+            run[name] = figures
+        runs.append(run)
+    return {**results, "runs": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, nargs="+", default=[10_000, 100_000])
@@ -192,6 +218,8 @@ def main() -> None:
                         help="commands not to measure")
     parser.add_argument("--memory-cap-gb", type=float, default=DEFAULT_MEMORY_CAP_GB)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="an earlier result file: its figures become the before fields of those measured again")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mics-scale-template-") as folder:
         record, case = template_records(Path(folder))
@@ -205,6 +233,8 @@ def main() -> None:
         "memory_cap_gb": args.memory_cap_gb,
         "runs": [measure_all(items, record, case, args.memory_cap_gb, set(args.skip)) for items in args.items],
     }
+    if args.previous is not None:
+        results = with_previous(results, json.loads(args.previous.read_text(encoding="utf-8")))
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
