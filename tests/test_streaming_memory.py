@@ -217,7 +217,7 @@ def test_the_dataset_build_holds_offsets_not_records(tmp_path):
         assert report.drops["qc"] == {"trend_fluctuating": len(options.mics[0].read_bytes().splitlines())}
     growth = peaks["4n"] - peaks["n"]
     # Holding the 150 extra records would be 150 x 20 KB of JSON, several times that as Python objects; what
-    # grows is each item's key and offsets, and its case (the cases file is read whole, for Part 2).
+    # grows is each item's key and offsets, its case id and where its case's line is (read back for Part 2).
     assert growth < 150 * 6_000, f"150 more items cost {growth / 1e3:.0f} KB ({peaks})"
 
 
@@ -276,6 +276,28 @@ def test_the_dataset_build_holds_each_samples_ids_not_its_texts(tmp_path):
     growth = peaks["4n"] - peaks["n"]
     # Per item: 1 + 2 x 15 + 2 samples and copies in the stages (one sample's texts alone are 2-6 KB).
     assert growth < 150 * 15_000, f"150 more items cost {growth / 1e3:.0f} KB ({peaks})"
+
+
+def test_text_qa_is_read_as_mics_output_is_one_standing_record_per_item_and_errors_name_the_line(tmp_path):
+    options = write_kept_build_input(tmp_path / "ok", 4)
+    text_qa = options.text_qa
+    rows = text_qa.read_bytes().splitlines(keepends=True)
+    # A repeat of item 0 (a run not compacted yet): the one the journal's rule keeps stands, once.
+    from mics_agents.outputs import settle
+
+    text_qa.write_bytes(b"".join(rows) + line({**json.loads(rows[0]), "rationale": "Second thoughts."}))
+    standing = settle([json.loads(row) for row in text_qa.read_bytes().splitlines()], [])[0]
+    rationale = next(record["rationale"] for record in standing if record["id"] == "item-00000-qa0")
+    build_dataset(options)
+    part1 = [json.loads(row) for row in (options.output / "stage1" / "messages.jsonl").read_text().splitlines()
+             if json.loads(row)["source"] == "part1_text_qa"]
+    held_out = {row["case_id"] for row in map(json.loads, (options.output / "test" / "messages.jsonl").read_text().splitlines())}
+    first = [row for row in part1 if row["id"] == "item-00000-qa0-qa"]
+    assert len(first) == (0 if "item-00000" in held_out else 1)
+    assert len(standing) == 4 and all(rationale.strip() in row["messages"][1]["content"][0]["text"] for row in first)
+    text_qa.write_bytes(rows[0] + b'{"id": "torn", "question": "cut\n')
+    with pytest.raises(InputError, match=r"text_qa.jsonl:2: invalid JSON in the text QA file"):
+        build_dataset(options)
 
 
 def test_a_mics_file_compacted_between_the_two_passes_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import InputError
-from ..outputs import Line, settle, success_line, winning_lines
+from ..outputs import Line, success_line, winning_lines
 from ..task_format import final_answer_line, task_prompt, write_task_format
 from .alignment import AlignmentOptions, alignment_samples
 from .curriculum import Recipe, assemble_stage, is_held_out, split_by_case
@@ -224,7 +224,8 @@ def _build(options: BuildOptions, cases: _CaseFile, spill: TextSpill) -> BuildRe
 
     # Part 1: text multiple-choice QA made from case text (mics generate qa).
     if options.text_qa is not None:
-        for record in settle(read_jsonl(options.text_qa, "text QA"), [])[0]:
+        # One record per item by the journal's rule, as for MICS output, read back one at a time.
+        for record in _read_standing(_standing_mics([options.text_qa], "text QA")):
             question, answer = str(record.get("question") or "").strip(), str(record.get("answer") or "").strip()
             if not question or not answer:
                 drops["part1"]["missing_question_or_answer"] += 1
@@ -310,38 +311,40 @@ class _Standing:
     needs_grade: bool  # a standing record the search did not grade (older output): the judge is opened for it
 
 
-def _mics_lines(path: Path) -> Iterator[tuple[int, int, int, Any]]:
-    """(line number, start, end, JSON value) of each non-blank line of a MICS output file."""
+def _mics_lines(path: Path, what: str = "MICS output") -> Iterator[tuple[int, int, int, Any]]:
+    """(line number, start, end, JSON value) of each non-blank line of a MICS output file (or another run's
+    output: ``what`` names it in errors)."""
     with open(path, "rb") as handle:
         offset = 0
         for number, raw in enumerate(handle, start=1):
             start, offset = offset, offset + len(raw)
             if raw.strip():
-                yield number, start, offset, _decode_mics(raw, path, number)
+                yield number, start, offset, _decode_mics(raw, path, number, what)
 
 
-def _decode_mics(raw: bytes, path: Path, number: int) -> Any:
+def _decode_mics(raw: bytes, path: Path, number: int, what: str = "MICS output") -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{path}:{number}: invalid JSON in the MICS output file ({exc.msg})") from None
+        raise InputError(f"{path}:{number}: invalid JSON in the {what} file ({exc.msg})") from None
     except (UnicodeDecodeError, RecursionError) as exc:
         reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "nested too deeply"
-        raise InputError(f"{path}:{number}: invalid JSON in the MICS output file ({reason})") from None
+        raise InputError(f"{path}:{number}: invalid JSON in the {what} file ({reason})") from None
 
 
-def _standing_mics(paths: list[Path]) -> _Standing:
-    """The first pass: each line's item, and where its bytes are; records are decoded one at a time, dropped."""
+def _standing_mics(paths: list[Path], what: str = "MICS output") -> _Standing:
+    """The first pass: each line's item, and where its bytes are; records are decoded one at a time, dropped
+    (MICS output, or the text QA of ``mics generate qa``: ``what`` names it in errors)."""
     files: list[tuple[Path, tuple[int, int]]] = []
     lines: list[Line] = []
     places = array("q")
     needs = array("b")
     for path in paths:
         if not path.is_file():
-            raise InputError(f"MICS output file {str(path)!r} not found")
+            raise InputError(f"{what} file {str(path)!r} not found")
         found = path.stat()
         files.append((path, (found.st_dev, found.st_ino)))
-        for _, start, end, record in _mics_lines(path):
+        for _, start, end, record in _mics_lines(path, what):
             if isinstance(record, dict):
                 lines.append(success_line(record))
                 places.extend((len(files) - 1, start, end))
