@@ -282,3 +282,95 @@ def test_short_pieces_are_joined_and_an_image_part_is_never_copied():
     big = b"i" * (http11._SEPARATE_PIECE_BYTES + 1)
     joined = http11._coalesced([b"{", b'"a":', big, b",", b"}"])
     assert joined == [b'{"a":', big, b",}"] and joined[1] is big
+
+
+# -- found by an adversarial review ------------------------------------------------------------------------------
+
+
+async def test_an_error_reply_sent_before_the_body_is_read_is_what_the_caller_gets():
+    """A server answering 413 to the head of a large request, then reading nothing: the reply, not a reset or a
+    wait for the deadline."""
+    async def refuse_unread(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"error": "too large"}'
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await asyncio.sleep(3)  # holds the socket open without reading the body
+        writer.close()
+
+    server = await asyncio.start_server(refuse_unread, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        found = target_of(f"http://127.0.0.1:{port}/v1/chat/completions", (("Content-Type", "application/json"),))
+        reply = await post(found, [b'{"x":"', b"a" * (32 << 20), b'"}'], timeout=10)
+        assert reply.status == 413 and b"too large" in reply.body
+    finally:
+        server.close()
+        http11.close_pool()
+
+
+async def test_a_pooled_connection_whose_close_the_loop_has_not_seen_is_not_reused():
+    """The server closes right after its reply (no Connection: close) and the loop is busy: the next call opens
+    a new connection instead of writing to a closed one."""
+    async def answer_then_close(number, writer, request):
+        writer.write(ok_reply())
+        return False
+
+    async with RawServer(answer_then_close) as server:
+        found = target(server)
+        assert (await post(found, [b"{}"], timeout=5)).status == 200
+        await asyncio.sleep(0.2)
+        import time
+        time.sleep(0.2)  # the loop busy while the FIN arrives: the pool has not been told
+        for _ in range(3):
+            assert (await post(found, [b"{}"], timeout=5)).status == 200
+        assert server.connections == 4 and len(server.requests) == 4
+
+
+async def test_an_unasked_for_reply_on_an_idle_connection_is_not_taken_for_the_next_ones():
+    async def answer_then_408(number, writer, request):
+        writer.write(ok_reply())
+        await writer.drain()
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    async with RawServer(answer_then_408) as server:
+        found = target(server)
+        assert (await post(found, [b"{}"], timeout=5)).status == 200
+        import time
+        time.sleep(0.3)  # the 408 arrives while the loop is busy
+        assert (await post(found, [b"{}"], timeout=5)).status == 200
+        assert server.connections == 2  # the 408's connection was dropped, never written to
+
+
+async def test_a_gzip_body_cut_short_is_a_protocol_error_not_half_a_reply():
+    whole = gzip.compress(b'{"ok": true, "padding": "' + b"x" * 200 + b'"}')
+    cut = whole[: len(whole) // 2]
+
+    async def answer_cut(number, writer, request):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(cut), cut))
+
+    async with RawServer(answer_cut) as server:
+        with pytest.raises(ProtocolError, match="ends before its compressed stream"):
+            await post(target(server), [b"{}"], timeout=5)
+
+
+async def test_a_content_length_of_non_ascii_digits_is_a_protocol_error():
+    async def answer_odd(number, writer, request):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nxx")
+
+    async with RawServer(answer_odd) as server:
+        with pytest.raises(ProtocolError, match="malformed Content-Length"):
+            await post(target(server), [b"{}"], timeout=5)
+
+
+async def test_idle_connections_left_by_a_burst_are_closed_once_they_are_old(monkeypatch):
+    monkeypatch.setattr(http11, "IDLE_KEPT_S", 0.2)
+    async with RawServer(answer_ok) as server:
+        found = target(server)
+        await asyncio.gather(*(post(found, [b"{}"], timeout=5) for _ in range(20)))
+        pool = http11._pool()
+        assert len(pool.idle[found.key]) == 20
+        await asyncio.sleep(0.3)
+        for _ in range(3):  # one at a time now: the burst's connections are closed, not kept underneath
+            await post(found, [b"{}"], timeout=5)
+        assert len(pool.idle[found.key]) == 1

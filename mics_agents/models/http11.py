@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -240,7 +241,7 @@ class _Connection(asyncio.Protocol):
             self._chunk_left = 0
         elif "content-length" in headers:
             value = headers["content-length"]
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise ProtocolError(f"malformed Content-Length {value[:40]!r}")
             self._length = int(value)
             if self._length > MAX_BODY_BYTES:
@@ -316,6 +317,8 @@ class _Connection(asyncio.Protocol):
                 raise ProtocolError(f"the reply's {encoding} body does not decode: {exc}") from None
             if len(body) > MAX_BODY_BYTES:
                 raise ReplyTooLarge(f"the reply's decoded body is longer than {MAX_BODY_BYTES:,} bytes")
+            if not decoder.eof:  # zlib takes a cut stream without a word: the end is how we know it is whole
+                raise ProtocolError(f"the reply's {encoding} body ends before its compressed stream does")
         elif encoding not in ("", "identity"):
             raise ProtocolError(f"unsupported Content-Encoding {encoding[:40]!r}")
         if self._buffer:  # bytes past the reply: the server is out of step with us
@@ -338,9 +341,14 @@ class _Connection(asyncio.Protocol):
         for piece in pieces:
             transport.write(piece)
             if self._paused and len(piece) >= _SEPARATE_PIECE_BYTES:
-                self._drained = self.loop.create_future()
+                drained = self._drained = self.loop.create_future()
                 if self._paused:
-                    await self._drained
+                    # The server may answer (413, 400) without reading the rest: the reply ends the wait too.
+                    await asyncio.wait((drained, waiter), return_when=asyncio.FIRST_COMPLETED)
+                    if not waiter.done():
+                        drained.result()  # raises when the connection was lost or the deadline passed
+                    elif drained.done() and not drained.cancelled():
+                        drained.exception()  # the reply came first: what the close said is not news
                 self._drained = None
             if waiter.done():  # the server answered (an error) before reading all of the body
                 self._keep = False  # the rest of the body would be read as the next request
@@ -356,6 +364,21 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _has_input(connection: _Connection) -> bool:
+    """Whether an idle connection's socket has something to read that the loop has not handled yet: the
+    server's close (or an unasked-for reply, such as a 408 before closing). Either way it is no longer fit for
+    a request, which the server would never read."""
+    transport = connection.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select((sock.fileno(),), (), (), 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 class _Pool:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -367,9 +390,11 @@ class _Pool:
         if not idle:
             return None
         now = self.loop.time()
+        while idle and now - idle[0].idle_since >= IDLE_KEPT_S:  # the oldest, left by a burst: closed, not kept
+            idle.popleft().abort()
         while idle:
             connection = idle.pop()  # the most recently used: the least likely to have been closed
-            if connection.reusable() and now - connection.idle_since < IDLE_KEPT_S:
+            if connection.reusable() and now - connection.idle_since < IDLE_KEPT_S and not _has_input(connection):
                 return connection
             connection.abort()
         return None
